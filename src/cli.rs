@@ -1,0 +1,443 @@
+//! The command line: parses flags, runs a command from [`pgdr::ops`], renders its result.
+//! The only place that prints: results to stdout, progress and logs to stderr.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
+use serde::Serialize;
+
+use pgdr::clients::Connection;
+use pgdr::config::Overrides;
+use pgdr::cx::Options;
+use pgdr::error::{Error, Exit};
+use pgdr::exec::{Cancel, Outcome, Progress, StepReport};
+use pgdr::ops::{self, RunResult, Target};
+
+const EXIT_CODES: &str = "Exit codes:
+  0    success (status: healthy)
+  1    user or input error: bad flag or config, declined confirmation, lock held, corrupt state
+  2    AWS or unexpected failure
+  3    partial: some steps done, state saved, rerun to finish (status: degraded)
+  130  interrupted (Ctrl-C); state saved, rerun to finish";
+
+#[derive(Parser, Debug)]
+#[command(name = "pgdr", version, about = "PostgreSQL disaster recovery on AWS in one command", after_help = EXIT_CODES)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    #[command(flatten)]
+    global: Global,
+}
+
+#[derive(Args, Debug, Clone)]
+struct Global {
+    /// Directory of the state files (<env>.json).
+    #[arg(long, global = true, env = "PGDR_STATE_DIR", default_value = ".pgdr")]
+    state_dir: PathBuf,
+    /// Config file with per-environment settings [default: pgdr.toml if present].
+    #[arg(long, global = true, env = "PGDR_CONFIG")]
+    config: Option<PathBuf>,
+    /// AWS profile (else the standard chain: AWS_PROFILE, env vars, SSO, instance role).
+    #[arg(long, global = true)]
+    profile: Option<String>,
+    /// Send every AWS call to this endpoint (also AWS_ENDPOINT_URL).
+    #[arg(long, global = true)]
+    endpoint_url: Option<String>,
+    /// Primary region [default: us-east-1].
+    #[arg(long, global = true)]
+    primary_region: Option<String>,
+    /// DR region [default: eu-west-1].
+    #[arg(long, global = true)]
+    dr_region: Option<String>,
+    /// Result format on stdout.
+    #[arg(long, global = true, value_enum, default_value_t = Output::Human)]
+    output: Output,
+    /// More log detail on stderr (-v, -vv).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum Output {
+    Human,
+    Json,
+}
+
+#[derive(Args, Debug, Clone)]
+struct EnvArg {
+    /// Environment name: 1-20 lowercase letters, digits and dashes, starting with a letter.
+    #[arg(long)]
+    env: String,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Show what `up` would do, without changing anything.
+    #[command(after_help = "Example: pgdr plan --env dev")]
+    Plan(EnvArg),
+    /// Create or converge the environment; safe to rerun after any failure.
+    #[command(after_help = "Example: pgdr up --env dev")]
+    Up {
+        #[command(flatten)]
+        env: EnvArg,
+        /// Print what would be done and stop (same as `plan`).
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// What exists, its health, and drift. Without --env: one line per environment.
+    #[command(after_help = "Examples:\n  pgdr status --env dev\n  pgdr status")]
+    Status {
+        /// Environment; omit to list every environment in the state directory.
+        #[arg(long)]
+        env: Option<String>,
+    },
+    /// Remove everything pgdr created for the environment, in reverse order.
+    #[command(after_help = "Example: pgdr down --env dev --yes")]
+    Down {
+        #[command(flatten)]
+        env: EnvArg,
+        /// Do not ask for confirmation (required when stdin is not a terminal).
+        #[arg(long)]
+        yes: bool,
+        /// Print what would be deleted and stop.
+        #[arg(long)]
+        dry_run: bool,
+        /// Delete the database without a final snapshot, and the secret without a recovery window.
+        #[arg(long)]
+        skip_final_snapshot: bool,
+        /// Turn deletion protection off before deleting.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Remove a stale lock left by a run that died.
+    #[command(after_help = "Example: pgdr unlock --env dev")]
+    Unlock {
+        #[command(flatten)]
+        env: EnvArg,
+        /// Also remove a lock held by another host.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print shell completions.
+    #[command(after_help = "Example: pgdr completions bash > /etc/bash_completion.d/pgdr")]
+    Completions { shell: clap_complete::Shell },
+}
+
+/// JSON shapes carry this version; see docs/architecture.md.
+const JSON_SCHEMA: &str = "pgdr/v1";
+
+#[derive(Serialize)]
+struct JsonOut<'a, T: Serialize> {
+    schema: &'static str,
+    #[serde(flatten)]
+    body: &'a T,
+}
+
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 1 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    init_logs(cli.global.verbose);
+    let output = cli.global.output;
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => return fail(output, &Error::Other(format!("cannot start the runtime: {e}"))),
+    };
+    match rt.block_on(run(cli)) {
+        Ok(exit) => ExitCode::from(exit as u8),
+        Err(e) => fail(output, &e),
+    }
+}
+
+fn fail(output: Output, e: &Error) -> ExitCode {
+    let exit = e.exit();
+    match output {
+        Output::Json => {
+            let aws = e.aws();
+            let body = serde_json::json!({
+                "schema": JSON_SCHEMA,
+                "error": {
+                    "message": e.to_string(),
+                    "exit": exit as u8,
+                    "aws_code": aws.and_then(|a| a.code.clone()),
+                    "request_id": aws.and_then(|a| a.request_id.clone()),
+                }
+            });
+            println!("{body}");
+        }
+        Output::Human => eprintln!("error: {e}"),
+    }
+    ExitCode::from(exit as u8)
+}
+
+fn init_logs(verbose: u8) {
+    let filter = match verbose {
+        0 => "pgdr=warn",
+        1 => "pgdr=info",
+        2 => "pgdr=debug,aws_config=info",
+        _ => "pgdr=trace,aws_config=debug,aws_smithy_runtime=debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PGDR_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+}
+
+fn target(g: &Global, env: &str) -> Target {
+    let config = g.config.clone().or_else(|| {
+        let default = PathBuf::from("pgdr.toml");
+        default.exists().then_some(default)
+    });
+    Target {
+        env: env.to_owned(),
+        state_dir: g.state_dir.clone(),
+        config,
+        overrides: Overrides { primary_region: g.primary_region.clone(), dr_region: g.dr_region.clone() },
+        connection: Connection { profile: g.profile.clone(), endpoint_url: g.endpoint_url.clone(), retry_max_attempts: 5 },
+    }
+}
+
+/// Ctrl-C: the first stops scheduling new work and lets calls in flight finish; the second
+/// exits at once (the state file is consistent after every write).
+fn watch_interrupts(cancel: Cancel) {
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("\ninterrupted: finishing calls in flight and saving state (Ctrl-C again to quit now)");
+            cancel.cancel();
+            if tokio::signal::ctrl_c().await.is_ok() {
+                std::process::exit(130);
+            }
+        }
+    });
+}
+
+async fn run(cli: Cli) -> Result<Exit, Error> {
+    let g = &cli.global;
+    let cancel = Cancel::default();
+    watch_interrupts(cancel.clone());
+    let progress = StderrProgress::new();
+    match &cli.command {
+        Command::Plan(e) | Command::Up { env: e, dry_run: true } => {
+            let t = target(g, &e.env);
+            let r = ops::plan(&t, &progress, &cancel).await?;
+            print_run(g.output, &r);
+            Ok(r.exit)
+        }
+        Command::Up { env, dry_run: false } => {
+            let t = target(g, &env.env);
+            // Validate before any output, so bad input is one line.
+            t.load_env()?;
+            let r = ops::up(&t, &progress, &cancel).await?;
+            print_run(g.output, &r);
+            Ok(r.exit)
+        }
+        Command::Down { env, yes, dry_run, skip_final_snapshot, force } => {
+            let t = target(g, &env.env);
+            let e = t.load_env()?;
+            if !dry_run {
+                confirm(*yes, &format!("This deletes every resource of environment {:?} in {} and {}.", e.name, e.settings.primary_region, e.settings.dr_region), &e.name)?;
+            }
+            let opts = Options { skip_final_snapshot: *skip_final_snapshot, force: *force };
+            let r = ops::down(&t, opts, *dry_run, &progress, &cancel).await?;
+            print_run(g.output, &r);
+            Ok(r.exit)
+        }
+        Command::Status { env: Some(env) } => {
+            let t = target(g, env);
+            let s = ops::status(&t, &cancel).await?;
+            match g.output {
+                Output::Json => print_json(&s),
+                Output::Human => print_status(&s),
+            }
+            Ok(s.exit)
+        }
+        Command::Status { env: None } => {
+            let list = ops::list_envs(&g.state_dir)?;
+            match g.output {
+                Output::Json => print_json(&serde_json::json!({ "environments": list })),
+                Output::Human => {
+                    if list.is_empty() {
+                        println!("no environments in {}", g.state_dir.display());
+                    }
+                    for e in &list {
+                        match &e.error {
+                            Some(err) => println!("{:<20} error: {err}", e.env),
+                            None => println!(
+                                "{:<20} {:>3} resources  writer {:<12} updated {}{}",
+                                e.env,
+                                e.resources,
+                                if e.writer_region.is_empty() { "-" } else { &e.writer_region },
+                                e.updated_at,
+                                e.locked_by.as_ref().map(|l| format!("  locked by {l}")).unwrap_or_default()
+                            ),
+                        }
+                    }
+                }
+            }
+            Ok(Exit::Success)
+        }
+        Command::Unlock { env, force } => {
+            pgdr::config::validate_env_name(&env.env)?;
+            match pgdr::state::unlock(&g.state_dir, &env.env, *force)? {
+                Some(info) => eprintln!("removed the lock of {} (`{}`, pid {} on {})", env.env, info.command, info.pid, info.host),
+                None => eprintln!("environment {} is not locked", env.env),
+            }
+            Ok(Exit::Success)
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(*shell, &mut Cli::command(), "pgdr", &mut std::io::stdout());
+            Ok(Exit::Success)
+        }
+    }
+}
+
+/// Asks to type the environment name on a terminal; refuses without `--yes` otherwise.
+fn confirm(yes: bool, what: &str, env: &str) -> Result<(), Error> {
+    if yes {
+        return Ok(());
+    }
+    if !std::io::stdin().is_terminal() {
+        return Err(Error::user("refusing a destructive command without confirmation: stdin is not a terminal; add --yes"));
+    }
+    eprint!("{what}\nType the environment name ({env}) to continue: ");
+    let _ = std::io::stderr().flush();
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line).map_err(|e| Error::user(format!("cannot read the confirmation: {e}")))?;
+    if line.trim() == env {
+        Ok(())
+    } else {
+        Err(Error::user("not confirmed: nothing was changed"))
+    }
+}
+
+fn print_json<T: Serialize>(v: &T) {
+    match serde_json::to_string_pretty(&JsonOut { schema: JSON_SCHEMA, body: v }) {
+        Ok(s) => println!("{s}"),
+        Err(e) => eprintln!("error: cannot render JSON: {e}"),
+    }
+}
+
+fn print_run(output: Output, r: &RunResult) {
+    if output == Output::Json {
+        return print_json(r);
+    }
+    let mut out = String::new();
+    for w in &r.warnings {
+        out.push_str(&format!("WARNING: {w}\n"));
+    }
+    let verb = if r.dry_run { "would " } else { "" };
+    for s in &r.report.steps {
+        let shown: Vec<_> = s.changes.iter().filter(|c| r.dry_run || c.action != pgdr::exec::Action::Keep || r.command == "plan").collect();
+        let head = match &s.outcome {
+            Outcome::Done => String::new(),
+            Outcome::Failed { error, .. } => format!("  FAILED: {error}"),
+            Outcome::Skipped { because } => format!("  skipped: {} failed", because.join(", ")),
+            Outcome::Cancelled => "  not started (interrupted)".into(),
+        };
+        if shown.is_empty() && head.is_empty() {
+            continue;
+        }
+        out.push_str(&format!("{}{}\n", s.step, head));
+        for c in shown {
+            let verbword = match c.action {
+                pgdr::exec::Action::Create => format!("{verb}create"),
+                pgdr::exec::Action::Adopt => format!("{verb}adopt"),
+                pgdr::exec::Action::Change => format!("{verb}change"),
+                pgdr::exec::Action::Delete => format!("{verb}delete"),
+                pgdr::exec::Action::Keep => "keep".into(),
+                pgdr::exec::Action::Absent => "absent".into(),
+            };
+            out.push_str(&format!(
+                "  {} {:<8} {:<22} {:<28} {}{}{}\n",
+                c.action.symbol(),
+                verbword,
+                c.kind,
+                c.name,
+                c.region,
+                c.id.as_ref().map(|i| format!("  {i}")).unwrap_or_default(),
+                c.detail.as_ref().map(|d| format!("  ({d})")).unwrap_or_default()
+            ));
+        }
+    }
+    let t = &r.totals;
+    if r.dry_run && t.nothing_to_do() {
+        out.push_str("Nothing to do: the environment matches the configuration.\n");
+    }
+    out.push_str(&format!(
+        "{}: {} to create, {} to adopt, {} to change, {} to delete, {} unchanged ({:.1}s)\n",
+        r.command,
+        t.create,
+        t.adopt,
+        t.change,
+        t.delete,
+        t.keep,
+        r.report.elapsed_ms as f64 / 1000.0
+    ));
+    if r.exit == Exit::Partial {
+        out.push_str(&format!("Some steps failed; the state is saved. Fix the cause above and rerun `pgdr {} --env {}`.\n", r.command, r.env));
+    }
+    print!("{out}");
+}
+
+fn print_status(s: &ops::StatusResult) {
+    println!(
+        "environment {}  ({} -> {})  {}",
+        s.env,
+        s.primary_region,
+        s.dr_region,
+        if s.healthy { "HEALTHY" } else { "DEGRADED" }
+    );
+    for p in &s.problems {
+        println!("  ! {p}");
+    }
+    for r in &s.resources {
+        println!(
+            "  {:<8} {:<22} {:<28} {:<10} {}{}",
+            r.state,
+            r.kind,
+            r.name,
+            r.region,
+            r.id.as_deref().unwrap_or("-"),
+            r.detail.as_ref().map(|d| format!("  ({d})")).unwrap_or_default()
+        );
+    }
+}
+
+/// Progress on stderr: timestamped lines (one per step start, status change and finish).
+struct StderrProgress {
+    t0: Instant,
+}
+
+impl StderrProgress {
+    fn new() -> Self {
+        StderrProgress { t0: Instant::now() }
+    }
+    fn line(&self, msg: &str) {
+        let e = self.t0.elapsed();
+        eprintln!("[{:>4}.{}s] {msg}", e.as_secs(), e.subsec_millis() / 100);
+    }
+}
+
+impl Progress for StderrProgress {
+    fn started(&self, step: &str) {
+        self.line(&format!("{step}: started"));
+    }
+    fn status(&self, step: &str, msg: &str) {
+        self.line(&format!("{step}: {msg}"));
+    }
+    fn finished(&self, step: &str, r: &StepReport) {
+        let secs = r.elapsed_ms as f64 / 1000.0;
+        match &r.outcome {
+            Outcome::Done => self.line(&format!("{step}: done ({secs:.1}s)")),
+            Outcome::Failed { error, .. } => self.line(&format!("{step}: FAILED ({secs:.1}s): {error}")),
+            Outcome::Skipped { because } => self.line(&format!("{step}: skipped ({} failed)", because.join(", "))),
+            Outcome::Cancelled => self.line(&format!("{step}: not started (interrupted)")),
+        }
+    }
+}

@@ -1,0 +1,137 @@
+//! AWS clients: one `SdkConfig`, one client per service per region, built once and shared.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use aws_config::retry::RetryConfig;
+use aws_config::timeout::TimeoutConfig;
+use aws_config::BehaviorVersion;
+use aws_types::region::Region;
+use aws_types::SdkConfig;
+
+use crate::error::{Error, Result};
+
+/// How to reach AWS: the standard chain plus the command line's overrides.
+#[derive(Clone, Debug, Default)]
+pub struct Connection {
+    pub profile: Option<String>,
+    pub endpoint_url: Option<String>,
+    pub retry_max_attempts: u32,
+}
+
+/// The clients of one region.
+#[derive(Clone, Debug)]
+pub struct Regional {
+    pub region: String,
+    pub ec2: aws_sdk_ec2::Client,
+    pub rds: aws_sdk_rds::Client,
+    pub secrets: aws_sdk_secretsmanager::Client,
+    pub cloudwatch: aws_sdk_cloudwatch::Client,
+    pub logs: aws_sdk_cloudwatchlogs::Client,
+    pub lambda: aws_sdk_lambda::Client,
+    pub sns: aws_sdk_sns::Client,
+    pub events: aws_sdk_eventbridge::Client,
+}
+
+/// Every client pgdr uses. Route 53 and IAM are global.
+#[derive(Clone, Debug)]
+pub struct Clients {
+    pub primary: Arc<Regional>,
+    pub dr: Arc<Regional>,
+    pub route53: aws_sdk_route53::Client,
+    pub iam: aws_sdk_iam::Client,
+    pub sts: aws_sdk_sts::Client,
+    pub endpoint: Option<String>,
+}
+
+fn regional(base: &SdkConfig, region: &str) -> Regional {
+    let conf = base.to_builder().region(Region::new(region.to_owned())).build();
+    Regional {
+        region: region.to_owned(),
+        ec2: aws_sdk_ec2::Client::new(&conf),
+        rds: aws_sdk_rds::Client::new(&conf),
+        secrets: aws_sdk_secretsmanager::Client::new(&conf),
+        cloudwatch: aws_sdk_cloudwatch::Client::new(&conf),
+        logs: aws_sdk_cloudwatchlogs::Client::new(&conf),
+        lambda: aws_sdk_lambda::Client::new(&conf),
+        sns: aws_sdk_sns::Client::new(&conf),
+        events: aws_sdk_eventbridge::Client::new(&conf),
+    }
+}
+
+/// Loads the shared config (profiles, env vars, SSO, `AWS_ENDPOINT_URL`) and builds the clients.
+/// Credentials are resolved here, before any call, so a missing credential is one clear line.
+pub async fn build(conn: &Connection, primary_region: &str, dr_region: &str) -> Result<Clients> {
+    let mut loader = aws_config::defaults(BehaviorVersion::latest())
+        .region(Region::new(primary_region.to_owned()))
+        .retry_config(
+            RetryConfig::standard()
+                .with_max_attempts(conn.retry_max_attempts.max(1))
+                .with_initial_backoff(Duration::from_millis(500))
+                .with_max_backoff(Duration::from_secs(20)),
+        )
+        .timeout_config(
+            TimeoutConfig::builder()
+                .connect_timeout(Duration::from_secs(5))
+                .read_timeout(Duration::from_secs(60))
+                .operation_attempt_timeout(Duration::from_secs(90))
+                .operation_timeout(Duration::from_secs(300))
+                .build(),
+        );
+    if let Some(p) = &conn.profile {
+        loader = loader.profile_name(p);
+    }
+    if let Some(u) = &conn.endpoint_url {
+        loader = loader.endpoint_url(u);
+    }
+    let base = loader.load().await;
+    check_credentials(&base).await?;
+    let endpoint = base.endpoint_url().map(str::to_owned);
+    if let Some(e) = &endpoint {
+        tracing::info!(endpoint = %e, "all AWS calls go to a custom endpoint");
+    }
+    // Route 53 and IAM are global services signed in us-east-1 (aws-us-gov-west-1 / cn-north-1
+    // in those partitions).
+    let global_region = if primary_region.starts_with("us-gov-") {
+        "us-gov-west-1"
+    } else if primary_region.starts_with("cn-") {
+        "cn-northwest-1"
+    } else {
+        "us-east-1"
+    };
+    let global = base.to_builder().region(Region::new(global_region)).build();
+    Ok(Clients {
+        primary: Arc::new(regional(&base, primary_region)),
+        dr: Arc::new(regional(&base, dr_region)),
+        route53: aws_sdk_route53::Client::new(&global),
+        iam: aws_sdk_iam::Client::new(&global),
+        sts: aws_sdk_sts::Client::new(&base),
+        endpoint,
+    })
+}
+
+async fn check_credentials(conf: &SdkConfig) -> Result<()> {
+    use aws_credential_types::provider::ProvideCredentials;
+    let Some(provider) = conf.credentials_provider() else {
+        return Err(no_credentials("no credentials provider is configured"));
+    };
+    provider.provide_credentials().await.map(|_| ()).map_err(|e| no_credentials(&crate::error::one_line(&e.to_string())))
+}
+
+fn no_credentials(why: &str) -> Error {
+    Error::user(format!(
+        "no AWS credentials found ({why}); set AWS_PROFILE or --profile, run `aws sso login`, or export AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+    ))
+}
+
+impl Clients {
+    pub fn region(&self, region: &str) -> Option<&Arc<Regional>> {
+        if self.primary.region == region {
+            Some(&self.primary)
+        } else if self.dr.region == region {
+            Some(&self.dr)
+        } else {
+            None
+        }
+    }
+}

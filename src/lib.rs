@@ -1,0 +1,14 @@
+//! pgdr: PostgreSQL disaster recovery on AWS in one command.
+//!
+//! The library holds the steps, the executor, the state file and the AWS clients; it returns
+//! data and never prints. The `pgdr` binary (`src/main.rs`, `src/cli.rs`) renders it.
+
+pub mod clients;
+pub mod config;
+pub mod cx;
+pub mod error;
+pub mod exec;
+pub mod ops;
+pub mod state;
+pub mod steps;
+pub mod wait;

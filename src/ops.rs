@@ -1,0 +1,233 @@
+//! The commands as library functions: each returns data for the CLI to render.
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::clients::{self, Connection};
+use crate::config::{self, Env, Overrides};
+use crate::cx::{Cx, Options};
+use crate::error::{Error, Exit, Result};
+use crate::exec::{self, Action, Cancel, Direction, Progress, RunReport};
+use crate::state::{self, Lock, Store};
+
+/// Everything a command needs to know before touching AWS.
+#[derive(Clone, Debug)]
+pub struct Target {
+    pub env: String,
+    pub state_dir: PathBuf,
+    pub config: Option<PathBuf>,
+    pub overrides: Overrides,
+    pub connection: Connection,
+}
+
+impl Target {
+    pub fn load_env(&self) -> Result<Env> {
+        config::load(&self.env, self.config.as_deref(), &self.overrides)
+    }
+}
+
+/// The result of `plan`, `up` and `down`.
+#[derive(Debug, Serialize)]
+pub struct RunResult {
+    pub command: &'static str,
+    pub env: String,
+    pub dry_run: bool,
+    pub warnings: Vec<String>,
+    #[serde(flatten)]
+    pub report: RunReport,
+    pub totals: Totals,
+    #[serde(skip)]
+    pub exit: Exit,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Totals {
+    pub create: usize,
+    pub adopt: usize,
+    pub change: usize,
+    pub delete: usize,
+    pub keep: usize,
+}
+
+impl Totals {
+    pub fn of(report: &RunReport) -> Totals {
+        let mut t = Totals::default();
+        for c in report.changes() {
+            match c.action {
+                Action::Create => t.create += 1,
+                Action::Adopt => t.adopt += 1,
+                Action::Change => t.change += 1,
+                Action::Delete => t.delete += 1,
+                Action::Keep | Action::Absent => t.keep += 1,
+            }
+        }
+        t
+    }
+    pub fn nothing_to_do(&self) -> bool {
+        self.create + self.adopt + self.change + self.delete == 0
+    }
+}
+
+/// Opens the context for a command. `mutating` commands take the lock and persist state.
+async fn open(t: &Target, command: &str, mutating: bool, cancel: &Cancel) -> Result<(Cx, Option<Lock>)> {
+    let env = t.load_env()?;
+    // Read (and so validate) the state before taking the lock or calling AWS.
+    let existing = state::read(&t.state_dir, &env.name)?;
+    let lock = if mutating { Some(Lock::acquire(&t.state_dir, &env.name, command)?) } else { None };
+    // Re-read under the lock: another run may have finished in between.
+    let existing = if mutating { state::read(&t.state_dir, &env.name)? } else { existing };
+    let mut conn = t.connection.clone();
+    conn.retry_max_attempts = env.settings.retry_max_attempts;
+    let clients = clients::build(&conn, &env.settings.primary_region, &env.settings.dr_region).await?;
+    let store = Store::new(&t.state_dir, &env.name, existing, mutating);
+    Ok((Cx { env, clients, store, opts: Options::default(), cancel: cancel.clone() }, lock))
+}
+
+fn result(command: &'static str, cx: &Cx, dry_run: bool, report: RunReport) -> RunResult {
+    let exit = report.exit();
+    RunResult { command, env: cx.env.name.clone(), dry_run, warnings: cx.env.warnings(), totals: Totals::of(&report), report, exit }
+}
+
+/// `plan` and `up --dry-run`: walk the graph without changing anything.
+pub async fn plan(t: &Target, progress: &dyn Progress, cancel: &Cancel) -> Result<RunResult> {
+    let (cx, _) = open(t, "pgdr plan", false, cancel).await?;
+    let steps = crate::steps::graph();
+    let report = exec::execute(&steps, &cx, Direction::Up, true, progress, cancel).await;
+    Ok(result("plan", &cx, true, report))
+}
+
+pub async fn up(t: &Target, progress: &dyn Progress, cancel: &Cancel) -> Result<RunResult> {
+    let (cx, _lock) = open(t, "pgdr up", true, cancel).await?;
+    let steps = crate::steps::graph();
+    let report = exec::execute(&steps, &cx, Direction::Up, false, progress, cancel).await;
+    Ok(result("up", &cx, false, report))
+}
+
+pub async fn down(t: &Target, opts: Options, dry_run: bool, progress: &dyn Progress, cancel: &Cancel) -> Result<RunResult> {
+    let (mut cx, _lock) = open(t, "pgdr down", !dry_run, cancel).await?;
+    cx.opts = opts;
+    let steps = crate::steps::graph();
+    let report = exec::execute(&steps, &cx, Direction::Down, dry_run, progress, cancel).await;
+    let res = result("down", &cx, dry_run, report);
+    if !dry_run && res.exit == Exit::Success {
+        cx.store.delete_file()?;
+    }
+    Ok(res)
+}
+
+/// One resource as `status` sees it.
+#[derive(Debug, Serialize)]
+pub struct ResourceStatus {
+    pub step: String,
+    pub kind: String,
+    pub name: String,
+    pub region: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// `exists`, `missing` or `drifted`.
+    pub state: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct StatusResult {
+    pub env: String,
+    pub primary_region: String,
+    pub dr_region: String,
+    pub healthy: bool,
+    pub resources: Vec<ResourceStatus>,
+    pub problems: Vec<String>,
+    #[serde(skip)]
+    pub exit: Exit,
+}
+
+/// `status --env E`: every resource, read from AWS (a read-only walk of the graph).
+pub async fn status(t: &Target, cancel: &Cancel) -> Result<StatusResult> {
+    let (cx, _) = open(t, "pgdr status", false, cancel).await?;
+    let steps = crate::steps::graph();
+    let report = exec::execute(&steps, &cx, Direction::Up, true, &exec::NoProgress, cancel).await;
+    let mut resources = Vec::new();
+    let mut problems: Vec<String> = report.failures().map(|f| format!("{}: {}", f.step, match &f.outcome {
+        exec::Outcome::Failed { error, .. } => error.as_str(),
+        _ => "",
+    })).collect();
+    for s in &report.steps {
+        for c in &s.changes {
+            let state = match c.action {
+                Action::Keep => "exists",
+                Action::Adopt => "untracked",
+                Action::Create => "missing",
+                Action::Change => "drifted",
+                Action::Delete | Action::Absent => continue,
+            };
+            if state != "exists" {
+                problems.push(format!("{} {} in {} is {state}", c.kind, c.name, c.region));
+            }
+            resources.push(ResourceStatus {
+                step: s.step.clone(),
+                kind: c.kind.clone(),
+                name: c.name.clone(),
+                region: c.region.clone(),
+                id: c.id.clone(),
+                state,
+                detail: c.detail.clone(),
+            });
+        }
+    }
+    let healthy = problems.is_empty();
+    Ok(StatusResult {
+        env: cx.env.name.clone(),
+        primary_region: cx.env.settings.primary_region.clone(),
+        dr_region: cx.env.settings.dr_region.clone(),
+        healthy,
+        resources,
+        problems,
+        exit: if healthy { Exit::Success } else { Exit::Partial },
+    })
+}
+
+/// One line per environment in the state directory.
+#[derive(Debug, Serialize)]
+pub struct EnvSummary {
+    pub env: String,
+    pub resources: usize,
+    pub writer_region: String,
+    pub updated_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub locked_by: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+pub fn list_envs(dir: &Path) -> Result<Vec<EnvSummary>> {
+    let mut out = Vec::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(Error::user(format!("cannot read state directory {}: {e}", dir.display()))),
+    };
+    let mut names: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(".json")).map(str::to_owned))
+        .filter(|n| config::validate_env_name(n).is_ok())
+        .collect();
+    names.sort();
+    for name in names {
+        let locked_by = state::read_lock(dir, &name).map(|l| format!("{} ({}, pid {} on {})", l.who, l.command, l.pid, l.host));
+        match state::read(dir, &name) {
+            Ok(Some(s)) => out.push(EnvSummary {
+                env: name,
+                resources: s.resources.len(),
+                writer_region: s.topology.writer_region,
+                updated_at: s.updated_at,
+                locked_by,
+                error: None,
+            }),
+            Ok(None) => {}
+            Err(e) => out.push(EnvSummary { env: name, resources: 0, writer_region: String::new(), updated_at: String::new(), locked_by, error: Some(e.to_string()) }),
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,131 @@
+//! The step modules. Each resource is handled by the same pattern: find it (by the ID in
+//! state, then by tags), keep or adopt what exists, create what does not (recording an intent
+//! before the call and the ID right after it, before any wait); on `down`, find and delete.
+
+pub mod network;
+pub mod peering;
+
+use crate::cx::Cx;
+use crate::error::Result;
+use crate::exec::{Action, Recorder};
+use crate::state::{Resource, Status};
+
+/// Names one resource: its state key, its kind and its display name, in a region.
+#[derive(Clone, Debug)]
+pub struct Res<'a> {
+    pub key: String,
+    pub kind: &'a str,
+    pub name: String,
+    pub region: &'a str,
+}
+
+impl<'a> Res<'a> {
+    pub fn new(key: String, kind: &'a str, name: String, region: &'a str) -> Self {
+        Res { key, kind, name, region }
+    }
+}
+
+/// Finds or creates one resource. `find` gets the ID known to state (if any) and returns the
+/// live ID; `create` makes the resource (tagged at creation) and returns its ID. In plan mode
+/// nothing is created and `None` is returned for a resource that would be.
+pub async fn ensure(
+    cx: &Cx,
+    rec: &Recorder<'_>,
+    r: &Res<'_>,
+    find: impl AsyncFnOnce(Option<String>) -> Result<Option<String>>,
+    create: impl AsyncFnOnce(String) -> Result<String>,
+) -> Result<Option<String>> {
+    let known = cx.store.get(&r.key);
+    let known_id = known.as_ref().and_then(|k| k.id.clone());
+    if let Some(id) = find(known_id.clone()).await? {
+        if known_id.as_deref() == Some(id.as_str()) && known.as_ref().is_some_and(|k| k.status != Status::Pending) {
+            rec.record(Action::Keep, r.kind, &r.name, r.region, Some(&id), None);
+        } else {
+            let mut res = Resource::new(r.kind, r.region, &id, Status::Adopted);
+            if let Some(k) = known {
+                res.attrs = k.attrs;
+            }
+            cx.store.put(&r.key, res)?;
+            rec.record(Action::Adopt, r.kind, &r.name, r.region, Some(&id), None);
+        }
+        return Ok(Some(id));
+    }
+    if rec.plan {
+        rec.record(Action::Create, r.kind, &r.name, r.region, None, None);
+        return Ok(None);
+    }
+    cx.cancel.check()?;
+    // The intent, with the idempotency token the create will use: a rerun after a crash
+    // reuses it, so a create that did happen is not made twice.
+    let token = known
+        .as_ref()
+        .filter(|k| k.status == Status::Pending)
+        .and_then(|k| k.attrs.get("token").cloned())
+        .unwrap_or_else(|| new_token(cx, r));
+    cx.store.put(&r.key, Resource::pending(r.kind, r.region).attr("token", token.clone()))?;
+    rec.status(&format!("creating {} {}", r.kind, r.name));
+    let id = create(token).await?;
+    cx.store.put(&r.key, Resource::new(r.kind, r.region, &id, Status::Created))?;
+    rec.record(Action::Create, r.kind, &r.name, r.region, Some(&id), None);
+    Ok(Some(id))
+}
+
+/// Finds and deletes one resource, then forgets it. A resource already gone counts as deleted.
+pub async fn remove(
+    cx: &Cx,
+    rec: &Recorder<'_>,
+    r: &Res<'_>,
+    find: impl AsyncFnOnce(Option<String>) -> Result<Option<String>>,
+    delete: impl AsyncFnOnce(String) -> Result<()>,
+) -> Result<()> {
+    let known_id = cx.store.id(&r.key);
+    let Some(id) = find(known_id).await? else {
+        if cx.store.get(&r.key).is_some() {
+            cx.store.remove(&r.key)?;
+        }
+        rec.record(Action::Absent, r.kind, &r.name, r.region, None, None);
+        return Ok(());
+    };
+    if rec.plan {
+        rec.record(Action::Delete, r.kind, &r.name, r.region, Some(&id), None);
+        return Ok(());
+    }
+    rec.status(&format!("deleting {} {}", r.kind, r.name));
+    delete(id.clone()).await?;
+    cx.store.remove(&r.key)?;
+    rec.record(Action::Delete, r.kind, &r.name, r.region, Some(&id), None);
+    Ok(())
+}
+
+/// Tags as EC2 wants them at creation.
+pub fn ec2_tag_spec(cx: &Cx, rt: aws_sdk_ec2::types::ResourceType, resource: &str) -> aws_sdk_ec2::types::TagSpecification {
+    let tags = cx.tags(resource).into_iter().map(|(k, v)| aws_sdk_ec2::types::Tag::builder().key(k).value(v).build());
+    aws_sdk_ec2::types::TagSpecification::builder().resource_type(rt).set_tags(Some(tags.collect())).build()
+}
+
+/// EC2 filters that find an environment's resource by its tags.
+pub fn ec2_tag_filters(cx: &Cx, resource: &str) -> Vec<aws_sdk_ec2::types::Filter> {
+    vec![ec2_filter("tag:pgdr:env", cx.name()), ec2_filter("tag:pgdr:resource", resource)]
+}
+
+pub fn ec2_filter(name: &str, value: &str) -> aws_sdk_ec2::types::Filter {
+    aws_sdk_ec2::types::Filter::builder().name(name).values(value).build()
+}
+
+/// An idempotency token for one create intent: readable, unique per intent (a create after a
+/// `down` must not be answered with the deleted resource), at most 64 characters.
+fn new_token(cx: &Cx, r: &Res<'_>) -> String {
+    let mut t = format!("pgdr-{}-{}-{:016x}", cx.name(), r.kind, fastrand::u64(..));
+    t.truncate(64);
+    t
+}
+
+/// The whole graph, in declaration order.
+pub fn graph() -> Vec<Box<dyn crate::exec::Step<Cx>>> {
+    use crate::cx::Side;
+    vec![
+        Box::new(network::Network(Side::Primary)),
+        Box::new(network::Network(Side::Dr)),
+        Box::new(peering::Peering),
+    ]
+}

@@ -1,0 +1,440 @@
+//! The network of one region: a VPC, private isolated subnets in two availability zones, their
+//! route table, the database security group (5432 from both VPCs) and an S3 gateway endpoint.
+//! No NAT gateway, no internet gateway.
+
+use aws_sdk_ec2::types::{AttributeBooleanValue, IpPermission, IpRange, ResourceType};
+use futures::future::LocalBoxFuture;
+
+use super::{ec2_filter, ec2_tag_filters, ec2_tag_spec, ensure, remove, Res};
+use crate::aws;
+use crate::cx::{Cx, Side};
+use crate::error::{AwsError, Error, Result};
+use crate::exec::{Recorder, Step, StepResult};
+use crate::wait::{self, Look, Pace};
+
+pub struct Network(pub Side);
+
+pub const SUBNETS: [&str; 2] = ["subnet-a", "subnet-b"];
+
+pub fn step_id(side: Side) -> String {
+    format!("network:{}", side.label())
+}
+
+pub fn key(cx: &Cx, side: Side, what: &str) -> String {
+    format!("network/{}/{}", cx.region(side), what)
+}
+
+fn not_found(e: &AwsError) -> bool {
+    e.code().ends_with(".NotFound") || e.code().ends_with("NotFound")
+}
+
+/// Treats "not found" as `None`.
+fn absent<T>(r: std::result::Result<T, AwsError>) -> Result<Option<T>> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if not_found(&e) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+impl Step<Cx> for Network {
+    fn id(&self) -> String {
+        step_id(self.0)
+    }
+    fn deps(&self) -> Vec<String> {
+        vec![]
+    }
+    fn up<'a>(&'a self, cx: &'a Cx, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult> {
+        Box::pin(up(cx, rec, self.0))
+    }
+    fn down<'a>(&'a self, cx: &'a Cx, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult> {
+        Box::pin(down(cx, rec, self.0))
+    }
+}
+
+pub async fn find_vpc(cx: &Cx, side: Side, known: Option<String>) -> Result<Option<String>> {
+    let reg = cx.regional(side);
+    let region = reg.region.as_str();
+    let mut req = reg.ec2.describe_vpcs();
+    req = match &known {
+        Some(id) => req.vpc_ids(id),
+        None => req.set_filters(Some(ec2_tag_filters(cx, "vpc"))),
+    };
+    let out = absent(aws!(region, "ec2", "DescribeVpcs", req.send()))?;
+    let found = out.and_then(|o| o.vpcs.unwrap_or_default().into_iter().find_map(|v| v.vpc_id));
+    match (found, known) {
+        (None, Some(_)) => Box::pin(find_vpc(cx, side, None)).await,
+        (f, _) => Ok(f),
+    }
+}
+
+async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
+    let reg = cx.regional(side);
+    let region = reg.region.as_str();
+    let ec2 = &reg.ec2;
+    let cidr = match side {
+        Side::Primary => cx.env.primary_cidr(),
+        Side::Dr => cx.env.dr_cidr(),
+    };
+    let peer_cidr = match side {
+        Side::Primary => cx.env.dr_cidr(),
+        Side::Dr => cx.env.primary_cidr(),
+    };
+
+    // VPC, with DNS support and hostnames (a private hosted zone needs both).
+    let vpc_res = Res::new(key(cx, side, "vpc"), "vpc", format!("pgdr-{}", cx.name()), region);
+    let vpc = ensure(cx, rec, &vpc_res, async |known| find_vpc(cx, side, known).await, async |token| {
+        let _ = token; // CreateVpc takes no client token; the intent in state covers it.
+        let out = aws!(
+            region,
+            "ec2",
+            "CreateVpc",
+            ec2.create_vpc().cidr_block(cidr.to_string()).tag_specifications(ec2_tag_spec(cx, ResourceType::Vpc, "vpc")).send()
+        )?;
+        out.vpc.and_then(|v| v.vpc_id).ok_or_else(|| Error::Other("CreateVpc returned no VPC id".into()))
+    })
+    .await?;
+    let vpc_id = vpc.clone().unwrap_or_default();
+    if let Some(vpc_id) = &vpc {
+        let attr = aws!(
+            region,
+            "ec2",
+            "DescribeVpcAttribute",
+            ec2.describe_vpc_attribute().vpc_id(vpc_id).attribute(aws_sdk_ec2::types::VpcAttributeName::EnableDnsHostnames).send()
+        )?;
+        if !attr.enable_dns_hostnames.and_then(|a| a.value).unwrap_or(false) {
+            if rec.plan {
+                rec.record(crate::exec::Action::Change, "vpc", &vpc_res.name, region, Some(vpc_id), Some("enable DNS hostnames".into()));
+            } else {
+                aws!(
+                    region,
+                    "ec2",
+                    "ModifyVpcAttribute",
+                    ec2.modify_vpc_attribute().vpc_id(vpc_id).enable_dns_hostnames(AttributeBooleanValue::builder().value(true).build()).send()
+                )?;
+                rec.record(crate::exec::Action::Change, "vpc", &vpc_res.name, region, Some(vpc_id), Some("enabled DNS hostnames".into()));
+            }
+        }
+    }
+
+    // Two private subnets in the first two availability zones (by name, so reruns agree).
+    let azs = zones(cx, side).await?;
+    let mut subnet_ids = Vec::new();
+    for (i, name) in SUBNETS.iter().enumerate() {
+        let sub_cidr = cidr.subnet(24.max(cidr.prefix + 2), i as u32).ok_or_else(|| Error::Other("VPC CIDR too small for two subnets".into()))?;
+        let az = azs.get(i).cloned().ok_or_else(|| Error::failed(format!("{region} offers fewer than two availability zones")))?;
+        let r = Res::new(key(cx, side, name), "subnet", format!("pgdr-{}-{name}", cx.name()), region);
+        let id = ensure(
+            cx,
+            rec,
+            &r,
+            async |known| find_one_subnet(cx, side, name, known, &vpc_id).await,
+            async |_token| {
+                let out = aws!(
+                    region,
+                    "ec2",
+                    "CreateSubnet",
+                    ec2.create_subnet()
+                        .vpc_id(&vpc_id)
+                        .cidr_block(sub_cidr.to_string())
+                        .availability_zone(&az)
+                        .tag_specifications(ec2_tag_spec(cx, ResourceType::Subnet, name))
+                        .send()
+                )?;
+                out.subnet.and_then(|s| s.subnet_id).ok_or_else(|| Error::Other("CreateSubnet returned no id".into()))
+            },
+        )
+        .await?;
+        subnet_ids.extend(id);
+    }
+
+    // One route table for both subnets; the peering step adds the route to the peer.
+    let rt_res = Res::new(key(cx, side, "route-table"), "route-table", format!("pgdr-{}-private", cx.name()), region);
+    let rt = ensure(cx, rec, &rt_res, async |known| find_route_table(cx, side, known, &vpc_id).await, async |_| {
+        let out = aws!(
+            region,
+            "ec2",
+            "CreateRouteTable",
+            ec2.create_route_table().vpc_id(&vpc_id).tag_specifications(ec2_tag_spec(cx, ResourceType::RouteTable, "route-table")).send()
+        )?;
+        out.route_table.and_then(|r| r.route_table_id).ok_or_else(|| Error::Other("CreateRouteTable returned no id".into()))
+    })
+    .await?;
+    if let Some(rt) = &rt {
+        let table = aws!(region, "ec2", "DescribeRouteTables", ec2.describe_route_tables().route_table_ids(rt).send())?;
+        let associated: Vec<String> = table
+            .route_tables
+            .unwrap_or_default()
+            .into_iter()
+            .flat_map(|t| t.associations.unwrap_or_default())
+            .filter_map(|a| a.subnet_id)
+            .collect();
+        for sub in subnet_ids.iter().filter(|s| !associated.contains(s)) {
+            if rec.plan {
+                rec.record(crate::exec::Action::Create, "route-table-association", sub, region, None, None);
+                continue;
+            }
+            aws!(region, "ec2", "AssociateRouteTable", ec2.associate_route_table().route_table_id(rt).subnet_id(sub).send())?;
+            rec.record(crate::exec::Action::Create, "route-table-association", sub, region, None, Some(format!("{sub} -> {rt}")));
+        }
+    } else {
+        for sub in SUBNETS {
+            rec.record(crate::exec::Action::Create, "route-table-association", sub, region, None, None);
+        }
+    }
+
+    // The database security group: 5432 from this VPC and from the peer VPC.
+    let sg_res = Res::new(key(cx, side, "db-sg"), "security-group", format!("pgdr-{}-db", cx.name()), region);
+    let sg = ensure(cx, rec, &sg_res, async |known| find_sg(cx, side, known, &vpc_id).await, async |_| {
+        let out = aws!(
+            region,
+            "ec2",
+            "CreateSecurityGroup",
+            ec2.create_security_group()
+                .group_name(format!("pgdr-{}-db", cx.name()))
+                .description("pgdr: PostgreSQL from the two pgdr VPCs")
+                .vpc_id(&vpc_id)
+                .tag_specifications(ec2_tag_spec(cx, ResourceType::SecurityGroup, "db-sg"))
+                .send()
+        )?;
+        out.group_id.ok_or_else(|| Error::Other("CreateSecurityGroup returned no id".into()))
+    })
+    .await?;
+    let sg_id = sg.unwrap_or_default();
+    for (rule, rule_cidr) in [("db-sg-rule-local", cidr), ("db-sg-rule-peer", peer_cidr)] {
+        let r = Res::new(key(cx, side, rule), "security-group-rule", format!("5432 from {rule_cidr}"), region);
+        ensure(cx, rec, &r, async |_known| find_rule(cx, side, &sg_id, &rule_cidr.to_string()).await, async |_| {
+            let out = aws!(
+                region,
+                "ec2",
+                "AuthorizeSecurityGroupIngress",
+                ec2.authorize_security_group_ingress()
+                    .group_id(&sg_id)
+                    .ip_permissions(
+                        IpPermission::builder()
+                            .ip_protocol("tcp")
+                            .from_port(5432)
+                            .to_port(5432)
+                            .ip_ranges(IpRange::builder().cidr_ip(rule_cidr.to_string()).description(format!("pgdr {rule}")).build())
+                            .build()
+                    )
+                    .tag_specifications(ec2_tag_spec(cx, ResourceType::SecurityGroupRule, rule))
+                    .send()
+            )?;
+            out.security_group_rules
+                .unwrap_or_default()
+                .into_iter()
+                .find_map(|r| r.security_group_rule_id)
+                .ok_or_else(|| Error::Other("AuthorizeSecurityGroupIngress returned no rule id".into()))
+        })
+        .await?;
+    }
+
+    // S3 gateway endpoint on the route table (backups and log shipping stay private).
+    let rt_id = rt.unwrap_or_default();
+    let ep_res = Res::new(key(cx, side, "s3-endpoint"), "vpc-endpoint", format!("pgdr-{}-s3", cx.name()), region);
+    ensure(cx, rec, &ep_res, async |known| find_endpoint(cx, side, known).await, async |token| {
+        let out = aws!(
+            region,
+            "ec2",
+            "CreateVpcEndpoint",
+            ec2.create_vpc_endpoint()
+                .vpc_id(&vpc_id)
+                .vpc_endpoint_type(aws_sdk_ec2::types::VpcEndpointType::Gateway)
+                .service_name(format!("com.amazonaws.{region}.s3"))
+                .route_table_ids(&rt_id)
+                .client_token(token)
+                .tag_specifications(ec2_tag_spec(cx, ResourceType::VpcEndpoint, "s3-endpoint"))
+                .send()
+        )?;
+        out.vpc_endpoint.and_then(|e| e.vpc_endpoint_id).ok_or_else(|| Error::Other("CreateVpcEndpoint returned no id".into()))
+    })
+    .await?;
+    Ok(())
+}
+
+/// The first two available availability zones by name; zones of existing subnets win.
+async fn zones(cx: &Cx, side: Side) -> Result<Vec<String>> {
+    let reg = cx.regional(side);
+    let out = aws!(
+        &reg.region,
+        "ec2",
+        "DescribeAvailabilityZones",
+        reg.ec2.describe_availability_zones().filters(ec2_filter("state", "available")).filters(ec2_filter("zone-type", "availability-zone")).send()
+    )?;
+    let mut names: Vec<String> = out.availability_zones.unwrap_or_default().into_iter().filter_map(|z| z.zone_name).collect();
+    names.sort();
+    Ok(names)
+}
+
+async fn find_one_subnet(cx: &Cx, side: Side, name: &str, known: Option<String>, vpc_id: &str) -> Result<Option<String>> {
+    if vpc_id.is_empty() {
+        return Ok(None);
+    }
+    let reg = cx.regional(side);
+    let mut filters = ec2_tag_filters(cx, name);
+    filters.push(ec2_filter("vpc-id", vpc_id));
+    let req = match known {
+        Some(id) => reg.ec2.describe_subnets().subnet_ids(id),
+        None => reg.ec2.describe_subnets().set_filters(Some(filters)),
+    };
+    let out = absent(aws!(&reg.region, "ec2", "DescribeSubnets", req.send()))?;
+    Ok(out.and_then(|o| o.subnets.unwrap_or_default().into_iter().find_map(|s| s.subnet_id)))
+}
+
+pub async fn subnet_ids(cx: &Cx, side: Side) -> Vec<String> {
+    SUBNETS.iter().filter_map(|s| cx.store.id(&key(cx, side, s))).collect()
+}
+
+async fn find_route_table(cx: &Cx, side: Side, known: Option<String>, vpc_id: &str) -> Result<Option<String>> {
+    if vpc_id.is_empty() {
+        return Ok(None);
+    }
+    let reg = cx.regional(side);
+    let req = match known {
+        Some(id) => reg.ec2.describe_route_tables().route_table_ids(id),
+        None => reg.ec2.describe_route_tables().set_filters(Some(ec2_tag_filters(cx, "route-table"))).filters(ec2_filter("vpc-id", vpc_id)),
+    };
+    let out = absent(aws!(&reg.region, "ec2", "DescribeRouteTables", req.send()))?;
+    Ok(out.and_then(|o| o.route_tables.unwrap_or_default().into_iter().find_map(|t| t.route_table_id)))
+}
+
+async fn find_sg(cx: &Cx, side: Side, known: Option<String>, vpc_id: &str) -> Result<Option<String>> {
+    if vpc_id.is_empty() {
+        return Ok(None);
+    }
+    let reg = cx.regional(side);
+    let req = match known {
+        Some(id) => reg.ec2.describe_security_groups().group_ids(id),
+        None => reg.ec2.describe_security_groups().set_filters(Some(ec2_tag_filters(cx, "db-sg"))).filters(ec2_filter("vpc-id", vpc_id)),
+    };
+    let out = absent(aws!(&reg.region, "ec2", "DescribeSecurityGroups", req.send()))?;
+    Ok(out.and_then(|o| o.security_groups.unwrap_or_default().into_iter().find_map(|g| g.group_id)))
+}
+
+/// The ingress rule for 5432 from `cidr` in group `sg`, whatever its tags.
+pub async fn find_rule(cx: &Cx, side: Side, sg: &str, cidr: &str) -> Result<Option<String>> {
+    if sg.is_empty() {
+        return Ok(None);
+    }
+    let reg = cx.regional(side);
+    let out = absent(aws!(
+        &reg.region,
+        "ec2",
+        "DescribeSecurityGroupRules",
+        reg.ec2.describe_security_group_rules().filters(ec2_filter("group-id", sg)).send()
+    ))?;
+    Ok(out.and_then(|o| {
+        o.security_group_rules.unwrap_or_default().into_iter().find_map(|r| {
+            (r.is_egress == Some(false) && r.from_port == Some(5432) && r.to_port == Some(5432) && r.cidr_ipv4.as_deref() == Some(cidr))
+                .then_some(r.security_group_rule_id)
+                .flatten()
+        })
+    }))
+}
+
+async fn find_endpoint(cx: &Cx, side: Side, known: Option<String>) -> Result<Option<String>> {
+    let reg = cx.regional(side);
+    let req = match known {
+        Some(id) => reg.ec2.describe_vpc_endpoints().vpc_endpoint_ids(id),
+        None => reg.ec2.describe_vpc_endpoints().set_filters(Some(ec2_tag_filters(cx, "s3-endpoint"))),
+    };
+    let out = absent(aws!(&reg.region, "ec2", "DescribeVpcEndpoints", req.send()))?;
+    Ok(out.and_then(|o| {
+        o.vpc_endpoints.unwrap_or_default().into_iter().find_map(|e| {
+            // The emulator answers states in lower case, which decode as Unknown("...").
+            let state = e.state.as_ref().map(|s| s.as_str().to_ascii_lowercase()).unwrap_or_default();
+            (!matches!(state.as_str(), "deleted" | "deleting" | "failed" | "rejected" | "expired")).then_some(e.vpc_endpoint_id).flatten()
+        })
+    }))
+}
+
+/// Deletes the region's network, waiting for each deletion so nothing blocks the VPC's.
+async fn down(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
+    let reg = cx.regional(side);
+    let region = reg.region.as_str();
+    let ec2 = &reg.ec2;
+    let vpc_id = cx.store.id(&key(cx, side, "vpc"));
+    let vpc_id = match vpc_id {
+        Some(v) => find_vpc(cx, side, Some(v)).await?,
+        None => find_vpc(cx, side, None).await?,
+    }
+    .unwrap_or_default();
+
+    let ep = Res::new(key(cx, side, "s3-endpoint"), "vpc-endpoint", format!("pgdr-{}-s3", cx.name()), region);
+    remove(cx, rec, &ep, async |known| find_endpoint(cx, side, known).await, async |id| {
+        absent(aws!(region, "ec2", "DeleteVpcEndpoints", ec2.delete_vpc_endpoints().vpc_endpoint_ids(&id).send()))?;
+        wait::until(&format!("VPC endpoint {id}"), std::time::Duration::from_secs(600), Pace::FAST, &cx.cancel, |s, _| rec.status(&format!("endpoint {s}")), "rerun `pgdr down`", async || {
+            Ok(match find_endpoint(cx, side, Some(id.clone())).await? {
+                None => Look::Ready(()),
+                Some(_) => Look::Pending("deleting".into()),
+            })
+        })
+        .await
+    })
+    .await?;
+
+    // Rules go with their group; forget them first.
+    for rule in ["db-sg-rule-local", "db-sg-rule-peer"] {
+        if cx.store.get(&key(cx, side, rule)).is_some() && !rec.plan {
+            cx.store.remove(&key(cx, side, rule))?;
+        }
+    }
+    let sg = Res::new(key(cx, side, "db-sg"), "security-group", format!("pgdr-{}-db", cx.name()), region);
+    remove(cx, rec, &sg, async |known| find_sg(cx, side, known, &vpc_id).await, async |id| {
+        // Lambda ENIs can hold a group for minutes after their function is gone.
+        retry_dependency(cx, rec, &format!("security group {id}"), async || {
+            absent(aws!(region, "ec2", "DeleteSecurityGroup", ec2.delete_security_group().group_id(&id).send())).map(|_| ())
+        })
+        .await
+    })
+    .await?;
+
+    for name in SUBNETS {
+        let r = Res::new(key(cx, side, name), "subnet", format!("pgdr-{}-{name}", cx.name()), region);
+        remove(cx, rec, &r, async |known| find_one_subnet(cx, side, name, known, &vpc_id).await, async |id| {
+            retry_dependency(cx, rec, &format!("subnet {id}"), async || {
+                absent(aws!(region, "ec2", "DeleteSubnet", ec2.delete_subnet().subnet_id(&id).send())).map(|_| ())
+            })
+            .await
+        })
+        .await?;
+    }
+
+    let rt = Res::new(key(cx, side, "route-table"), "route-table", format!("pgdr-{}-private", cx.name()), region);
+    remove(cx, rec, &rt, async |known| find_route_table(cx, side, known, &vpc_id).await, async |id| {
+        // Associations of deleted subnets are gone; remove any that remain.
+        if let Some(t) = absent(aws!(region, "ec2", "DescribeRouteTables", ec2.describe_route_tables().route_table_ids(&id).send()))? {
+            for a in t.route_tables.unwrap_or_default().into_iter().flat_map(|t| t.associations.unwrap_or_default()) {
+                if let (Some(aid), false) = (a.route_table_association_id, a.main.unwrap_or(false)) {
+                    absent(aws!(region, "ec2", "DisassociateRouteTable", ec2.disassociate_route_table().association_id(aid).send()))?;
+                }
+            }
+        }
+        absent(aws!(region, "ec2", "DeleteRouteTable", ec2.delete_route_table().route_table_id(&id).send())).map(|_| ())
+    })
+    .await?;
+
+    let vpc = Res::new(key(cx, side, "vpc"), "vpc", format!("pgdr-{}", cx.name()), region);
+    remove(cx, rec, &vpc, async |known| find_vpc(cx, side, known).await, async |id| {
+        retry_dependency(cx, rec, &format!("VPC {id}"), async || {
+            absent(aws!(region, "ec2", "DeleteVpc", ec2.delete_vpc().vpc_id(&id).send())).map(|_| ())
+        })
+        .await
+    })
+    .await?;
+    Ok(())
+}
+
+/// Retries a delete refused with `DependencyViolation` (something still uses the resource and
+/// is going away, such as a Lambda ENI) for up to 30 minutes.
+pub async fn retry_dependency(cx: &Cx, rec: &Recorder<'_>, what: &str, mut del: impl AsyncFnMut() -> Result<()>) -> Result<()> {
+    wait::until(what, std::time::Duration::from_secs(1800), Pace::SLOW, &cx.cancel, |s, t| rec.status(&format!("{what}: {s} ({})", wait::human(t))), "find what still uses it in the EC2 console, then rerun `pgdr down`", async || {
+        match del().await {
+            Ok(()) => Ok(Look::Ready(())),
+            Err(Error::Aws(e)) if e.is_code(&["DependencyViolation", "InvalidGroup.InUse"]) => Ok(Look::Pending("in use".into())),
+            Err(e) => Err(e),
+        }
+    })
+    .await
+}

@@ -1,0 +1,204 @@
+//! Cross-region VPC peering: requested from the primary region, accepted in the DR region,
+//! with a route to the peer's CIDR in both route tables.
+
+use std::time::Duration;
+
+use aws_sdk_ec2::types::ResourceType;
+use futures::future::LocalBoxFuture;
+
+use super::network::{self, find_vpc};
+use super::{ec2_filter, ec2_tag_filters, ec2_tag_spec, ensure, remove, Res};
+use crate::aws;
+use crate::cx::{Cx, Side};
+use crate::error::{Error, Result};
+use crate::exec::{Action, Recorder, Step, StepResult};
+use crate::wait::{self, Look, Pace};
+
+pub struct Peering;
+
+pub const STEP: &str = "peering";
+
+impl Step<Cx> for Peering {
+    fn id(&self) -> String {
+        STEP.into()
+    }
+    fn deps(&self) -> Vec<String> {
+        vec![network::step_id(Side::Primary), network::step_id(Side::Dr)]
+    }
+    fn up<'a>(&'a self, cx: &'a Cx, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult> {
+        Box::pin(up(cx, rec))
+    }
+    fn down<'a>(&'a self, cx: &'a Cx, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult> {
+        Box::pin(down(cx, rec))
+    }
+}
+
+fn key(cx: &Cx) -> String {
+    format!("peering/{}/connection", cx.region(Side::Primary))
+}
+
+fn route_key(cx: &Cx, side: Side) -> String {
+    format!("peering/{}/route", cx.region(side))
+}
+
+/// The live peering connection (not deleted or failed) and its status code, seen from `side`.
+async fn find(cx: &Cx, side: Side, known: Option<String>) -> Result<Option<(String, String)>> {
+    let reg = cx.regional(side);
+    let req = reg.ec2.describe_vpc_peering_connections();
+    let req = match known {
+        Some(id) => req.vpc_peering_connection_ids(id),
+        None => req.set_filters(Some(ec2_tag_filters(cx, "peering"))),
+    };
+    let out = match aws!(&reg.region, "ec2", "DescribeVpcPeeringConnections", req.send()) {
+        Ok(o) => o,
+        Err(e) if e.code().ends_with("NotFound") => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    Ok(out.vpc_peering_connections.unwrap_or_default().into_iter().find_map(|p| {
+        let code = p.status.and_then(|s| s.code).map(|c| c.as_str().to_ascii_lowercase()).unwrap_or_default();
+        let live = !matches!(code.as_str(), "deleted" | "deleting" | "rejected" | "failed" | "expired");
+        live.then_some(p.vpc_peering_connection_id.map(|id| (id, code))).flatten()
+    }))
+}
+
+async fn up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
+    let primary = cx.regional(Side::Primary);
+    let region = primary.region.as_str();
+    let vpc = find_vpc(cx, Side::Primary, cx.store.id(&network::key(cx, Side::Primary, "vpc"))).await?.unwrap_or_default();
+    let peer_vpc = find_vpc(cx, Side::Dr, cx.store.id(&network::key(cx, Side::Dr, "vpc"))).await?.unwrap_or_default();
+    let r = Res::new(key(cx), "vpc-peering", format!("pgdr-{}", cx.name()), region);
+    let pcx = ensure(cx, rec, &r, async |known| Ok(find(cx, Side::Primary, known).await?.map(|p| p.0)), async |_| {
+        let out = aws!(
+            region,
+            "ec2",
+            "CreateVpcPeeringConnection",
+            primary
+                .ec2
+                .create_vpc_peering_connection()
+                .vpc_id(&vpc)
+                .peer_vpc_id(&peer_vpc)
+                .peer_region(cx.region(Side::Dr))
+                .tag_specifications(ec2_tag_spec(cx, ResourceType::VpcPeeringConnection, "peering"))
+                .send()
+        )?;
+        out.vpc_peering_connection
+            .and_then(|p| p.vpc_peering_connection_id)
+            .ok_or_else(|| Error::Other("CreateVpcPeeringConnection returned no id".into()))
+    })
+    .await?;
+
+    // Accept in the DR region (the only place AWS allows it), then wait for `active`.
+    if let Some(pcx) = &pcx {
+        let dr = cx.regional(Side::Dr);
+        let status = wait::until(&format!("peering {pcx} in {}", dr.region), Duration::from_secs(300), Pace::FAST, &cx.cancel, |s, _| rec.status(&format!("peering {s}")), "rerun `pgdr up`", async || {
+            Ok(match find(cx, Side::Dr, Some(pcx.clone())).await? {
+                Some((_, code)) if code == "initiating-request" => Look::Pending(code),
+                Some((_, code)) => Look::Ready(code),
+                None => Look::Pending("not yet visible".into()),
+            })
+        })
+        .await?;
+        if status == "pending-acceptance" {
+            if rec.plan {
+                rec.record(Action::Change, "vpc-peering", &r.name, &dr.region, Some(pcx), Some("accept".into()));
+            } else {
+                aws!(&dr.region, "ec2", "AcceptVpcPeeringConnection", dr.ec2.accept_vpc_peering_connection().vpc_peering_connection_id(pcx).send())?;
+                rec.record(Action::Change, "vpc-peering", &r.name, &dr.region, Some(pcx), Some("accepted".into()));
+            }
+        }
+        if !rec.plan {
+            wait::until(&format!("peering {pcx}"), Duration::from_secs(600), Pace::FAST, &cx.cancel, |s, _| rec.status(&format!("peering {s}")), "rerun `pgdr up`", async || {
+                Ok(match find(cx, Side::Primary, Some(pcx.clone())).await? {
+                    Some((_, c)) if c == "active" => Look::Ready(()),
+                    Some((_, c)) => Look::Pending(c),
+                    None => Look::Failed("deleted or rejected".into()),
+                })
+            })
+            .await?;
+        }
+    } else {
+        rec.record(Action::Change, "vpc-peering", &r.name, cx.region(Side::Dr), None, Some("accept".into()));
+    }
+
+    // Routes to the peer's CIDR in both route tables.
+    for side in [Side::Primary, Side::Dr] {
+        let reg = cx.regional(side);
+        let peer = match side {
+            Side::Primary => cx.env.dr_cidr(),
+            Side::Dr => cx.env.primary_cidr(),
+        }
+        .to_string();
+        let rt = cx.store.id(&network::key(cx, side, "route-table")).unwrap_or_default();
+        let pcx_id = pcx.clone().unwrap_or_default();
+        let rr = Res::new(route_key(cx, side), "route", format!("{peer} via peering"), &reg.region);
+        ensure(cx, rec, &rr, async |_| find_route(cx, side, &rt, &peer, &pcx_id).await, async |_| {
+            aws!(
+                &reg.region,
+                "ec2",
+                "CreateRoute",
+                reg.ec2.create_route().route_table_id(&rt).destination_cidr_block(&peer).vpc_peering_connection_id(&pcx_id).send()
+            )?;
+            Ok(format!("{rt}:{peer}"))
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+async fn find_route(cx: &Cx, side: Side, rt: &str, cidr: &str, pcx: &str) -> Result<Option<String>> {
+    if rt.is_empty() || pcx.is_empty() {
+        return Ok(None);
+    }
+    let reg = cx.regional(side);
+    let out = aws!(&reg.region, "ec2", "DescribeRouteTables", reg.ec2.describe_route_tables().route_table_ids(rt).send());
+    let out = match out {
+        Ok(o) => o,
+        Err(e) if e.code().ends_with("NotFound") => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let found = out.route_tables.unwrap_or_default().into_iter().flat_map(|t| t.routes.unwrap_or_default()).any(|r| {
+        r.destination_cidr_block.as_deref() == Some(cidr) && r.vpc_peering_connection_id.as_deref() == Some(pcx)
+    });
+    Ok(found.then(|| format!("{rt}:{cidr}")))
+}
+
+async fn down(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
+    let pcx = find(cx, Side::Primary, cx.store.id(&key(cx))).await?.map(|p| p.0).unwrap_or_default();
+    for side in [Side::Primary, Side::Dr] {
+        let reg = cx.regional(side);
+        let peer = match side {
+            Side::Primary => cx.env.dr_cidr(),
+            Side::Dr => cx.env.primary_cidr(),
+        }
+        .to_string();
+        let rt = cx.store.id(&network::key(cx, side, "route-table")).unwrap_or_default();
+        let rr = Res::new(route_key(cx, side), "route", format!("{peer} via peering"), &reg.region);
+        remove(cx, rec, &rr, async |_| find_route(cx, side, &rt, &peer, &pcx).await, async |_| {
+            match aws!(&reg.region, "ec2", "DeleteRoute", reg.ec2.delete_route().route_table_id(&rt).destination_cidr_block(&peer).send()) {
+                Ok(_) => Ok(()),
+                Err(e) if e.code().ends_with("NotFound") => Ok(()),
+                Err(e) => Err(e.into()),
+            }
+        })
+        .await?;
+    }
+    let primary = cx.regional(Side::Primary);
+    let r = Res::new(key(cx), "vpc-peering", format!("pgdr-{}", cx.name()), &primary.region);
+    remove(cx, rec, &r, async |known| Ok(find(cx, Side::Primary, known).await?.map(|p| p.0)), async |id| {
+        match aws!(&primary.region, "ec2", "DeleteVpcPeeringConnection", primary.ec2.delete_vpc_peering_connection().vpc_peering_connection_id(&id).send()) {
+            Ok(_) => {}
+            Err(e) if e.code().ends_with("NotFound") => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+        wait::until(&format!("peering {id}"), Duration::from_secs(600), Pace::FAST, &cx.cancel, |s, _| rec.status(&format!("peering {s}")), "rerun `pgdr down`", async || {
+            Ok(match find(cx, Side::Primary, Some(id.clone())).await? {
+                None => Look::Ready(()),
+                Some((_, c)) => Look::Pending(c),
+            })
+        })
+        .await
+    })
+    .await?;
+    let _ = ec2_filter;
+    Ok(())
+}
