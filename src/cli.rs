@@ -171,7 +171,7 @@ fn fail(output: Output, e: &Error) -> ExitCode {
                     "request_id": aws.and_then(|a| a.request_id.clone()),
                 }
             });
-            println!("{body}");
+            emit(&format!("{body}\n"));
         }
         Output::Human => eprintln!("error: {e}"),
     }
@@ -262,22 +262,24 @@ async fn run(cli: Cli) -> Result<Exit, Error> {
             match g.output {
                 Output::Json => print_json(&serde_json::json!({ "environments": list })),
                 Output::Human => {
+                    let mut out = String::new();
                     if list.is_empty() {
-                        println!("no environments in {}", g.state_dir.display());
+                        out.push_str(&format!("no environments in {}\n", g.state_dir.display()));
                     }
                     for e in &list {
                         match &e.error {
-                            Some(err) => println!("{:<20} error: {err}", e.env),
-                            None => println!(
-                                "{:<20} {:>3} resources  writer {:<12} updated {}{}",
+                            Some(err) => out.push_str(&format!("{:<20} error: {err}\n", e.env)),
+                            None => out.push_str(&format!(
+                                "{:<20} {:>3} resources  writer {:<12} updated {}{}\n",
                                 e.env,
                                 e.resources,
                                 if e.writer_region.is_empty() { "-" } else { &e.writer_region },
                                 e.updated_at,
                                 e.locked_by.as_ref().map(|l| format!("  locked by {l}")).unwrap_or_default()
-                            ),
+                            )),
                         }
                     }
+                    emit(&out);
                 }
             }
             Ok(Exit::Success)
@@ -316,9 +318,15 @@ fn confirm(yes: bool, what: &str, env: &str) -> Result<(), Error> {
     }
 }
 
+/// Writes a result to stdout; a closed pipe (`pgdr status | head`) is not an error.
+fn emit(text: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes()).and_then(|_| out.flush());
+}
+
 fn print_json<T: Serialize>(v: &T) {
     match serde_json::to_string_pretty(&JsonOut { schema: JSON_SCHEMA, body: v }) {
-        Ok(s) => println!("{s}"),
+        Ok(s) => emit(&format!("{s}\n")),
         Err(e) => eprintln!("error: cannot render JSON: {e}"),
     }
 }
@@ -382,31 +390,32 @@ fn print_run(output: Output, r: &RunResult) {
     if r.exit == Exit::Partial {
         out.push_str(&format!("Some steps failed; the state is saved. Fix the cause above and rerun `pgdr {} --env {}`.\n", r.command, r.env));
     }
-    print!("{out}");
+    emit(&out);
 }
 
 fn print_status(s: &ops::StatusResult) {
-    println!(
-        "environment {}  ({} -> {})  {}",
+    let mut out = format!(
+        "environment {}  ({} -> {})  {}\n",
         s.env,
         s.primary_region,
         s.dr_region,
         if s.healthy { "HEALTHY" } else { "DEGRADED" }
     );
     for p in &s.problems {
-        println!("  ! {p}");
+        out.push_str(&format!("  ! {p}\n"));
     }
     for r in &s.resources {
-        println!(
-            "  {:<8} {:<22} {:<28} {:<10} {}{}",
+        out.push_str(&format!(
+            "  {:<9} {:<22} {:<28} {:<10} {}{}\n",
             r.state,
             r.kind,
             r.name,
             r.region,
             r.id.as_deref().unwrap_or("-"),
             r.detail.as_ref().map(|d| format!("  ({d})")).unwrap_or_default()
-        );
+        ));
     }
+    emit(&out);
 }
 
 /// Progress on stderr: timestamped lines (one per step start, status change and finish).

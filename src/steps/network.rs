@@ -91,7 +91,10 @@ async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
             "CreateVpc",
             ec2.create_vpc().cidr_block(cidr.to_string()).tag_specifications(ec2_tag_spec(cx, ResourceType::Vpc, "vpc")).send()
         )?;
-        out.vpc.and_then(|v| v.vpc_id).ok_or_else(|| Error::Other("CreateVpc returned no VPC id".into()))
+        let id = out.vpc.and_then(|v| v.vpc_id).ok_or_else(|| Error::Other("CreateVpc returned no VPC id".into()))?;
+        // Part of creating it: a private hosted zone needs DNS hostnames on.
+        enable_dns_hostnames(cx, side, &id).await?;
+        Ok(id)
     })
     .await?;
     let vpc_id = vpc.clone().unwrap_or_default();
@@ -106,12 +109,7 @@ async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
             if rec.plan {
                 rec.record(crate::exec::Action::Change, "vpc", &vpc_res.name, region, Some(vpc_id), Some("enable DNS hostnames".into()));
             } else {
-                aws!(
-                    region,
-                    "ec2",
-                    "ModifyVpcAttribute",
-                    ec2.modify_vpc_attribute().vpc_id(vpc_id).enable_dns_hostnames(AttributeBooleanValue::builder().value(true).build()).send()
-                )?;
+                enable_dns_hostnames(cx, side, vpc_id).await?;
                 rec.record(crate::exec::Action::Change, "vpc", &vpc_res.name, region, Some(vpc_id), Some("enabled DNS hostnames".into()));
             }
         }
@@ -169,13 +167,14 @@ async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
             .flat_map(|t| t.associations.unwrap_or_default())
             .filter_map(|a| a.subnet_id)
             .collect();
-        for sub in subnet_ids.iter().filter(|s| !associated.contains(s)) {
-            if rec.plan {
-                rec.record(crate::exec::Action::Create, "route-table-association", sub, region, None, None);
-                continue;
+        for (name, sub) in SUBNETS.iter().zip(&subnet_ids).filter(|(_, s)| !associated.contains(s)) {
+            if !rec.plan {
+                aws!(region, "ec2", "AssociateRouteTable", ec2.associate_route_table().route_table_id(rt).subnet_id(sub).send())?;
             }
-            aws!(region, "ec2", "AssociateRouteTable", ec2.associate_route_table().route_table_id(rt).subnet_id(sub).send())?;
-            rec.record(crate::exec::Action::Create, "route-table-association", sub, region, None, Some(format!("{sub} -> {rt}")));
+            rec.record(crate::exec::Action::Create, "route-table-association", name, region, None, Some(format!("{sub} -> {rt}")));
+        }
+        for name in SUBNETS.iter().skip(subnet_ids.len()) {
+            rec.record(crate::exec::Action::Create, "route-table-association", name, region, None, None);
         }
     } else {
         for sub in SUBNETS {
@@ -250,6 +249,17 @@ async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
         out.vpc_endpoint.and_then(|e| e.vpc_endpoint_id).ok_or_else(|| Error::Other("CreateVpcEndpoint returned no id".into()))
     })
     .await?;
+    Ok(())
+}
+
+async fn enable_dns_hostnames(cx: &Cx, side: Side, vpc_id: &str) -> Result<()> {
+    let reg = cx.regional(side);
+    aws!(
+        &reg.region,
+        "ec2",
+        "ModifyVpcAttribute",
+        reg.ec2.modify_vpc_attribute().vpc_id(vpc_id).enable_dns_hostnames(AttributeBooleanValue::builder().value(true).build()).send()
+    )?;
     Ok(())
 }
 

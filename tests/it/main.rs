@@ -1,1 +1,5 @@
-fn main(){}
+//! Integration tests: the pgdr binary against a private emulator per test.
+
+mod harness;
+mod inputs;
+mod network;

@@ -1,0 +1,396 @@
+#!/usr/bin/env python3
+"""Loopback HTTP proxy in front of moto_server (stdlib only).
+
+Starts moto_server as a child, forwards every request to it unchanged, and adds what moto
+lacks: a call record, latency, injected faults (503 before forwarding, dropped answers after
+forwarding), a one-shot SIGKILL of a given pid after N calls, and RDS status holds (rewrites
+DBInstanceStatus in RDS answers for a while). Control API under /__proxy/ (JSON in and out):
+
+  GET  /__proxy/config          current config (JSON)
+  POST /__proxy/config          merge a JSON object of any config keys; returns the new config
+  GET  /__proxy/calls           recorded calls (JSON list)
+  POST /__proxy/calls/reset     clear the in-memory list (the record file is append-only)
+  GET  /__proxy/rds_status      active RDS status overrides
+  POST /__proxy/rds_status      {"region","id","status","for_s"[,"account"]}; status null clears
+
+Usage: emuproxy.py --moto-bin PATH/moto_server [--port 0] [--ready-file F] [--record F]
+"""
+import argparse, ctypes, http.client, http.server, json, os, random, re, signal, socket
+import struct, subprocess, sys, threading, time, urllib.parse, uuid
+
+CRED_RE = re.compile(r"Credential=[^/,\s]+/\d{8}/([^/]+)/([^/]+)/aws4_request")
+RPCV2_RE = re.compile(r"^/service/[^/]+/operation/([A-Za-z0-9]+)$")  # Smithy RPCv2 (CBOR)
+DBI_RE = re.compile(rb"<DBInstance>.*?</DBInstance>", re.S)
+DBI_ID_RE = re.compile(rb"<DBInstanceIdentifier>([^<]*)</DBInstanceIdentifier>")
+DBI_STATUS_RE = re.compile(rb"<DBInstanceStatus>([^<]*)</DBInstanceStatus>")
+HOP = {"connection", "keep-alive", "proxy-connection", "proxy-authorization", "te", "trailer",
+       "transfer-encoding", "upgrade", "expect", "content-length"}
+RDS_OPS_WITH_STATUS = {"DescribeDBInstances", "CreateDBInstance", "CreateDBInstanceReadReplica",
+                       "ModifyDBInstance", "PromoteReadReplica"}
+
+lock = threading.RLock()
+CONFIG = {"record": None, "latency_ms": 0.0, "fail_rate": 0.0, "drop_rate": 0.0, "seed": None,
+          "fault_ops": None, "fault_mutating_only": False, "kill_after": None, "rds_hold": None}
+STATE = {"calls": [], "seq": 0, "kill_count": 0, "rng": random.Random(),
+         "moto_port": None, "stopping": False}
+# (account, region, id) -> {"status", "until" (epoch or None), "only_available" (bool)}
+RDS_HOLDS = {}
+
+
+def log(msg):
+    print(f"emuproxy: {msg}", file=sys.stderr, flush=True)
+
+
+def set_config(new):
+    """Merge a dict of config keys (validated loosely); returns the current config."""
+    with lock:
+        for k, v in new.items():
+            if k not in CONFIG:
+                raise ValueError(f"unknown config key {k!r}")
+            if k in ("latency_ms", "fail_rate", "drop_rate"):
+                v = float(v or 0)
+            elif k == "seed":
+                STATE["rng"] = random.Random(v)
+            elif k == "fault_ops":
+                v = None if v is None else [str(x) for x in v]
+            elif k == "fault_mutating_only":
+                v = bool(v)
+            elif k == "kill_after" and v is not None:
+                v = {"pid": int(v["pid"]), "calls": int(v["calls"])}
+                STATE["kill_count"] = 0
+            elif k == "rds_hold" and v is not None:
+                v = {"create_s": float(v.get("create_s", 0)), "modify_s": float(v.get("modify_s", 0))}
+            CONFIG[k] = v
+        return dict(CONFIG)
+
+
+def classify(method, path, headers, body):
+    """Returns (service, region, op, mutating, is_json)."""
+    m = CRED_RE.search(headers.get("Authorization", ""))
+    url = urllib.parse.urlsplit(path)
+    query = urllib.parse.parse_qs(url.query)
+    if not m and "X-Amz-Credential" in query:  # presigned URL
+        m = CRED_RE.search("Credential=" + query["X-Amz-Credential"][0] + ",")
+    region, service = (m.group(1), m.group(2)) if m else (None, None)
+    target = headers.get("X-Amz-Target")
+    ctype = headers.get("Content-Type", "")
+    is_json = bool(target) or "json" in ctype or service == "lambda"
+    form = {}
+    if "x-www-form-urlencoded" in ctype and body:
+        form = urllib.parse.parse_qs(body.decode("utf-8", "replace"))
+    rpc = RPCV2_RE.match(url.path)
+    if target:
+        op = target.rsplit(".", 1)[-1]
+    elif "Action" in form or "Action" in query:
+        op = (form.get("Action") or query.get("Action"))[0]
+    elif rpc:
+        op = rpc.group(1)
+    else:  # REST protocol: route53, lambda, ...
+        return service, region, f"{method} {url.path}", method not in ("GET", "HEAD"), is_json, form
+    mutating = not op.startswith(("Describe", "Get", "List"))
+    return service, region, op, mutating, is_json, form
+
+
+def rds_rewrite(body, account, region):
+    """Rewrites each <DBInstance>'s status per the active holds for (account, region)."""
+    now = time.time()
+    with lock:
+        for key in [k for k, h in RDS_HOLDS.items() if h["until"] is not None and h["until"] <= now]:
+            del RDS_HOLDS[key]
+        holds = {k[2]: h for k, h in RDS_HOLDS.items() if k[0] == account and k[1] == region}
+    if not holds:
+        return body
+
+    def one(m):
+        elem = m.group(0)
+        idm = DBI_ID_RE.search(elem)
+        h = holds.get(idm.group(1).decode()) if idm else None
+        if not h:
+            return elem
+
+        def status(sm):
+            if h["only_available"] and sm.group(1) != b"available":
+                return sm.group(0)
+            return b"<DBInstanceStatus>" + h["status"].encode() + b"</DBInstanceStatus>"
+        return DBI_STATUS_RE.sub(status, elem, count=1)
+    return DBI_RE.sub(one, body)
+
+
+def rds_note(op, form, account, region, ok):
+    """Starts holds after successful create / modify / promote; ends them on delete."""
+    ident = (form.get("DBInstanceIdentifier") or [None])[0]
+    if not ok or not ident:
+        return
+    key = (account, region, ident)
+    with lock:
+        hold = CONFIG["rds_hold"] or {}
+        if op in ("CreateDBInstance", "CreateDBInstanceReadReplica") and hold.get("create_s", 0) > 0:
+            RDS_HOLDS[key] = {"status": "creating", "until": time.time() + hold["create_s"],
+                              "only_available": True}
+        elif op in ("ModifyDBInstance", "PromoteReadReplica") and hold.get("modify_s", 0) > 0:
+            RDS_HOLDS[key] = {"status": "modifying", "until": time.time() + hold["modify_s"],
+                              "only_available": True}
+        elif op == "DeleteDBInstance":
+            RDS_HOLDS.pop(key, None)
+
+
+def error_body(is_json):
+    rid = str(uuid.uuid4())
+    if is_json:
+        body = json.dumps({"__type": "ServiceUnavailable", "message": "injected"}).encode()
+        return body, [("Content-Type", "application/x-amz-json-1.1"),
+                      ("x-amzn-ErrorType", "ServiceUnavailable"), ("x-amzn-RequestId", rid)]
+    body = (f"<ErrorResponse><Error><Type>Receiver</Type><Code>ServiceUnavailable</Code>"
+            f"<Message>injected</Message></Error><RequestId>{rid}</RequestId></ErrorResponse>").encode()
+    return body, [("Content-Type", "text/xml"), ("x-amzn-RequestId", rid)]
+
+
+def record(entry):
+    with lock:
+        STATE["seq"] += 1
+        entry = {"seq": STATE["seq"], **entry}
+        STATE["calls"].append(entry)
+        path = CONFIG["record"]
+        if path:
+            with open(path, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # else delayed ACKs add ~40 ms per call
+
+    def log_message(self, fmt, *args):  # quiet: moto logs every request already
+        pass
+
+    def read_body(self):
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            out = b""
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip(), 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass  # trailers
+                    return out
+                out += self.rfile.read(size)
+                self.rfile.readline()
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+    def reply(self, status, body, headers=(), reason=None):
+        self.send_response_only(status, reason)
+        for k, v in headers:
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+        self.wfile.flush()
+
+    def reply_json(self, obj, status=200):
+        self.reply(status, json.dumps(obj).encode(), [("Content-Type", "application/json")])
+
+    def forward(self, body):
+        """Sends the request to moto unchanged; returns (status, reason, headers, body)."""
+        conn = http.client.HTTPConnection("127.0.0.1", STATE["moto_port"], timeout=300)
+        try:
+            conn.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
+            for k, v in self.headers.items():
+                if k.lower() not in HOP:
+                    conn.putheader(k, v)
+            conn.putheader("Content-Length", str(len(body)))
+            conn.endheaders(body)
+            resp = conn.getresponse()
+            data = resp.read()
+            headers = [(k, v) for k, v in resp.getheaders() if k.lower() not in HOP]
+            return resp.status, resp.reason, headers, data
+        finally:
+            conn.close()
+
+    def control(self, body):
+        path = urllib.parse.urlsplit(self.path).path
+        try:
+            req = json.loads(body or b"{}") if self.command == "POST" else None
+            if path == "/__proxy/config" and self.command == "GET":
+                with lock:
+                    return self.reply_json(dict(CONFIG))
+            if path == "/__proxy/config" and self.command == "POST":
+                return self.reply_json(set_config(req))
+            if path == "/__proxy/calls" and self.command == "GET":
+                with lock:
+                    return self.reply_json(list(STATE["calls"]))
+            if path == "/__proxy/calls/reset" and self.command == "POST":
+                with lock:
+                    STATE["calls"].clear()
+                return self.reply_json({"ok": True})
+            if path == "/__proxy/rds_status" and self.command == "GET":
+                with lock:
+                    return self.reply_json([{"account": k[0], "region": k[1], "id": k[2], **h}
+                                            for k, h in RDS_HOLDS.items()])
+            if path == "/__proxy/rds_status" and self.command == "POST":
+                key = (req.get("account", ""), req["region"], req["id"])
+                with lock:
+                    if req.get("status") is None:
+                        RDS_HOLDS.pop(key, None)
+                    else:
+                        for_s = req.get("for_s")
+                        RDS_HOLDS[key] = {"status": req["status"], "only_available": False,
+                                          "until": None if for_s is None else time.time() + float(for_s)}
+                return self.reply_json({"ok": True})
+            return self.reply_json({"error": f"no such control endpoint {self.command} {path}"}, 404)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            return self.reply_json({"error": f"bad request: {e!r}"}, 400)
+
+    def handle_any(self):
+        body = self.read_body()
+        if self.path.startswith("/__proxy/"):
+            return self.control(body)
+        if self.path.startswith("/moto-api"):  # moto's own API: plain pass-through
+            return self.reply(*self.pass_through(body))
+        t = time.time()
+        service, region, op, mutating, is_json, form = classify(self.command, self.path, self.headers, body)
+        account = self.headers.get("x-moto-account-id", "")
+        with lock:
+            cfg = dict(CONFIG)
+            eligible = ((not cfg["fault_ops"] or op in cfg["fault_ops"])
+                        and (mutating or not cfg["fault_mutating_only"]))
+            rng = STATE["rng"]
+            fault = None
+            if eligible and cfg["fail_rate"] > 0 and rng.random() < cfg["fail_rate"]:
+                fault = "503"
+            elif eligible and cfg["drop_rate"] > 0 and rng.random() < cfg["drop_rate"]:
+                fault = "drop"
+        if cfg["latency_ms"] > 0:
+            time.sleep(cfg["latency_ms"] / 1000.0)
+        entry = {"t": t, "service": service, "region": region, "op": op, "mutating": mutating}
+        if fault == "503":
+            err, headers = error_body(is_json)
+            record({**entry, "status": 503, "fault": "503"})
+            return self.reply(503, err, headers)
+        try:
+            status, reason, headers, data = self.forward(body)
+        except OSError as e:  # moto gave no answer
+            record({**entry, "status": None, "fault": None})
+            return self.reply_json({"error": f"emuproxy: moto did not answer: {e!r}"}, 502)
+        if service == "rds" and op in RDS_OPS_WITH_STATUS | {"DeleteDBInstance"}:
+            rds_note(op, form, account, region, 200 <= status < 300)
+            if not any(k.lower() == "content-encoding" for k, _ in headers):
+                data = rds_rewrite(data, account, region)
+        record({**entry, "status": status, "fault": fault})
+        if fault == "drop":  # moto did the work; the client gets a reset and no answer
+            self.close_connection = True
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.connection.close()
+            return
+        self.reply(status, data, headers, reason)
+        self.after_answer()
+
+    def pass_through(self, body):
+        try:
+            status, reason, headers, data = self.forward(body)
+            return status, data, headers, reason
+        except OSError as e:
+            return 502, f"moto did not answer: {e!r}".encode(), [("Content-Type", "text/plain")], None
+
+    def after_answer(self):
+        """kill_after: SIGKILL the pid once N calls were forwarded and answered."""
+        with lock:
+            ka = CONFIG["kill_after"]
+            if not ka:
+                return
+            STATE["kill_count"] += 1
+            if STATE["kill_count"] < ka["calls"]:
+                return
+            CONFIG["kill_after"] = None
+        try:
+            os.kill(ka["pid"], signal.SIGKILL)
+            log(f"kill_after: sent SIGKILL to pid {ka['pid']}")
+        except OSError as e:
+            log(f"kill_after: kill {ka['pid']} failed: {e}")
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = do_PATCH = do_OPTIONS = handle_any
+
+
+class Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def die_with_parent():  # runs in the moto child: SIGKILL it if the proxy dies (Linux)
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+def start_moto(moto_bin):
+    port = free_port()
+    env = dict(os.environ, MOTO_IAM_LOAD_MANAGED_POLICIES="true")
+    child = subprocess.Popen([moto_bin, "-H", "127.0.0.1", "-p", str(port)], env=env,
+                             stdin=subprocess.DEVNULL, stdout=sys.stderr, start_new_session=True,
+                             preexec_fn=die_with_parent)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        if child.poll() is not None:
+            sys.exit(f"emuproxy: moto_server exited with {child.returncode} during start")
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            conn.request("GET", "/moto-api/")
+            if conn.getresponse().status < 500:
+                conn.close()
+                return child, port
+        except OSError:
+            time.sleep(0.1)
+    child.kill()
+    sys.exit("emuproxy: moto_server did not answer within 30 s")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--moto-bin", required=True)
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--ready-file")
+    ap.add_argument("--record")
+    args = ap.parse_args()
+    if args.record:
+        set_config({"record": os.path.abspath(args.record)})
+
+    child, STATE["moto_port"] = start_moto(args.moto_bin)
+
+    def stop(signum, _frame):
+        STATE["stopping"] = True
+        child.terminate()
+        try:
+            child.wait(5)
+        except subprocess.TimeoutExpired:
+            child.kill()
+        os._exit(0)
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+
+    def watch():  # the proxy is useless without moto
+        code = child.wait()
+        if not STATE["stopping"]:
+            log(f"moto_server exited unexpectedly with {code}")
+            os._exit(1)
+    threading.Thread(target=watch, daemon=True).start()
+
+    server = Server(("127.0.0.1", args.port), Handler)
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    if args.ready_file:
+        tmp = args.ready_file + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(url + "\n")
+        os.replace(tmp, args.ready_file)
+    print(f"PGDR_EMULATOR_ENDPOINT={url}", flush=True)
+    log(f"listening on {url}, moto_server pid {child.pid} on port {STATE['moto_port']}")
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
