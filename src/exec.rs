@@ -192,6 +192,8 @@ pub async fn execute<C>(steps: &[Box<dyn Step<C> + '_>], cx: &C, dir: Direction,
         })
         .collect();
     let mut reports: BTreeMap<usize, StepReport> = BTreeMap::new();
+    // Steps in the order they settled, for reports that read like what happened.
+    let mut order: Vec<usize> = Vec::new();
     // Root causes that block each step (empty = not blocked).
     let mut started = vec![false; steps.len()];
     let recorders: Vec<Recorder> = ids
@@ -222,6 +224,7 @@ pub async fn execute<C>(steps: &[Box<dyn Step<C> + '_>], cx: &C, dir: Direction,
             because.dedup();
             if cancel.is_cancelled() || because.iter().any(|b| b == "interrupted") {
                 reports.insert(i, StepReport { step: ids[i].clone(), outcome: Outcome::Cancelled, changes: vec![], elapsed_ms: 0 });
+                order.push(i);
                 finished.borrow_mut()[i] = true;
                 continue;
             }
@@ -229,6 +232,7 @@ pub async fn execute<C>(steps: &[Box<dyn Step<C> + '_>], cx: &C, dir: Direction,
                 let r = StepReport { step: ids[i].clone(), outcome: Outcome::Skipped { because }, changes: vec![], elapsed_ms: 0 };
                 progress.finished(&ids[i], &r);
                 reports.insert(i, r);
+                order.push(i);
                 finished.borrow_mut()[i] = true;
                 continue;
             }
@@ -256,9 +260,11 @@ pub async fn execute<C>(steps: &[Box<dyn Step<C> + '_>], cx: &C, dir: Direction,
         let r = StepReport { step: ids[i].clone(), outcome, changes: recorders[i].changes(), elapsed_ms: duration_ms(elapsed) };
         progress.finished(&ids[i], &r);
         reports.insert(i, r);
+        order.push(i);
         finished.borrow_mut()[i] = true;
     }
-    RunReport { steps: reports.into_values().collect(), elapsed_ms: duration_ms(start.elapsed()) }
+    let steps = order.into_iter().filter_map(|i| reports.remove(&i)).collect();
+    RunReport { steps, elapsed_ms: duration_ms(start.elapsed()) }
 }
 
 fn duration_ms(d: Duration) -> u64 {

@@ -107,6 +107,16 @@ pub async fn up(t: &Target, progress: &dyn Progress, cancel: &Cancel) -> Result<
 pub async fn down(t: &Target, opts: Options, dry_run: bool, progress: &dyn Progress, cancel: &Cancel) -> Result<RunResult> {
     let (mut cx, _lock) = open(t, "pgdr down", !dry_run, cancel).await?;
     cx.opts = opts;
+    // A protected database stops `down` before anything is deleted.
+    if !cx.opts.force {
+        let protected = crate::steps::database::protected(&cx).await?;
+        if !protected.is_empty() {
+            return Err(Error::user(format!(
+                "deletion protection is on for {}; nothing was deleted: rerun with --force to turn it off and delete",
+                protected.join(", ")
+            )));
+        }
+    }
     let steps = crate::steps::graph();
     let report = exec::execute(&steps, &cx, Direction::Down, dry_run, progress, cancel).await;
     let res = result("down", &cx, dry_run, report);

@@ -2,8 +2,11 @@
 //! state, then by tags), keep or adopt what exists, create what does not (recording an intent
 //! before the call and the ID right after it, before any wait); on `down`, find and delete.
 
+pub mod database;
+pub mod dbgroups;
 pub mod network;
 pub mod peering;
+pub mod secrets;
 
 use crate::cx::Cx;
 use crate::error::Result;
@@ -115,7 +118,8 @@ pub fn ec2_filter(name: &str, value: &str) -> aws_sdk_ec2::types::Filter {
 /// An idempotency token for one create intent: readable, unique per intent (a create after a
 /// `down` must not be answered with the deleted resource), at most 64 characters.
 fn new_token(cx: &Cx, r: &Res<'_>) -> String {
-    let mut t = format!("pgdr-{}-{}-{:016x}", cx.name(), r.kind, fastrand::u64(..));
+    // Secrets Manager wants 32-64 characters.
+    let mut t = format!("pgdr-{}-{}-{:032x}", cx.name(), r.kind, fastrand::u128(..));
     t.truncate(64);
     t
 }
@@ -127,5 +131,10 @@ pub fn graph() -> Vec<Box<dyn crate::exec::Step<Cx>>> {
         Box::new(network::Network(Side::Primary)),
         Box::new(network::Network(Side::Dr)),
         Box::new(peering::Peering),
+        Box::new(secrets::Secrets),
+        Box::new(dbgroups::DbGroups(Side::Primary)),
+        Box::new(dbgroups::DbGroups(Side::Dr)),
+        Box::new(database::Primary),
+        Box::new(database::Replica),
     ]
 }

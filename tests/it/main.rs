@@ -1,5 +1,6 @@
 //! Integration tests: the pgdr binary against a private emulator per test.
 
 mod harness;
+mod data;
 mod inputs;
 mod network;

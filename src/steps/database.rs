@@ -1,0 +1,397 @@
+//! The databases: an RDS PostgreSQL Multi-AZ primary and its encrypted cross-region read
+//! replica, each with its PostgreSQL log group (7-day retention, created by pgdr so that `down`
+//! removes it).
+
+use std::time::Duration;
+
+use futures::future::LocalBoxFuture;
+
+use super::{dbgroups, network, secrets, Res};
+use crate::aws;
+use crate::cx::{Cx, Side};
+use crate::error::{AwsError, Error, Result};
+use crate::exec::{Action, Recorder, Step, StepResult};
+use crate::wait::{self, Look, Pace};
+
+pub const PRIMARY: &str = "primary";
+pub const REPLICA: &str = "replica";
+
+/// Log exports: the PostgreSQL log (with `log_statement`, the audit trail) and upgrade logs.
+const LOG_EXPORTS: [&str; 2] = ["postgresql", "upgrade"];
+
+pub struct Primary;
+pub struct Replica;
+
+/// What pgdr reads of an instance.
+#[derive(Clone, Debug, Default)]
+pub struct Db {
+    pub id: String,
+    pub arn: String,
+    pub status: String,
+    pub endpoint: Option<String>,
+    pub source: Option<String>,
+    pub multi_az: bool,
+    pub class: String,
+    pub storage_gib: i32,
+    pub backup_retention: i32,
+    pub deletion_protection: bool,
+    pub encrypted: bool,
+    pub tags: Vec<(String, String)>,
+}
+
+impl Db {
+    pub fn tag(&self, k: &str) -> Option<&str> {
+        self.tags.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str())
+    }
+}
+
+pub fn instance_id(cx: &Cx, side: Side) -> String {
+    format!("pgdr-{}-{}", cx.name(), cx.region(side))
+}
+
+pub fn instance_key(cx: &Cx, side: Side) -> String {
+    format!("{}/{}/instance", if side == Side::Primary { PRIMARY } else { REPLICA }, cx.region(side))
+}
+
+fn log_group_key(cx: &Cx, side: Side) -> String {
+    format!("{}/{}/log-group", if side == Side::Primary { PRIMARY } else { REPLICA }, cx.region(side))
+}
+
+pub fn log_group_name(id: &str) -> String {
+    format!("/aws/rds/instance/{id}/postgresql")
+}
+
+/// Describes one instance by identifier (`None` when it does not exist).
+pub async fn describe(reg: &crate::clients::Regional, id: &str) -> std::result::Result<Option<Db>, AwsError> {
+    match aws!(&reg.region, "rds", "DescribeDBInstances", reg.rds.describe_db_instances().db_instance_identifier(id).send()) {
+        Ok(out) => Ok(out.db_instances.unwrap_or_default().into_iter().next().map(|d| Db {
+            id: d.db_instance_identifier.clone().unwrap_or_default(),
+            arn: d.db_instance_arn.clone().unwrap_or_default(),
+            status: d.db_instance_status.clone().unwrap_or_default(),
+            endpoint: d.endpoint.as_ref().and_then(|e| e.address.clone()),
+            source: d.read_replica_source_db_instance_identifier.clone(),
+            multi_az: d.multi_az.unwrap_or(false),
+            class: d.db_instance_class.clone().unwrap_or_default(),
+            storage_gib: d.allocated_storage.unwrap_or(0),
+            backup_retention: d.backup_retention_period.unwrap_or(0),
+            deletion_protection: d.deletion_protection.unwrap_or(false),
+            encrypted: d.storage_encrypted.unwrap_or(false),
+            tags: d.tag_list().iter().filter_map(|t| Some((t.key.clone()?, t.value.clone().unwrap_or_default()))).collect(),
+        })),
+        Err(e) if e.is_code(&["DBInstanceNotFound", "DBInstanceNotFoundFault"]) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Finds the instance of `side`, refusing one with the same name that is not this environment's.
+async fn find(cx: &Cx, side: Side) -> Result<Option<Db>> {
+    let id = instance_id(cx, side);
+    match describe(cx.regional(side), &id).await? {
+        Some(db) if db.tag("pgdr:env") != Some(cx.name()) => Err(Error::user(format!(
+            "an RDS instance {id} already exists in {} and is not tagged pgdr:env={}; rename it or choose another --env",
+            cx.region(side),
+            cx.name()
+        ))),
+        other => Ok(other),
+    }
+}
+
+impl Step<Cx> for Primary {
+    fn id(&self) -> String {
+        PRIMARY.into()
+    }
+    fn deps(&self) -> Vec<String> {
+        vec![network::step_id(Side::Primary), dbgroups::step_id(Side::Primary), secrets::STEP.into()]
+    }
+    fn up<'a>(&'a self, cx: &'a Cx, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult> {
+        Box::pin(up(cx, rec, Side::Primary))
+    }
+    fn down<'a>(&'a self, cx: &'a Cx, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult> {
+        Box::pin(down(cx, rec, Side::Primary))
+    }
+}
+
+impl Step<Cx> for Replica {
+    fn id(&self) -> String {
+        REPLICA.into()
+    }
+    fn deps(&self) -> Vec<String> {
+        vec![PRIMARY.into(), network::step_id(Side::Dr), dbgroups::step_id(Side::Dr)]
+    }
+    fn up<'a>(&'a self, cx: &'a Cx, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult> {
+        Box::pin(up(cx, rec, Side::Dr))
+    }
+    fn down<'a>(&'a self, cx: &'a Cx, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult> {
+        Box::pin(down(cx, rec, Side::Dr))
+    }
+}
+
+async fn ensure_log_group(cx: &Cx, rec: &Recorder<'_>, side: Side, id: &str) -> Result<()> {
+    let reg = cx.regional(side);
+    let region = reg.region.as_str();
+    let name = log_group_name(id);
+    let r = Res::new(log_group_key(cx, side), "log-group", name.clone(), region);
+    let out = aws!(region, "logs", "DescribeLogGroups", reg.logs.describe_log_groups().log_group_name_prefix(&name).send())?;
+    let found = out.log_groups.unwrap_or_default().into_iter().find(|g| g.log_group_name.as_deref() == Some(name.as_str()));
+    let retention = found.as_ref().and_then(|g| g.retention_in_days);
+    let exists = found.is_some();
+    super::ensure(cx, rec, &r, async |_| Ok(exists.then(|| name.clone())), async |_| {
+        let tags = cx.tags("log-group").into_iter().collect();
+        match aws!(region, "logs", "CreateLogGroup", reg.logs.create_log_group().log_group_name(&name).set_tags(Some(tags)).send()) {
+            Ok(_) => {}
+            Err(e) if e.is_code(&["ResourceAlreadyExistsException"]) => {}
+            Err(e) => return Err(e.into()),
+        }
+        aws!(region, "logs", "PutRetentionPolicy", reg.logs.put_retention_policy().log_group_name(&name).retention_in_days(7).send())?;
+        Ok(name.clone())
+    })
+    .await?;
+    if exists && retention != Some(7) {
+        if !rec.plan {
+            aws!(region, "logs", "PutRetentionPolicy", reg.logs.put_retention_policy().log_group_name(&name).retention_in_days(7).send())?;
+        }
+        rec.record(Action::Change, "log-group", &name, region, None, Some(format!("retention {:?} -> 7 days", retention)));
+    }
+    Ok(())
+}
+
+async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
+    let reg = cx.regional(side);
+    let region = reg.region.as_str();
+    let s = &cx.env.settings;
+    let id = instance_id(cx, side);
+    ensure_log_group(cx, rec, side, &id).await?;
+
+    let found = find(cx, side).await?;
+    let r = Res::new(instance_key(cx, side), "db-instance", id.clone(), region);
+    let sg = cx.store.id(&network::key(cx, side, "db-sg")).unwrap_or_default();
+    let exists = found.clone();
+    let primary_arn = match side {
+        Side::Primary => String::new(),
+        Side::Dr => cx.store.attr(&instance_key(cx, Side::Primary), "arn").unwrap_or_default(),
+    };
+    let created = super::ensure(cx, rec, &r, async |_| Ok(exists.as_ref().map(|d| d.id.clone())), async |_| {
+        let tags = Some(dbgroups::rds_tags(cx, if side == Side::Primary { "primary" } else { "replica" }));
+        let logs = Some(LOG_EXPORTS.iter().map(|s| s.to_string()).collect());
+        match side {
+            Side::Primary => {
+                let (user, password) = secrets::read_credentials(cx).await?;
+                aws!(
+                    region,
+                    "rds",
+                    "CreateDBInstance",
+                    reg.rds
+                        .create_db_instance()
+                        .db_instance_identifier(&id)
+                        .engine("postgres")
+                        .engine_version(&s.engine_version)
+                        .db_instance_class(&s.instance_class)
+                        .allocated_storage(s.allocated_storage_gib)
+                        .storage_type("gp3")
+                        .multi_az(true)
+                        .storage_encrypted(true)
+                        .backup_retention_period(s.backup_retention_days)
+                        .set_enable_cloudwatch_logs_exports(logs)
+                        .publicly_accessible(false)
+                        .db_subnet_group_name(dbgroups::subnet_group_name(cx))
+                        .vpc_security_group_ids(&sg)
+                        .db_parameter_group_name(dbgroups::parameter_group_name(cx))
+                        .auto_minor_version_upgrade(false)
+                        .copy_tags_to_snapshot(true)
+                        .deletion_protection(cx.env.deletion_protection())
+                        .master_username(user)
+                        .master_user_password(password.0)
+                        .db_name(&s.database_name)
+                        .port(5432)
+                        .set_tags(tags)
+                        .send()
+                )?;
+            }
+            Side::Dr => {
+                if primary_arn.is_empty() {
+                    return Err(Error::failed("the primary's ARN is not known yet; rerun `pgdr up`"));
+                }
+                aws!(
+                    region,
+                    "rds",
+                    "CreateDBInstanceReadReplica",
+                    reg.rds
+                        .create_db_instance_read_replica()
+                        .db_instance_identifier(&id)
+                        .source_db_instance_identifier(&primary_arn)
+                        .db_instance_class(&s.instance_class)
+                        // An encrypted source needs a key of this region.
+                        .kms_key_id("alias/aws/rds")
+                        .storage_type("gp3")
+                        .set_enable_cloudwatch_logs_exports(logs)
+                        .publicly_accessible(false)
+                        .db_subnet_group_name(dbgroups::subnet_group_name(cx))
+                        .vpc_security_group_ids(&sg)
+                        .db_parameter_group_name(dbgroups::parameter_group_name(cx))
+                        .auto_minor_version_upgrade(false)
+                        .copy_tags_to_snapshot(true)
+                        .deletion_protection(cx.env.deletion_protection())
+                        .set_tags(tags)
+                        .send()
+                )?;
+            }
+        }
+        Ok(id.clone())
+    })
+    .await?;
+    let Some(_) = created else { return Ok(()) };
+    if rec.plan && found.is_none() {
+        return Ok(());
+    }
+
+    // Wait for `available` before anything depends on it.
+    let budget = Duration::from_secs(60 * if side == Side::Primary { s.primary_wait_minutes } else { s.replica_wait_minutes });
+    let db = wait_available(cx, rec, side, &id, budget).await?;
+    cx.store.update(|st| {
+        if let Some(res) = st.resources.get_mut(&instance_key(cx, side)) {
+            res.attrs.insert("arn".into(), db.arn.clone());
+            if let Some(e) = &db.endpoint {
+                res.attrs.insert("endpoint".into(), e.clone());
+            }
+        }
+        if side == Side::Primary && st.topology.writer_region.is_empty() {
+            st.topology.writer_region = region.to_owned();
+        }
+    })?;
+
+    // Settings that drifted, or that a replica only takes after creation (backup retention).
+    let mut changes: Vec<String> = Vec::new();
+    let mut m = reg.rds.modify_db_instance().db_instance_identifier(&id).apply_immediately(true);
+    if db.backup_retention != s.backup_retention_days {
+        changes.push(format!("backup retention {} -> {} days", db.backup_retention, s.backup_retention_days));
+        m = m.backup_retention_period(s.backup_retention_days);
+    }
+    if db.deletion_protection != cx.env.deletion_protection() {
+        changes.push(format!("deletion protection {} -> {}", db.deletion_protection, cx.env.deletion_protection()));
+        m = m.deletion_protection(cx.env.deletion_protection());
+    }
+    if db.class != s.instance_class && !db.class.is_empty() {
+        changes.push(format!("class {} -> {}", db.class, s.instance_class));
+        m = m.db_instance_class(&s.instance_class);
+    }
+    if side == Side::Primary && !db.multi_az {
+        changes.push("Multi-AZ off -> on".into());
+        m = m.multi_az(true);
+    }
+    if !changes.is_empty() {
+        let detail = changes.join(", ");
+        if !rec.plan {
+            aws!(region, "rds", "ModifyDBInstance", m.send())?;
+            wait_available(cx, rec, side, &id, budget).await?;
+        }
+        rec.record(Action::Change, "db-instance", &id, region, Some(&id), Some(detail));
+    }
+    if side == Side::Primary {
+        secrets::set_connection(cx, rec, &format!("postgres.{}", cx.env.zone_name())).await?;
+    }
+    Ok(())
+}
+
+pub async fn wait_available(cx: &Cx, rec: &Recorder<'_>, side: Side, id: &str, budget: Duration) -> Result<Db> {
+    let reg = cx.regional(side);
+    wait::until(
+        &format!("RDS instance {id} in {}", reg.region),
+        budget,
+        Pace::SLOW,
+        &cx.cancel,
+        |status, t| rec.status(&format!("{id}: {status} ({})", wait::human(t))),
+        "rerun `pgdr up` to keep waiting",
+        async || {
+            Ok(match describe(reg, id).await? {
+                Some(db) => match wait::rds_status(&db.status) {
+                    Look::Ready(()) => Look::Ready(db),
+                    Look::Pending(s) => Look::Pending(s),
+                    Look::Failed(s) => Look::Failed(s),
+                },
+                None => Look::Failed("deleted".into()),
+            })
+        },
+    )
+    .await
+}
+
+/// Instances of the environment with deletion protection on (checked before `down` deletes anything).
+pub async fn protected(cx: &Cx) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for side in [Side::Primary, Side::Dr] {
+        if let Some(db) = describe(cx.regional(side), &instance_id(cx, side)).await? {
+            if db.deletion_protection && db.tag("pgdr:env") == Some(cx.name()) {
+                out.push(format!("{} ({})", db.id, cx.region(side)));
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn snapshot_name(cx: &Cx) -> String {
+    let now = crate::state::now_rfc3339();
+    let stamp: String = now.chars().filter(|c| c.is_ascii_digit()).take(14).collect();
+    format!("pgdr-{}-final-{stamp}", cx.name())
+}
+
+async fn down(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
+    let reg = cx.regional(side);
+    let region = reg.region.as_str();
+    let id = instance_id(cx, side);
+    let r = Res::new(instance_key(cx, side), "db-instance", id.clone(), region);
+    let found = describe(reg, &id).await?.filter(|d| d.tag("pgdr:env") == Some(cx.name()) && d.status != "deleting");
+    let is_replica = found.as_ref().is_some_and(|d| d.source.is_some()) && side == Side::Dr;
+    let snapshot = (!cx.opts.skip_final_snapshot && !is_replica).then(|| snapshot_name(cx));
+    let protected = found.as_ref().is_some_and(|d| d.deletion_protection);
+    super::remove(cx, rec, &r, async |_| Ok(found.as_ref().map(|d| d.id.clone())), async |id| {
+        if protected {
+            if !cx.opts.force {
+                return Err(Error::user(format!("{id} has deletion protection on; rerun with --force to turn it off and delete")));
+            }
+            aws!(region, "rds", "ModifyDBInstance", reg.rds.modify_db_instance().db_instance_identifier(&id).deletion_protection(false).apply_immediately(true).send())?;
+        }
+        // A replica takes no final snapshot (AWS refuses one); the primary's name is unique.
+        let req = reg
+            .rds
+            .delete_db_instance()
+            .db_instance_identifier(&id)
+            .skip_final_snapshot(snapshot.is_none())
+            .set_final_db_snapshot_identifier(snapshot.clone())
+            .delete_automated_backups(cx.opts.skip_final_snapshot);
+        match aws!(region, "rds", "DeleteDBInstance", req.send()) {
+            Ok(_) => {}
+            Err(e) if e.is_code(&["DBInstanceNotFound", "DBInstanceNotFoundFault"]) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+        wait::until(&format!("deletion of {id}"), Duration::from_secs(3600), Pace::SLOW, &cx.cancel, |s, t| rec.status(&format!("{id}: {s} ({})", wait::human(t))), "rerun `pgdr down` to keep waiting", async || {
+            Ok(match describe(reg, &id).await? {
+                None => Look::Ready(()),
+                Some(d) => Look::Pending(d.status),
+            })
+        })
+        .await
+    })
+    .await?;
+    if let (Some(snap), false) = (&snapshot, rec.plan || found.is_none()) {
+        rec.record(Action::Keep, "db-snapshot", snap, region, Some(snap), Some("final snapshot of the primary".into()));
+    }
+
+    let lg = Res::new(log_group_key(cx, side), "log-group", log_group_name(&id), region);
+    super::remove(
+        cx,
+        rec,
+        &lg,
+        async |_| {
+            let name = log_group_name(&id);
+            let out = aws!(region, "logs", "DescribeLogGroups", reg.logs.describe_log_groups().log_group_name_prefix(&name).send())?;
+            Ok(out.log_groups.unwrap_or_default().into_iter().find_map(|g| g.log_group_name.filter(|n| *n == name)))
+        },
+        async |name| match aws!(region, "logs", "DeleteLogGroup", reg.logs.delete_log_group().log_group_name(name).send()) {
+            Ok(_) => Ok(()),
+            Err(e) if e.is_code(&["ResourceNotFoundException"]) => Ok(()),
+            Err(e) => Err(e.into()),
+        },
+    )
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,208 @@
+//! The DB subnet group and DB parameter group of one region. Both carry the same names in
+//! both regions (AWS allows it, and it keeps the replica's settings readable).
+
+use aws_sdk_rds::types::{ApplyMethod, Parameter, Tag};
+use futures::future::LocalBoxFuture;
+
+use super::{network, Res};
+use crate::aws;
+use crate::cx::{Cx, Side};
+use crate::error::{AwsError, Error, Result};
+use crate::exec::{Action, Recorder, Step, StepResult};
+
+pub struct DbGroups(pub Side);
+
+pub fn step_id(side: Side) -> String {
+    format!("dbgroups:{}", side.label())
+}
+
+pub fn subnet_group_name(cx: &Cx) -> String {
+    format!("pgdr-{}", cx.name())
+}
+
+pub fn parameter_group_name(cx: &Cx) -> String {
+    format!("pgdr-{}-postgres{}", cx.name(), cx.env.engine_major())
+}
+
+fn key(cx: &Cx, side: Side, what: &str) -> String {
+    format!("dbgroups/{}/{}", cx.region(side), what)
+}
+
+pub fn rds_tags(cx: &Cx, resource: &str) -> Vec<Tag> {
+    cx.tags(resource).into_iter().map(|(k, v)| Tag::builder().key(k).value(v).build()).collect()
+}
+
+/// The parameters pgdr manages, with the values the settings ask for.
+pub fn wanted_parameters(cx: &Cx) -> Vec<(&'static str, String)> {
+    vec![
+        ("log_statement", cx.env.settings.log_statement.clone()),
+        ("rds.force_ssl", if cx.env.settings.require_tls { "1".into() } else { "0".into() }),
+    ]
+}
+
+impl Step<Cx> for DbGroups {
+    fn id(&self) -> String {
+        step_id(self.0)
+    }
+    fn deps(&self) -> Vec<String> {
+        vec![network::step_id(self.0)]
+    }
+    fn up<'a>(&'a self, cx: &'a Cx, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult> {
+        Box::pin(up(cx, rec, self.0))
+    }
+    fn down<'a>(&'a self, cx: &'a Cx, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult> {
+        Box::pin(down(cx, rec, self.0))
+    }
+}
+
+fn missing<T>(r: std::result::Result<T, AwsError>, codes: &[&str]) -> Result<Option<T>> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if e.is_code(codes) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn find_subnet_group(cx: &Cx, side: Side) -> Result<Option<(String, Vec<String>)>> {
+    let reg = cx.regional(side);
+    let out = missing(
+        aws!(&reg.region, "rds", "DescribeDBSubnetGroups", reg.rds.describe_db_subnet_groups().db_subnet_group_name(subnet_group_name(cx)).send()),
+        &["DBSubnetGroupNotFoundFault"],
+    )?;
+    Ok(out.and_then(|o| o.db_subnet_groups.unwrap_or_default().into_iter().next()).map(|g| {
+        let subnets = g.subnets().iter().filter_map(|s| s.subnet_identifier().map(str::to_owned)).collect();
+        (g.db_subnet_group_name.unwrap_or_default(), subnets)
+    }))
+}
+
+async fn find_parameter_group(cx: &Cx, side: Side) -> Result<Option<String>> {
+    let reg = cx.regional(side);
+    let out = missing(
+        aws!(&reg.region, "rds", "DescribeDBParameterGroups", reg.rds.describe_db_parameter_groups().db_parameter_group_name(parameter_group_name(cx)).send()),
+        &["DBParameterGroupNotFound", "DBParameterGroupNotFoundFault"],
+    )?;
+    Ok(out.and_then(|o| o.db_parameter_groups.unwrap_or_default().into_iter().next()).and_then(|g| g.db_parameter_group_name))
+}
+
+async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
+    let reg = cx.regional(side);
+    let region = reg.region.as_str();
+    let mut subnets = network::subnet_ids(cx, side).await;
+    subnets.sort();
+
+    let sg_res = Res::new(key(cx, side, "subnet-group"), "db-subnet-group", subnet_group_name(cx), region);
+    let found = find_subnet_group(cx, side).await?;
+    let existing = found.as_ref().map(|(_, s)| {
+        let mut s = s.clone();
+        s.sort();
+        s
+    });
+    super::ensure(cx, rec, &sg_res, async |_| Ok(found.as_ref().map(|f| f.0.clone())), async |_| {
+        aws!(
+            region,
+            "rds",
+            "CreateDBSubnetGroup",
+            reg.rds
+                .create_db_subnet_group()
+                .db_subnet_group_name(subnet_group_name(cx))
+                .db_subnet_group_description(format!("pgdr {}: private subnets", cx.name()))
+                .set_subnet_ids(Some(subnets.clone()))
+                .set_tags(Some(rds_tags(cx, "db-subnet-group")))
+                .send()
+        )?;
+        Ok(subnet_group_name(cx))
+    })
+    .await?;
+    if let Some(have) = existing.filter(|h| !subnets.is_empty() && *h != subnets) {
+        let detail = format!("subnets {} -> {}", have.join(","), subnets.join(","));
+        if !rec.plan {
+            aws!(
+                region,
+                "rds",
+                "ModifyDBSubnetGroup",
+                reg.rds.modify_db_subnet_group().db_subnet_group_name(subnet_group_name(cx)).set_subnet_ids(Some(subnets.clone())).send()
+            )?;
+        }
+        rec.record(Action::Change, "db-subnet-group", &sg_res.name, region, None, Some(detail));
+    }
+
+    let pg_res = Res::new(key(cx, side, "parameter-group"), "db-parameter-group", parameter_group_name(cx), region);
+    let pg = super::ensure(cx, rec, &pg_res, async |_| find_parameter_group(cx, side).await, async |_| {
+        aws!(
+            region,
+            "rds",
+            "CreateDBParameterGroup",
+            reg.rds
+                .create_db_parameter_group()
+                .db_parameter_group_name(parameter_group_name(cx))
+                .db_parameter_group_family(format!("postgres{}", cx.env.engine_major()))
+                .description(format!("pgdr {}: audit logging and TLS", cx.name()))
+                .set_tags(Some(rds_tags(cx, "db-parameter-group")))
+                .send()
+        )?;
+        Ok(parameter_group_name(cx))
+    })
+    .await?;
+
+    // The managed parameters: compare with what the group holds, change only what differs.
+    let current: Vec<(String, String)> = match &pg {
+        Some(name) => {
+            let out = aws!(region, "rds", "DescribeDBParameters", reg.rds.describe_db_parameters().db_parameter_group_name(name).source("user").send())?;
+            out.parameters
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|p| Some((p.parameter_name?, p.parameter_value.unwrap_or_default())))
+                .collect()
+        }
+        None => vec![],
+    };
+    let diff: Vec<(&str, String, String)> = wanted_parameters(cx)
+        .into_iter()
+        .filter_map(|(k, want)| {
+            let have = current.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()).unwrap_or_default();
+            (have != want).then_some((k, have, want))
+        })
+        .collect();
+    if !diff.is_empty() {
+        let detail = diff.iter().map(|(k, have, want)| format!("{k}: {} -> {want}", if have.is_empty() { "default" } else { have })).collect::<Vec<_>>().join(", ");
+        if !rec.plan {
+            let params = diff
+                .iter()
+                .map(|(k, _, want)| Parameter::builder().parameter_name(*k).parameter_value(want).apply_method(ApplyMethod::Immediate).build())
+                .collect();
+            aws!(
+                region,
+                "rds",
+                "ModifyDBParameterGroup",
+                reg.rds.modify_db_parameter_group().db_parameter_group_name(parameter_group_name(cx)).set_parameters(Some(params)).send()
+            )?;
+        }
+        rec.record(Action::Change, "db-parameter-group", &pg_res.name, region, None, Some(detail));
+    }
+    Ok(())
+}
+
+async fn down(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
+    let reg = cx.regional(side);
+    let region = reg.region.as_str();
+    let pg = Res::new(key(cx, side, "parameter-group"), "db-parameter-group", parameter_group_name(cx), region);
+    super::remove(cx, rec, &pg, async |_| find_parameter_group(cx, side).await, async |name| {
+        missing(
+            aws!(region, "rds", "DeleteDBParameterGroup", reg.rds.delete_db_parameter_group().db_parameter_group_name(name).send()),
+            &["DBParameterGroupNotFound", "DBParameterGroupNotFoundFault"],
+        )
+        .map(|_| ())
+    })
+    .await?;
+    let sg = Res::new(key(cx, side, "subnet-group"), "db-subnet-group", subnet_group_name(cx), region);
+    super::remove(cx, rec, &sg, async |_| Ok(find_subnet_group(cx, side).await?.map(|g| g.0)), async |name| {
+        missing(
+            aws!(region, "rds", "DeleteDBSubnetGroup", reg.rds.delete_db_subnet_group().db_subnet_group_name(name).send()),
+            &["DBSubnetGroupNotFoundFault"],
+        )
+        .map(|_| ())
+    })
+    .await?;
+    let _ = Error::Interrupted;
+    Ok(())
+}
