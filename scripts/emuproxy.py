@@ -14,6 +14,7 @@ DBInstanceStatus in RDS answers for a while). Control API under /__proxy/ (JSON 
   POST /__proxy/rds_status      {"region","id","status","for_s"[,"account"]}; status null clears
 
 Usage: emuproxy.py --moto-bin PATH/moto_server [--port 0] [--ready-file F] [--record F]
+                   [--exit-with-parent]   (stop when the launching process dies, e.g. a test)
 """
 import argparse, ctypes, http.client, http.server, json, os, random, re, signal, socket
 import struct, subprocess, sys, threading, time, urllib.parse, uuid
@@ -356,7 +357,9 @@ def main():
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--ready-file")
     ap.add_argument("--record")
+    ap.add_argument("--exit-with-parent", action="store_true")
     args = ap.parse_args()
+    parent = os.getppid()
     if args.record:
         set_config({"record": os.path.abspath(args.record)})
 
@@ -379,6 +382,14 @@ def main():
             log(f"moto_server exited unexpectedly with {code}")
             os._exit(1)
     threading.Thread(target=watch, daemon=True).start()
+
+    def watch_parent():  # --exit-with-parent: no orphans when a test runner is killed
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        log("parent process gone; stopping")
+        stop(None, None)
+    if args.exit_with_parent:
+        threading.Thread(target=watch_parent, daemon=True).start()
 
     server = Server(("127.0.0.1", args.port), Handler)
     url = f"http://127.0.0.1:{server.server_address[1]}"

@@ -74,3 +74,15 @@ impl Cx {
         t
     }
 }
+
+impl Cx {
+    /// The side that holds the writer now: the primary region until a failover moved it.
+    pub fn writer(&self) -> Side {
+        let w = self.store.snapshot().topology.writer_region;
+        if !w.is_empty() && w == self.region(Side::Dr) {
+            Side::Dr
+        } else {
+            Side::Primary
+        }
+    }
+}

@@ -2,8 +2,12 @@
 //! state, then by tags), keep or adopt what exists, create what does not (recording an intent
 //! before the call and the ID right after it, before any wait); on `down`, find and delete.
 
+pub mod alarms;
 pub mod database;
 pub mod dbgroups;
+pub mod dns;
+pub mod failover;
+pub mod lambda;
 pub mod network;
 pub mod peering;
 pub mod secrets;
@@ -136,5 +140,11 @@ pub fn graph() -> Vec<Box<dyn crate::exec::Step<Cx>>> {
         Box::new(dbgroups::DbGroups(Side::Dr)),
         Box::new(database::Primary),
         Box::new(database::Replica),
+        Box::new(alarms::Topics),
+        Box::new(alarms::Alarms),
+        Box::new(dns::Zone),
+        Box::new(failover::Failover),
+        Box::new(failover::Detection),
+        Box::new(dns::Records),
     ]
 }

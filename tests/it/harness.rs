@@ -30,6 +30,7 @@ impl Emu {
             .arg(&moto)
             .arg("--port")
             .arg("0")
+            .arg("--exit-with-parent")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())

@@ -33,9 +33,22 @@ class Spy:
         return call
 
 
+class FakeContext:
+    """A Lambda context whose remaining time shrinks only by the handler's (patched) sleeps."""
+
+    def __init__(self, seconds=900):
+        self.left_ms = seconds * 1000
+
+    def get_remaining_time_in_millis(self):
+        return self.left_ms
+
+    def sleep(self, seconds):
+        self.left_ms -= seconds * 1000
+
+
 class Scene:
     def __init__(self, monkeypatch):
-        self.mp = monkeypatch
+        self.mp, self.real_from_config = monkeypatch, failover.Clients.from_config
         self.rds_p, self.rds_dr = boto3.client("rds", "us-east-1"), boto3.client("rds", "eu-west-1")
         self.r53, self.sqs = boto3.client("route53"), boto3.client("sqs", "eu-west-1")
         p = self.rds_p.create_db_instance(
@@ -72,22 +85,22 @@ class Scene:
                            "RECORD_TTL": "30", "HEALTH_CHECK_ID": self.hc, "TOPIC_ARN": topic,
                            "PRIMARY_TIMEOUT_S": "1"}.items():
             monkeypatch.setenv(key, value)
-        monkeypatch.setattr(failover, "sleep", lambda s: None)
+        self.ctx = FakeContext()
+        monkeypatch.setattr(failover, "sleep", lambda s: self.ctx.sleep(s))
         self.spy()
 
     def spy(self, primary_fail=None, dr_rewrite=None):
         """Make the handler's clients Spies (real construction, then wrapped)."""
-        real = failover.Clients.from_config
-
         def from_config(cfg):
-            c = real(cfg)
+            c = self.real_from_config(cfg)
             self.clients = failover.Clients(Spy(c.dr_rds, rewrite=dr_rewrite),
                                             Spy(c.primary_rds, fail=primary_fail), Spy(c.route53), Spy(c.sns))
             return self.clients
         self.mp.setattr(failover.Clients, "from_config", from_config)
 
-    def invoke(self, event=None):
-        return failover.handler({} if event is None else event, None)
+    def invoke(self, event=None, seconds=900):
+        self.ctx = FakeContext(seconds)
+        return failover.handler({} if event is None else event, self.ctx)
 
     def records(self):
         rrs = self.r53.list_resource_record_sets(HostedZoneId=self.zone)["ResourceRecordSets"]
@@ -276,10 +289,8 @@ def test_check_reports_and_changes_nothing(scene):
 
 def test_busy_replica_means_retry_later(scene):
     scene.stop_primary()
-    real = failover.Clients.from_config
-
     def from_config(cfg):
-        c = real(cfg)
+        c = scene.real_from_config(cfg)
         busy = ClientError({"Error": {"Code": "InvalidDBInstanceState", "Message": "backing-up"}},
                            "PromoteReadReplica")
         scene.clients = failover.Clients(Spy(c.dr_rds, fail={"promote_read_replica": busy}),
@@ -294,7 +305,7 @@ def test_busy_replica_means_retry_later(scene):
     assert len(scene.messages()) == 1
 
 
-def test_slow_promotion_is_finished_by_the_next_invocation(scene, monkeypatch):
+def test_slow_promotion_is_finished_by_the_next_invocation(scene):
     scene.stop_primary()
 
     def modifying(out):
@@ -303,14 +314,7 @@ def test_slow_promotion_is_finished_by_the_next_invocation(scene, monkeypatch):
         return out
     scene.spy(dr_rewrite={"describe_db_instances": modifying})
 
-    class Ctx:  # 95 s left, 35 s of budget after the margin; each poll sleep uses 10 s of it
-        left_ms = 95_000
-
-        def get_remaining_time_in_millis(self):
-            return self.left_ms
-    ctx = Ctx()
-    monkeypatch.setattr(failover, "sleep", lambda s: setattr(ctx, "left_ms", ctx.left_ms - s * 1000))
-    out = failover.handler({}, ctx)
+    out = scene.invoke(seconds=95)  # 35 s of budget after the margin; each poll sleeps 10 s of it
     assert out["action"] == "promotion_in_progress", out
     assert scene.clients.dr_rds.calls.count("describe_db_instances") == 1 + 3  # polls at 25, 15, 5 s left
     assert scene.weights() == {"us-east-1": 100, "eu-west-1": 0}  # DNS not moved yet
@@ -322,6 +326,15 @@ def test_slow_promotion_is_finished_by_the_next_invocation(scene, monkeypatch):
     assert "promote_read_replica" not in scene.clients.dr_rds.calls
     assert scene.weights() == {"us-east-1": 0, "eu-west-1": 100}
     assert scene.records()["eu-west-1"]["ResourceRecords"] == [{"Value": scene.replica_ep}]
+
+
+def test_no_context_means_840_s_budget(monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(failover.time, "monotonic", lambda: clock[0])
+    left = failover.time_budget(None)
+    clock[0] += 40
+    assert left() == 800
+    assert failover.time_budget(FakeContext(100))() == 40
 
 
 def test_missing_env_var_is_named(scene, monkeypatch):

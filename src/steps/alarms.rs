@@ -1,0 +1,547 @@
+//! Alerting: an SNS topic `pgdr-<env>-alarms` in each region with the operators' email
+//! subscriptions; CloudWatch alarms on the primary, the replica and the failover function, each
+//! in its own region (alarms can only watch their region's metrics) and notifying that region's
+//! topic on ALARM and on OK; one dashboard over both regions.
+
+use std::collections::BTreeMap;
+
+use aws_sdk_cloudwatch::types::{ComparisonOperator, Dimension, MetricAlarm, Statistic};
+use futures::future::LocalBoxFuture;
+use serde_json::{json, Value};
+
+use super::{database, Res};
+use crate::aws;
+use crate::clients::Regional;
+use crate::cx::{Cx, Side};
+use crate::error::{Error, Result};
+use crate::exec::{Action, Recorder, Step, StepResult};
+
+pub struct Topics;
+pub struct Alarms;
+
+pub const TOPICS: &str = "topics";
+pub const ALARMS: &str = "alarms";
+
+const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
+/// WAL a replication slot may hold back before we warn: 10 GiB is hours of a busy database's
+/// WAL, well before the transaction-log disk alarm (20% of storage) and a full disk.
+const SLOT_LAG_BYTES: f64 = 10.0 * GIB;
+
+pub fn topic_name(cx: &Cx) -> String {
+    format!("pgdr-{}-alarms", cx.name())
+}
+
+fn topic_key(cx: &Cx, side: Side) -> String {
+    format!("topics/{}/topic", cx.region(side))
+}
+
+/// The ARN of a region's alarm topic, as state knows it.
+pub fn topic_arn(cx: &Cx, side: Side) -> Option<String> {
+    cx.store.id(&topic_key(cx, side))
+}
+
+pub fn alarm_name(cx: &Cx, what: &str) -> String {
+    format!("pgdr-{}-{what}", cx.name())
+}
+
+fn alarm_key(region: &str, name: &str) -> String {
+    format!("alarms/{region}/{name}")
+}
+
+pub fn dashboard_name(cx: &Cx) -> String {
+    format!("pgdr-{}", cx.name())
+}
+
+fn dashboard_key(cx: &Cx) -> String {
+    format!("alarms/{}/dashboard", cx.region(Side::Primary))
+}
+
+impl Step<Cx> for Topics {
+    fn id(&self) -> String {
+        TOPICS.into()
+    }
+    fn deps(&self) -> Vec<String> {
+        vec![]
+    }
+    fn up<'a>(&'a self, cx: &'a Cx, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult> {
+        Box::pin(topics_up(cx, rec))
+    }
+    fn down<'a>(&'a self, cx: &'a Cx, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult> {
+        Box::pin(topics_down(cx, rec))
+    }
+}
+
+impl Step<Cx> for Alarms {
+    fn id(&self) -> String {
+        ALARMS.into()
+    }
+    fn deps(&self) -> Vec<String> {
+        vec![TOPICS.into(), database::PRIMARY.into(), database::REPLICA.into()]
+    }
+    fn up<'a>(&'a self, cx: &'a Cx, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult> {
+        Box::pin(alarms_up(cx, rec))
+    }
+    fn down<'a>(&'a self, cx: &'a Cx, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult> {
+        Box::pin(alarms_down(cx, rec))
+    }
+}
+
+// ---- SNS topics ----
+
+/// The topic by the ARN state knows, else by name among the region's topics (the ARN holds the
+/// account ID, which pgdr does not ask for).
+async fn find_topic(cx: &Cx, side: Side, known: Option<String>) -> Result<Option<String>> {
+    let reg = cx.regional(side);
+    let region = reg.region.as_str();
+    if let Some(arn) = known {
+        match aws!(region, "sns", "GetTopicAttributes", reg.sns.get_topic_attributes().topic_arn(&arn).send()) {
+            Ok(_) => return Ok(Some(arn)),
+            Err(e) if e.is_code(&["NotFound"]) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let suffix = format!(":{}", topic_name(cx));
+    let mut next = None;
+    loop {
+        let out = aws!(region, "sns", "ListTopics", reg.sns.list_topics().set_next_token(next).send())?;
+        if let Some(arn) = out.topics().iter().filter_map(|t| t.topic_arn()).find(|a| a.ends_with(&suffix)) {
+            return Ok(Some(arn.to_owned()));
+        }
+        next = out.next_token;
+        if next.is_none() {
+            return Ok(None);
+        }
+    }
+}
+
+async fn topics_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
+    for side in [Side::Primary, Side::Dr] {
+        let reg = cx.regional(side);
+        let region = reg.region.as_str();
+        let r = Res::new(topic_key(cx, side), "sns-topic", topic_name(cx), region);
+        let arn = super::ensure(cx, rec, &r, async |known| find_topic(cx, side, known).await, async |_| {
+            // Tagged at creation. CreateTopic is idempotent by name (with the same tags).
+            let tags = cx.tags("alarms").into_iter().filter_map(|(k, v)| aws_sdk_sns::types::Tag::builder().key(k).value(v).build().ok());
+            let out = aws!(region, "sns", "CreateTopic", reg.sns.create_topic().name(topic_name(cx)).set_tags(Some(tags.collect())).send())?;
+            out.topic_arn.ok_or_else(|| Error::Other(format!("SNS CreateTopic in {region} returned no topic ARN")))
+        })
+        .await?;
+        subscribe_emails(cx, rec, side, arn.as_deref()).await?;
+    }
+    Ok(())
+}
+
+/// One email subscription per configured address. A new one stays "pending confirmation"
+/// until its recipient clicks the link AWS mails: that is expected, not a failure.
+async fn subscribe_emails(cx: &Cx, rec: &Recorder<'_>, side: Side, topic: Option<&str>) -> Result<()> {
+    let reg = cx.regional(side);
+    let region = reg.region.as_str();
+    let emails = &cx.env.settings.alarm_emails;
+    if emails.is_empty() {
+        return Ok(());
+    }
+    // (endpoint, subscription ARN or "PendingConfirmation") of the topic's email subscriptions.
+    let mut have: Vec<(String, String)> = Vec::new();
+    if let Some(topic) = topic {
+        let mut next = None;
+        loop {
+            let out = aws!(region, "sns", "ListSubscriptionsByTopic", reg.sns.list_subscriptions_by_topic().topic_arn(topic).set_next_token(next).send())?;
+            have.extend(out.subscriptions().iter().filter(|s| s.protocol() == Some("email")).filter_map(|s| {
+                Some((s.endpoint()?.to_owned(), s.subscription_arn().unwrap_or("PendingConfirmation").to_owned()))
+            }));
+            next = out.next_token;
+            if next.is_none() {
+                break;
+            }
+        }
+    }
+    for email in emails {
+        let (action, sub) = match have.iter().find(|(e, _)| e.eq_ignore_ascii_case(email)) {
+            Some((_, sub)) => (Action::Keep, sub.clone()),
+            None => match topic.filter(|_| !rec.plan) {
+                None => {
+                    rec.record(Action::Create, "sns-subscription", email, region, None, None);
+                    continue;
+                }
+                Some(topic) => {
+                    cx.cancel.check()?;
+                    let out = aws!(region, "sns", "Subscribe", reg.sns.subscribe().topic_arn(topic).protocol("email").endpoint(email).send())?;
+                    (Action::Create, out.subscription_arn.unwrap_or_default())
+                }
+            },
+        };
+        let pending = !sub.starts_with("arn:");
+        let shown = if pending { "pending confirmation".to_owned() } else { sub };
+        if !rec.plan {
+            cx.store.update(|st| {
+                if let Some(res) = st.resources.get_mut(&topic_key(cx, side)) {
+                    res.attrs.insert(format!("subscription:{email}"), shown.clone());
+                }
+            })?;
+        }
+        let detail = pending.then(|| "pending confirmation: the recipient must follow the link in AWS's email".to_owned());
+        rec.record(action, "sns-subscription", email, region, (!pending).then_some(shown.as_str()), detail);
+    }
+    Ok(())
+}
+
+async fn topics_down(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
+    for side in [Side::Dr, Side::Primary] {
+        let reg = cx.regional(side);
+        let region = reg.region.as_str();
+        let r = Res::new(topic_key(cx, side), "sns-topic", topic_name(cx), region);
+        // Deleting a topic deletes its subscriptions.
+        super::remove(cx, rec, &r, async |known| find_topic(cx, side, known).await, async |arn| {
+            match aws!(region, "sns", "DeleteTopic", reg.sns.delete_topic().topic_arn(arn).send()) {
+                Ok(_) => Ok(()),
+                Err(e) if e.is_code(&["NotFound"]) => Ok(()),
+                Err(e) => Err(e.into()),
+            }
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+// ---- CloudWatch alarms ----
+
+/// One alarm pgdr keeps: a single metric with a single dimension, compared with a threshold.
+struct AlarmDef {
+    what: &'static str,
+    /// The region it lives in (the one whose metric it watches).
+    side: Side,
+    namespace: &'static str,
+    metric: &'static str,
+    dimension: (&'static str, String),
+    stat: Statistic,
+    period: i32,
+    /// Evaluation periods; all of them must breach (DatapointsToAlarm = the same).
+    periods: i32,
+    cmp: ComparisonOperator,
+    threshold: f64,
+    missing: &'static str,
+    about: String,
+}
+
+/// The alarms, in one table that drives both creation and comparison.
+fn alarm_defs(cx: &Cx) -> Vec<AlarmDef> {
+    use ComparisonOperator::{GreaterThanOrEqualToThreshold as Ge, GreaterThanThreshold as Gt, LessThanThreshold as Lt};
+    use Side::{Dr, Primary};
+    use Statistic::{Average, Maximum, Minimum, Sum};
+    let s = &cx.env.settings;
+    let storage = f64::from(s.allocated_storage_gib) * GIB;
+    let db = |side| ("DBInstanceIdentifier", database::instance_id(cx, side));
+    let lag = s.max_failover_lag_seconds;
+    let def = |what, side, metric, stat, period, periods, cmp, threshold, missing, about: String| AlarmDef {
+        what,
+        side,
+        namespace: "AWS/RDS",
+        metric,
+        dimension: db(side),
+        stat,
+        period,
+        periods,
+        cmp,
+        threshold,
+        missing,
+        about,
+    };
+    vec![
+        // ReplicaLag is published for the replica only. A lag that is not reported (-1, or no
+        // data) means replication is not running: the replica is broken, so missing = breaching.
+        def("replica-lag", Dr, "ReplicaLag", Maximum, 60, 2, Gt, lag, "breaching", format!("The DR replica is more than {lag} s behind the primary, or replication stopped: a failover now would lose data.")),
+        // CPU: an idle or stopped instance reports nothing; other alarms cover that (missing).
+        def("cpu-primary", Primary, "CPUUtilization", Average, 300, 2, Gt, 80.0, "missing", "The primary's CPU is above 80% for 10 minutes.".into()),
+        def("cpu-replica", Dr, "CPUUtilization", Average, 300, 2, Gt, 80.0, "missing", "The DR replica's CPU is above 80% for 10 minutes: it may fall behind.".into()),
+        // No slot reports no slot lag, and then no slot holds WAL back (notBreaching); a replica
+        // that is gone is the replica-lag alarm's business.
+        def("replication-slot-lag", Primary, "OldestReplicationSlotLag", Maximum, 300, 2, Gt, SLOT_LAG_BYTES, "notBreaching", "A replication slot on the primary holds more than 10 GiB of WAL: the DR replica is about to be lost.".into()),
+        // WAL on disk above 20% of the allocated storage: a slot or archiving is stuck.
+        def("transaction-logs-disk", Primary, "TransactionLogsDiskUsage", Maximum, 300, 2, Gt, storage * 0.2, "missing", "WAL uses more than 20% of the primary's storage: a replication slot or archiving is stuck.".into()),
+        def("free-storage-primary", Primary, "FreeStorageSpace", Minimum, 300, 1, Lt, storage * 0.1, "missing", "The primary has less than 10% of its storage free.".into()),
+        def("free-storage-replica", Dr, "FreeStorageSpace", Minimum, 300, 1, Lt, storage * 0.1, "missing", "The DR replica has less than 10% of its storage free.".into()),
+        // No invocation means no error: missing = notBreaching.
+        AlarmDef {
+            namespace: "AWS/Lambda",
+            dimension: ("FunctionName", format!("pgdr-{}-failover", cx.name())),
+            ..def("failover-errors", Dr, "Errors", Sum, 60, 1, Ge, 1.0, "notBreaching", "The failover function failed: check its logs, a failover may be half done.".into())
+        },
+    ]
+}
+
+impl AlarmDef {
+    /// What pgdr sets, as comparable text (see [`have_fields`]).
+    fn fields(&self, topic: &str) -> Vec<(&'static str, String)> {
+        let (k, v) = &self.dimension;
+        fields(self.namespace, self.metric, vec![format!("{k}={v}")], self.stat.as_str(), self.period, self.periods, self.periods, self.threshold, self.cmp.as_str(), self.missing, vec![topic.into()], vec![topic.into()], &self.about, true)
+    }
+}
+
+/// The fields pgdr sets on an alarm, normalized: lists sorted, threshold rounded to 1/1000
+/// (thresholds travel as decimal text), AWS's defaults filled in for what it omits.
+#[allow(clippy::too_many_arguments)]
+fn fields(
+    namespace: &str,
+    metric: &str,
+    mut dims: Vec<String>,
+    stat: &str,
+    period: i32,
+    periods: i32,
+    datapoints: i32,
+    threshold: f64,
+    cmp: &str,
+    missing: &str,
+    mut alarm_actions: Vec<String>,
+    mut ok_actions: Vec<String>,
+    about: &str,
+    enabled: bool,
+) -> Vec<(&'static str, String)> {
+    dims.sort();
+    alarm_actions.sort();
+    ok_actions.sort();
+    vec![
+        ("namespace", namespace.into()),
+        ("metric", metric.into()),
+        ("dimensions", dims.join(",")),
+        ("statistic", stat.into()),
+        ("period", period.to_string()),
+        ("evaluation periods", periods.to_string()),
+        ("datapoints to alarm", datapoints.to_string()),
+        ("threshold", ((threshold * 1000.0).round() / 1000.0).to_string()),
+        ("comparison", cmp.into()),
+        ("treat missing data", missing.into()),
+        ("alarm actions", alarm_actions.join(",")),
+        ("OK actions", ok_actions.join(",")),
+        ("description", about.into()),
+        ("actions enabled", enabled.to_string()),
+    ]
+}
+
+/// What an existing alarm holds, in the form of [`AlarmDef::fields`].
+fn have_fields(a: &MetricAlarm) -> Vec<(&'static str, String)> {
+    let dims = a.dimensions().iter().map(|d| format!("{}={}", d.name().unwrap_or(""), d.value().unwrap_or(""))).collect();
+    let periods = a.evaluation_periods().unwrap_or(0);
+    fields(
+        a.namespace().unwrap_or(""),
+        a.metric_name().unwrap_or(""),
+        dims,
+        a.statistic().map(|s| s.as_str()).unwrap_or(""),
+        a.period().unwrap_or(0),
+        periods,
+        a.datapoints_to_alarm().unwrap_or(periods),
+        a.threshold().unwrap_or(f64::NAN),
+        a.comparison_operator().map(|c| c.as_str()).unwrap_or(""),
+        a.treat_missing_data().unwrap_or("missing"),
+        a.alarm_actions().to_vec(),
+        a.ok_actions().to_vec(),
+        a.alarm_description().unwrap_or(""),
+        a.actions_enabled().unwrap_or(true),
+    )
+}
+
+/// `field have -> want` for each field that differs.
+fn diff(have: &[(&str, String)], want: &[(&str, String)]) -> Vec<String> {
+    have.iter()
+        .zip(want)
+        .filter(|((_, h), (_, w))| h != w)
+        .map(|((k, h), (_, w))| format!("{k} {} -> {}", if h.is_empty() { "(none)" } else { h }, if w.is_empty() { "(none)" } else { w }))
+        .collect()
+}
+
+/// The named alarms that exist in a region, in one call.
+async fn describe_alarms(reg: &Regional, names: &[String]) -> Result<BTreeMap<String, MetricAlarm>> {
+    if names.is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    let req = reg.cloudwatch.describe_alarms().set_alarm_names(Some(names.to_vec())).max_records(100);
+    let out = aws!(&reg.region, "cloudwatch", "DescribeAlarms", req.send())?;
+    Ok(out.metric_alarms.unwrap_or_default().into_iter().filter_map(|a| Some((a.alarm_name.clone()?, a))).collect())
+}
+
+async fn put_alarm(cx: &Cx, reg: &Regional, a: &AlarmDef, topic: &str) -> Result<()> {
+    let (k, v) = &a.dimension;
+    let tags = cx.tags(a.what).into_iter().map(|(k, v)| aws_sdk_cloudwatch::types::Tag::builder().key(k).value(v).build());
+    let req = reg
+        .cloudwatch
+        .put_metric_alarm()
+        .alarm_name(alarm_name(cx, a.what))
+        .alarm_description(&a.about)
+        .namespace(a.namespace)
+        .metric_name(a.metric)
+        .dimensions(Dimension::builder().name(*k).value(v).build())
+        .statistic(a.stat.clone())
+        .period(a.period)
+        .evaluation_periods(a.periods)
+        .datapoints_to_alarm(a.periods)
+        .threshold(a.threshold)
+        .comparison_operator(a.cmp.clone())
+        .treat_missing_data(a.missing)
+        .actions_enabled(true)
+        .alarm_actions(topic)
+        .ok_actions(topic)
+        // Applied at creation only; AWS ignores tags when an alarm is updated.
+        .set_tags(Some(tags.collect()));
+    aws!(&reg.region, "cloudwatch", "PutMetricAlarm", req.send())?;
+    Ok(())
+}
+
+async fn alarms_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
+    let defs = alarm_defs(cx);
+    for side in [Side::Primary, Side::Dr] {
+        let reg = cx.regional(side);
+        let region = reg.region.as_str();
+        // In plan mode on a new environment the topic does not exist yet.
+        let topic = match topic_arn(cx, side) {
+            Some(t) => t,
+            None if rec.plan => "(new topic)".to_owned(),
+            None => return Err(Error::failed(format!("the alarm topic in {region} is not known yet; rerun `pgdr up`"))),
+        };
+        let mine: Vec<&AlarmDef> = defs.iter().filter(|a| a.side == side).collect();
+        let names: Vec<String> = mine.iter().map(|a| alarm_name(cx, a.what)).collect();
+        let found = describe_alarms(reg, &names).await?;
+        for (a, name) in mine.into_iter().zip(names) {
+            let r = Res::new(alarm_key(region, &name), "alarm", name.clone(), region);
+            let have = found.get(&name);
+            super::ensure(cx, rec, &r, async |_| Ok(have.map(|_| name.clone())), async |_| {
+                put_alarm(cx, reg, a, &topic).await?;
+                Ok(name.clone())
+            })
+            .await?;
+            let Some(have) = have else { continue };
+            let changes = diff(&have_fields(have), &a.fields(&topic));
+            if !changes.is_empty() {
+                if !rec.plan {
+                    cx.cancel.check()?;
+                    put_alarm(cx, reg, a, &topic).await?;
+                }
+                rec.record(Action::Change, "alarm", &name, region, Some(&name), Some(changes.join(", ")));
+            }
+        }
+    }
+    ensure_dashboard(cx, rec).await
+}
+
+async fn alarms_down(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
+    let reg = cx.regional(Side::Primary);
+    let region = reg.region.as_str();
+    let r = Res::new(dashboard_key(cx), "dashboard", dashboard_name(cx), region);
+    super::remove(cx, rec, &r, async |_| Ok(get_dashboard(cx).await?.map(|_| dashboard_name(cx))), async |name| {
+        match aws!(region, "cloudwatch", "DeleteDashboards", reg.cloudwatch.delete_dashboards().dashboard_names(name).send()) {
+            Ok(_) => Ok(()),
+            Err(e) if e.is_code(&["ResourceNotFound"]) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    })
+    .await?;
+
+    let defs = alarm_defs(cx);
+    let state = cx.store.snapshot();
+    for side in [Side::Dr, Side::Primary] {
+        let reg = cx.regional(side);
+        let region = reg.region.as_str();
+        // The table's alarms and any other alarm state knows of in this region.
+        let mut names: Vec<String> = defs.iter().filter(|a| a.side == side).map(|a| alarm_name(cx, a.what)).collect();
+        for (key, res) in &state.resources {
+            if let (Some(name), "alarm") = (key.strip_prefix(&format!("alarms/{region}/")), res.kind.as_str()) {
+                if !names.iter().any(|n| n == name) {
+                    names.push(name.to_owned());
+                }
+            }
+        }
+        let found = describe_alarms(reg, &names).await?;
+        let existing: Vec<String> = found.into_keys().collect();
+        if !existing.is_empty() && !rec.plan {
+            cx.cancel.check()?;
+            rec.status(&format!("deleting {} alarms in {region}", existing.len()));
+            match aws!(region, "cloudwatch", "DeleteAlarms", reg.cloudwatch.delete_alarms().set_alarm_names(Some(existing.clone())).send()) {
+                Ok(_) => {}
+                Err(e) if e.is_code(&["ResourceNotFound"]) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        for name in &names {
+            let key = alarm_key(region, name);
+            if !rec.plan && cx.store.get(&key).is_some() {
+                cx.store.remove(&key)?;
+            }
+            if existing.contains(name) {
+                rec.record(Action::Delete, "alarm", name, region, Some(name), None);
+            } else {
+                rec.record(Action::Absent, "alarm", name, region, None, None);
+            }
+        }
+    }
+    Ok(())
+}
+
+// ---- The dashboard ----
+
+/// The dashboard: each metric names its region, so one widget shows both.
+fn dashboard_body(cx: &Cx) -> Value {
+    let (p, d) = (cx.region(Side::Primary), cx.region(Side::Dr));
+    let (pid, did) = (database::instance_id(cx, Side::Primary), database::instance_id(cx, Side::Dr));
+    let rds = |metric: &str, id: &str, region: &str, label: &str| json!(["AWS/RDS", metric, "DBInstanceIdentifier", id, {"region": region, "label": label}]);
+    let both = |metric: &str| vec![rds(metric, &pid, p, &format!("primary ({p})")), rds(metric, &did, d, &format!("replica ({d})"))];
+    let probe = format!("pgdr-{}-probe", cx.name());
+    let lambda = |metric: &str| json!(["AWS/Lambda", metric, "FunctionName", probe, {"region": d, "label": metric}]);
+    let widgets: Vec<(String, &str, &str, Vec<Value>)> = vec![
+        ("Replica lag (s)".into(), d, "Maximum", vec![rds("ReplicaLag", &did, d, &format!("replica ({d})"))]),
+        ("CPU utilization (%)".into(), p, "Average", both("CPUUtilization")),
+        ("Database connections".into(), p, "Average", both("DatabaseConnections")),
+        ("Free storage (bytes)".into(), p, "Minimum", both("FreeStorageSpace")),
+        ("Read IOPS".into(), p, "Average", both("ReadIOPS")),
+        ("Write IOPS".into(), p, "Average", both("WriteIOPS")),
+        (format!("Health probe {probe} ({d})"), d, "Sum", vec![lambda("Invocations"), lambda("Errors")]),
+    ];
+    let widgets: Vec<Value> = widgets
+        .into_iter()
+        .enumerate()
+        .map(|(i, (title, region, stat, metrics))| {
+            json!({
+                "type": "metric",
+                "x": (i % 2) * 12,
+                "y": (i / 2) * 6,
+                "width": 12,
+                "height": 6,
+                "properties": {"title": title, "region": region, "view": "timeSeries", "stat": stat, "period": 60, "metrics": metrics},
+            })
+        })
+        .collect();
+    json!({ "widgets": widgets })
+}
+
+/// The dashboard's body, if it exists (`Value::Null` when it is not JSON).
+async fn get_dashboard(cx: &Cx) -> Result<Option<Value>> {
+    let reg = cx.regional(Side::Primary);
+    match aws!(&reg.region, "cloudwatch", "GetDashboard", reg.cloudwatch.get_dashboard().dashboard_name(dashboard_name(cx)).send()) {
+        Ok(o) => Ok(Some(o.dashboard_body().and_then(|b| serde_json::from_str(b).ok()).unwrap_or(Value::Null))),
+        Err(e) if e.is_code(&["ResourceNotFound"]) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn ensure_dashboard(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
+    let reg = cx.regional(Side::Primary);
+    let region = reg.region.as_str();
+    let name = dashboard_name(cx);
+    let want = dashboard_body(cx);
+    let put = async || -> Result<()> {
+        aws!(region, "cloudwatch", "PutDashboard", reg.cloudwatch.put_dashboard().dashboard_name(&name).dashboard_body(want.to_string()).send())?;
+        Ok(())
+    };
+    let have = get_dashboard(cx).await?;
+    let r = Res::new(dashboard_key(cx), "dashboard", name.clone(), region);
+    super::ensure(cx, rec, &r, async |_| Ok(have.as_ref().map(|_| name.clone())), async |_| {
+        put().await?;
+        Ok(name.clone())
+    })
+    .await?;
+    if have.as_ref().is_some_and(|h| *h != want) {
+        if !rec.plan {
+            cx.cancel.check()?;
+            put().await?;
+        }
+        rec.record(Action::Change, "dashboard", &name, region, Some(&name), Some("widgets differ from pgdr's".into()));
+    }
+    Ok(())
+}

@@ -1,0 +1,342 @@
+//! DNS: a private hosted zone associated with both VPCs (`zone`), and the records clients use
+//! (`records`): a weighted CNAME `postgres.<zone>` — writer weight 100 with the health check,
+//! the other instance weight 0 — and `replica.<zone>` for read traffic.
+//!
+//! Route 53 takes no tags at creation: the zone is found by its name and by a caller reference
+//! that names the environment, and its ID is in state before anything waits on it.
+
+use std::time::Duration;
+
+use aws_sdk_route53::types::{Change, ChangeAction, ChangeBatch, HostedZoneConfig, ResourceRecord, ResourceRecordSet, RrType, Tag, TagResourceType, Vpc, VpcRegion};
+use futures::future::LocalBoxFuture;
+
+use super::{database, network, Res};
+use crate::aws;
+use crate::cx::{Cx, Side};
+use crate::error::{Error, Result};
+use crate::exec::{Action, Recorder, Step, StepResult};
+use crate::wait::{self, Look, Pace};
+
+pub struct Zone;
+pub struct Records;
+
+pub const ZONE: &str = "zone";
+pub const RECORDS: &str = "records";
+
+pub fn zone_key() -> String {
+    "dns/global/zone".into()
+}
+
+fn fqdn(name: &str) -> String {
+    format!("{}.", name.trim_end_matches('.'))
+}
+
+pub fn writer_record(cx: &Cx) -> String {
+    fqdn(&format!("postgres.{}", cx.env.zone_name()))
+}
+
+pub fn reader_record(cx: &Cx) -> String {
+    fqdn(&format!("replica.{}", cx.env.zone_name()))
+}
+
+fn caller_prefix(cx: &Cx) -> String {
+    format!("pgdr-{}-zone-", cx.name())
+}
+
+impl Step<Cx> for Zone {
+    fn id(&self) -> String {
+        ZONE.into()
+    }
+    fn deps(&self) -> Vec<String> {
+        vec![network::step_id(Side::Primary), network::step_id(Side::Dr)]
+    }
+    fn up<'a>(&'a self, cx: &'a Cx, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult> {
+        Box::pin(zone_up(cx, rec))
+    }
+    fn down<'a>(&'a self, cx: &'a Cx, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult> {
+        Box::pin(zone_down(cx, rec))
+    }
+}
+
+impl Step<Cx> for Records {
+    fn id(&self) -> String {
+        RECORDS.into()
+    }
+    fn deps(&self) -> Vec<String> {
+        vec![ZONE.into(), database::PRIMARY.into(), database::REPLICA.into(), super::failover::DETECTION.into()]
+    }
+    fn up<'a>(&'a self, cx: &'a Cx, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult> {
+        Box::pin(records_up(cx, rec))
+    }
+    fn down<'a>(&'a self, cx: &'a Cx, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult> {
+        Box::pin(records_down(cx, rec))
+    }
+}
+
+/// The zone's ID and the VPCs (id, region) it is associated with.
+async fn find_zone(cx: &Cx) -> Result<Option<(String, Vec<(String, String)>)>> {
+    let r53 = &cx.clients.route53;
+    let id = match cx.store.id(&zone_key()) {
+        Some(id) => Some(id),
+        None => {
+            let name = fqdn(&cx.env.zone_name());
+            let out = aws!("global", "route53", "ListHostedZonesByName", r53.list_hosted_zones_by_name().dns_name(&name).send())?;
+            out.hosted_zones
+                .into_iter()
+                .find(|z| z.name == name && z.config.as_ref().is_some_and(|c| c.private_zone) && z.caller_reference.starts_with(&caller_prefix(cx)))
+                .map(|z| z.id)
+        }
+    };
+    let Some(id) = id else { return Ok(None) };
+    match aws!("global", "route53", "GetHostedZone", r53.get_hosted_zone().id(&id).send()) {
+        Ok(o) => {
+            let vpcs = o.vpcs.unwrap_or_default().into_iter().filter_map(|v| Some((v.vpc_id?, v.vpc_region?.as_str().to_owned()))).collect();
+            Ok(Some((short_id(&id), vpcs)))
+        }
+        Err(e) if e.is_code(&["NoSuchHostedZone"]) => {
+            if cx.store.id(&zone_key()).is_some() {
+                // Recorded but gone: look for it by name (it may have been recreated).
+                let name = fqdn(&cx.env.zone_name());
+                let out = aws!("global", "route53", "ListHostedZonesByName", r53.list_hosted_zones_by_name().dns_name(&name).send())?;
+                if let Some(z) = out.hosted_zones.into_iter().find(|z| z.name == name && z.caller_reference.starts_with(&caller_prefix(cx))) {
+                    let o = aws!("global", "route53", "GetHostedZone", r53.get_hosted_zone().id(&z.id).send())?;
+                    let vpcs = o.vpcs.unwrap_or_default().into_iter().filter_map(|v| Some((v.vpc_id?, v.vpc_region?.as_str().to_owned()))).collect();
+                    return Ok(Some((short_id(&z.id), vpcs)));
+                }
+            }
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn short_id(id: &str) -> String {
+    id.trim_start_matches("/hostedzone/").to_owned()
+}
+
+async fn zone_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
+    let r53 = &cx.clients.route53;
+    let name = cx.env.zone_name();
+    let r = Res::new(zone_key(), "hosted-zone", name.clone(), "global");
+    let primary_vpc = cx.store.id(&network::key(cx, Side::Primary, "vpc")).unwrap_or_default();
+    let found = find_zone(cx).await?;
+    let vpcs = found.as_ref().map(|f| f.1.clone()).unwrap_or_default();
+    let id = super::ensure(cx, rec, &r, async |_| Ok(found.as_ref().map(|f| f.0.clone())), async |token| {
+        let out = aws!(
+            "global",
+            "route53",
+            "CreateHostedZone",
+            r53.create_hosted_zone()
+                .name(&name)
+                .caller_reference(format!("{}{}", caller_prefix(cx), &token[token.len().saturating_sub(16)..]))
+                .hosted_zone_config(HostedZoneConfig::builder().comment(format!("pgdr {}", cx.name())).private_zone(true).build())
+                .vpc(Vpc::builder().vpc_id(&primary_vpc).vpc_region(VpcRegion::from(cx.region(Side::Primary))).build())
+                .send()
+        )?;
+        let id = out.hosted_zone.map(|z| short_id(&z.id)).ok_or_else(|| Error::Other("CreateHostedZone returned no zone".into()))?;
+        // Route 53 takes no tags at creation; the ID is recorded by the caller right after this.
+        tag(cx, TagResourceType::Hostedzone, &id, "hosted-zone").await?;
+        Ok(id)
+    })
+    .await?;
+    let Some(id) = id else {
+        rec.record(Action::Create, "zone-association", cx.region(Side::Dr), cx.region(Side::Dr), None, None);
+        return Ok(());
+    };
+    // Both VPCs resolve the zone: associate the one that is missing.
+    for side in [Side::Primary, Side::Dr] {
+        let vpc = cx.store.id(&network::key(cx, side, "vpc")).unwrap_or_default();
+        if vpc.is_empty() || vpcs.iter().any(|(v, _)| *v == vpc) || (found.is_none() && side == Side::Primary) {
+            continue;
+        }
+        if !rec.plan {
+            let out = aws!(
+                "global",
+                "route53",
+                "AssociateVPCWithHostedZone",
+                r53.associate_vpc_with_hosted_zone().hosted_zone_id(&id).vpc(Vpc::builder().vpc_id(&vpc).vpc_region(VpcRegion::from(cx.region(side))).build()).send()
+            )?;
+            if let Some(info) = out.change_info {
+                wait_insync(cx, rec, &info.id).await?;
+            }
+        }
+        rec.record(Action::Create, "zone-association", cx.region(side), cx.region(side), Some(&vpc), Some(format!("{name} visible in {vpc}")));
+    }
+    Ok(())
+}
+
+pub async fn tag(cx: &Cx, kind: TagResourceType, id: &str, resource: &str) -> Result<()> {
+    let tags: Vec<Tag> = cx.tags(resource).into_iter().map(|(k, v)| Tag::builder().key(k).value(v).build()).collect();
+    aws!("global", "route53", "ChangeTagsForResource", cx.clients.route53.change_tags_for_resource().resource_type(kind).resource_id(id).set_add_tags(Some(tags)).send())?;
+    Ok(())
+}
+
+pub async fn wait_insync(cx: &Cx, rec: &Recorder<'_>, change_id: &str) -> Result<()> {
+    let r53 = &cx.clients.route53;
+    wait::until(&format!("Route 53 change {change_id}"), Duration::from_secs(300), Pace::FAST, &cx.cancel, |s, t| rec.status(&format!("DNS change {s} ({})", wait::human(t))), "rerun the command", async || {
+        let out = aws!("global", "route53", "GetChange", r53.get_change().id(change_id).send())?;
+        Ok(match out.change_info.map(|c| c.status.as_str().to_owned()).as_deref() {
+            Some("INSYNC") => Look::Ready(()),
+            Some(s) => Look::Pending(s.to_owned()),
+            None => Look::Pending("unknown".into()),
+        })
+    })
+    .await
+}
+
+async fn zone_down(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
+    let r53 = &cx.clients.route53;
+    let found = find_zone(cx).await?;
+    let r = Res::new(zone_key(), "hosted-zone", cx.env.zone_name(), "global");
+    super::remove(cx, rec, &r, async |_| Ok(found.as_ref().map(|f| f.0.clone())), async |id| {
+        // Records other than SOA/NS block deletion; records_down removed pgdr's.
+        match aws!("global", "route53", "DeleteHostedZone", r53.delete_hosted_zone().id(&id).send()) {
+            Ok(_) => Ok(()),
+            Err(e) if e.is_code(&["NoSuchHostedZone"]) => Ok(()),
+            Err(e) if e.is_code(&["HostedZoneNotEmpty"]) => Err(Error::failed(format!(
+                "hosted zone {id} still holds records pgdr did not create; delete them, then rerun `pgdr down`"
+            ))),
+            Err(e) => Err(e.into()),
+        }
+    })
+    .await
+}
+
+/// The records as they should be: (name, set identifier, weight, value, health check).
+pub fn wanted_records(cx: &Cx, writer: Side, endpoints: &[(Side, String)], health_check: Option<&str>) -> Vec<ResourceRecordSet> {
+    let ttl = cx.env.settings.record_ttl;
+    let mut out = Vec::new();
+    for (side, endpoint) in endpoints {
+        let mut b = ResourceRecordSet::builder()
+            .name(writer_record(cx))
+            .r#type(RrType::Cname)
+            .ttl(ttl)
+            .set_identifier(cx.region(*side))
+            .weight(if *side == writer { 100 } else { 0 })
+            .resource_records(ResourceRecord::builder().value(endpoint).build().expect("value is set"));
+        if *side == writer {
+            b = b.set_health_check_id(health_check.map(str::to_owned));
+        }
+        if let Ok(r) = b.build() {
+            out.push(r);
+        }
+    }
+    if let Some((_, reader)) = endpoints.iter().find(|(s, _)| *s != writer) {
+        if let Ok(r) = ResourceRecordSet::builder()
+            .name(reader_record(cx))
+            .r#type(RrType::Cname)
+            .ttl(ttl)
+            .resource_records(ResourceRecord::builder().value(reader).build().expect("value is set"))
+            .build()
+        {
+            out.push(r);
+        }
+    }
+    out
+}
+
+fn same(a: &ResourceRecordSet, b: &ResourceRecordSet) -> bool {
+    let vals = |r: &ResourceRecordSet| r.resource_records().iter().map(|v| v.value().trim_end_matches('.').to_owned()).collect::<Vec<_>>();
+    a.name.trim_end_matches('.') == b.name.trim_end_matches('.')
+        && a.r#type == b.r#type
+        && a.set_identifier == b.set_identifier
+        && a.weight == b.weight
+        && a.ttl == b.ttl
+        && a.health_check_id == b.health_check_id
+        && vals(a) == vals(b)
+}
+
+/// pgdr's records in the zone now.
+pub async fn current_records(cx: &Cx, zone: &str) -> Result<Vec<ResourceRecordSet>> {
+    let out = aws!("global", "route53", "ListResourceRecordSets", cx.clients.route53.list_resource_record_sets().hosted_zone_id(zone).send())?;
+    let names = [writer_record(cx), reader_record(cx)];
+    Ok(out.resource_record_sets.into_iter().filter(|r| names.iter().any(|n| n.trim_end_matches('.') == r.name.trim_end_matches('.'))).collect())
+}
+
+async fn records_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
+    let Some(zone) = cx.store.id(&zone_key()) else {
+        rec.record(Action::Create, "dns-record", &writer_record(cx), "global", None, Some("weighted writer and reader records".into()));
+        return Ok(());
+    };
+    let endpoints: Vec<(Side, String)> = [Side::Primary, Side::Dr]
+        .into_iter()
+        .filter_map(|s| cx.store.attr(&database::instance_key(cx, s), "endpoint").map(|e| (s, e)))
+        .collect();
+    let hc = cx.store.id(&super::failover::health_check_key());
+    let want = wanted_records(cx, cx.writer(), &endpoints, hc.as_deref());
+    let have = current_records(cx, &zone).await?;
+    let mut changes = Vec::new();
+    for w in &want {
+        let current = have.iter().find(|h| h.name.trim_end_matches('.') == w.name.trim_end_matches('.') && h.set_identifier == w.set_identifier);
+        match current {
+            Some(h) if same(h, w) => rec.record(Action::Keep, "dns-record", &describe(w), "global", None, None),
+            Some(_) => {
+                rec.record(Action::Change, "dns-record", &describe(w), "global", None, None);
+                changes.push(w.clone());
+            }
+            None => {
+                rec.record(Action::Create, "dns-record", &describe(w), "global", None, None);
+                changes.push(w.clone());
+            }
+        }
+    }
+    if changes.is_empty() || rec.plan {
+        return Ok(());
+    }
+    // One batch: all or nothing.
+    let batch = ChangeBatch::builder()
+        .comment(format!("pgdr {}", cx.name()))
+        .set_changes(Some(changes.into_iter().filter_map(|r| Change::builder().action(ChangeAction::Upsert).resource_record_set(r).build().ok()).collect()))
+        .build()
+        .map_err(|e| Error::Other(e.to_string()))?;
+    let out = aws!("global", "route53", "ChangeResourceRecordSets", cx.clients.route53.change_resource_record_sets().hosted_zone_id(&zone).change_batch(batch).send())?;
+    if let Some(info) = out.change_info {
+        wait_insync(cx, rec, &info.id).await?;
+    }
+    cx.store.update(|s| {
+        s.resources.insert(
+            "dns/global/records".into(),
+            crate::state::Resource::new("dns-records", "global", writer_record(cx), crate::state::Status::Created),
+        );
+    })?;
+    Ok(())
+}
+
+pub fn describe(r: &ResourceRecordSet) -> String {
+    match (&r.set_identifier, r.weight) {
+        (Some(id), Some(w)) => format!("{} [{id}] weight {w}", r.name.trim_end_matches('.')),
+        _ => r.name.trim_end_matches('.').to_owned(),
+    }
+}
+
+async fn records_down(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
+    let Some(zone) = find_zone(cx).await?.map(|z| z.0) else {
+        return Ok(());
+    };
+    let have = current_records(cx, &zone).await?;
+    if have.is_empty() {
+        return Ok(());
+    }
+    for h in &have {
+        rec.record(Action::Delete, "dns-record", &describe(h), "global", None, None);
+    }
+    if rec.plan {
+        return Ok(());
+    }
+    // DELETE must match the stored records exactly: send them back as listed.
+    let batch = ChangeBatch::builder()
+        .set_changes(Some(have.into_iter().filter_map(|r| Change::builder().action(ChangeAction::Delete).resource_record_set(r).build().ok()).collect()))
+        .build()
+        .map_err(|e| Error::Other(e.to_string()))?;
+    match aws!("global", "route53", "ChangeResourceRecordSets", cx.clients.route53.change_resource_record_sets().hosted_zone_id(&zone).change_batch(batch).send()) {
+        Ok(out) => {
+            if let Some(info) = out.change_info {
+                wait_insync(cx, rec, &info.id).await?;
+            }
+        }
+        Err(e) if e.is_code(&["InvalidChangeBatch"]) && e.message.as_deref().is_some_and(|m| m.contains("not found")) => {}
+        Err(e) => return Err(e.into()),
+    }
+    cx.store.remove("dns/global/records")?;
+    Ok(())
+}

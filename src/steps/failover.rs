@@ -1,0 +1,479 @@
+//! Automated failover that survives the loss of the primary region. Everything here lives in the
+//! DR region (or is global):
+//!
+//! - `failover`: the failover function (not in a VPC: it only calls AWS APIs), its role with
+//!   ARN-scoped permissions, its log group, and the permission for the alarm to invoke it.
+//! - `detection`: a probe function in the DR VPC that opens a TCP connection to the primary every
+//!   minute (EventBridge schedule); the alarm `pgdr-<env>-primary-down` on its errors (missing
+//!   data breaching), which invokes the failover function and notifies the DR topic; and a
+//!   Route 53 health check of type CLOUDWATCH_METRIC that follows the alarm, so that DNS moves
+//!   to the replica even while the Route 53 control plane is unreachable.
+
+use aws_sdk_cloudwatch::types::{ComparisonOperator, Dimension, Statistic};
+use aws_sdk_ec2::types::ResourceType;
+use aws_sdk_route53::types::{AlarmIdentifier, CloudWatchRegion, HealthCheckConfig, HealthCheckType, InsufficientDataHealthStatus, TagResourceType};
+use futures::future::LocalBoxFuture;
+
+use super::lambda::{self, FunctionSpec};
+use super::{database, dns, ec2_tag_filters, ec2_tag_spec, network, Res};
+use crate::aws;
+use crate::cx::{Cx, Side};
+use crate::error::{Error, Result};
+use crate::exec::{Action, Recorder, Step, StepResult};
+
+pub const FAILOVER: &str = "failover";
+pub const DETECTION: &str = "detection";
+const TOPICS: &str = "topics";
+
+pub struct Failover;
+pub struct Detection;
+
+pub fn failover_name(cx: &Cx) -> String {
+    format!("pgdr-{}-failover", cx.name())
+}
+
+pub fn probe_name(cx: &Cx) -> String {
+    format!("pgdr-{}-probe", cx.name())
+}
+
+pub fn alarm_name(cx: &Cx) -> String {
+    format!("pgdr-{}-primary-down", cx.name())
+}
+
+pub fn health_check_key() -> String {
+    "detection/global/health-check".into()
+}
+
+fn key(cx: &Cx, step: &str, what: &str) -> String {
+    let region = if what.starts_with("role") { "global" } else { cx.region(Side::Dr) };
+    format!("{step}/{region}/{what}")
+}
+
+impl Step<Cx> for Failover {
+    fn id(&self) -> String {
+        FAILOVER.into()
+    }
+    fn deps(&self) -> Vec<String> {
+        vec![dns::ZONE.into(), database::PRIMARY.into(), database::REPLICA.into(), TOPICS.into()]
+    }
+    fn up<'a>(&'a self, cx: &'a Cx, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult> {
+        Box::pin(failover_up(cx, rec))
+    }
+    fn down<'a>(&'a self, cx: &'a Cx, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult> {
+        Box::pin(failover_down(cx, rec))
+    }
+}
+
+impl Step<Cx> for Detection {
+    fn id(&self) -> String {
+        DETECTION.into()
+    }
+    fn deps(&self) -> Vec<String> {
+        vec![FAILOVER.into(), network::step_id(Side::Dr), database::PRIMARY.into()]
+    }
+    fn up<'a>(&'a self, cx: &'a Cx, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult> {
+        Box::pin(detection_up(cx, rec))
+    }
+    fn down<'a>(&'a self, cx: &'a Cx, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult> {
+        Box::pin(detection_down(cx, rec))
+    }
+}
+
+/// Partition and account, read from the primary's ARN (no extra call).
+fn partition_account(cx: &Cx) -> (String, String) {
+    cx.store
+        .attr(&database::instance_key(cx, Side::Primary), "arn")
+        .and_then(|a| lambda::partition_account(&a))
+        .unwrap_or_else(|| ("aws".into(), "*".into()))
+}
+
+fn log_group_arn(cx: &Cx, function: &str) -> String {
+    let (p, a) = partition_account(cx);
+    format!("arn:{p}:logs:{}:{a}:log-group:/aws/lambda/{function}:*", cx.region(Side::Dr))
+}
+
+fn topic_arn(cx: &Cx) -> String {
+    cx.store.id(&format!("topics/{}/topic", cx.region(Side::Dr))).unwrap_or_default()
+}
+
+fn instance_arn(cx: &Cx, side: Side) -> String {
+    cx.store.attr(&database::instance_key(cx, side), "arn").unwrap_or_default()
+}
+
+/// The failover function's permissions: exactly the two instances, the zone, the topic and its
+/// own log group.
+fn failover_policy(cx: &Cx) -> serde_json::Value {
+    let (p, _) = partition_account(cx);
+    let zone = cx.store.id(&dns::zone_key()).unwrap_or_default();
+    serde_json::json!({
+        "Version": "2012-10-17",
+        "Statement": [
+            {"Sid": "Databases", "Effect": "Allow",
+             "Action": ["rds:DescribeDBInstances", "rds:PromoteReadReplica", "rds:ListTagsForResource", "rds:AddTagsToResource"],
+             "Resource": [instance_arn(cx, Side::Primary), instance_arn(cx, Side::Dr)]},
+            {"Sid": "Records", "Effect": "Allow",
+             "Action": ["route53:ChangeResourceRecordSets", "route53:ListResourceRecordSets"],
+             "Resource": [format!("arn:{p}:route53:::hostedzone/{zone}")]},
+            {"Sid": "ChangeStatus", "Effect": "Allow", "Action": ["route53:GetChange"], "Resource": [format!("arn:{p}:route53:::change/*")]},
+            {"Sid": "Notify", "Effect": "Allow", "Action": ["sns:Publish"], "Resource": [topic_arn(cx)]},
+            {"Sid": "Logs", "Effect": "Allow", "Action": ["logs:CreateLogStream", "logs:PutLogEvents"], "Resource": [log_group_arn(cx, &failover_name(cx))]}
+        ]
+    })
+}
+
+fn probe_policy(cx: &Cx) -> serde_json::Value {
+    serde_json::json!({
+        "Version": "2012-10-17",
+        "Statement": [
+            {"Sid": "Logs", "Effect": "Allow", "Action": ["logs:CreateLogStream", "logs:PutLogEvents"], "Resource": [log_group_arn(cx, &probe_name(cx))]}
+        ]
+    })
+}
+
+/// The probe needs ENIs in the VPC: the AWS managed policy for exactly that.
+fn probe_managed(cx: &Cx) -> Vec<String> {
+    let (p, _) = partition_account(cx);
+    vec![format!("arn:{p}:iam::aws:policy/service-role/AWSLambdaVPCAccessExecutionRole")]
+}
+
+fn failover_env(cx: &Cx) -> Vec<(String, String)> {
+    let writer = cx.writer();
+    let reader = writer.other();
+    vec![
+        ("PGDR_ENV".into(), cx.name().into()),
+        ("PRIMARY_REGION".into(), cx.region(writer).into()),
+        ("PRIMARY_DB_ID".into(), database::instance_id(cx, writer)),
+        ("DR_REGION".into(), cx.region(reader).into()),
+        ("REPLICA_DB_ID".into(), database::instance_id(cx, reader)),
+        ("HOSTED_ZONE_ID".into(), cx.store.id(&dns::zone_key()).unwrap_or_default()),
+        ("RECORD_NAME".into(), dns::writer_record(cx)),
+        ("PRIMARY_SET_ID".into(), cx.region(writer).into()),
+        ("REPLICA_SET_ID".into(), cx.region(reader).into()),
+        ("RECORD_TTL".into(), cx.env.settings.record_ttl.to_string()),
+        ("TOPIC_ARN".into(), topic_arn(cx)),
+    ]
+}
+
+async fn failover_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
+    let dr = cx.regional(Side::Dr);
+    let name = failover_name(cx);
+    let role = lambda::ensure_role(cx, rec, &key(cx, FAILOVER, "role"), &name, &failover_policy(cx), &[]).await?;
+    lambda::ensure_log_group(cx, rec, dr, &key(cx, FAILOVER, "log-group"), &format!("/aws/lambda/{name}")).await?;
+    let spec = FunctionSpec {
+        name: name.clone(),
+        file: "failover.py",
+        source: lambda::FAILOVER_SOURCE,
+        handler: "failover.handler",
+        role_arn: role.unwrap_or_default(),
+        // Promotion takes minutes: the function waits for it, within its own timeout.
+        timeout_s: 900,
+        env: failover_env(cx),
+        vpc: None,
+    };
+    let arn = lambda::ensure_function(cx, rec, dr, &key(cx, FAILOVER, "function"), &spec).await?;
+    if let Some(arn) = arn {
+        cx.store.update(|s| {
+            if let Some(r) = s.resources.get_mut(&key(cx, FAILOVER, "function")) {
+                r.attrs.insert("arn".into(), arn.clone());
+            }
+        })?;
+        let (p, a) = partition_account(cx);
+        let alarm = format!("arn:{p}:cloudwatch:{}:{a}:alarm:{}", dr.region, alarm_name(cx));
+        lambda::ensure_permission(cx, rec, dr, &name, "pgdr-primary-down-alarm", "lambda.alarms.cloudwatch.amazonaws.com", &alarm).await?;
+    }
+    Ok(())
+}
+
+async fn failover_down(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
+    let dr = cx.regional(Side::Dr);
+    let name = failover_name(cx);
+    lambda::delete_function(cx, rec, dr, &key(cx, FAILOVER, "function"), &name).await?;
+    lambda::delete_log_group(cx, rec, dr, &key(cx, FAILOVER, "log-group"), &format!("/aws/lambda/{name}")).await?;
+    lambda::delete_role(cx, rec, &key(cx, FAILOVER, "role"), &name, &[]).await
+}
+
+async fn find_probe_sg(cx: &Cx, vpc: &str) -> Result<Option<String>> {
+    if vpc.is_empty() {
+        return Ok(None);
+    }
+    let dr = cx.regional(Side::Dr);
+    let out = aws!(
+        &dr.region,
+        "ec2",
+        "DescribeSecurityGroups",
+        dr.ec2.describe_security_groups().set_filters(Some(ec2_tag_filters(cx, "probe-sg"))).filters(super::ec2_filter("vpc-id", vpc)).send()
+    )?;
+    Ok(out.security_groups.unwrap_or_default().into_iter().find_map(|g| g.group_id))
+}
+
+fn probe_rule(cx: &Cx) -> String {
+    format!("pgdr-{}-probe-every-minute", cx.name())
+}
+
+async fn detection_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
+    let dr = cx.regional(Side::Dr);
+    let region = dr.region.as_str();
+    let writer = cx.writer();
+    let probe = probe_name(cx);
+
+    // The probe's security group in the DR VPC (outbound only; the primary's group admits the
+    // DR VPC's CIDR on 5432 over the peering).
+    let vpc = cx.store.id(&network::key(cx, Side::Dr, "vpc")).unwrap_or_default();
+    let sg_res = Res::new(key(cx, DETECTION, "probe-sg"), "security-group", format!("pgdr-{}-probe", cx.name()), region);
+    let sg = super::ensure(cx, rec, &sg_res, async |_| find_probe_sg(cx, &vpc).await, async |_| {
+        let out = aws!(
+            region,
+            "ec2",
+            "CreateSecurityGroup",
+            dr.ec2
+                .create_security_group()
+                .group_name(format!("pgdr-{}-probe", cx.name()))
+                .description("pgdr: the primary-health probe")
+                .vpc_id(&vpc)
+                .tag_specifications(ec2_tag_spec(cx, ResourceType::SecurityGroup, "probe-sg"))
+                .send()
+        )?;
+        out.group_id.ok_or_else(|| Error::Other("CreateSecurityGroup returned no id".into()))
+    })
+    .await?;
+
+    let role = lambda::ensure_role(cx, rec, &key(cx, DETECTION, "role"), &probe, &probe_policy(cx), &probe_managed(cx)).await?;
+    lambda::ensure_log_group(cx, rec, dr, &key(cx, DETECTION, "log-group"), &format!("/aws/lambda/{probe}")).await?;
+    let target = cx.store.attr(&database::instance_key(cx, writer), "endpoint").unwrap_or_default();
+    let spec = FunctionSpec {
+        name: probe.clone(),
+        file: "probe.py",
+        source: lambda::PROBE_SOURCE,
+        handler: "probe.handler",
+        role_arn: role.unwrap_or_default(),
+        timeout_s: 10,
+        env: vec![("TARGET_HOST".into(), target), ("TARGET_PORT".into(), "5432".into()), ("TIMEOUT_S".into(), "3".into())],
+        vpc: Some((network::subnet_ids(cx, Side::Dr).await, sg.into_iter().collect())),
+    };
+    let probe_arn = lambda::ensure_function(cx, rec, dr, &key(cx, DETECTION, "function"), &spec).await?;
+
+    // Every minute.
+    let rule = probe_rule(cx);
+    let rule_res = Res::new(key(cx, DETECTION, "schedule"), "eventbridge-rule", rule.clone(), region);
+    let rule_arn = super::ensure(
+        cx,
+        rec,
+        &rule_res,
+        async |_| match aws!(region, "events", "DescribeRule", dr.events.describe_rule().name(&rule).send()) {
+            Ok(o) => Ok(o.arn),
+            Err(e) if e.is_code(&["ResourceNotFoundException"]) => Ok(None),
+            Err(e) => Err(e.into()),
+        },
+        async |_| {
+            let tags = cx.tags("eventbridge-rule").into_iter().filter_map(|(k, v)| aws_sdk_eventbridge::types::Tag::builder().key(k).value(v).build().ok()).collect();
+            let out = aws!(
+                region,
+                "events",
+                "PutRule",
+                dr.events
+                    .put_rule()
+                    .name(&rule)
+                    .schedule_expression("rate(1 minute)")
+                    .state(aws_sdk_eventbridge::types::RuleState::Enabled)
+                    .description(format!("pgdr {}: probe the primary", cx.name()))
+                    .set_tags(Some(tags))
+                    .send()
+            )?;
+            out.rule_arn.ok_or_else(|| Error::Other("PutRule returned no ARN".into()))
+        },
+    )
+    .await?;
+    if let (Some(probe_arn), Some(rule_arn)) = (&probe_arn, &rule_arn) {
+        let targets = aws!(region, "events", "ListTargetsByRule", dr.events.list_targets_by_rule().rule(&rule).send())?;
+        if !targets.targets().iter().any(|t| t.arn() == probe_arn) {
+            if !rec.plan {
+                let t = aws_sdk_eventbridge::types::Target::builder().id("probe").arn(probe_arn).build().map_err(|e| Error::Other(e.to_string()))?;
+                aws!(region, "events", "PutTargets", dr.events.put_targets().rule(&rule).targets(t).send())?;
+            }
+            rec.record(Action::Create, "eventbridge-target", &format!("{rule} -> {probe}"), region, None, None);
+        }
+        lambda::ensure_permission(cx, rec, dr, &probe, "pgdr-schedule", "events.amazonaws.com", rule_arn).await?;
+    } else {
+        rec.record(Action::Create, "eventbridge-target", &format!("{rule} -> {probe}"), region, None, None);
+    }
+
+    // The alarm: the probe failing for N consecutive minutes (longer than a Multi-AZ failover).
+    let minutes = cx.env.settings.failover_after_minutes;
+    let failover_arn = cx.store.attr(&key(cx, FAILOVER, "function"), "arn").unwrap_or_default();
+    let actions = vec![failover_arn, topic_arn(cx)];
+    let alarm = alarm_name(cx);
+    let a_res = Res::new(key(cx, DETECTION, "alarm"), "cloudwatch-alarm", alarm.clone(), region);
+    let existing = aws!(region, "cloudwatch", "DescribeAlarms", dr.cloudwatch.describe_alarms().alarm_names(&alarm).send())?;
+    let current = existing.metric_alarms.unwrap_or_default().into_iter().next();
+    let matches = current.as_ref().is_some_and(|a| {
+        a.evaluation_periods == Some(minutes)
+            && a.datapoints_to_alarm.unwrap_or(minutes) == minutes
+            && a.treat_missing_data.as_deref() == Some("breaching")
+            && a.alarm_actions() == actions.as_slice()
+            && a.dimensions().iter().any(|d| d.value() == Some(probe.as_str()))
+    });
+    let put = async || {
+        let tags = cx.tags("alarm").into_iter().map(|(k, v)| aws_sdk_cloudwatch::types::Tag::builder().key(k).value(v).build()).collect();
+        aws!(
+            region,
+            "cloudwatch",
+            "PutMetricAlarm",
+            dr.cloudwatch
+                .put_metric_alarm()
+                .alarm_name(&alarm)
+                .alarm_description(format!(
+                    "pgdr {}: the primary has been unreachable from {region} for {minutes} minutes; invokes {}",
+                    cx.name(),
+                    failover_name(cx)
+                ))
+                .namespace("AWS/Lambda")
+                .metric_name("Errors")
+                .dimensions(Dimension::builder().name("FunctionName").value(&probe).build())
+                .statistic(Statistic::Sum)
+                .period(60)
+                .evaluation_periods(minutes)
+                .datapoints_to_alarm(minutes)
+                .threshold(1.0)
+                .comparison_operator(ComparisonOperator::GreaterThanOrEqualToThreshold)
+                // A probe that stops reporting must not look healthy.
+                .treat_missing_data("breaching")
+                .set_alarm_actions(Some(actions.clone()))
+                .set_tags(Some(tags))
+                .send()
+        )?;
+        Ok::<_, Error>(alarm.clone())
+    };
+    let exists = current.is_some();
+    super::ensure(cx, rec, &a_res, async |_| Ok(exists.then(|| alarm.clone())), async |_| put().await).await?;
+    if exists && !matches {
+        if !rec.plan {
+            put().await?;
+        }
+        rec.record(Action::Change, "cloudwatch-alarm", &alarm, region, None, Some("settings".into()));
+    }
+
+    // The health check following the alarm (Route 53 cannot reach a private endpoint itself).
+    let hc_res = Res::new(health_check_key(), "health-check", format!("{alarm} ({region})"), "global");
+    let r53 = &cx.clients.route53;
+    let prefix = format!("pgdr-{}-health-", cx.name());
+    super::ensure(
+        cx,
+        rec,
+        &hc_res,
+        async |known| {
+            if let Some(id) = known {
+                match aws!("global", "route53", "GetHealthCheck", r53.get_health_check().health_check_id(&id).send()) {
+                    Ok(_) => return Ok(Some(id)),
+                    Err(e) if e.is_code(&["NoSuchHealthCheck"]) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            let out = aws!("global", "route53", "ListHealthChecks", r53.list_health_checks().send())?;
+            Ok(out.health_checks.into_iter().find(|h| h.caller_reference.starts_with(&prefix)).map(|h| h.id))
+        },
+        async |token| {
+            let cfg = HealthCheckConfig::builder()
+                .r#type(HealthCheckType::CloudwatchMetric)
+                .alarm_identifier(AlarmIdentifier::builder().region(CloudWatchRegion::from(region)).name(&alarm).build().map_err(|e| Error::Other(e.to_string()))?)
+                // A fresh deployment has no data yet: it must not fail over.
+                .insufficient_data_health_status(InsufficientDataHealthStatus::Healthy)
+                .build()
+                .map_err(|e| Error::Other(e.to_string()))?;
+            let out = aws!(
+                "global",
+                "route53",
+                "CreateHealthCheck",
+                r53.create_health_check().caller_reference(format!("{prefix}{}", &token[token.len().saturating_sub(16)..])).health_check_config(cfg).send()
+            )?;
+            let id = out.health_check.map(|h| h.id).ok_or_else(|| Error::Other("CreateHealthCheck returned no id".into()))?;
+            dns::tag(cx, TagResourceType::Healthcheck, &id, "health-check").await?;
+            Ok(id)
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+async fn detection_down(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
+    let dr = cx.regional(Side::Dr);
+    let region = dr.region.as_str();
+    let r53 = &cx.clients.route53;
+    let hc = Res::new(health_check_key(), "health-check", alarm_name(cx), "global");
+    super::remove(
+        cx,
+        rec,
+        &hc,
+        async |known| {
+            let prefix = format!("pgdr-{}-health-", cx.name());
+            let out = aws!("global", "route53", "ListHealthChecks", r53.list_health_checks().send())?;
+            Ok(out.health_checks.into_iter().find(|h| Some(&h.id) == known.as_ref() || h.caller_reference.starts_with(&prefix)).map(|h| h.id))
+        },
+        async |id| match aws!("global", "route53", "DeleteHealthCheck", r53.delete_health_check().health_check_id(&id).send()) {
+            Ok(_) => Ok(()),
+            Err(e) if e.is_code(&["NoSuchHealthCheck"]) => Ok(()),
+            Err(e) => Err(e.into()),
+        },
+    )
+    .await?;
+
+    let alarm = alarm_name(cx);
+    let a = Res::new(key(cx, DETECTION, "alarm"), "cloudwatch-alarm", alarm.clone(), region);
+    super::remove(
+        cx,
+        rec,
+        &a,
+        async |_| {
+            let out = aws!(region, "cloudwatch", "DescribeAlarms", dr.cloudwatch.describe_alarms().alarm_names(&alarm).send())?;
+            Ok(out.metric_alarms.unwrap_or_default().into_iter().find_map(|a| a.alarm_name))
+        },
+        async |name| {
+            aws!(region, "cloudwatch", "DeleteAlarms", dr.cloudwatch.delete_alarms().alarm_names(name).send())?;
+            Ok(())
+        },
+    )
+    .await?;
+
+    // A rule with targets cannot be deleted: remove the targets first.
+    let rule = probe_rule(cx);
+    let r = Res::new(key(cx, DETECTION, "schedule"), "eventbridge-rule", rule.clone(), region);
+    super::remove(
+        cx,
+        rec,
+        &r,
+        async |_| match aws!(region, "events", "DescribeRule", dr.events.describe_rule().name(&rule).send()) {
+            Ok(o) => Ok(o.name),
+            Err(e) if e.is_code(&["ResourceNotFoundException"]) => Ok(None),
+            Err(e) => Err(e.into()),
+        },
+        async |name| {
+            let targets = aws!(region, "events", "ListTargetsByRule", dr.events.list_targets_by_rule().rule(&name).send())?;
+            let ids: Vec<String> = targets.targets().iter().map(|t| t.id().to_owned()).collect();
+            if !ids.is_empty() {
+                aws!(region, "events", "RemoveTargets", dr.events.remove_targets().rule(&name).set_ids(Some(ids)).send())?;
+            }
+            aws!(region, "events", "DeleteRule", dr.events.delete_rule().name(&name).send())?;
+            Ok(())
+        },
+    )
+    .await?;
+
+    let probe = probe_name(cx);
+    lambda::delete_function(cx, rec, dr, &key(cx, DETECTION, "function"), &probe).await?;
+    lambda::delete_log_group(cx, rec, dr, &key(cx, DETECTION, "log-group"), &format!("/aws/lambda/{probe}")).await?;
+    lambda::delete_role(cx, rec, &key(cx, DETECTION, "role"), &probe, &probe_managed(cx)).await?;
+
+    // The probe's ENIs can hold its security group for minutes after the function is gone.
+    let vpc = cx.store.id(&network::key(cx, Side::Dr, "vpc")).unwrap_or_default();
+    let sg = Res::new(key(cx, DETECTION, "probe-sg"), "security-group", format!("pgdr-{}-probe", cx.name()), region);
+    super::remove(cx, rec, &sg, async |_| find_probe_sg(cx, &vpc).await, async |id| {
+        network::retry_dependency(cx, rec, &format!("security group {id}"), async || {
+            match aws!(region, "ec2", "DeleteSecurityGroup", dr.ec2.delete_security_group().group_id(&id).send()) {
+                Ok(_) => Ok(()),
+                Err(e) if e.code().ends_with("NotFound") => Ok(()),
+                Err(e) => Err(e.into()),
+            }
+        })
+        .await
+    })
+    .await
+}

@@ -1,0 +1,412 @@
+//! Shared pieces of the two Lambda functions (failover, probe): the zip built in memory from
+//! the handler source embedded in the binary, the IAM role with ARN-scoped inline policies, the
+//! log group with 7-day retention, and the function itself.
+
+use std::io::Write;
+use std::time::Duration;
+
+use aws_sdk_lambda::primitives::Blob;
+use aws_sdk_lambda::types::{Environment, FunctionCode, Runtime, VpcConfig};
+
+use super::Res;
+use crate::aws;
+use crate::clients::Regional;
+use crate::cx::Cx;
+use crate::error::{Error, Result};
+use crate::exec::{Action, Recorder};
+use crate::wait::{self, Look, Pace};
+
+pub const FAILOVER_SOURCE: &str = include_str!("../lambda/failover.py");
+pub const PROBE_SOURCE: &str = include_str!("../lambda/probe.py");
+
+/// A zip holding one file, byte-for-byte the same for the same source (fixed timestamps), so
+/// that its hash tells whether the deployed code is current.
+pub fn zip_source(file: &str, source: &str) -> Result<Vec<u8>> {
+    let mut buf = std::io::Cursor::new(Vec::new());
+    {
+        let mut z = zip::ZipWriter::new(&mut buf);
+        let opts = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Deflated)
+            .last_modified_time(zip::DateTime::default())
+            .unix_permissions(0o644);
+        z.start_file(file, opts).map_err(|e| Error::Other(format!("cannot zip {file}: {e}")))?;
+        z.write_all(source.as_bytes())?;
+        z.finish().map_err(|e| Error::Other(format!("cannot zip {file}: {e}")))?;
+    }
+    Ok(buf.into_inner())
+}
+
+/// FNV-1a: a stable fingerprint of the code, kept in the function's description.
+pub fn fingerprint(bytes: &[u8]) -> String {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    format!("{h:016x}")
+}
+
+/// `arn:<partition>:<service>:<region>:<account>:...` → (partition, account).
+pub fn partition_account(arn: &str) -> Option<(String, String)> {
+    let parts: Vec<&str> = arn.split(':').collect();
+    (parts.len() > 5 && !parts[4].is_empty()).then(|| (parts[1].to_owned(), parts[4].to_owned()))
+}
+
+const TRUST: &str = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Principal":{"Service":"lambda.amazonaws.com"},"Action":"sts:AssumeRole"}]}"#;
+
+/// The function's role: trust `lambda.amazonaws.com`, one inline policy, optional managed policies.
+pub async fn ensure_role(cx: &Cx, rec: &Recorder<'_>, key: &str, name: &str, policy: &serde_json::Value, managed: &[String]) -> Result<Option<String>> {
+    let iam = &cx.clients.iam;
+    let r = Res::new(key.to_owned(), "iam-role", name.to_owned(), "global");
+    let found = match aws!("global", "iam", "GetRole", iam.get_role().role_name(name).send()) {
+        Ok(o) => o.role.map(|r| r.arn),
+        Err(e) if e.is_code(&["NoSuchEntity"]) => None,
+        Err(e) => return Err(e.into()),
+    };
+    let exists = found.is_some();
+    let arn = super::ensure(cx, rec, &r, async |_| Ok(found.clone()), async |_| {
+        let tags = cx.tags("iam-role").into_iter().map(|(k, v)| aws_sdk_iam::types::Tag::builder().key(k).value(v).build().map_err(|e| Error::Other(e.to_string()))).collect::<Result<Vec<_>>>()?;
+        let out = aws!(
+            "global",
+            "iam",
+            "CreateRole",
+            iam.create_role().role_name(name).assume_role_policy_document(TRUST).description(format!("pgdr {}: {name}", cx.name())).set_tags(Some(tags)).send()
+        )?;
+        out.role.map(|r| r.arn).ok_or_else(|| Error::Other("CreateRole returned no role".into()))
+    })
+    .await?;
+    // The inline policy: compare documents as JSON, write only when different.
+    let want = policy.to_string();
+    let have = if exists {
+        match aws!("global", "iam", "GetRolePolicy", iam.get_role_policy().role_name(name).policy_name("pgdr").send()) {
+            Ok(o) => {
+                let doc = percent_decode(&o.policy_document);
+                serde_json::from_str::<serde_json::Value>(&doc).ok()
+            }
+            Err(e) if e.is_code(&["NoSuchEntity"]) => None,
+            Err(e) => return Err(e.into()),
+        }
+    } else {
+        None
+    };
+    if have.as_ref() != Some(policy) {
+        if !rec.plan {
+            aws!("global", "iam", "PutRolePolicy", iam.put_role_policy().role_name(name).policy_name("pgdr").policy_document(&want).send())?;
+        }
+        if exists {
+            rec.record(Action::Change, "iam-role", name, "global", None, Some("inline policy".into()));
+        }
+    }
+    if !managed.is_empty() {
+        let attached: Vec<String> = if exists {
+            let out = aws!("global", "iam", "ListAttachedRolePolicies", iam.list_attached_role_policies().role_name(name).send())?;
+            out.attached_policies.unwrap_or_default().into_iter().filter_map(|p| p.policy_arn).collect()
+        } else {
+            vec![]
+        };
+        for m in managed.iter().filter(|m| !attached.contains(m)) {
+            if !rec.plan {
+                aws!("global", "iam", "AttachRolePolicy", iam.attach_role_policy().role_name(name).policy_arn(m).send())?;
+            }
+            if exists {
+                rec.record(Action::Change, "iam-role", name, "global", None, Some(format!("attach {m}")));
+            }
+        }
+    }
+    Ok(arn)
+}
+
+/// IAM returns policy documents URL-encoded.
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(if bytes[i] == b'+' { b' ' } else { bytes[i] });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+pub async fn delete_role(cx: &Cx, rec: &Recorder<'_>, key: &str, name: &str, managed: &[String]) -> Result<()> {
+    let iam = &cx.clients.iam;
+    let r = Res::new(key.to_owned(), "iam-role", name.to_owned(), "global");
+    super::remove(
+        cx,
+        rec,
+        &r,
+        async |_| match aws!("global", "iam", "GetRole", iam.get_role().role_name(name).send()) {
+            Ok(o) => Ok(o.role.map(|r| r.role_name)),
+            Err(e) if e.is_code(&["NoSuchEntity"]) => Ok(None),
+            Err(e) => Err(e.into()),
+        },
+        async |name| {
+            // A role with policies cannot be deleted: remove them first.
+            let gone = |e: &crate::error::AwsError| e.is_code(&["NoSuchEntity"]);
+            if let Err(e) = aws!("global", "iam", "DeleteRolePolicy", iam.delete_role_policy().role_name(&name).policy_name("pgdr").send()) {
+                if !gone(&e) {
+                    return Err(e.into());
+                }
+            }
+            for m in managed {
+                if let Err(e) = aws!("global", "iam", "DetachRolePolicy", iam.detach_role_policy().role_name(&name).policy_arn(m).send()) {
+                    if !gone(&e) {
+                        return Err(e.into());
+                    }
+                }
+            }
+            match aws!("global", "iam", "DeleteRole", iam.delete_role().role_name(&name).send()) {
+                Ok(_) => Ok(()),
+                Err(e) if gone(&e) => Ok(()),
+                Err(e) => Err(e.into()),
+            }
+        },
+    )
+    .await
+}
+
+/// The function's log group, created by pgdr (7-day retention) so that `down` removes it.
+pub async fn ensure_log_group(cx: &Cx, rec: &Recorder<'_>, reg: &Regional, key: &str, name: &str) -> Result<()> {
+    let r = Res::new(key.to_owned(), "log-group", name.to_owned(), &reg.region);
+    let out = aws!(&reg.region, "logs", "DescribeLogGroups", reg.logs.describe_log_groups().log_group_name_prefix(name).send())?;
+    let found = out.log_groups.unwrap_or_default().into_iter().find(|g| g.log_group_name.as_deref() == Some(name));
+    let retention = found.as_ref().and_then(|g| g.retention_in_days);
+    let exists = found.is_some();
+    super::ensure(cx, rec, &r, async |_| Ok(exists.then(|| name.to_owned())), async |_| {
+        let tags = cx.tags("log-group").into_iter().collect();
+        match aws!(&reg.region, "logs", "CreateLogGroup", reg.logs.create_log_group().log_group_name(name).set_tags(Some(tags)).send()) {
+            Ok(_) => {}
+            Err(e) if e.is_code(&["ResourceAlreadyExistsException"]) => {}
+            Err(e) => return Err(e.into()),
+        }
+        aws!(&reg.region, "logs", "PutRetentionPolicy", reg.logs.put_retention_policy().log_group_name(name).retention_in_days(7).send())?;
+        Ok(name.to_owned())
+    })
+    .await?;
+    if exists && retention != Some(7) {
+        if !rec.plan {
+            aws!(&reg.region, "logs", "PutRetentionPolicy", reg.logs.put_retention_policy().log_group_name(name).retention_in_days(7).send())?;
+        }
+        rec.record(Action::Change, "log-group", name, &reg.region, None, Some(format!("retention {retention:?} -> 7 days")));
+    }
+    Ok(())
+}
+
+pub async fn delete_log_group(cx: &Cx, rec: &Recorder<'_>, reg: &Regional, key: &str, name: &str) -> Result<()> {
+    let r = Res::new(key.to_owned(), "log-group", name.to_owned(), &reg.region);
+    super::remove(
+        cx,
+        rec,
+        &r,
+        async |_| {
+            let out = aws!(&reg.region, "logs", "DescribeLogGroups", reg.logs.describe_log_groups().log_group_name_prefix(name).send())?;
+            Ok(out.log_groups.unwrap_or_default().into_iter().find_map(|g| g.log_group_name.filter(|n| n == name)))
+        },
+        async |name| match aws!(&reg.region, "logs", "DeleteLogGroup", reg.logs.delete_log_group().log_group_name(name).send()) {
+            Ok(_) => Ok(()),
+            Err(e) if e.is_code(&["ResourceNotFoundException"]) => Ok(()),
+            Err(e) => Err(e.into()),
+        },
+    )
+    .await
+}
+
+/// What a function should look like.
+pub struct FunctionSpec<'a> {
+    pub name: String,
+    pub file: &'a str,
+    pub source: &'a str,
+    pub handler: &'a str,
+    pub role_arn: String,
+    pub timeout_s: i32,
+    pub env: Vec<(String, String)>,
+    /// Subnets and security groups, for a function that must be in a VPC.
+    pub vpc: Option<(Vec<String>, Vec<String>)>,
+}
+
+/// Creates the function, or brings its code and configuration up to date. Returns its ARN.
+pub async fn ensure_function(cx: &Cx, rec: &Recorder<'_>, reg: &Regional, key: &str, spec: &FunctionSpec<'_>) -> Result<Option<String>> {
+    let region = reg.region.as_str();
+    let zip = zip_source(spec.file, spec.source)?;
+    let description = format!("pgdr {}: {} (code {})", cx.name(), spec.name, fingerprint(&zip));
+    let r = Res::new(key.to_owned(), "lambda-function", spec.name.clone(), region);
+    let found = match aws!(region, "lambda", "GetFunction", reg.lambda.get_function().function_name(&spec.name).send()) {
+        Ok(o) => o.configuration,
+        Err(e) if e.is_code(&["ResourceNotFoundException"]) => None,
+        Err(e) => return Err(e.into()),
+    };
+    let env = || Environment::builder().set_variables(Some(spec.env.iter().cloned().collect())).build();
+    let vpc = || spec.vpc.as_ref().map(|(s, g)| VpcConfig::builder().set_subnet_ids(Some(s.clone())).set_security_group_ids(Some(g.clone())).build());
+    let arn = super::ensure(cx, rec, &r, async |_| Ok(found.as_ref().and_then(|f| f.function_arn.clone())), async |_| {
+        let tags: std::collections::HashMap<String, String> = cx.tags("lambda-function").into_iter().collect();
+        // IAM is eventually consistent: a new role may not be assumable for a few seconds.
+        wait::until(&format!("creating function {}", spec.name), Duration::from_secs(120), Pace::FAST, &cx.cancel, |s, _| rec.status(s), "rerun `pgdr up`", async || {
+            let res = aws!(
+                region,
+                "lambda",
+                "CreateFunction",
+                reg.lambda
+                    .create_function()
+                    .function_name(&spec.name)
+                    .runtime(Runtime::Python312)
+                    .handler(spec.handler)
+                    .role(&spec.role_arn)
+                    .timeout(spec.timeout_s)
+                    .memory_size(256)
+                    .description(&description)
+                    .environment(env())
+                    .set_vpc_config(vpc())
+                    .code(FunctionCode::builder().zip_file(Blob::new(zip.clone())).build())
+                    .set_tags(Some(tags.clone()))
+                    .send()
+            );
+            match res {
+                Ok(o) => Ok(Look::Ready(o.function_arn.unwrap_or_default())),
+                Err(e) if e.is_code(&["InvalidParameterValueException"]) && e.message.as_deref().is_some_and(|m| m.contains("assume")) => {
+                    Ok(Look::Pending("waiting for the IAM role to propagate".into()))
+                }
+                Err(e) => Err(e.into()),
+            }
+        })
+        .await
+    })
+    .await?;
+    let Some(f) = found else { return Ok(arn) };
+
+    // Bring an existing function up to date: code (by fingerprint), then configuration.
+    if f.description.as_deref() != Some(description.as_str()) {
+        if !rec.plan {
+            aws!(region, "lambda", "UpdateFunctionCode", reg.lambda.update_function_code().function_name(&spec.name).zip_file(Blob::new(zip.clone())).send())?;
+            wait_updated(cx, rec, reg, &spec.name).await?;
+        }
+        rec.record(Action::Change, "lambda-function", &spec.name, region, None, Some("code".into()));
+    }
+    let have_env: std::collections::BTreeMap<String, String> = f.environment.and_then(|e| e.variables).unwrap_or_default().into_iter().collect();
+    let want_env: std::collections::BTreeMap<String, String> = spec.env.iter().cloned().collect();
+    let mut diff = Vec::new();
+    if have_env != want_env {
+        diff.push("environment".to_owned());
+    }
+    if f.timeout != Some(spec.timeout_s) {
+        diff.push(format!("timeout {:?} -> {}", f.timeout, spec.timeout_s));
+    }
+    if f.role.as_deref() != Some(spec.role_arn.as_str()) {
+        diff.push("role".into());
+    }
+    if f.handler.as_deref() != Some(spec.handler) {
+        diff.push("handler".into());
+    }
+    if f.description.as_deref() != Some(description.as_str()) {
+        diff.push("description".into());
+    }
+    if !diff.is_empty() {
+        if !rec.plan {
+            aws!(
+                region,
+                "lambda",
+                "UpdateFunctionConfiguration",
+                reg.lambda
+                    .update_function_configuration()
+                    .function_name(&spec.name)
+                    .role(&spec.role_arn)
+                    .handler(spec.handler)
+                    .timeout(spec.timeout_s)
+                    .description(&description)
+                    .environment(env())
+                    .send()
+            )?;
+            wait_updated(cx, rec, reg, &spec.name).await?;
+        }
+        rec.record(Action::Change, "lambda-function", &spec.name, region, None, Some(diff.join(", ")));
+    }
+    Ok(arn)
+}
+
+/// Waits until a function's last update finished (AWS refuses a second update meanwhile).
+async fn wait_updated(cx: &Cx, rec: &Recorder<'_>, reg: &Regional, name: &str) -> Result<()> {
+    wait::until(&format!("update of {name}"), Duration::from_secs(300), Pace::FAST, &cx.cancel, |s, _| rec.status(&format!("{name}: {s}")), "rerun `pgdr up`", async || {
+        let out = aws!(&reg.region, "lambda", "GetFunctionConfiguration", reg.lambda.get_function_configuration().function_name(name).send())?;
+        Ok(match out.last_update_status.as_ref().map(|s| s.as_str().to_owned()).as_deref() {
+            None | Some("Successful") => Look::Ready(()),
+            Some("Failed") => Look::Failed(out.last_update_status_reason.unwrap_or_else(|| "Failed".into())),
+            Some(s) => Look::Pending(s.to_owned()),
+        })
+    })
+    .await
+}
+
+pub async fn delete_function(cx: &Cx, rec: &Recorder<'_>, reg: &Regional, key: &str, name: &str) -> Result<()> {
+    let r = Res::new(key.to_owned(), "lambda-function", name.to_owned(), &reg.region);
+    super::remove(
+        cx,
+        rec,
+        &r,
+        async |_| match aws!(&reg.region, "lambda", "GetFunction", reg.lambda.get_function().function_name(name).send()) {
+            Ok(o) => Ok(o.configuration.and_then(|c| c.function_name)),
+            Err(e) if e.is_code(&["ResourceNotFoundException"]) => Ok(None),
+            Err(e) => Err(e.into()),
+        },
+        async |name| match aws!(&reg.region, "lambda", "DeleteFunction", reg.lambda.delete_function().function_name(name).send()) {
+            Ok(_) => Ok(()),
+            Err(e) if e.is_code(&["ResourceNotFoundException"]) => Ok(()),
+            Err(e) => Err(e.into()),
+        },
+    )
+    .await
+}
+
+/// Grants `principal` (from `source_arn`) the right to invoke the function, once.
+pub async fn ensure_permission(_cx: &Cx, rec: &Recorder<'_>, reg: &Regional, function: &str, sid: &str, principal: &str, source_arn: &str) -> Result<()> {
+    let region = reg.region.as_str();
+    let policy = match aws!(region, "lambda", "GetPolicy", reg.lambda.get_policy().function_name(function).send()) {
+        Ok(o) => o.policy.unwrap_or_default(),
+        Err(e) if e.is_code(&["ResourceNotFoundException"]) => String::new(),
+        Err(e) => return Err(e.into()),
+    };
+    let doc: serde_json::Value = serde_json::from_str(&policy).unwrap_or_default();
+    let present = doc["Statement"].as_array().is_some_and(|s| s.iter().any(|st| st["Sid"] == sid));
+    if present {
+        return Ok(());
+    }
+    if !rec.plan {
+        aws!(
+            region,
+            "lambda",
+            "AddPermission",
+            reg.lambda.add_permission().function_name(function).statement_id(sid).action("lambda:InvokeFunction").principal(principal).source_arn(source_arn).send()
+        )?;
+    }
+    rec.record(Action::Create, "lambda-permission", &format!("{function}/{sid}"), region, None, Some(format!("{principal} may invoke")));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zip_is_deterministic_and_holds_the_handler() {
+        let a = zip_source("failover.py", FAILOVER_SOURCE).unwrap();
+        let b = zip_source("failover.py", FAILOVER_SOURCE).unwrap();
+        assert_eq!(fingerprint(&a), fingerprint(&b));
+        let mut z = zip::ZipArchive::new(std::io::Cursor::new(a)).unwrap();
+        let mut f = z.by_name("failover.py").unwrap();
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut f, &mut text).unwrap();
+        assert!(text.contains("def handler("));
+        assert_ne!(fingerprint(&zip_source("probe.py", PROBE_SOURCE).unwrap()), fingerprint(&b));
+    }
+
+    #[test]
+    fn arn_parts() {
+        assert_eq!(partition_account("arn:aws:rds:us-east-1:123456789012:db:x"), Some(("aws".into(), "123456789012".into())));
+        assert_eq!(partition_account("nope"), None);
+    }
+}
