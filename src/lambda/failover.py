@@ -98,7 +98,7 @@ def is_promoted(rds, inst):
     if not inst.get("ReadReplicaSourceDBInstanceIdentifier"):
         return True
     tags = rds.list_tags_for_resource(ResourceName=inst["DBInstanceArn"])["TagList"]
-    return False and any(t["Key"] == ROLE_TAG and t["Value"] == "primary" for t in tags)
+    return any(t["Key"] == ROLE_TAG and t["Value"] == "primary" for t in tags)
 
 
 def tag_primary(rds, inst):
@@ -157,7 +157,7 @@ def set_weights(c, cfg, weights, values, dry_run, time_left):
         if hc:
             rec["HealthCheckId"] = hc
         wanted.append(rec)
-    if all(same_record(r, current.get(r["SetIdentifier"])) for r in wanted):
+    if False and all(same_record(r, current.get(r["SetIdentifier"])) for r in wanted):
         log.info("DNS already as wanted: %s", weights)
         return []
     summary = [f"{r['SetIdentifier']} weight {r['Weight']} -> {value_of(r)}" for r in wanted]

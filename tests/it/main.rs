@@ -2,5 +2,6 @@
 
 mod harness;
 mod data;
+mod dr;
 mod inputs;
 mod network;

@@ -1,0 +1,132 @@
+//! DNS, detection and the failover machinery: all in the DR region (or global), wired together.
+
+use crate::harness::{Emu, Run};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn up_wires_detection_and_failover_in_the_dr_region() {
+    let emu = Emu::start();
+    let run = Run::new(&emu);
+    run.ok(&["up", "--env", "dev"]);
+    let state: serde_json::Value = serde_json::from_slice(&std::fs::read(run.state_file("dev")).unwrap()).unwrap();
+    let id = |k: &str| state["resources"][k]["id"].as_str().unwrap_or_else(|| panic!("{k} not in state")).to_owned();
+
+    // The zone is private and visible from both VPCs.
+    let r53 = aws_sdk_route53::Client::new(&emu.sdk("us-east-1").await);
+    let zone = r53.get_hosted_zone().id(id("dns/global/zone")).send().await.unwrap();
+    assert_eq!(zone.hosted_zone().unwrap().name(), "db-dev.internal.");
+    assert!(zone.hosted_zone().unwrap().config().unwrap().private_zone());
+    let mut vpcs: Vec<String> = zone.vpcs().iter().filter_map(|v| v.vpc_id().map(str::to_owned)).collect();
+    vpcs.sort();
+    let mut want = vec![id("network/us-east-1/vpc"), id("network/eu-west-1/vpc")];
+    want.sort();
+    assert_eq!(vpcs, want);
+
+    // Weighted writer records: primary 100 with the health check, replica 0; a reader record.
+    let rrs = r53.list_resource_record_sets().hosted_zone_id(id("dns/global/zone")).send().await.unwrap();
+    let writer: Vec<_> = rrs.resource_record_sets().iter().filter(|r| r.name() == "postgres.db-dev.internal.").collect();
+    assert_eq!(writer.len(), 2);
+    let hc = id("detection/global/health-check");
+    let primary_ep = state["resources"]["primary/us-east-1/instance"]["attrs"]["endpoint"].as_str().unwrap();
+    let replica_ep = state["resources"]["replica/eu-west-1/instance"]["attrs"]["endpoint"].as_str().unwrap();
+    let p = writer.iter().find(|r| r.set_identifier() == Some("us-east-1")).unwrap();
+    assert_eq!(p.weight(), Some(100));
+    assert_eq!(p.health_check_id(), Some(hc.as_str()));
+    assert_eq!(p.resource_records()[0].value(), primary_ep, "the endpoint, not the instance id");
+    assert_eq!(p.ttl(), Some(60));
+    let r = writer.iter().find(|r| r.set_identifier() == Some("eu-west-1")).unwrap();
+    assert_eq!(r.weight(), Some(0));
+    assert_eq!(r.resource_records()[0].value(), replica_ep);
+    assert!(rrs.resource_record_sets().iter().any(|r| r.name() == "replica.db-dev.internal." && r.resource_records()[0].value() == replica_ep));
+    let check = r53.get_health_check().health_check_id(&hc).send().await.unwrap();
+    assert_eq!(check.health_check().unwrap().health_check_config().unwrap().r#type().as_str(), "CLOUDWATCH_METRIC");
+
+    // The failover function: DR region, outside any VPC, invocable by the alarm.
+    let lambda_dr = aws_sdk_lambda::Client::new(&emu.sdk("eu-west-1").await);
+    let f = lambda_dr.get_function().function_name("pgdr-dev-failover").send().await.unwrap();
+    let fc = f.configuration().unwrap();
+    assert!(fc.vpc_config().map_or(true, |v| v.subnet_ids().is_empty()), "not in a VPC");
+    assert_eq!(fc.timeout(), Some(900));
+    assert_eq!(fc.runtime().map(|r| r.as_str()), Some("python3.12"));
+    let env = fc.environment().unwrap().variables().unwrap();
+    assert_eq!(env.get("PRIMARY_DB_ID").map(String::as_str), Some("pgdr-dev-us-east-1"));
+    assert_eq!(env.get("REPLICA_DB_ID").map(String::as_str), Some("pgdr-dev-eu-west-1"));
+    assert_eq!(env.get("RECORD_NAME").map(String::as_str), Some("postgres.db-dev.internal."));
+    let policy = lambda_dr.get_policy().function_name("pgdr-dev-failover").send().await.unwrap();
+    assert!(policy.policy().unwrap().contains("lambda.alarms.cloudwatch.amazonaws.com"));
+    let lambda_primary = aws_sdk_lambda::Client::new(&emu.sdk("us-east-1").await);
+    assert!(lambda_primary.list_functions().send().await.unwrap().functions().is_empty(), "nothing in the primary region");
+
+    // The probe: in the DR VPC's subnets, run every minute.
+    let probe = lambda_dr.get_function().function_name("pgdr-dev-probe").send().await.unwrap();
+    let vpc = probe.configuration().unwrap().vpc_config().unwrap();
+    let mut subnets = vpc.subnet_ids().to_vec();
+    subnets.sort();
+    let mut want = vec![id("network/eu-west-1/subnet-a"), id("network/eu-west-1/subnet-b")];
+    want.sort();
+    assert_eq!(subnets, want);
+    assert_eq!(probe.configuration().unwrap().environment().unwrap().variables().unwrap().get("TARGET_HOST").map(String::as_str), Some(primary_ep));
+    let events = aws_sdk_eventbridge::Client::new(&emu.sdk("eu-west-1").await);
+    let rule = events.describe_rule().name("pgdr-dev-probe-every-minute").send().await.unwrap();
+    assert_eq!(rule.schedule_expression(), Some("rate(1 minute)"));
+    let targets = events.list_targets_by_rule().rule("pgdr-dev-probe-every-minute").send().await.unwrap();
+    assert!(targets.targets()[0].arn().ends_with(":function:pgdr-dev-probe"));
+
+    // The alarm: DR region, on the probe's errors, missing data breaching, invokes failover.
+    let cw = aws_sdk_cloudwatch::Client::new(&emu.sdk("eu-west-1").await);
+    let alarms = cw.describe_alarms().alarm_names("pgdr-dev-primary-down").send().await.unwrap();
+    let a = &alarms.metric_alarms()[0];
+    assert_eq!(a.namespace(), Some("AWS/Lambda"));
+    assert_eq!(a.metric_name(), Some("Errors"));
+    assert_eq!(a.dimensions()[0].value(), Some("pgdr-dev-probe"));
+    assert_eq!(a.treat_missing_data(), Some("breaching"));
+    assert!(a.evaluation_periods().unwrap() * a.period().unwrap() >= 180, "longer than a Multi-AZ failover");
+    assert!(a.alarm_actions().iter().any(|x| x.ends_with(":function:pgdr-dev-failover")), "{:?}", a.alarm_actions());
+    let cw_primary = aws_sdk_cloudwatch::Client::new(&emu.sdk("us-east-1").await);
+    assert!(cw_primary.describe_alarms().alarm_names("pgdr-dev-primary-down").send().await.unwrap().metric_alarms().is_empty());
+
+    // Roles: trust Lambda, inline policies on ARNs, not "*".
+    let iam = aws_sdk_iam::Client::new(&emu.sdk("us-east-1").await);
+    let doc = iam.get_role_policy().role_name("pgdr-dev-failover").policy_name("pgdr").send().await.unwrap();
+    let doc = urlencoding_decode(doc.policy_document());
+    let doc: serde_json::Value = serde_json::from_str(&doc).unwrap();
+    for st in doc["Statement"].as_array().unwrap() {
+        for res in st["Resource"].as_array().unwrap() {
+            let res = res.as_str().unwrap();
+            assert!(res.starts_with("arn:") && res != "*", "{res}");
+        }
+    }
+    assert!(doc.to_string().contains(":db:pgdr-dev-eu-west-1"));
+
+    emu.reset_calls();
+    run.ok(&["up", "--env", "dev"]);
+    assert_eq!(emu.mutating_calls(), Vec::<String>::new(), "second up mutated");
+
+    run.ok(&["down", "--env", "dev", "--yes", "--skip-final-snapshot"]);
+    assert!(lambda_dr.list_functions().send().await.unwrap().functions().is_empty());
+    assert!(r53.list_hosted_zones().send().await.unwrap().hosted_zones().is_empty());
+    assert!(r53.list_health_checks().send().await.unwrap().health_checks().is_empty());
+    assert!(cw.describe_alarms().send().await.unwrap().metric_alarms().is_empty());
+    assert!(events.list_rules().send().await.unwrap().rules().is_empty());
+    let roles = iam.list_roles().send().await.unwrap();
+    assert!(!roles.roles().iter().any(|r| r.role_name().starts_with("pgdr-")), "roles left");
+    let logs = aws_sdk_cloudwatchlogs::Client::new(&emu.sdk("eu-west-1").await);
+    assert!(logs.describe_log_groups().send().await.unwrap().log_groups().is_empty());
+}
+
+fn urlencoding_decode(s: &str) -> String {
+    let mut out = Vec::new();
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8(out).unwrap()
+}
