@@ -112,6 +112,21 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Promote the replica, move DNS to it, fence the old primary. Safe to rerun.
+    #[command(after_help = "Examples:\n  pgdr failover --env dev --dry-run\n  pgdr failover --env dev")]
+    Failover {
+        #[command(flatten)]
+        env: EnvArg,
+        /// Do not ask for confirmation (required when stdin is not a terminal).
+        #[arg(long)]
+        yes: bool,
+        /// Print what would be done and stop.
+        #[arg(long)]
+        dry_run: bool,
+        /// Promote even when the replica lags more than max_failover_lag_seconds.
+        #[arg(long)]
+        force: bool,
+    },
     /// Remove a stale lock left by a run that died.
     #[command(after_help = "Example: pgdr unlock --env dev")]
     Unlock {
@@ -284,6 +299,35 @@ async fn run(cli: Cli) -> Result<Exit, Error> {
             }
             Ok(Exit::Success)
         }
+        Command::Failover { env, yes, dry_run, force } => {
+            let t = target(g, &env.env);
+            let e = t.load_env()?;
+            let (cx, _lock, plan) = ops::failover_plan(&t, *dry_run, &cancel).await?;
+            print_failover_plan(g.output, &plan, *dry_run);
+            if *dry_run || plan.nothing_to_do() {
+                if plan.nothing_to_do() {
+                    eprintln!("nothing to do: {} is already the primary, DNS points at it and the old primary is fenced", plan.replica);
+                }
+                return Ok(Exit::Success);
+            }
+            ops::check_lag(&plan, e.settings.max_failover_lag_seconds, *force)?;
+            confirm(*yes, &format!("This fails environment {:?} over to {}.", e.name, plan.to_region), &e.name)?;
+            let out = pgdr::failover::execute(&cx, plan, &progress).await?;
+            match g.output {
+                Output::Json => print_json(&out),
+                Output::Human => {
+                    let mut text = String::from("failover timeline:\n");
+                    for p in &out.timeline {
+                        text.push_str(&format!("  {:<10} {:>7.1}s  {}\n", p.phase, p.ms as f64 / 1000.0, p.detail));
+                    }
+                    if let Some(note) = &out.pending {
+                        text.push_str(&format!("WARNING: {note}\n"));
+                    }
+                    emit(&text);
+                }
+            }
+            Ok(if out.pending.is_some() { Exit::Partial } else { Exit::Success })
+        }
         Command::Unlock { env, force } => {
             pgdr::config::validate_env_name(&env.env)?;
             match pgdr::state::unlock(&g.state_dir, &env.env, *force)? {
@@ -394,6 +438,7 @@ fn print_run(output: Output, r: &RunResult) {
 }
 
 fn print_status(s: &ops::StatusResult) {
+    let h = &s.health;
     let mut out = format!(
         "environment {}  ({} -> {})  {}\n",
         s.env,
@@ -404,6 +449,28 @@ fn print_status(s: &ops::StatusResult) {
     for p in &s.problems {
         out.push_str(&format!("  ! {p}\n"));
     }
+    out.push_str(&format!("writer: {}\n", h.writer_region.as_deref().unwrap_or("none")));
+    for i in &h.instances {
+        out.push_str(&format!("  {:<8} {:<28} {:<10} {}\n", i.role, i.id, i.region, i.status));
+    }
+    out.push_str(&format!(
+        "replica lag: {}\n",
+        h.replica_lag_seconds.map(|l| format!("{l:.0} s")).unwrap_or_else(|| "no recent datapoint".into())
+    ));
+    out.push_str(&format!("dns {}: writers -> {}\n", h.dns_record, h.dns_writer_region.as_deref().unwrap_or("-")));
+    for r in &h.dns {
+        out.push_str(&format!(
+            "  [{}] weight {:<3} {}{}\n",
+            r.set_id,
+            r.weight,
+            r.value,
+            r.health_check.as_ref().map(|c| format!("  health check {c}")).unwrap_or_default()
+        ));
+    }
+    let alarming: Vec<_> = h.alarms.iter().filter(|a| a.state == "ALARM").collect();
+    out.push_str(&format!("alarms: {} ({} in ALARM)\n", h.alarms.len(), alarming.len()));
+    out.push_str(&format!("failover function: {}\n", if h.failover_function { "present" } else { "missing" }));
+    out.push_str("resources:\n");
     for r in &s.resources {
         out.push_str(&format!(
             "  {:<9} {:<22} {:<28} {:<10} {}{}\n",
@@ -416,6 +483,29 @@ fn print_status(s: &ops::StatusResult) {
         ));
     }
     emit(&out);
+}
+
+fn print_failover_plan(output: Output, plan: &pgdr::failover::Plan, dry_run: bool) {
+    if output == Output::Json && dry_run {
+        return print_json(plan);
+    }
+    let mut t = format!(
+        "failover {}: {} ({}) -> {} ({})\n  primary {} is {}\n  replica {} is {}, lag {}\n",
+        plan.env,
+        plan.from_region,
+        plan.primary,
+        plan.to_region,
+        plan.replica,
+        plan.primary,
+        plan.primary_status,
+        plan.replica,
+        plan.replica_status,
+        plan.replica_lag_seconds.map(|l| format!("{l:.0} s")).unwrap_or_else(|| "unknown (no recent datapoint)".into())
+    );
+    for st in &plan.steps {
+        t.push_str(&format!("  {}will {st}\n", if dry_run { "(dry run) " } else { "" }));
+    }
+    eprint!("{t}");
 }
 
 /// Progress on stderr: timestamped lines (one per step start, status change and finish).

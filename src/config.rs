@@ -157,6 +157,9 @@ pub struct Overrides {
 pub struct Env {
     pub name: String,
     pub settings: Settings,
+    /// The roles of the two regions are swapped (after a failover and `reprotect`): the
+    /// settings' primary region and CIDR are then the DR side's, and the other way round.
+    pub swapped: bool,
 }
 
 pub fn validate_env_name(name: &str) -> Result<()> {
@@ -210,7 +213,7 @@ pub fn load(name: &str, path: Option<&Path>, overrides: &Overrides) -> Result<En
         settings.dr_region = r.clone();
     }
     validate(name, &settings)?;
-    Ok(Env { name: name.to_owned(), settings })
+    Ok(Env { name: name.to_owned(), settings, swapped: false })
 }
 
 fn looks_like_region(r: &str) -> bool {
@@ -310,6 +313,15 @@ pub fn validate(name: &str, s: &Settings) -> Result<()> {
 }
 
 impl Env {
+    /// The same environment with the regions' roles exchanged.
+    pub fn swap_roles(mut self) -> Env {
+        let s = &mut self.settings;
+        std::mem::swap(&mut s.primary_region, &mut s.dr_region);
+        std::mem::swap(&mut s.primary_cidr, &mut s.dr_cidr);
+        self.swapped = !self.swapped;
+        self
+    }
+
     pub fn primary_cidr(&self) -> Cidr {
         Cidr::parse(&self.settings.primary_cidr).unwrap_or(Cidr { addr: Ipv4Addr::new(10, 0, 0, 0), prefix: 16 })
     }

@@ -76,6 +76,13 @@ impl Cx {
 }
 
 impl Cx {
+    /// The side in the configured primary region. Resources that do not move with the roles
+    /// (the secret, the peering) stay there; after a `reprotect` the roles are swapped and this
+    /// is the DR side.
+    pub fn home(&self) -> Side {
+        if self.env.swapped { Side::Dr } else { Side::Primary }
+    }
+
     /// The side that holds the writer now: the primary region until a failover moved it.
     pub fn writer(&self) -> Side {
         let w = self.store.snapshot().topology.writer_region;

@@ -91,7 +91,11 @@ pub struct Recorder<'a> {
     pub cancel: Cancel,
 }
 
-impl Recorder<'_> {
+impl<'a> Recorder<'a> {
+    pub fn new(step: &str, plan: bool, progress: &'a dyn Progress, cancel: Cancel) -> Self {
+        Recorder { step: step.to_owned(), plan, changes: Mutex::new(Vec::new()), progress, cancel }
+    }
+
     pub fn record(&self, action: Action, kind: &str, name: &str, region: &str, id: Option<&str>, detail: Option<String>) {
         let c = Change { action, kind: kind.into(), name: name.into(), region: region.into(), id: id.map(Into::into), detail };
         tracing::debug!(step = %self.step, action = ?c.action, kind, name, region, id = ?c.id, "change");

@@ -8,6 +8,8 @@ pub mod config;
 pub mod cx;
 pub mod error;
 pub mod exec;
+pub mod failover;
+pub mod health;
 pub mod ops;
 pub mod state;
 pub mod steps;

@@ -70,13 +70,16 @@ impl Totals {
 }
 
 /// Opens the context for a command. `mutating` commands take the lock and persist state.
-async fn open(t: &Target, command: &str, mutating: bool, cancel: &Cancel) -> Result<(Cx, Option<Lock>)> {
+pub(crate) async fn open(t: &Target, command: &str, mutating: bool, cancel: &Cancel) -> Result<(Cx, Option<Lock>)> {
     let env = t.load_env()?;
     // Read (and so validate) the state before taking the lock or calling AWS.
     let existing = state::read(&t.state_dir, &env.name)?;
     let lock = if mutating { Some(Lock::acquire(&t.state_dir, &env.name, command)?) } else { None };
     // Re-read under the lock: another run may have finished in between.
     let existing = if mutating { state::read(&t.state_dir, &env.name)? } else { existing };
+    // After `reprotect` the regions' roles are swapped: the DR region holds the primary.
+    let swapped = existing.as_ref().is_some_and(|s| !s.topology.primary_region.is_empty() && s.topology.primary_region == env.settings.dr_region);
+    let env = if swapped { env.swap_roles() } else { env };
     let mut conn = t.connection.clone();
     conn.retry_max_attempts = env.settings.retry_max_attempts;
     let clients = clients::build(&conn, &env.settings.primary_region, &env.settings.dr_region).await?;
@@ -147,8 +150,10 @@ pub struct StatusResult {
     pub primary_region: String,
     pub dr_region: String,
     pub healthy: bool,
-    pub resources: Vec<ResourceStatus>,
+    /// Most important first: what is wrong, and what to run.
     pub problems: Vec<String>,
+    pub health: crate::health::Health,
+    pub resources: Vec<ResourceStatus>,
     #[serde(skip)]
     pub exit: Exit,
 }
@@ -157,7 +162,7 @@ pub struct StatusResult {
 pub async fn status(t: &Target, cancel: &Cancel) -> Result<StatusResult> {
     let (cx, _) = open(t, "pgdr status", false, cancel).await?;
     let steps = crate::steps::graph();
-    let report = exec::execute(&steps, &cx, Direction::Up, true, &exec::NoProgress, cancel).await;
+    let (report, health) = tokio::join!(exec::execute(&steps, &cx, Direction::Up, true, &exec::NoProgress, cancel), crate::health::gather(&cx));
     let mut resources = Vec::new();
     let mut problems: Vec<String> = report.failures().map(|f| format!("{}: {}", f.step, match &f.outcome {
         exec::Outcome::Failed { error, .. } => error.as_str(),
@@ -186,6 +191,9 @@ pub async fn status(t: &Target, cancel: &Cancel) -> Result<StatusResult> {
             });
         }
     }
+    let mut first = health_problems(&cx, &health);
+    first.extend(problems);
+    let problems = first;
     let healthy = problems.is_empty();
     Ok(StatusResult {
         env: cx.env.name.clone(),
@@ -193,6 +201,7 @@ pub async fn status(t: &Target, cancel: &Cancel) -> Result<StatusResult> {
         dr_region: cx.env.settings.dr_region.clone(),
         healthy,
         resources,
+        health,
         problems,
         exit: if healthy { Exit::Success } else { Exit::Partial },
     })
@@ -240,4 +249,61 @@ pub fn list_envs(dir: &Path) -> Result<Vec<EnvSummary>> {
         }
     }
     Ok(out)
+}
+
+/// What makes an environment degraded, read from AWS.
+fn health_problems(cx: &Cx, h: &crate::health::Health) -> Vec<String> {
+    use crate::cx::Side;
+    let mut p = Vec::new();
+    let env = cx.name();
+    for u in &h.unreachable {
+        p.push(format!("could not read {u}"));
+    }
+    match &h.writer_region {
+        None => p.push("no instance accepts writes".into()),
+        Some(w) if w != cx.region(Side::Primary) => p.push(format!(
+            "failed over: the writer is in {w} and nothing protects it; when {} is back run `pgdr reprotect --env {env}`",
+            cx.region(Side::Primary)
+        )),
+        Some(_) => {}
+    }
+    for i in &h.instances {
+        if i.role != "fenced" && i.status != "available" {
+            p.push(format!("{} {} in {} is {}", i.role, i.id, i.region, i.status));
+        }
+    }
+    if let (Some(w), Some(d)) = (&h.writer_region, &h.dns_writer_region) {
+        if w != d {
+            p.push(format!("DNS sends writers to {d} but the writer is in {w}: run `pgdr failover --env {env}` or `pgdr up --env {env}`"));
+        }
+    }
+    if let Some(lag) = h.replica_lag_seconds {
+        if lag > cx.env.settings.max_failover_lag_seconds || lag < 0.0 {
+            p.push(format!("replica lag is {lag:.0} s"));
+        }
+    }
+    for a in h.alarms.iter().filter(|a| a.state == "ALARM") {
+        p.push(format!("alarm {} in {} is in ALARM", a.name, a.region));
+    }
+    if !h.failover_function && h.writer_region.as_deref() == Some(cx.region(Side::Primary)) {
+        p.push("the failover function is missing: run `pgdr up`".into());
+    }
+    p
+}
+
+/// `failover`: opens the environment (locked unless dry-run) and reads what AWS says.
+pub async fn failover_plan(t: &Target, dry_run: bool, cancel: &Cancel) -> Result<(Cx, Option<Lock>, crate::failover::Plan)> {
+    let (cx, lock) = open(t, "pgdr failover", !dry_run, cancel).await?;
+    let plan = crate::failover::plan(&cx).await?;
+    Ok((cx, lock, plan))
+}
+
+/// Refuses a promotion that would lose more than `max` seconds of data, unless forced.
+pub fn check_lag(plan: &crate::failover::Plan, max: f64, force: bool) -> Result<()> {
+    match plan.replica_lag_seconds {
+        Some(lag) if !plan.already_promoted && !force && (lag > max || lag < 0.0) => Err(Error::user(format!(
+            "replica lag is {lag:.0} s (limit {max:.0} s): promoting now loses up to that much data; wait for it to catch up or rerun with --force"
+        ))),
+        _ => Ok(()),
+    }
 }

@@ -37,6 +37,13 @@ pub struct Topology {
     /// Region of the current writer; empty until the primary exists.
     #[serde(default)]
     pub writer_region: String,
+    /// Region of the protected primary (the source of the replica), when `reprotect` has
+    /// swapped the roles of the configured regions; empty means the configured primary region.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub primary_region: String,
+    /// Regions whose old primary is fenced, with the ingress rules `failover` revoked there.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub fenced: BTreeMap<String, Vec<String>>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub events: Vec<TopologyEvent>,
 }
@@ -216,7 +223,8 @@ impl Store {
         })
     }
 
-    /// Changes the state and saves it before returning.
+    /// Changes the state and saves it before returning. The closure runs under the state lock:
+    /// it must not call back into the store (compute what it needs first).
     pub fn update(&self, f: impl FnOnce(&mut State)) -> Result<()> {
         let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let before = g.clone();

@@ -157,7 +157,7 @@ def set_weights(c, cfg, weights, values, dry_run, time_left):
         if hc:
             rec["HealthCheckId"] = hc
         wanted.append(rec)
-    if False and all(same_record(r, current.get(r["SetIdentifier"])) for r in wanted):
+    if all(same_record(r, current.get(r["SetIdentifier"])) for r in wanted):
         log.info("DNS already as wanted: %s", weights)
         return []
     summary = [f"{r['SetIdentifier']} weight {r['Weight']} -> {value_of(r)}" for r in wanted]

@@ -22,6 +22,10 @@ pub struct Alarms;
 pub const TOPICS: &str = "topics";
 pub const ALARMS: &str = "alarms";
 
+/// Resource kinds, as state and the reports show them.
+const ALARM: &str = "cloudwatch-alarm";
+const DASHBOARD: &str = "cloudwatch-dashboard";
+
 const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 /// WAL a replication slot may hold back before we warn: 10 GiB is hours of a busy database's
 /// WAL, well before the transaction-log disk alarm (20% of storage) and a full disk.
@@ -270,82 +274,61 @@ fn alarm_defs(cx: &Cx) -> Vec<AlarmDef> {
 }
 
 impl AlarmDef {
-    /// What pgdr sets, as comparable text (see [`have_fields`]).
-    fn fields(&self, topic: &str) -> Vec<(&'static str, String)> {
+    /// The alarm as it should be: what PutMetricAlarm sends and DescribeAlarms must show.
+    fn wanted(&self, cx: &Cx, topic: &str) -> MetricAlarm {
         let (k, v) = &self.dimension;
-        fields(self.namespace, self.metric, vec![format!("{k}={v}")], self.stat.as_str(), self.period, self.periods, self.periods, self.threshold, self.cmp.as_str(), self.missing, vec![topic.into()], vec![topic.into()], &self.about, true)
+        MetricAlarm::builder()
+            .alarm_name(alarm_name(cx, self.what))
+            .alarm_description(&self.about)
+            .namespace(self.namespace)
+            .metric_name(self.metric)
+            .dimensions(Dimension::builder().name(*k).value(v).build())
+            .statistic(self.stat.clone())
+            .period(self.period)
+            .evaluation_periods(self.periods)
+            .datapoints_to_alarm(self.periods)
+            .threshold(self.threshold)
+            .comparison_operator(self.cmp.clone())
+            .treat_missing_data(self.missing)
+            .actions_enabled(true)
+            .alarm_actions(topic)
+            .ok_actions(topic)
+            .build()
     }
 }
 
-/// The fields pgdr sets on an alarm, normalized: lists sorted, threshold rounded to 1/1000
-/// (thresholds travel as decimal text), AWS's defaults filled in for what it omits.
-#[allow(clippy::too_many_arguments)]
-fn fields(
-    namespace: &str,
-    metric: &str,
-    mut dims: Vec<String>,
-    stat: &str,
-    period: i32,
-    periods: i32,
-    datapoints: i32,
-    threshold: f64,
-    cmp: &str,
-    missing: &str,
-    mut alarm_actions: Vec<String>,
-    mut ok_actions: Vec<String>,
-    about: &str,
-    enabled: bool,
-) -> Vec<(&'static str, String)> {
-    dims.sort();
-    alarm_actions.sort();
-    ok_actions.sort();
-    vec![
-        ("namespace", namespace.into()),
-        ("metric", metric.into()),
-        ("dimensions", dims.join(",")),
-        ("statistic", stat.into()),
-        ("period", period.to_string()),
+/// The fields pgdr sets, as comparable text: lists sorted, the threshold rounded to 1/1000
+/// (it travels as decimal text), AWS's defaults filled in where it omits a field.
+fn fields(a: &MetricAlarm) -> [(&'static str, String); 14] {
+    let list = |v: Vec<String>| {
+        let mut v = v;
+        v.sort();
+        v.join(",")
+    };
+    let dims = a.dimensions().iter().map(|d| format!("{}={}", d.name().unwrap_or(""), d.value().unwrap_or(""))).collect();
+    let periods = a.evaluation_periods().unwrap_or(0);
+    [
+        ("namespace", a.namespace().unwrap_or("").into()),
+        ("metric", a.metric_name().unwrap_or("").into()),
+        ("dimensions", list(dims)),
+        ("statistic", a.statistic().map(|s| s.as_str()).unwrap_or("").into()),
+        ("period", a.period().unwrap_or(0).to_string()),
         ("evaluation periods", periods.to_string()),
-        ("datapoints to alarm", datapoints.to_string()),
-        ("threshold", ((threshold * 1000.0).round() / 1000.0).to_string()),
-        ("comparison", cmp.into()),
-        ("treat missing data", missing.into()),
-        ("alarm actions", alarm_actions.join(",")),
-        ("OK actions", ok_actions.join(",")),
-        ("description", about.into()),
-        ("actions enabled", enabled.to_string()),
+        ("datapoints to alarm", a.datapoints_to_alarm().unwrap_or(periods).to_string()),
+        ("threshold", a.threshold().map(|t| ((t * 1000.0).round() / 1000.0).to_string()).unwrap_or_default()),
+        ("comparison", a.comparison_operator().map(|c| c.as_str()).unwrap_or("").into()),
+        ("treat missing data", a.treat_missing_data().unwrap_or("missing").into()),
+        ("alarm actions", list(a.alarm_actions().to_vec())),
+        ("OK actions", list(a.ok_actions().to_vec())),
+        ("actions enabled", a.actions_enabled().unwrap_or(true).to_string()),
+        ("description", a.alarm_description().unwrap_or("").into()),
     ]
 }
 
-/// What an existing alarm holds, in the form of [`AlarmDef::fields`].
-fn have_fields(a: &MetricAlarm) -> Vec<(&'static str, String)> {
-    let dims = a.dimensions().iter().map(|d| format!("{}={}", d.name().unwrap_or(""), d.value().unwrap_or(""))).collect();
-    let periods = a.evaluation_periods().unwrap_or(0);
-    fields(
-        a.namespace().unwrap_or(""),
-        a.metric_name().unwrap_or(""),
-        dims,
-        a.statistic().map(|s| s.as_str()).unwrap_or(""),
-        a.period().unwrap_or(0),
-        periods,
-        a.datapoints_to_alarm().unwrap_or(periods),
-        a.threshold().unwrap_or(f64::NAN),
-        a.comparison_operator().map(|c| c.as_str()).unwrap_or(""),
-        a.treat_missing_data().unwrap_or("missing"),
-        a.alarm_actions().to_vec(),
-        a.ok_actions().to_vec(),
-        a.alarm_description().unwrap_or(""),
-        a.actions_enabled().unwrap_or(true),
-    )
-}
-
 /// `field have -> want` for each field that differs.
-fn diff(have: &[(&str, String)], want: &[(&str, String)]) -> Vec<String> {
-    have.iter()
-        .zip(want)
-        .filter(|((_, h), (_, w))| h != w)
-        .map(|((k, h), (_, w))| format!("{k} {} -> {}", if h.is_empty() { "(none)" } else { h }, if w.is_empty() { "(none)" } else { w }))
-        .collect()
+fn diff(have: &MetricAlarm, want: &MetricAlarm) -> Vec<String> {
+    let none = |s: &str| if s.is_empty() { "(none)".to_owned() } else { s.to_owned() };
+    fields(have).into_iter().zip(fields(want)).filter(|((_, h), (_, w))| h != w).map(|((k, h), (_, w))| format!("{k} {} -> {}", none(&h), none(&w))).collect()
 }
 
 /// The named alarms that exist in a region, in one call.
@@ -358,27 +341,27 @@ async fn describe_alarms(reg: &Regional, names: &[String]) -> Result<BTreeMap<St
     Ok(out.metric_alarms.unwrap_or_default().into_iter().filter_map(|a| Some((a.alarm_name.clone()?, a))).collect())
 }
 
-async fn put_alarm(cx: &Cx, reg: &Regional, a: &AlarmDef, topic: &str) -> Result<()> {
-    let (k, v) = &a.dimension;
-    let tags = cx.tags(a.what).into_iter().map(|(k, v)| aws_sdk_cloudwatch::types::Tag::builder().key(k).value(v).build());
+/// Creates or updates an alarm as `w` says.
+async fn put_alarm(cx: &Cx, reg: &Regional, what: &str, w: &MetricAlarm) -> Result<()> {
+    let tags = cx.tags(what).into_iter().map(|(k, v)| aws_sdk_cloudwatch::types::Tag::builder().key(k).value(v).build());
     let req = reg
         .cloudwatch
         .put_metric_alarm()
-        .alarm_name(alarm_name(cx, a.what))
-        .alarm_description(&a.about)
-        .namespace(a.namespace)
-        .metric_name(a.metric)
-        .dimensions(Dimension::builder().name(*k).value(v).build())
-        .statistic(a.stat.clone())
-        .period(a.period)
-        .evaluation_periods(a.periods)
-        .datapoints_to_alarm(a.periods)
-        .threshold(a.threshold)
-        .comparison_operator(a.cmp.clone())
-        .treat_missing_data(a.missing)
-        .actions_enabled(true)
-        .alarm_actions(topic)
-        .ok_actions(topic)
+        .set_alarm_name(w.alarm_name.clone())
+        .set_alarm_description(w.alarm_description.clone())
+        .set_namespace(w.namespace.clone())
+        .set_metric_name(w.metric_name.clone())
+        .set_dimensions(w.dimensions.clone())
+        .set_statistic(w.statistic.clone())
+        .set_period(w.period)
+        .set_evaluation_periods(w.evaluation_periods)
+        .set_datapoints_to_alarm(w.datapoints_to_alarm)
+        .set_threshold(w.threshold)
+        .set_comparison_operator(w.comparison_operator.clone())
+        .set_treat_missing_data(w.treat_missing_data.clone())
+        .set_actions_enabled(w.actions_enabled)
+        .set_alarm_actions(w.alarm_actions.clone())
+        .set_ok_actions(w.ok_actions.clone())
         // Applied at creation only; AWS ignores tags when an alarm is updated.
         .set_tags(Some(tags.collect()));
     aws!(&reg.region, "cloudwatch", "PutMetricAlarm", req.send())?;
@@ -400,21 +383,22 @@ async fn alarms_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
         let names: Vec<String> = mine.iter().map(|a| alarm_name(cx, a.what)).collect();
         let found = describe_alarms(reg, &names).await?;
         for (a, name) in mine.into_iter().zip(names) {
-            let r = Res::new(alarm_key(region, &name), "alarm", name.clone(), region);
+            let r = Res::new(alarm_key(region, &name), ALARM, name.clone(), region);
             let have = found.get(&name);
+            let want = a.wanted(cx, &topic);
             super::ensure(cx, rec, &r, async |_| Ok(have.map(|_| name.clone())), async |_| {
-                put_alarm(cx, reg, a, &topic).await?;
+                put_alarm(cx, reg, a.what, &want).await?;
                 Ok(name.clone())
             })
             .await?;
             let Some(have) = have else { continue };
-            let changes = diff(&have_fields(have), &a.fields(&topic));
+            let changes = diff(have, &want);
             if !changes.is_empty() {
                 if !rec.plan {
                     cx.cancel.check()?;
-                    put_alarm(cx, reg, a, &topic).await?;
+                    put_alarm(cx, reg, a.what, &want).await?;
                 }
-                rec.record(Action::Change, "alarm", &name, region, Some(&name), Some(changes.join(", ")));
+                rec.record(Action::Change, ALARM, &name, region, Some(&name), Some(changes.join(", ")));
             }
         }
     }
@@ -424,7 +408,7 @@ async fn alarms_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
 async fn alarms_down(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
     let reg = cx.regional(Side::Primary);
     let region = reg.region.as_str();
-    let r = Res::new(dashboard_key(cx), "dashboard", dashboard_name(cx), region);
+    let r = Res::new(dashboard_key(cx), DASHBOARD, dashboard_name(cx), region);
     super::remove(cx, rec, &r, async |_| Ok(get_dashboard(cx).await?.map(|_| dashboard_name(cx))), async |name| {
         match aws!(region, "cloudwatch", "DeleteDashboards", reg.cloudwatch.delete_dashboards().dashboard_names(name).send()) {
             Ok(_) => Ok(()),
@@ -442,7 +426,7 @@ async fn alarms_down(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
         // The table's alarms and any other alarm state knows of in this region.
         let mut names: Vec<String> = defs.iter().filter(|a| a.side == side).map(|a| alarm_name(cx, a.what)).collect();
         for (key, res) in &state.resources {
-            if let (Some(name), "alarm") = (key.strip_prefix(&format!("alarms/{region}/")), res.kind.as_str()) {
+            if let (Some(name), ALARM) = (key.strip_prefix(&format!("alarms/{region}/")), res.kind.as_str()) {
                 if !names.iter().any(|n| n == name) {
                     names.push(name.to_owned());
                 }
@@ -465,9 +449,9 @@ async fn alarms_down(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
                 cx.store.remove(&key)?;
             }
             if existing.contains(name) {
-                rec.record(Action::Delete, "alarm", name, region, Some(name), None);
+                rec.record(Action::Delete, ALARM, name, region, Some(name), None);
             } else {
-                rec.record(Action::Absent, "alarm", name, region, None, None);
+                rec.record(Action::Absent, ALARM, name, region, None, None);
             }
         }
     }
@@ -530,7 +514,7 @@ async fn ensure_dashboard(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
         Ok(())
     };
     let have = get_dashboard(cx).await?;
-    let r = Res::new(dashboard_key(cx), "dashboard", name.clone(), region);
+    let r = Res::new(dashboard_key(cx), DASHBOARD, name.clone(), region);
     super::ensure(cx, rec, &r, async |_| Ok(have.as_ref().map(|_| name.clone())), async |_| {
         put().await?;
         Ok(name.clone())
@@ -541,7 +525,7 @@ async fn ensure_dashboard(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
             cx.cancel.check()?;
             put().await?;
         }
-        rec.record(Action::Change, "dashboard", &name, region, Some(&name), Some("widgets differ from pgdr's".into()));
+        rec.record(Action::Change, DASHBOARD, &name, region, Some(&name), Some("widgets differ from pgdr's".into()));
     }
     Ok(())
 }

@@ -45,8 +45,17 @@ impl Db {
     }
 }
 
+/// The instance of a side: as recorded in state, else `pgdr-<env>-<region>`.
 pub fn instance_id(cx: &Cx, side: Side) -> String {
-    format!("pgdr-{}-{}", cx.name(), cx.region(side))
+    cx.store
+        .get(&instance_key(cx, side))
+        .and_then(|r| r.id.or_else(|| r.attrs.get("identifier").cloned()))
+        .unwrap_or_else(|| format!("pgdr-{}-{}", cx.name(), cx.region(side)))
+}
+
+/// The old primary after a failover: kept as it is (never recreated, never waited on).
+pub fn is_fenced_side(cx: &Cx, side: Side) -> bool {
+    side == Side::Primary && cx.writer() == Side::Dr
 }
 
 pub fn instance_key(cx: &Cx, side: Side) -> String {
@@ -241,6 +250,10 @@ async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
     .await?;
     let Some(_) = created else { return Ok(()) };
     if rec.plan && found.is_none() {
+        return Ok(());
+    }
+    if is_fenced_side(cx, side) {
+        // Failed over: the old primary stays as `failover` left it until `reprotect`.
         return Ok(());
     }
 

@@ -213,8 +213,10 @@ pub fn wanted_records(cx: &Cx, writer: Side, endpoints: &[(Side, String)], healt
             .ttl(ttl)
             .set_identifier(cx.region(*side))
             .weight(if *side == writer { 100 } else { 0 })
-            .resource_records(ResourceRecord::builder().value(endpoint).build().expect("value is set"));
-        if *side == writer {
+            .set_resource_records(ResourceRecord::builder().value(endpoint).build().ok().map(|r| vec![r]));
+        // The health check watches the protected primary: it stays on that record (weight 0
+        // after a failover, where it can no longer send clients anywhere wrong).
+        if *side == Side::Primary {
             b = b.set_health_check_id(health_check.map(str::to_owned));
         }
         if let Ok(r) = b.build() {
@@ -226,7 +228,7 @@ pub fn wanted_records(cx: &Cx, writer: Side, endpoints: &[(Side, String)], healt
             .name(reader_record(cx))
             .r#type(RrType::Cname)
             .ttl(ttl)
-            .resource_records(ResourceRecord::builder().value(reader).build().expect("value is set"))
+            .set_resource_records(ResourceRecord::builder().value(reader).build().ok().map(|r| vec![r]))
             .build()
         {
             out.push(r);
@@ -253,7 +255,8 @@ pub async fn current_records(cx: &Cx, zone: &str) -> Result<Vec<ResourceRecordSe
     Ok(out.resource_record_sets.into_iter().filter(|r| names.iter().any(|n| n.trim_end_matches('.') == r.name.trim_end_matches('.'))).collect())
 }
 
-async fn records_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
+/// Makes the records match the topology (writer weight 100); one batch, then INSYNC.
+pub async fn records_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
     let Some(zone) = cx.store.id(&zone_key()) else {
         rec.record(Action::Create, "dns-record", &writer_record(cx), "global", None, Some("weighted writer and reader records".into()));
         return Ok(());

@@ -136,9 +136,11 @@ fn probe_managed(cx: &Cx) -> Vec<String> {
     vec![format!("arn:{p}:iam::aws:policy/service-role/AWSLambdaVPCAccessExecutionRole")]
 }
 
+/// The function protects the pair as it was set up (not the current writer): after a failover
+/// it finds the replica promoted and keeps DNS on it; it never points DNS back.
 fn failover_env(cx: &Cx) -> Vec<(String, String)> {
-    let writer = cx.writer();
-    let reader = writer.other();
+    let writer = Side::Primary;
+    let reader = Side::Dr;
     vec![
         ("PGDR_ENV".into(), cx.name().into()),
         ("PRIMARY_REGION".into(), cx.region(writer).into()),
@@ -213,7 +215,7 @@ fn probe_rule(cx: &Cx) -> String {
 async fn detection_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
     let dr = cx.regional(Side::Dr);
     let region = dr.region.as_str();
-    let writer = cx.writer();
+    let writer = Side::Primary;
     let probe = probe_name(cx);
 
     // The probe's security group in the DR VPC (outbound only; the primary's group admits the

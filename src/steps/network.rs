@@ -200,7 +200,13 @@ async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
     })
     .await?;
     let sg_id = sg.unwrap_or_default();
+    // A fenced old primary's group keeps its client rules revoked until `reprotect`.
+    let fenced = cx.store.snapshot().topology.fenced.contains_key(region);
     for (rule, rule_cidr) in [("db-sg-rule-local", cidr), ("db-sg-rule-peer", peer_cidr)] {
+        if fenced {
+            rec.record(crate::exec::Action::Keep, "security-group-rule", &format!("5432 from {rule_cidr}"), region, None, Some("revoked: fenced by failover".into()));
+            continue;
+        }
         let r = Res::new(key(cx, side, rule), "security-group-rule", format!("5432 from {rule_cidr}"), region);
         ensure(cx, rec, &r, async |_known| find_rule(cx, side, &sg_id, &rule_cidr.to_string()).await, async |_| {
             let out = aws!(

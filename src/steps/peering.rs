@@ -34,7 +34,7 @@ impl Step<Cx> for Peering {
 }
 
 fn key(cx: &Cx) -> String {
-    format!("peering/{}/connection", cx.region(Side::Primary))
+    format!("peering/{}/connection", cx.region(cx.home()))
 }
 
 fn route_key(cx: &Cx, side: Side) -> String {
@@ -62,12 +62,12 @@ async fn find(cx: &Cx, side: Side, known: Option<String>) -> Result<Option<(Stri
 }
 
 async fn up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
-    let primary = cx.regional(Side::Primary);
+    let primary = cx.regional(cx.home());
     let region = primary.region.as_str();
-    let vpc = find_vpc(cx, Side::Primary, cx.store.id(&network::key(cx, Side::Primary, "vpc"))).await?.unwrap_or_default();
-    let peer_vpc = find_vpc(cx, Side::Dr, cx.store.id(&network::key(cx, Side::Dr, "vpc"))).await?.unwrap_or_default();
+    let vpc = find_vpc(cx, cx.home(), cx.store.id(&network::key(cx, cx.home(), "vpc"))).await?.unwrap_or_default();
+    let peer_vpc = find_vpc(cx, cx.home().other(), cx.store.id(&network::key(cx, cx.home().other(), "vpc"))).await?.unwrap_or_default();
     let r = Res::new(key(cx), "vpc-peering", format!("pgdr-{}", cx.name()), region);
-    let pcx = ensure(cx, rec, &r, async |known| Ok(find(cx, Side::Primary, known).await?.map(|p| p.0)), async |_| {
+    let pcx = ensure(cx, rec, &r, async |known| Ok(find(cx, cx.home(), known).await?.map(|p| p.0)), async |_| {
         let out = aws!(
             region,
             "ec2",
@@ -77,7 +77,7 @@ async fn up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
                 .create_vpc_peering_connection()
                 .vpc_id(&vpc)
                 .peer_vpc_id(&peer_vpc)
-                .peer_region(cx.region(Side::Dr))
+                .peer_region(cx.region(cx.home().other()))
                 .tag_specifications(ec2_tag_spec(cx, ResourceType::VpcPeeringConnection, "peering"))
                 .send()
         )?;
@@ -89,9 +89,9 @@ async fn up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
 
     // Accept in the DR region (the only place AWS allows it), then wait for `active`.
     if let Some(pcx) = &pcx {
-        let dr = cx.regional(Side::Dr);
+        let dr = cx.regional(cx.home().other());
         let status = wait::until(&format!("peering {pcx} in {}", dr.region), Duration::from_secs(300), Pace::FAST, &cx.cancel, |s, _| rec.status(&format!("peering {s}")), "rerun `pgdr up`", async || {
-            Ok(match find(cx, Side::Dr, Some(pcx.clone())).await? {
+            Ok(match find(cx, cx.home().other(), Some(pcx.clone())).await? {
                 Some((_, code)) if code == "initiating-request" => Look::Pending(code),
                 Some((_, code)) => Look::Ready(code),
                 None => Look::Pending("not yet visible".into()),
@@ -108,7 +108,7 @@ async fn up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
         }
         if !rec.plan {
             wait::until(&format!("peering {pcx}"), Duration::from_secs(600), Pace::FAST, &cx.cancel, |s, _| rec.status(&format!("peering {s}")), "rerun `pgdr up`", async || {
-                Ok(match find(cx, Side::Primary, Some(pcx.clone())).await? {
+                Ok(match find(cx, cx.home(), Some(pcx.clone())).await? {
                     Some((_, c)) if c == "active" => Look::Ready(()),
                     Some((_, c)) => Look::Pending(c),
                     None => Look::Failed("deleted or rejected".into()),
@@ -117,7 +117,7 @@ async fn up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
             .await?;
         }
     } else {
-        rec.record(Action::Change, "vpc-peering", &r.name, cx.region(Side::Dr), None, Some("accept".into()));
+        rec.record(Action::Change, "vpc-peering", &r.name, cx.region(cx.home().other()), None, Some("accept".into()));
     }
 
     // Routes to the peer's CIDR in both route tables.
@@ -163,7 +163,7 @@ async fn find_route(cx: &Cx, side: Side, rt: &str, cidr: &str, pcx: &str) -> Res
 }
 
 async fn down(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
-    let pcx = find(cx, Side::Primary, cx.store.id(&key(cx))).await?.map(|p| p.0).unwrap_or_default();
+    let pcx = find(cx, cx.home(), cx.store.id(&key(cx))).await?.map(|p| p.0).unwrap_or_default();
     for side in [Side::Primary, Side::Dr] {
         let reg = cx.regional(side);
         let peer = match side {
@@ -182,16 +182,16 @@ async fn down(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
         })
         .await?;
     }
-    let primary = cx.regional(Side::Primary);
+    let primary = cx.regional(cx.home());
     let r = Res::new(key(cx), "vpc-peering", format!("pgdr-{}", cx.name()), &primary.region);
-    remove(cx, rec, &r, async |known| Ok(find(cx, Side::Primary, known).await?.map(|p| p.0)), async |id| {
+    remove(cx, rec, &r, async |known| Ok(find(cx, cx.home(), known).await?.map(|p| p.0)), async |id| {
         match aws!(&primary.region, "ec2", "DeleteVpcPeeringConnection", primary.ec2.delete_vpc_peering_connection().vpc_peering_connection_id(&id).send()) {
             Ok(_) => {}
             Err(e) if e.code().ends_with("NotFound") => return Ok(()),
             Err(e) => return Err(e.into()),
         }
         wait::until(&format!("peering {id}"), Duration::from_secs(600), Pace::FAST, &cx.cancel, |s, _| rec.status(&format!("peering {s}")), "rerun `pgdr down`", async || {
-            Ok(match find(cx, Side::Primary, Some(id.clone())).await? {
+            Ok(match find(cx, cx.home(), Some(id.clone())).await? {
                 None => Look::Ready(()),
                 Some((_, c)) => Look::Pending(c),
             })

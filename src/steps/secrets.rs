@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 use super::Res;
 use crate::aws;
-use crate::cx::{Cx, Side};
+use crate::cx::Cx;
 use crate::error::{AwsError, Error, Result};
 use crate::exec::{Action, Recorder, Step, StepResult};
 use crate::state::{Resource, Status};
@@ -27,7 +27,7 @@ pub fn name(cx: &Cx) -> String {
 }
 
 pub fn key(cx: &Cx) -> String {
-    format!("secrets/{}/master", cx.region(Side::Primary))
+    format!("secrets/{}/master", cx.region(cx.home()))
 }
 
 impl Step<Cx> for Secrets {
@@ -54,13 +54,13 @@ struct Found {
 }
 
 async fn describe(cx: &Cx) -> Result<Option<Found>> {
-    let reg = cx.regional(Side::Primary);
+    let reg = cx.regional(cx.home());
     match aws!(&reg.region, "secretsmanager", "DescribeSecret", reg.secrets.describe_secret().secret_id(name(cx)).send()) {
         Ok(o) => Ok(Some(Found {
             arn: o.arn.clone().unwrap_or_default(),
             ours: o.tags().iter().any(|t| t.key() == Some("pgdr:env") && t.value() == Some(cx.name())),
             scheduled_for_deletion: o.deleted_date.is_some(),
-            replicated_to_dr: o.replication_status().iter().any(|r| r.region() == Some(cx.region(Side::Dr))),
+            replicated_to_dr: o.replication_status().iter().any(|r| r.region() == Some(cx.region(cx.home().other()))),
         })),
         Err(e) if e.is_code(&["ResourceNotFoundException"]) => Ok(None),
         Err(e) => Err(e.into()),
@@ -72,9 +72,9 @@ fn tags(cx: &Cx) -> Vec<Tag> {
 }
 
 async fn up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
-    let reg = cx.regional(Side::Primary);
+    let reg = cx.regional(cx.home());
     let region = reg.region.as_str();
-    let dr = cx.region(Side::Dr).to_owned();
+    let dr = cx.region(cx.home().other()).to_owned();
     let r = Res::new(key(cx), "secret", name(cx), region);
     let found = describe(cx).await?;
     let found = match found {
@@ -129,7 +129,7 @@ async fn up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
 }
 
 async fn create(cx: &Cx, token: &str) -> Result<String> {
-    let reg = cx.regional(Side::Primary);
+    let reg = cx.regional(cx.home());
     let region = reg.region.as_str();
     let pw = aws!(
         region,
@@ -158,7 +158,7 @@ async fn create(cx: &Cx, token: &str) -> Result<String> {
             .secret_string(body)
             .client_request_token(token)
             .set_tags(Some(tags(cx)))
-            .add_replica_regions(ReplicaRegionType::builder().region(cx.region(Side::Dr)).build())
+            .add_replica_regions(ReplicaRegionType::builder().region(cx.region(cx.home().other())).build())
             .send()
     )?;
     out.arn.ok_or_else(|| Error::Other("CreateSecret returned no ARN".into()))
@@ -181,7 +181,7 @@ struct Credentials {
 
 /// Reads the master credentials from the secret (for creating the database).
 pub async fn read_credentials(cx: &Cx) -> Result<(String, Password)> {
-    let reg = cx.regional(Side::Primary);
+    let reg = cx.regional(cx.home());
     let out = aws!(&reg.region, "secretsmanager", "GetSecretValue", reg.secrets.get_secret_value().secret_id(name(cx)).send())?;
     let text = out.secret_string.ok_or_else(|| Error::failed(format!("secret {} holds no string", name(cx))))?;
     let c: Credentials = serde_json::from_str(&text)
@@ -195,7 +195,7 @@ pub async fn set_connection(cx: &Cx, rec: &Recorder<'_>, host: &str) -> Result<(
     if cx.store.attr(&key(cx), "connection").as_deref() == Some(want.as_str()) {
         return Ok(());
     }
-    let reg = cx.regional(Side::Primary);
+    let reg = cx.regional(cx.home());
     let region = reg.region.as_str();
     if rec.plan {
         rec.record(Action::Change, "secret", &name(cx), region, None, Some(format!("host {host}")));
@@ -222,7 +222,7 @@ pub async fn set_connection(cx: &Cx, rec: &Recorder<'_>, host: &str) -> Result<(
 }
 
 async fn down(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
-    let reg = cx.regional(Side::Primary);
+    let reg = cx.regional(cx.home());
     let region = reg.region.as_str();
     let r = Res::new(key(cx), "secret", name(cx), region);
     let found = describe(cx).await?;
@@ -245,7 +245,7 @@ async fn down(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
             region,
             "secretsmanager",
             "RemoveRegionsFromReplication",
-            reg.secrets.remove_regions_from_replication().secret_id(&f.arn).remove_replica_regions(cx.region(Side::Dr)).send()
+            reg.secrets.remove_regions_from_replication().secret_id(&f.arn).remove_replica_regions(cx.region(cx.home().other())).send()
         );
         ignore_missing(res)?;
     }

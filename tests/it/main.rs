@@ -1,6 +1,7 @@
 //! Integration tests: the pgdr binary against a private emulator per test.
 
 mod harness;
+mod alarms;
 mod data;
 mod dr;
 mod inputs;

@@ -328,6 +328,41 @@ def test_slow_promotion_is_finished_by_the_next_invocation(scene):
     assert scene.records()["eu-west-1"]["ResourceRecords"] == [{"Value": scene.replica_ep}]
 
 
+def test_promotion_waits_for_the_reboot_not_the_stale_available(scene):
+    """AWS may still say "available" just after PromoteReadReplica, then goes through
+    "modifying": DNS must move only once the instance is available again afterwards."""
+    scene.stop_primary()
+    after_promote = iter(["available", "modifying", "modifying", "available"])
+
+    def sequence(out):
+        if "promote_read_replica" in scene.clients.dr_rds.calls:
+            out["DBInstances"][0]["DBInstanceStatus"] = next(after_promote)
+        return out
+    scene.spy(dr_rewrite={"describe_db_instances": sequence})
+    assert_failed_over(scene, scene.invoke())
+    assert scene.clients.dr_rds.calls.count("describe_db_instances") == 1 + 4
+
+
+def test_failover_writes_the_real_replica_endpoint(scene):
+    rec = scene.records()["eu-west-1"]
+    scene.r53.change_resource_record_sets(HostedZoneId=scene.zone, ChangeBatch={"Changes": [
+        {"Action": "UPSERT", "ResourceRecordSet": dict(rec, ResourceRecords=[{"Value": "stale.example."}])}]})
+    scene.stop_primary()
+    assert_failed_over(scene, scene.invoke())  # asserts the value is the replica's endpoint
+
+
+def test_check_with_nothing_to_fail_over_to_publishes_nothing(scene):
+    scene.stop_primary()
+
+    def broken(out):
+        out["DBInstances"][0]["DBInstanceStatus"] = "storage-full"
+        return out
+    scene.spy(dr_rewrite={"describe_db_instances": broken})
+    out = scene.invoke({"action": "check"})
+    assert out["action"] == "check" and out["would"] == "none" and "storage-full" in out["error"]
+    assert scene.messages() == []
+
+
 def test_no_context_means_840_s_budget(monkeypatch):
     clock = [1000.0]
     monkeypatch.setattr(failover.time, "monotonic", lambda: clock[0])

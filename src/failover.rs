@@ -1,0 +1,263 @@
+//! `pgdr failover`: promote the replica, move DNS, fence the old primary. Every phase checks
+//! what AWS says first, so a rerun after an interruption (or after the automatic failover
+//! function already acted) only finishes what is left.
+
+use std::time::{Duration, Instant};
+
+use aws_sdk_ec2::types::Filter;
+use serde::Serialize;
+
+use crate::aws;
+use crate::cx::{Cx, Side};
+use crate::error::{Error, Result};
+use crate::exec::{Progress, Recorder};
+use crate::health::{self, promoted};
+use crate::state::{now_rfc3339, TopologyEvent};
+use crate::steps::{database, dns, network};
+use crate::wait::{self, Look, Pace};
+
+/// What `failover` found and will do.
+#[derive(Debug, Serialize)]
+pub struct Plan {
+    pub env: String,
+    pub from_region: String,
+    pub to_region: String,
+    pub primary: String,
+    pub primary_status: String,
+    pub replica: String,
+    pub replica_status: String,
+    pub replica_lag_seconds: Option<f64>,
+    pub already_promoted: bool,
+    pub dns_on_replica: bool,
+    pub fenced: bool,
+    pub steps: Vec<String>,
+}
+
+impl Plan {
+    pub fn nothing_to_do(&self) -> bool {
+        self.steps.is_empty()
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct Phase {
+    pub phase: String,
+    pub ms: u64,
+    pub detail: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Outcome {
+    pub plan: Plan,
+    pub timeline: Vec<Phase>,
+    /// Set when the old primary's region did not answer: rerun to fence it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pending: Option<String>,
+}
+
+pub async fn plan(cx: &Cx) -> Result<Plan> {
+    let (p, d, lag) = tokio::join!(health::instance(cx, Side::Primary), health::instance(cx, Side::Dr), health::replica_lag(cx));
+    // An unreachable primary region counts as "primary down".
+    let p = p.unwrap_or(None);
+    let d = d.map_err(Error::from)?.ok_or_else(|| {
+        Error::failed(format!("the replica {} does not exist in {}; nothing to fail over to", database::instance_id(cx, Side::Dr), cx.region(Side::Dr)))
+    })?;
+    let lag = lag.unwrap_or(None);
+    let already = promoted(&d);
+    let fenced = cx.store.snapshot().topology.fenced.contains_key(cx.region(Side::Primary));
+    let records = match cx.store.id(&dns::zone_key()) {
+        Some(zone) => dns::current_records(cx, &zone).await?,
+        None => vec![],
+    };
+    let dns_on_replica = records.iter().any(|r| r.set_identifier.as_deref() == Some(cx.region(Side::Dr)) && r.weight == Some(100))
+        && records.iter().all(|r| r.set_identifier.as_deref() != Some(cx.region(Side::Primary)) || r.weight == Some(0));
+    let mut steps = Vec::new();
+    if !already {
+        steps.push(format!("promote {} in {} (irreversible; it reboots)", d.id, cx.region(Side::Dr)));
+    }
+    if !dns_on_replica {
+        steps.push(format!("move {} to {} (weights {} 100 / {} 0)", dns::writer_record(cx).trim_end_matches('.'), d.id, cx.region(Side::Dr), cx.region(Side::Primary)));
+    }
+    if !fenced {
+        steps.push(format!("fence {}: revoke its 5432 ingress rules, tag it pgdr:role=fenced", database::instance_id(cx, Side::Primary)));
+    }
+    Ok(Plan {
+        env: cx.name().to_owned(),
+        from_region: cx.region(Side::Primary).to_owned(),
+        to_region: cx.region(Side::Dr).to_owned(),
+        primary: database::instance_id(cx, Side::Primary),
+        primary_status: p.as_ref().map(|p| p.status.clone()).unwrap_or_else(|| "unreachable or missing".into()),
+        replica: d.id.clone(),
+        replica_status: d.status.clone(),
+        replica_lag_seconds: lag,
+        already_promoted: already,
+        dns_on_replica,
+        fenced,
+        steps,
+    })
+}
+
+fn ms(t: Instant) -> u64 {
+    u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+pub async fn execute(cx: &Cx, plan: Plan, progress: &dyn Progress) -> Result<Outcome> {
+    let rec = Recorder::new("failover", false, progress, cx.cancel.clone());
+    let mut timeline = Vec::new();
+    let dr = cx.regional(Side::Dr);
+    let region = dr.region.as_str();
+
+    // 1. Promote (at once), and wait until the instance is writable.
+    let t = Instant::now();
+    if !plan.already_promoted {
+        if plan.replica_status != "available" {
+            return Err(Error::failed(format!("the replica {} is {:?}, not available: it cannot be promoted now; rerun when it is", plan.replica, plan.replica_status)));
+        }
+        aws!(region, "rds", "PromoteReadReplica", dr.rds.promote_read_replica().db_instance_identifier(&plan.replica).backup_retention_period(cx.env.settings.backup_retention_days).send())?;
+        rec.status(&format!("promotion of {} requested", plan.replica));
+        wait_promoted(cx, &rec, &plan.replica).await?;
+    }
+    tag(cx, Side::Dr, "primary").await?;
+    cx.store.update(|s| {
+        s.topology.writer_region = region.to_owned();
+        if !plan.already_promoted {
+            s.topology.events.push(TopologyEvent { at: now_rfc3339(), what: format!("failover: {} promoted in {region}", plan.replica) });
+        }
+    })?;
+    timeline.push(Phase {
+        phase: "promotion".into(),
+        ms: ms(t),
+        detail: if plan.already_promoted { "already promoted".into() } else { format!("{} promoted", plan.replica) },
+    });
+
+    // 2. DNS: writers to the new primary, one batch, INSYNC.
+    let t = Instant::now();
+    // The new primary's endpoint, as AWS reports it now.
+    if let Some(db) = health::instance(cx, Side::Dr).await? {
+        if let Some(e) = db.endpoint {
+            cx.store.update(|s| {
+                if let Some(r) = s.resources.get_mut(&database::instance_key(cx, Side::Dr)) {
+                    r.attrs.insert("endpoint".into(), e.clone());
+                }
+            })?;
+        }
+    }
+    dns::records_up(cx, &rec).await?;
+    timeline.push(Phase { phase: "dns".into(), ms: ms(t), detail: format!("{} -> {region}", dns::writer_record(cx).trim_end_matches('.')) });
+
+    // 3. Fence the old primary when its region answers.
+    let t = Instant::now();
+    let pending = if plan.fenced {
+        timeline.push(Phase { phase: "fence".into(), ms: 0, detail: "already fenced".into() });
+        None
+    } else {
+        match fence(cx, &rec).await {
+            Ok(revoked) => {
+                timeline.push(Phase { phase: "fence".into(), ms: ms(t), detail: format!("revoked {}", if revoked.is_empty() { "nothing (no rules left)".into() } else { revoked.join(", ") }) });
+                None
+            }
+            Err(Error::Aws(e)) if wait::is_transient(&e) || e.kind != crate::error::AwsErrorKind::Service => {
+                let note = format!(
+                    "the old primary's region {} did not answer ({e}); it is NOT fenced: rerun `pgdr failover --env {}` when the region is back",
+                    cx.region(Side::Primary),
+                    cx.name()
+                );
+                timeline.push(Phase { phase: "fence".into(), ms: ms(t), detail: "pending: region unreachable".into() });
+                Some(note)
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    Ok(Outcome { plan, timeline, pending })
+}
+
+/// Promotion is done when the instance is available again and no longer a replica. The
+/// emulator keeps the source field; three available looks in a row also count there.
+async fn wait_promoted(cx: &Cx, rec: &Recorder<'_>, id: &str) -> Result<()> {
+    let reg = cx.regional(Side::Dr);
+    let mut seen_busy = false;
+    let mut calm = 0;
+    wait::until(
+        &format!("promotion of {id}"),
+        Duration::from_secs(60 * cx.env.settings.replica_wait_minutes),
+        Pace { first: Duration::from_millis(250), max: Duration::from_secs(5) },
+        &cx.cancel,
+        |s, t| rec.status(&format!("{id}: {s} ({})", wait::human(t))),
+        "rerun `pgdr failover` to finish",
+        async || {
+            let Some(db) = database::describe(reg, id).await? else { return Ok(Look::Failed("deleted".into())) };
+            Ok(match wait::rds_status(&db.status) {
+                Look::Ready(()) if db.source.is_none() || seen_busy || calm >= 2 => Look::Ready(()),
+                Look::Ready(()) => {
+                    calm += 1;
+                    Look::Pending("promoting".into())
+                }
+                Look::Pending(s) => {
+                    seen_busy = true;
+                    calm = 0;
+                    Look::Pending(s)
+                }
+                Look::Failed(s) => Look::Failed(s),
+            })
+        },
+    )
+    .await
+}
+
+async fn tag(cx: &Cx, side: Side, role: &str) -> Result<()> {
+    let reg = cx.regional(side);
+    let Some(db) = database::describe(reg, &database::instance_id(cx, side)).await? else { return Ok(()) };
+    if db.tag("pgdr:role") == Some(role) {
+        return Ok(());
+    }
+    aws!(
+        &reg.region,
+        "rds",
+        "AddTagsToResource",
+        reg.rds.add_tags_to_resource().resource_name(&db.arn).tags(aws_sdk_rds::types::Tag::builder().key("pgdr:role").value(role).build()).send()
+    )?;
+    Ok(())
+}
+
+/// Revokes the old primary's 5432 ingress rules (recorded, so `reprotect` can restore them and
+/// `status` explain them) and tags it fenced.
+async fn fence(cx: &Cx, rec: &Recorder<'_>) -> Result<Vec<String>> {
+    let side = Side::Primary;
+    let reg = cx.regional(side);
+    let region = reg.region.as_str();
+    let sg = cx.store.id(&network::key(cx, side, "db-sg")).unwrap_or_default();
+    let mut revoked = Vec::new();
+    if !sg.is_empty() {
+        let out = aws!(
+            region,
+            "ec2",
+            "DescribeSecurityGroupRules",
+            reg.ec2.describe_security_group_rules().filters(Filter::builder().name("group-id").values(&sg).build()).send()
+        )?;
+        let rules: Vec<_> = out
+            .security_group_rules
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|r| r.is_egress == Some(false) && r.from_port.unwrap_or(0) <= 5432 && r.to_port.unwrap_or(0) >= 5432)
+            .collect();
+        let ids: Vec<String> = rules.iter().filter_map(|r| r.security_group_rule_id.clone()).collect();
+        if !ids.is_empty() {
+            aws!(region, "ec2", "RevokeSecurityGroupIngress", reg.ec2.revoke_security_group_ingress().group_id(&sg).set_security_group_rule_ids(Some(ids)).send())?;
+        }
+        revoked = rules.iter().map(|r| format!("5432 from {} ({})", r.cidr_ipv4.clone().unwrap_or_default(), r.security_group_rule_id.clone().unwrap_or_default())).collect();
+    }
+    tag(cx, side, "fenced").await?;
+    let list = revoked.clone();
+    let fenced_id = database::instance_id(cx, side);
+    let rule_keys: Vec<String> = ["db-sg-rule-local", "db-sg-rule-peer"].iter().map(|r| network::key(cx, side, r)).collect();
+    // Compute everything first: the closure runs under the state lock.
+    cx.store.update(|s| {
+        s.topology.fenced.insert(region.to_owned(), list);
+        for k in &rule_keys {
+            s.resources.remove(k);
+        }
+        s.topology.events.push(TopologyEvent { at: now_rfc3339(), what: format!("fenced {fenced_id} in {region}") });
+    })?;
+    rec.status(&format!("fenced {}", database::instance_id(cx, side)));
+    Ok(revoked)
+}

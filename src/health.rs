@@ -1,0 +1,204 @@
+//! What AWS says now about an environment's databases, DNS and alarms: the truth `status` and
+//! `failover` act on (an automatic failover may have happened while nobody was looking).
+
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+
+use crate::aws;
+use crate::cx::{Cx, Side};
+use crate::error::Result;
+use crate::steps::{database, dns, failover};
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Instance {
+    pub region: String,
+    pub id: String,
+    /// `primary` (accepts writes), `replica`, `fenced` (old primary after a failover) or `missing`.
+    pub role: String,
+    pub status: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    #[serde(skip)]
+    pub arn: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct WeightedRecord {
+    pub set_id: String,
+    pub weight: i64,
+    pub value: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Alarm {
+    pub name: String,
+    pub region: String,
+    pub state: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Health {
+    /// Region whose instance accepts writes, from AWS.
+    pub writer_region: Option<String>,
+    pub instances: Vec<Instance>,
+    /// Latest `ReplicaLag` of the replica, in seconds (`None`: no datapoint in 10 minutes).
+    pub replica_lag_seconds: Option<f64>,
+    pub dns_record: String,
+    pub dns: Vec<WeightedRecord>,
+    /// Region of the instance DNS sends writers to.
+    pub dns_writer_region: Option<String>,
+    pub alarms: Vec<Alarm>,
+    pub failover_function: bool,
+    /// Where a call failed (a region that does not answer is a fact, not an error).
+    pub unreachable: Vec<String>,
+}
+
+/// Whether the DR-side instance has been promoted (the emulator keeps the source field after
+/// promotion, hence the tag that pgdr and the failover function set).
+pub fn promoted(db: &database::Db) -> bool {
+    db.source.is_none() || db.tag("pgdr:role") == Some("primary")
+}
+
+pub async fn instance(cx: &Cx, side: Side) -> std::result::Result<Option<database::Db>, crate::error::AwsError> {
+    database::describe(cx.regional(side), &database::instance_id(cx, side)).await
+}
+
+/// Latest `ReplicaLag` datapoint of the DR-side instance.
+pub async fn replica_lag(cx: &Cx) -> Result<Option<f64>> {
+    let reg = cx.regional(Side::Dr);
+    let now = SystemTime::now();
+    let out = aws!(
+        &reg.region,
+        "cloudwatch",
+        "GetMetricStatistics",
+        reg.cloudwatch
+            .get_metric_statistics()
+            .namespace("AWS/RDS")
+            .metric_name("ReplicaLag")
+            .dimensions(aws_sdk_cloudwatch::types::Dimension::builder().name("DBInstanceIdentifier").value(database::instance_id(cx, Side::Dr)).build())
+            .start_time((now - Duration::from_secs(600)).into())
+            .end_time(now.into())
+            .period(60)
+            .statistics(aws_sdk_cloudwatch::types::Statistic::Maximum)
+            .send()
+    )?;
+    let mut points: Vec<_> = out.datapoints.unwrap_or_default().into_iter().filter_map(|d| Some((d.timestamp?, d.maximum?))).collect();
+    points.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(points.last().map(|p| p.1))
+}
+
+pub async fn gather(cx: &Cx) -> Health {
+    let mut unreachable = Vec::new();
+    let (p, d, lag, records, alarms_p, alarms_d, func) = tokio::join!(
+        instance(cx, Side::Primary),
+        instance(cx, Side::Dr),
+        replica_lag(cx),
+        records(cx),
+        alarms(cx, Side::Primary),
+        alarms(cx, Side::Dr),
+        function_exists(cx),
+    );
+    let mut note = |what: &str, e: &dyn std::fmt::Display| unreachable.push(format!("{what}: {e}"));
+    let p = p.unwrap_or_else(|e| {
+        note(&format!("instance in {}", cx.region(Side::Primary)), &e);
+        None
+    });
+    let d = d.unwrap_or_else(|e| {
+        note(&format!("instance in {}", cx.region(Side::Dr)), &e);
+        None
+    });
+    let dr_promoted = d.as_ref().is_some_and(promoted);
+    let mut instances = Vec::new();
+    for (side, db) in [(Side::Primary, &p), (Side::Dr, &d)] {
+        let role = match (side, db) {
+            (_, None) => "missing",
+            (Side::Primary, Some(db)) if dr_promoted || db.tag("pgdr:role") == Some("fenced") => "fenced",
+            (Side::Primary, Some(_)) => "primary",
+            (Side::Dr, Some(_)) if dr_promoted => "primary",
+            (Side::Dr, Some(_)) => "replica",
+        };
+        instances.push(Instance {
+            region: cx.region(side).to_owned(),
+            id: db.as_ref().map(|d| d.id.clone()).unwrap_or_else(|| database::instance_id(cx, side)),
+            role: role.into(),
+            status: db.as_ref().map(|d| d.status.clone()).unwrap_or_else(|| "-".into()),
+            endpoint: db.as_ref().and_then(|d| d.endpoint.clone()),
+            arn: db.as_ref().map(|d| d.arn.clone()).unwrap_or_default(),
+        });
+    }
+    let writer_region = instances.iter().find(|i| i.role == "primary").map(|i| i.region.clone());
+    let replica_lag_seconds = lag.unwrap_or_else(|e| {
+        note("replica lag", &e);
+        None
+    });
+    let dns = records.unwrap_or_else(|e| {
+        note("DNS records", &e);
+        vec![]
+    });
+    let dns_writer_region = dns.iter().filter(|r| r.weight > 0).max_by_key(|r| r.weight).map(|r| r.set_id.clone());
+    let mut alarms = Vec::new();
+    for (side, a) in [(Side::Primary, alarms_p), (Side::Dr, alarms_d)] {
+        match a {
+            Ok(a) => alarms.extend(a),
+            Err(e) => note(&format!("alarms in {}", cx.region(side)), &e),
+        }
+    }
+    let failover_function = func.unwrap_or_else(|e| {
+        note("failover function", &e);
+        false
+    });
+    Health {
+        writer_region,
+        instances,
+        replica_lag_seconds,
+        dns_record: dns::writer_record(cx).trim_end_matches('.').to_owned(),
+        dns,
+        dns_writer_region,
+        alarms,
+        failover_function,
+        unreachable,
+    }
+}
+
+async fn records(cx: &Cx) -> Result<Vec<WeightedRecord>> {
+    let Some(zone) = cx.store.id(&dns::zone_key()) else { return Ok(vec![]) };
+    let writer = dns::writer_record(cx);
+    Ok(dns::current_records(cx, &zone)
+        .await?
+        .into_iter()
+        .filter(|r| r.name.trim_end_matches('.') == writer.trim_end_matches('.'))
+        .map(|r| WeightedRecord {
+            set_id: r.set_identifier.clone().unwrap_or_default(),
+            weight: r.weight.unwrap_or(0),
+            value: r.resource_records().first().map(|v| v.value().to_owned()).unwrap_or_default(),
+            health_check: r.health_check_id.clone(),
+        })
+        .collect())
+}
+
+async fn alarms(cx: &Cx, side: Side) -> Result<Vec<Alarm>> {
+    let reg = cx.regional(side);
+    let out = aws!(&reg.region, "cloudwatch", "DescribeAlarms", reg.cloudwatch.describe_alarms().alarm_name_prefix(format!("pgdr-{}-", cx.name())).send())?;
+    Ok(out
+        .metric_alarms
+        .unwrap_or_default()
+        .into_iter()
+        .map(|a| Alarm {
+            name: a.alarm_name.unwrap_or_default(),
+            region: reg.region.clone(),
+            state: a.state_value.map(|s| s.as_str().to_owned()).unwrap_or_default(),
+        })
+        .collect())
+}
+
+async fn function_exists(cx: &Cx) -> Result<bool> {
+    let reg = cx.regional(Side::Dr);
+    match aws!(&reg.region, "lambda", "GetFunction", reg.lambda.get_function().function_name(failover::failover_name(cx)).send()) {
+        Ok(_) => Ok(true),
+        Err(e) if e.is_code(&["ResourceNotFoundException"]) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
