@@ -32,7 +32,8 @@ async fn check_region(emu: &Emu, region: &str, cidr: &str, peer: &str) {
     assert!(peer_route.vpc_peering_connection_id().is_some_and(|p| p.starts_with("pcx-")));
     assert!(!rt.routes().iter().any(|r| r.gateway_id().is_some_and(|g| g.starts_with("igw-")) || r.nat_gateway_id().is_some()), "no internet route");
 
-    let sgs = ec2.describe_security_groups().filters(env_filter("dev")).send().await.unwrap().security_groups.unwrap_or_default();
+    let db_sg = Filter::builder().name("tag:pgdr:resource").values("db-sg").build();
+    let sgs = ec2.describe_security_groups().filters(env_filter("dev")).filters(db_sg).send().await.unwrap().security_groups.unwrap_or_default();
     assert_eq!(sgs.len(), 1);
     let mut cidrs: Vec<String> = sgs[0]
         .ip_permissions()
