@@ -127,6 +127,21 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// After a failover: a new replica in the old region, detection moved, old primary deleted.
+    #[command(after_help = "Examples:\n  pgdr reprotect --env dev --dry-run\n  pgdr reprotect --env dev")]
+    Reprotect {
+        #[command(flatten)]
+        env: EnvArg,
+        /// Do not ask for confirmation (required when stdin is not a terminal).
+        #[arg(long)]
+        yes: bool,
+        /// Print what would be done and stop.
+        #[arg(long)]
+        dry_run: bool,
+        /// Keep the old primary (retired; `down` deletes it) instead of deleting it now.
+        #[arg(long)]
+        keep_old_primary: bool,
+    },
     /// Remove a stale lock left by a run that died.
     #[command(after_help = "Example: pgdr unlock --env dev")]
     Unlock {
@@ -327,6 +342,26 @@ async fn run(cli: Cli) -> Result<Exit, Error> {
                 }
             }
             Ok(if out.pending.is_some() { Exit::Partial } else { Exit::Success })
+        }
+        Command::Reprotect { env, yes, dry_run, keep_old_primary } => {
+            let t = target(g, &env.env);
+            let e = t.load_env()?;
+            let (cx, lock, plan) = ops::reprotect_plan(&t, *keep_old_primary, *dry_run, &cancel).await?;
+            let mut text = format!("reprotect {}: primary {} in {}, new replica {} in {}\n", plan.env, plan.new_primary, plan.new_primary_region, plan.new_replica, plan.new_replica_region);
+            for st in &plan.steps {
+                text.push_str(&format!("  {}will {st}\n", if *dry_run { "(dry run) " } else { "" }));
+            }
+            eprint!("{text}");
+            if *dry_run {
+                if g.output == Output::Json {
+                    print_json(&plan);
+                }
+                return Ok(Exit::Success);
+            }
+            confirm(*yes, &format!("This deletes or retires the old primary of {:?} and rebuilds protection in the opposite direction.", e.name), &e.name)?;
+            let r = ops::reprotect(&t, cx, lock, &plan, &progress, &cancel).await?;
+            print_run(g.output, &r);
+            Ok(r.exit)
         }
         Command::Unlock { env, force } => {
             pgdr::config::validate_env_name(&env.env)?;

@@ -307,3 +307,31 @@ pub fn check_lag(plan: &crate::failover::Plan, max: f64, force: bool) -> Result<
         _ => Ok(()),
     }
 }
+
+/// `reprotect`: reads what AWS says and what would be done.
+pub async fn reprotect_plan(t: &Target, keep_old_primary: bool, dry_run: bool, cancel: &Cancel) -> Result<(Cx, Option<Lock>, crate::reprotect::Plan)> {
+    let (cx, lock) = open(t, "pgdr reprotect", !dry_run, cancel).await?;
+    let plan = crate::reprotect::plan(&cx, keep_old_primary).await?;
+    Ok((cx, lock, plan))
+}
+
+/// Runs a confirmed `reprotect`: the old machinery goes, the roles swap, then `up` builds the
+/// new replica and moves detection (under the same lock).
+pub async fn reprotect(t: &Target, cx: Cx, lock: Option<Lock>, plan: &crate::reprotect::Plan, progress: &dyn Progress, cancel: &Cancel) -> Result<RunResult> {
+    crate::reprotect::prepare(&cx, plan, progress).await?;
+    drop(cx);
+    // Reopen with the roles swapped; keep holding the lock meanwhile.
+    let env = t.load_env()?;
+    let existing = state::read(&t.state_dir, &env.name)?;
+    let swapped = existing.as_ref().is_some_and(|s| s.topology.primary_region == env.settings.dr_region);
+    let env = if swapped { env.swap_roles() } else { env };
+    let mut conn = t.connection.clone();
+    conn.retry_max_attempts = env.settings.retry_max_attempts;
+    let clients = clients::build(&conn, &env.settings.primary_region, &env.settings.dr_region).await?;
+    let store = Store::new(&t.state_dir, &env.name, existing, true);
+    let cx = Cx { env, clients, store, opts: Options::default(), cancel: cancel.clone() };
+    let steps = crate::steps::graph();
+    let report = exec::execute(&steps, &cx, Direction::Up, false, progress, cancel).await;
+    drop(lock);
+    Ok(result("reprotect", &cx, false, report))
+}

@@ -408,3 +408,59 @@ async fn down(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
     .await?;
     Ok(())
 }
+
+/// Old primaries kept by `reprotect --keep-old-primary`: left alone by `up`, deleted (with a
+/// final snapshot unless `--skip-final-snapshot`) by `down`.
+pub struct Retired;
+
+impl Step<Cx> for Retired {
+    fn id(&self) -> String {
+        "retired".into()
+    }
+    fn deps(&self) -> Vec<String> {
+        vec![]
+    }
+    fn up<'a>(&'a self, cx: &'a Cx, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult> {
+        Box::pin(async move {
+            for (_, r) in cx.store.snapshot().resources.into_iter().filter(|(k, _)| k.starts_with("retired/")) {
+                rec.record(Action::Keep, "db-instance", r.id.as_deref().unwrap_or("?"), &r.region, r.id.as_deref(), Some("retired old primary".into()));
+            }
+            Ok(())
+        })
+    }
+    fn down<'a>(&'a self, cx: &'a Cx, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult> {
+        Box::pin(async move {
+            let retired: Vec<(String, crate::state::Resource)> = cx.store.snapshot().resources.into_iter().filter(|(k, _)| k.starts_with("retired/")).collect();
+            for (key, r) in retired {
+                let Some(reg) = cx.clients.region(&r.region).cloned() else { continue };
+                let id = r.id.clone().unwrap_or_default();
+                let found = describe(&reg, &id).await?.filter(|d| d.status != "deleting");
+                let snapshot = (!cx.opts.skip_final_snapshot).then(|| snapshot_name(cx));
+                let res = Res::new(key.clone(), "db-instance", id.clone(), &r.region);
+                super::remove(cx, rec, &res, async |_| Ok(found.as_ref().map(|d| d.id.clone())), async |id| {
+                    if found.as_ref().is_some_and(|d| d.deletion_protection) {
+                        aws!(&reg.region, "rds", "ModifyDBInstance", reg.rds.modify_db_instance().db_instance_identifier(&id).deletion_protection(false).apply_immediately(true).send())?;
+                    }
+                    match aws!(
+                        &reg.region,
+                        "rds",
+                        "DeleteDBInstance",
+                        reg.rds
+                            .delete_db_instance()
+                            .db_instance_identifier(&id)
+                            .skip_final_snapshot(snapshot.is_none())
+                            .set_final_db_snapshot_identifier(snapshot.clone())
+                            .delete_automated_backups(cx.opts.skip_final_snapshot)
+                            .send()
+                    ) {
+                        Ok(_) => Ok(()),
+                        Err(e) if e.is_code(&["DBInstanceNotFound", "DBInstanceNotFoundFault"]) => Ok(()),
+                        Err(e) => Err(e.into()),
+                    }
+                })
+                .await?;
+            }
+            Ok(())
+        })
+    }
+}

@@ -140,6 +140,7 @@ pub fn graph() -> Vec<Box<dyn crate::exec::Step<Cx>>> {
         Box::new(dbgroups::DbGroups(Side::Dr)),
         Box::new(database::Primary),
         Box::new(database::Replica),
+        Box::new(database::Retired),
         Box::new(alarms::Topics),
         Box::new(alarms::Alarms),
         Box::new(dns::Zone),
