@@ -80,7 +80,7 @@ pub async fn replica_lag(cx: &Cx) -> Result<Option<f64>> {
             .metric_name("ReplicaLag")
             .dimensions(aws_sdk_cloudwatch::types::Dimension::builder().name("DBInstanceIdentifier").value(database::instance_id(cx, Side::Dr)).build())
             .start_time((now - Duration::from_secs(600)).into())
-            .end_time(now.into())
+            .end_time((now + Duration::from_secs(60)).into())
             .period(60)
             .statistics(aws_sdk_cloudwatch::types::Statistic::Maximum)
             .send()

@@ -6,3 +6,4 @@ mod data;
 mod dr;
 mod inputs;
 mod network;
+mod ops;

@@ -1,0 +1,155 @@
+//! Operations: status from AWS, manual failover, up after a failover, reprotect, down.
+
+use crate::harness::{Emu, Run};
+
+fn instance<'a>(status: &'a serde_json::Value, region: &str) -> &'a serde_json::Value {
+    status["health"]["instances"].as_array().unwrap().iter().find(|i| i["region"] == region).unwrap()
+}
+
+async fn weights(emu: &Emu, run: &Run) -> Vec<(String, i64)> {
+    let state: serde_json::Value = serde_json::from_slice(&std::fs::read(run.state_file("dev")).unwrap()).unwrap();
+    let zone = state["resources"]["dns/global/zone"]["id"].as_str().unwrap().to_owned();
+    let r53 = aws_sdk_route53::Client::new(&emu.sdk("us-east-1").await);
+    let rrs = r53.list_resource_record_sets().hosted_zone_id(zone).send().await.unwrap();
+    let mut w: Vec<(String, i64)> = rrs
+        .resource_record_sets()
+        .iter()
+        .filter(|r| r.name() == "postgres.db-dev.internal.")
+        .map(|r| (r.set_identifier().unwrap().to_owned(), r.weight().unwrap()))
+        .collect();
+    w.sort();
+    w
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failover_then_reprotect_then_down() {
+    let emu = Emu::start();
+    let run = Run::new(&emu);
+    run.ok(&["up", "--env", "dev"]);
+
+    // Healthy: exit 0, the primary-region instance is the primary.
+    let s = run.ok(&["status", "--env", "dev", "--output", "json"]).json();
+    assert_eq!(s["schema"], "pgdr/v1");
+    assert_eq!(s["healthy"], true, "{s}");
+    assert_eq!(instance(&s, "us-east-1")["role"], "primary");
+    assert_eq!(instance(&s, "eu-west-1")["role"], "replica");
+    assert_eq!(s["health"]["dns_writer_region"], "us-east-1");
+
+    // Without --yes and no terminal: refused, nothing changed.
+    emu.reset_calls();
+    let refused = run.pgdr(&["failover", "--env", "dev"]);
+    assert_eq!(refused.code, 1, "{refused:?}");
+    assert!(refused.stderr.contains("--yes"));
+    assert_eq!(emu.mutating_calls(), Vec::<String>::new());
+
+    // The primary fails; a manual failover promotes, moves DNS and fences.
+    let rds = aws_sdk_rds::Client::new(&emu.sdk("us-east-1").await);
+    rds.stop_db_instance().db_instance_identifier("pgdr-dev-us-east-1").send().await.unwrap();
+    emu.reset_calls();
+    let out = run.ok(&["failover", "--env", "dev", "--yes", "--output", "json"]).json();
+    let calls = emu.mutating_calls();
+    assert!(calls.contains(&"rds eu-west-1 PromoteReadReplica".to_string()), "{calls:?}");
+    assert!(calls.iter().any(|c| c.contains("RevokeSecurityGroupIngress")), "{calls:?}");
+    assert!(out["timeline"].as_array().unwrap().iter().any(|p| p["phase"] == "promotion"), "{out}");
+    assert_eq!(weights(&emu, &run).await, vec![("eu-west-1".into(), 100), ("us-east-1".into(), 0)]);
+    let old = rds.describe_db_instances().db_instance_identifier("pgdr-dev-us-east-1").send().await.unwrap();
+    assert!(old.db_instances()[0].tag_list().iter().any(|t| t.key() == Some("pgdr:role") && t.value() == Some("fenced")));
+    let ec2 = aws_sdk_ec2::Client::new(&emu.sdk("us-east-1").await);
+    let sg = ec2
+        .describe_security_groups()
+        .filters(aws_sdk_ec2::types::Filter::builder().name("tag:pgdr:resource").values("db-sg").build())
+        .send()
+        .await
+        .unwrap();
+    assert!(sg.security_groups()[0].ip_permissions().iter().all(|p| p.from_port() != Some(5432)), "5432 revoked on the old primary");
+    let state: serde_json::Value = serde_json::from_slice(&std::fs::read(run.state_file("dev")).unwrap()).unwrap();
+    assert_eq!(state["topology"]["writer_region"], "eu-west-1");
+    assert!(state["topology"]["fenced"]["us-east-1"].as_array().is_some_and(|r| r.len() == 2), "revoked rules recorded: {state}");
+    let s = run.pgdr(&["status", "--env", "dev", "--output", "json"]);
+    assert_eq!(s.code, 3, "failed over and not re-protected is degraded: {s:?}");
+    let s = s.json();
+    assert_eq!(instance(&s, "eu-west-1")["role"], "primary");
+    assert_eq!(instance(&s, "us-east-1")["role"], "fenced");
+
+    // A second failover changes nothing; up converges to the new topology without a call.
+    emu.reset_calls();
+    run.ok(&["failover", "--env", "dev", "--yes"]);
+    assert_eq!(emu.mutating_calls(), Vec::<String>::new(), "second failover mutated");
+    run.ok(&["up", "--env", "dev"]);
+    assert_eq!(emu.mutating_calls(), Vec::<String>::new(), "up after failover mutated");
+
+    // The old region is back: reprotect.
+    rds.start_db_instance().db_instance_identifier("pgdr-dev-us-east-1").send().await.unwrap();
+    let refused = run.pgdr(&["reprotect", "--env", "dev"]);
+    assert_eq!(refused.code, 1, "{refused:?}");
+    run.ok(&["reprotect", "--env", "dev", "--yes"]);
+    let rds_dr = aws_sdk_rds::Client::new(&emu.sdk("eu-west-1").await);
+    let new_primary_arn = rds_dr.describe_db_instances().db_instance_identifier("pgdr-dev-eu-west-1").send().await.unwrap().db_instances()[0]
+        .db_instance_arn()
+        .unwrap()
+        .to_owned();
+    let replica = rds.describe_db_instances().db_instance_identifier("pgdr-dev-us-east-1").send().await.unwrap();
+    assert_eq!(replica.db_instances()[0].read_replica_source_db_instance_identifier(), Some(new_primary_arn.as_str()), "new replica of the new primary");
+    assert_eq!(weights(&emu, &run).await, vec![("eu-west-1".into(), 100), ("us-east-1".into(), 0)]);
+    // Detection moved to the new DR side.
+    let lambda_us = aws_sdk_lambda::Client::new(&emu.sdk("us-east-1").await);
+    let lambda_eu = aws_sdk_lambda::Client::new(&emu.sdk("eu-west-1").await);
+    let names = |l: aws_sdk_lambda::operation::list_functions::ListFunctionsOutput| l.functions().iter().filter_map(|f| f.function_name().map(str::to_owned)).collect::<Vec<_>>();
+    let mut us = names(lambda_us.list_functions().send().await.unwrap());
+    us.sort();
+    assert_eq!(us, vec!["pgdr-dev-failover", "pgdr-dev-probe"]);
+    assert!(names(lambda_eu.list_functions().send().await.unwrap()).is_empty());
+    let cw = aws_sdk_cloudwatch::Client::new(&emu.sdk("us-east-1").await);
+    assert_eq!(cw.describe_alarms().alarm_names("pgdr-dev-primary-down").send().await.unwrap().metric_alarms().len(), 1);
+    let s = run.pgdr(&["status", "--env", "dev", "--output", "json"]);
+    assert_eq!(s.code, 0, "protected again: {s:?}");
+    let s = s.json();
+    assert_eq!(instance(&s, "eu-west-1")["role"], "primary");
+    assert_eq!(instance(&s, "us-east-1")["role"], "replica");
+    emu.reset_calls();
+    run.ok(&["up", "--env", "dev"]);
+    assert_eq!(emu.mutating_calls(), Vec::<String>::new(), "up after reprotect mutated");
+
+    run.ok(&["down", "--env", "dev", "--yes", "--skip-final-snapshot"]);
+    for region in ["us-east-1", "eu-west-1"] {
+        let rds = aws_sdk_rds::Client::new(&emu.sdk(region).await);
+        assert!(rds.describe_db_instances().send().await.unwrap().db_instances().is_empty(), "{region}");
+        let ec2 = aws_sdk_ec2::Client::new(&emu.sdk(region).await);
+        assert!(ec2.describe_vpcs().send().await.unwrap().vpcs().iter().all(|v| v.is_default() == Some(true)), "{region}");
+    }
+    // Only the old primary's final snapshot, taken by reprotect, remains: that is data.
+    let snaps = rds.describe_db_snapshots().snapshot_type("manual").send().await.unwrap();
+    assert_eq!(snaps.db_snapshots().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failover_refuses_a_lagging_replica_unless_forced() {
+    let emu = Emu::start();
+    let run = Run::new(&emu);
+    run.ok(&["up", "--env", "dev"]);
+    // The replica reports 600 s of lag.
+    let cw = aws_sdk_cloudwatch::Client::new(&emu.sdk("eu-west-1").await);
+    cw.put_metric_data()
+        .namespace("AWS/RDS")
+        .metric_data(
+            aws_sdk_cloudwatch::types::MetricDatum::builder()
+                .metric_name("ReplicaLag")
+                .dimensions(aws_sdk_cloudwatch::types::Dimension::builder().name("DBInstanceIdentifier").value("pgdr-dev-eu-west-1").build())
+                .value(600.0)
+                .timestamp((std::time::SystemTime::now() - std::time::Duration::from_secs(30)).into())
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    emu.reset_calls();
+    let refused = run.pgdr(&["failover", "--env", "dev", "--yes"]);
+    assert_eq!(refused.code, 1, "{refused:?}");
+    assert!(refused.stderr.contains("600 s"), "shows the lag: {refused:?}");
+    assert_eq!(emu.mutating_calls(), Vec::<String>::new());
+    let dry = run.ok(&["failover", "--env", "dev", "--dry-run"]);
+    assert!(dry.stderr.contains("will promote"), "{dry:?}");
+    assert_eq!(emu.mutating_calls(), Vec::<String>::new(), "dry run mutated");
+    run.ok(&["failover", "--env", "dev", "--yes", "--force"]);
+    assert!(emu.mutating_calls().contains(&"rds eu-west-1 PromoteReadReplica".to_string()));
+}
