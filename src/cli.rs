@@ -142,6 +142,9 @@ enum Command {
         #[arg(long)]
         keep_old_primary: bool,
     },
+    /// Rebuild a lost state file from the resources tagged pgdr:env=ENV in AWS.
+    #[command(after_help = "Example: pgdr adopt --env dev && pgdr plan --env dev")]
+    Adopt(EnvArg),
     /// Remove a stale lock left by a run that died.
     #[command(after_help = "Example: pgdr unlock --env dev")]
     Unlock {
@@ -360,6 +363,13 @@ async fn run(cli: Cli) -> Result<Exit, Error> {
             }
             confirm(*yes, &format!("This deletes or retires the old primary of {:?} and rebuilds protection in the opposite direction.", e.name), &e.name)?;
             let r = ops::reprotect(&t, cx, lock, &plan, &progress, &cancel).await?;
+            print_run(g.output, &r);
+            Ok(r.exit)
+        }
+        Command::Adopt(e) => {
+            let t = target(g, &e.env);
+            t.load_env()?;
+            let r = ops::adopt(&t, &progress, &cancel).await?;
             print_run(g.output, &r);
             Ok(r.exit)
         }

@@ -335,3 +335,46 @@ pub async fn reprotect(t: &Target, cx: Cx, lock: Option<Lock>, plan: &crate::rep
     drop(lock);
     Ok(result("reprotect", &cx, false, report))
 }
+
+/// `adopt`: rebuilds the state file from what is tagged in AWS (both regions and the global
+/// services). Nothing in AWS changes; afterwards `up` has nothing to create and `down` can
+/// remove everything.
+pub async fn adopt(t: &Target, progress: &dyn Progress, cancel: &Cancel) -> Result<RunResult> {
+    use crate::cx::Side;
+    let (cx, lock) = open(t, "pgdr adopt", true, cancel).await?;
+    // The topology, from the instances' roles in AWS.
+    let (p, d) = tokio::join!(crate::health::instance(&cx, Side::Primary), crate::health::instance(&cx, Side::Dr));
+    let (p, d) = (p?, d?);
+    let dr_primary = d.as_ref().is_some_and(crate::health::promoted);
+    let p_is_replica = p.as_ref().is_some_and(|p| p.source.is_some() && p.tag("pgdr:role") != Some("fenced"));
+    let p_fenced = p.as_ref().is_some_and(|p| p.tag("pgdr:role") == Some("fenced"));
+    let (primary_region, dr_region) = (cx.region(Side::Primary).to_owned(), cx.region(Side::Dr).to_owned());
+    let swapped = dr_primary && p_is_replica;
+    cx.store.update(|s| {
+        if p.is_some() || d.is_some() {
+            s.topology.writer_region = if dr_primary { dr_region.clone() } else { primary_region.clone() };
+        }
+        if swapped {
+            s.topology.primary_region = dr_region.clone();
+        }
+        if p_fenced && !swapped {
+            s.topology.fenced.entry(primary_region.clone()).or_insert_with(|| vec!["rules revoked by failover (found by adopt)".into()]);
+        }
+    })?;
+    let cx = if swapped {
+        drop(cx);
+        let env = t.load_env()?.swap_roles();
+        let mut conn = t.connection.clone();
+        conn.retry_max_attempts = env.settings.retry_max_attempts;
+        let clients = clients::build(&conn, &env.settings.primary_region, &env.settings.dr_region).await?;
+        let existing = state::read(&t.state_dir, &env.name)?;
+        Cx { store: Store::new(&t.state_dir, &env.name, existing, true), env, clients, opts: Options::default(), cancel: cancel.clone() }
+    } else {
+        cx
+    };
+    // A read-only walk whose finds are recorded: plan mode, with state persisted.
+    let steps = crate::steps::graph();
+    let report = exec::execute(&steps, &cx, Direction::Up, true, progress, cancel).await;
+    drop(lock);
+    Ok(result("adopt", &cx, true, report))
+}

@@ -7,3 +7,4 @@ mod dr;
 mod inputs;
 mod network;
 mod ops;
+mod reliability;

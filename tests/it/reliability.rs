@@ -1,0 +1,146 @@
+//! Attacks: lost state, leaked secrets, faults on the wire, kills mid-run.
+
+use crate::harness::{Emu, Run};
+
+/// Every pgdr-tagged resource the tests can see, as "kind name" lines (sorted, duplicates kept).
+pub async fn inventory(emu: &Emu, env: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for region in ["us-east-1", "eu-west-1"] {
+        let conf = emu.sdk(region).await;
+        let ec2 = aws_sdk_ec2::Client::new(&conf);
+        let f = || aws_sdk_ec2::types::Filter::builder().name("tag:pgdr:env").values(env).build();
+        let tag = |tags: &[aws_sdk_ec2::types::Tag]| crate::harness::ec2_tag(tags, "pgdr:resource").unwrap_or_default();
+        for v in ec2.describe_vpcs().filters(f()).send().await.unwrap().vpcs() {
+            out.push(format!("{region} vpc {}", tag(v.tags())));
+        }
+        for s in ec2.describe_subnets().filters(f()).send().await.unwrap().subnets() {
+            out.push(format!("{region} subnet {}", tag(s.tags())));
+        }
+        for t in ec2.describe_route_tables().filters(f()).send().await.unwrap().route_tables() {
+            out.push(format!("{region} route-table {} assoc={}", tag(t.tags()), t.associations().len()));
+        }
+        for g in ec2.describe_security_groups().filters(f()).send().await.unwrap().security_groups() {
+            out.push(format!("{region} sg {} rules={}", tag(g.tags()), g.ip_permissions().iter().map(|p| p.ip_ranges().len()).sum::<usize>()));
+        }
+        for e in ec2.describe_vpc_endpoints().filters(f()).send().await.unwrap().vpc_endpoints() {
+            if !e.state().is_some_and(|s| s.as_str().eq_ignore_ascii_case("deleted")) {
+                out.push(format!("{region} endpoint {}", tag(e.tags())));
+            }
+        }
+        for p in ec2.describe_vpc_peering_connections().filters(f()).send().await.unwrap().vpc_peering_connections() {
+            let code = p.status().and_then(|s| s.code()).map(|c| c.as_str().to_owned()).unwrap_or_default();
+            if code != "deleted" {
+                out.push(format!("{region} peering {code}"));
+            }
+        }
+        let rds = aws_sdk_rds::Client::new(&conf);
+        for d in rds.describe_db_instances().send().await.unwrap().db_instances() {
+            out.push(format!("{region} db {}", d.db_instance_identifier().unwrap_or_default()));
+        }
+        for g in rds.describe_db_subnet_groups().send().await.unwrap().db_subnet_groups() {
+            if g.db_subnet_group_name() != Some("default") {
+                out.push(format!("{region} db-subnet-group {}", g.db_subnet_group_name().unwrap_or_default()));
+            }
+        }
+        let lambda = aws_sdk_lambda::Client::new(&conf);
+        for fnc in lambda.list_functions().send().await.unwrap().functions() {
+            out.push(format!("{region} function {}", fnc.function_name().unwrap_or_default()));
+        }
+        let cw = aws_sdk_cloudwatch::Client::new(&conf);
+        for a in cw.describe_alarms().send().await.unwrap().metric_alarms() {
+            out.push(format!("{region} alarm {}", a.alarm_name().unwrap_or_default()));
+        }
+        let sns = aws_sdk_sns::Client::new(&conf);
+        for t in sns.list_topics().send().await.unwrap().topics() {
+            out.push(format!("{region} topic {}", t.topic_arn().unwrap_or_default().rsplit(':').next().unwrap_or_default()));
+        }
+        let logs = aws_sdk_cloudwatchlogs::Client::new(&conf);
+        for g in logs.describe_log_groups().send().await.unwrap().log_groups() {
+            out.push(format!("{region} log-group {}", g.log_group_name().unwrap_or_default()));
+        }
+        let events = aws_sdk_eventbridge::Client::new(&conf);
+        for r in events.list_rules().send().await.unwrap().rules() {
+            out.push(format!("{region} rule {}", r.name().unwrap_or_default()));
+        }
+    }
+    let conf = emu.sdk("us-east-1").await;
+    let sm = aws_sdk_secretsmanager::Client::new(&conf);
+    for s in sm.list_secrets().send().await.unwrap().secret_list() {
+        out.push(format!("secret {}", s.name().unwrap_or_default()));
+    }
+    let r53 = aws_sdk_route53::Client::new(&conf);
+    for z in r53.list_hosted_zones().send().await.unwrap().hosted_zones() {
+        out.push(format!("zone {}", z.name()));
+    }
+    out.push(format!("health-checks {}", r53.list_health_checks().send().await.unwrap().health_checks().len()));
+    let iam = aws_sdk_iam::Client::new(&conf);
+    for r in iam.list_roles().send().await.unwrap().roles() {
+        if r.role_name().starts_with("pgdr-") {
+            out.push(format!("role {}", r.role_name()));
+        }
+    }
+    out.sort();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn lost_state_is_rebuilt_by_adopt() {
+    let emu = Emu::start();
+    let run = Run::new(&emu);
+    run.ok(&["up", "--env", "dev"]);
+    let before = inventory(&emu, "dev").await;
+    std::fs::remove_file(run.state_file("dev")).unwrap();
+    std::fs::remove_file(run.state_dir().join("dev.json.bak")).unwrap();
+    emu.reset_calls();
+    let adopted = run.ok(&["adopt", "--env", "dev", "--output", "json"]).json();
+    assert_eq!(emu.mutating_calls(), Vec::<String>::new(), "adopt changes nothing in AWS");
+    assert_eq!(adopted["totals"]["create"], 0, "everything found: {adopted}");
+    run.ok(&["up", "--env", "dev"]);
+    assert_eq!(emu.mutating_calls(), Vec::<String>::new(), "up after adopt mutated");
+    assert_eq!(inventory(&emu, "dev").await, before);
+    run.ok(&["down", "--env", "dev", "--yes", "--skip-final-snapshot"]);
+    assert_eq!(inventory(&emu, "dev").await, vec!["health-checks 0".to_string()]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_password_appears_nowhere() {
+    let emu = Emu::start();
+    let run = Run::new(&emu);
+    let mut outputs = Vec::new();
+    for args in [
+        vec!["plan", "--env", "dev"],
+        vec!["up", "--env", "dev"],
+        vec!["up", "--env", "dev"],
+        vec!["status", "--env", "dev"],
+        vec!["status"],
+        vec!["adopt", "--env", "dev"],
+        vec!["failover", "--env", "dev", "--dry-run"],
+        vec!["down", "--env", "dev", "--dry-run"],
+    ] {
+        for json in [false, true] {
+            let mut a = args.clone();
+            a.push("-vv");
+            if json {
+                a.extend(["--output", "json"]);
+            }
+            let o = run.pgdr(&a);
+            assert!(o.code == 0 || o.code == 3, "{a:?}: {o:?}");
+            outputs.push((a, o));
+        }
+    }
+    let sm = aws_sdk_secretsmanager::Client::new(&emu.sdk("us-east-1").await);
+    let v = sm.get_secret_value().secret_id("pgdr/dev/master").send().await.unwrap();
+    let j: serde_json::Value = serde_json::from_str(v.secret_string().unwrap()).unwrap();
+    let password = j["password"].as_str().unwrap().to_owned();
+    assert!(password.len() >= 30);
+    let o = run.pgdr(&["down", "--env", "dev", "--yes", "-vv", "--output", "json"]);
+    assert_eq!(o.code, 0, "{o:?}");
+    outputs.push((vec!["down"], o));
+    for (a, o) in &outputs {
+        assert!(!o.stdout.contains(&password) && !o.stderr.contains(&password), "{a:?} printed the password");
+    }
+    for e in std::fs::read_dir(run.state_dir()).unwrap().flatten() {
+        let text = std::fs::read(e.path()).unwrap();
+        assert!(!String::from_utf8_lossy(&text).contains(&password), "{} holds the password", e.path().display());
+    }
+}
