@@ -119,9 +119,19 @@ async fn zone_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
     let name = cx.env.zone_name();
     let r = Res::new(zone_key(), "hosted-zone", name.clone(), "global");
     let primary_vpc = cx.store.id(&network::key(cx, Side::Primary, "vpc")).unwrap_or_default();
+    remove_duplicate_zones(cx, rec, &r).await?;
     let found = find_zone(cx).await?;
     let vpcs = found.as_ref().map(|f| f.1.clone()).unwrap_or_default();
-    let id = super::ensure(cx, rec, &r, async |_| Ok(found.as_ref().map(|f| f.0.clone())), async |token| {
+    let first = std::cell::Cell::new(true);
+    let find = async |_: Option<String>| {
+        if first.replace(false) {
+            return Ok(found.as_ref().map(|f| f.0.clone()));
+        }
+        // After a create: remove any duplicate the create made.
+        remove_duplicate_zones(cx, rec, &r).await?;
+        Ok(find_zone(cx).await?.map(|f| f.0))
+    };
+    let id = super::ensure(cx, rec, &r, find, async |token| {
         let out = aws!(
             "global",
             "route53",
@@ -165,6 +175,37 @@ async fn zone_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
     Ok(())
 }
 
+/// Route 53 makes a second zone when a create is retried after its answer was lost (the
+/// emulator does so even for the same caller reference): keep one, delete the empty others.
+async fn remove_duplicate_zones(cx: &Cx, rec: &Recorder<'_>, r: &Res<'_>) -> Result<()> {
+    let r53 = &cx.clients.route53;
+    let name = fqdn(&cx.env.zone_name());
+    let out = aws!("global", "route53", "ListHostedZonesByName", r53.list_hosted_zones_by_name().dns_name(&name).send())?;
+    let ids: Vec<String> = out
+        .hosted_zones
+        .into_iter()
+        .filter(|z| z.name == name && z.caller_reference.starts_with(&caller_prefix(cx)))
+        .map(|z| short_id(&z.id))
+        .collect();
+    if ids.len() > 1 {
+        let known = cx.store.id(&zone_key());
+        let kept = super::keep_one(rec, r, known.as_deref(), ids, async |id| {
+            match aws!("global", "route53", "DeleteHostedZone", r53.delete_hosted_zone().id(&id).send()) {
+                Ok(_) => Ok(()),
+                Err(e) if e.is_code(&["NoSuchHostedZone"]) => Ok(()),
+                Err(e) => Err(e.into()),
+            }
+        })
+        .await?;
+        if let (Some(k), false) = (kept, rec.plan) {
+            if cx.store.id(&zone_key()).as_deref() != Some(k.as_str()) {
+                cx.store.put(&zone_key(), crate::state::Resource::new("hosted-zone", "global", k, crate::state::Status::Adopted))?;
+            }
+        }
+    }
+    Ok(())
+}
+
 pub async fn tag(cx: &Cx, kind: TagResourceType, id: &str, resource: &str) -> Result<()> {
     let tags: Vec<Tag> = cx.tags(resource).into_iter().map(|(k, v)| Tag::builder().key(k).value(v).build()).collect();
     aws!("global", "route53", "ChangeTagsForResource", cx.clients.route53.change_tags_for_resource().resource_type(kind).resource_id(id).set_add_tags(Some(tags)).send())?;
@@ -186,8 +227,9 @@ pub async fn wait_insync(cx: &Cx, rec: &Recorder<'_>, change_id: &str) -> Result
 
 async fn zone_down(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
     let r53 = &cx.clients.route53;
-    let found = find_zone(cx).await?;
     let r = Res::new(zone_key(), "hosted-zone", cx.env.zone_name(), "global");
+    remove_duplicate_zones(cx, rec, &r).await?;
+    let found = find_zone(cx).await?;
     super::remove(cx, rec, &r, async |_| Ok(found.as_ref().map(|f| f.0.clone())), async |id| {
         // Records other than SOA/NS block deletion; records_down removed pgdr's.
         match aws!("global", "route53", "DeleteHostedZone", r53.delete_hosted_zone().id(&id).send()) {

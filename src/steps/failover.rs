@@ -363,15 +363,16 @@ async fn detection_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
         rec,
         &hc_res,
         async |known| {
-            if let Some(id) = known {
-                match aws!("global", "route53", "GetHealthCheck", r53.get_health_check().health_check_id(&id).send()) {
-                    Ok(_) => return Ok(Some(id)),
-                    Err(e) if e.is_code(&["NoSuchHealthCheck"]) => {}
-                    Err(e) => return Err(e.into()),
-                }
-            }
+            // A create retried after a lost answer can make a second check: keep one.
             let out = aws!("global", "route53", "ListHealthChecks", r53.list_health_checks().send())?;
-            Ok(out.health_checks.into_iter().find(|h| h.caller_reference.starts_with(&prefix)).map(|h| h.id))
+            let ids: Vec<String> =
+                out.health_checks.into_iter().filter(|h| h.caller_reference.starts_with(&prefix) || Some(&h.id) == known.as_ref()).map(|h| h.id).collect();
+            super::keep_one(rec, &hc_res, known.as_deref(), ids, async |id| match aws!("global", "route53", "DeleteHealthCheck", r53.delete_health_check().health_check_id(&id).send()) {
+                Ok(_) => Ok(()),
+                Err(e) if e.is_code(&["NoSuchHealthCheck"]) => Ok(()),
+                Err(e) => Err(e.into()),
+            })
+            .await
         },
         async |token| {
             let cfg = HealthCheckConfig::builder()
@@ -408,7 +409,13 @@ async fn detection_down(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
         async |known| {
             let prefix = format!("pgdr-{}-health-", cx.name());
             let out = aws!("global", "route53", "ListHealthChecks", r53.list_health_checks().send())?;
-            Ok(out.health_checks.into_iter().find(|h| Some(&h.id) == known.as_ref() || h.caller_reference.starts_with(&prefix)).map(|h| h.id))
+            let ids: Vec<String> = out.health_checks.into_iter().filter(|h| Some(&h.id) == known.as_ref() || h.caller_reference.starts_with(&prefix)).map(|h| h.id).collect();
+            super::keep_one(rec, &hc, known.as_deref(), ids, async |id| match aws!("global", "route53", "DeleteHealthCheck", r53.delete_health_check().health_check_id(&id).send()) {
+                Ok(_) => Ok(()),
+                Err(e) if e.is_code(&["NoSuchHealthCheck"]) => Ok(()),
+                Err(e) => Err(e.into()),
+            })
+            .await
         },
         async |id| match aws!("global", "route53", "DeleteHealthCheck", r53.delete_health_check().health_check_id(&id).send()) {
             Ok(_) => Ok(()),

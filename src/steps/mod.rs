@@ -39,7 +39,7 @@ pub async fn ensure(
     cx: &Cx,
     rec: &Recorder<'_>,
     r: &Res<'_>,
-    find: impl AsyncFnOnce(Option<String>) -> Result<Option<String>>,
+    find: impl AsyncFn(Option<String>) -> Result<Option<String>>,
     create: impl AsyncFnOnce(String) -> Result<String>,
 ) -> Result<Option<String>> {
     let known = cx.store.get(&r.key);
@@ -74,6 +74,16 @@ pub async fn ensure(
     let id = create(token).await?;
     cx.store.put(&r.key, Resource::new(r.kind, r.region, &id, Status::Created))?;
     rec.record(Action::Create, r.kind, &r.name, r.region, Some(&id), None);
+    // The SDK may have retried the create after losing its answer and made a second one:
+    // look again (finds remove duplicates, keeping the one just recorded).
+    match find(Some(id.clone())).await {
+        Ok(Some(kept)) if kept != id => {
+            cx.store.put(&r.key, Resource::new(r.kind, r.region, &kept, Status::Adopted))?;
+            return Ok(Some(kept));
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(kind = r.kind, error = %e, "could not check for duplicates after a create; the next `up` will"),
+    }
     Ok(Some(id))
 }
 
@@ -102,6 +112,34 @@ pub async fn remove(
     cx.store.remove(&r.key)?;
     rec.record(Action::Delete, r.kind, &r.name, r.region, Some(&id), None);
     Ok(())
+}
+
+/// Of several resources carrying one resource's tags (a create retried by the SDK after its
+/// answer was lost makes a second one), keeps one — the one in state, else the first — and
+/// deletes the others; a duplicate that cannot be deleted is reported with its ID.
+pub async fn keep_one(
+    rec: &Recorder<'_>,
+    r: &Res<'_>,
+    known: Option<&str>,
+    mut ids: Vec<String>,
+    delete: impl AsyncFn(String) -> Result<()>,
+) -> Result<Option<String>> {
+    ids.dedup();
+    if ids.len() <= 1 {
+        return Ok(ids.pop());
+    }
+    let keep = known.filter(|k| ids.iter().any(|i| i == k)).map(str::to_owned).unwrap_or_else(|| ids[0].clone());
+    for other in ids.into_iter().filter(|i| *i != keep) {
+        let detail = Some(format!("duplicate of {keep}"));
+        if !rec.plan {
+            tracing::warn!(kind = r.kind, duplicate = %other, kept = %keep, "removing a duplicate");
+            delete(other.clone()).await.map_err(|e| {
+                crate::error::Error::failed(format!("{} {other} duplicates {keep} and could not be removed ({e}); delete it by hand", r.kind))
+            })?;
+        }
+        rec.record(Action::Delete, r.kind, &r.name, r.region, Some(&other), detail);
+    }
+    Ok(Some(keep))
 }
 
 /// Tags as EC2 wants them at creation.

@@ -5,7 +5,7 @@
 use aws_sdk_ec2::types::{AttributeBooleanValue, IpPermission, IpRange, ResourceType};
 use futures::future::LocalBoxFuture;
 
-use super::{ec2_filter, ec2_tag_filters, ec2_tag_spec, ensure, remove, Res};
+use super::{ec2_filter, ec2_tag_filters, ec2_tag_spec, ensure, keep_one, remove, Res};
 use crate::aws;
 use crate::cx::{Cx, Side};
 use crate::error::{AwsError, Error, Result};
@@ -52,20 +52,33 @@ impl Step<Cx> for Network {
     }
 }
 
+/// The VPC by its ID (when known and the tags are gone) or by tags.
 pub async fn find_vpc(cx: &Cx, side: Side, known: Option<String>) -> Result<Option<String>> {
+    Ok(vpcs(cx, side, known).await?.into_iter().next())
+}
+
+/// Every VPC carrying this environment's VPC tags (more than one only after a lost answer).
+async fn vpcs(cx: &Cx, side: Side, known: Option<String>) -> Result<Vec<String>> {
     let reg = cx.regional(side);
-    let region = reg.region.as_str();
-    let mut req = reg.ec2.describe_vpcs();
-    req = match &known {
-        Some(id) => req.vpc_ids(id),
-        None => req.set_filters(Some(ec2_tag_filters(cx, "vpc"))),
-    };
-    let out = absent(aws!(region, "ec2", "DescribeVpcs", req.send()))?;
-    let found = out.and_then(|o| o.vpcs.unwrap_or_default().into_iter().find_map(|v| v.vpc_id));
-    match (found, known) {
-        (None, Some(_)) => Box::pin(find_vpc(cx, side, None)).await,
-        (f, _) => Ok(f),
+    let out = aws!(&reg.region, "ec2", "DescribeVpcs", reg.ec2.describe_vpcs().set_filters(Some(ec2_tag_filters(cx, "vpc"))).send())?;
+    let ids: Vec<String> = out.vpcs.unwrap_or_default().into_iter().filter_map(|v| v.vpc_id).collect();
+    match known {
+        Some(id) if ids.is_empty() => {
+            let out = absent(aws!(&reg.region, "ec2", "DescribeVpcs", reg.ec2.describe_vpcs().vpc_ids(id).send()))?;
+            Ok(out.map(|o| o.vpcs.unwrap_or_default().into_iter().filter_map(|v| v.vpc_id).collect()).unwrap_or_default())
+        }
+        _ => Ok(ids),
     }
+}
+
+/// The VPC, duplicates removed.
+async fn the_vpc(cx: &Cx, rec: &Recorder<'_>, r: &Res<'_>, side: Side, known: Option<String>) -> Result<Option<String>> {
+    let reg = cx.regional(side);
+    let ids = vpcs(cx, side, known.clone()).await?;
+    keep_one(rec, r, known.as_deref(), ids, async |id| {
+        absent(aws!(&reg.region, "ec2", "DeleteVpc", reg.ec2.delete_vpc().vpc_id(&id).send())).map(|_| ())
+    })
+    .await
 }
 
 async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
@@ -83,7 +96,7 @@ async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
 
     // VPC, with DNS support and hostnames (a private hosted zone needs both).
     let vpc_res = Res::new(key(cx, side, "vpc"), "vpc", format!("pgdr-{}", cx.name()), region);
-    let vpc = ensure(cx, rec, &vpc_res, async |known| find_vpc(cx, side, known).await, async |token| {
+    let vpc = ensure(cx, rec, &vpc_res, async |known| the_vpc(cx, rec, &vpc_res, side, known).await, async |token| {
         let _ = token; // CreateVpc takes no client token; the intent in state covers it.
         let out = aws!(
             region,
@@ -126,7 +139,7 @@ async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
             cx,
             rec,
             &r,
-            async |known| find_one_subnet(cx, side, name, known, &vpc_id).await,
+            async |known| find_one_subnet(cx, rec, &r, side, name, known, &vpc_id).await,
             async |_token| {
                 let out = aws!(
                     region,
@@ -148,7 +161,7 @@ async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
 
     // One route table for both subnets; the peering step adds the route to the peer.
     let rt_res = Res::new(key(cx, side, "route-table"), "route-table", format!("pgdr-{}-private", cx.name()), region);
-    let rt = ensure(cx, rec, &rt_res, async |known| find_route_table(cx, side, known, &vpc_id).await, async |_| {
+    let rt = ensure(cx, rec, &rt_res, async |known| find_route_table(cx, rec, &rt_res, side, known, &vpc_id).await, async |_| {
         let out = aws!(
             region,
             "ec2",
@@ -238,7 +251,7 @@ async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
     // S3 gateway endpoint on the route table (backups and log shipping stay private).
     let rt_id = rt.unwrap_or_default();
     let ep_res = Res::new(key(cx, side, "s3-endpoint"), "vpc-endpoint", format!("pgdr-{}-s3", cx.name()), region);
-    ensure(cx, rec, &ep_res, async |known| find_endpoint(cx, side, known).await, async |token| {
+    ensure(cx, rec, &ep_res, async |known| find_endpoint(cx, rec, &ep_res, side, known).await, async |token| {
         let out = aws!(
             region,
             "ec2",
@@ -283,36 +296,45 @@ async fn zones(cx: &Cx, side: Side) -> Result<Vec<String>> {
     Ok(names)
 }
 
-async fn find_one_subnet(cx: &Cx, side: Side, name: &str, known: Option<String>, vpc_id: &str) -> Result<Option<String>> {
+async fn find_one_subnet(cx: &Cx, rec: &Recorder<'_>, r: &Res<'_>, side: Side, name: &str, known: Option<String>, vpc_id: &str) -> Result<Option<String>> {
     if vpc_id.is_empty() {
         return Ok(None);
     }
     let reg = cx.regional(side);
     let mut filters = ec2_tag_filters(cx, name);
     filters.push(ec2_filter("vpc-id", vpc_id));
-    let req = match known {
-        Some(id) => reg.ec2.describe_subnets().subnet_ids(id),
-        None => reg.ec2.describe_subnets().set_filters(Some(filters)),
-    };
-    let out = absent(aws!(&reg.region, "ec2", "DescribeSubnets", req.send()))?;
-    Ok(out.and_then(|o| o.subnets.unwrap_or_default().into_iter().find_map(|s| s.subnet_id)))
+    let out = aws!(&reg.region, "ec2", "DescribeSubnets", reg.ec2.describe_subnets().set_filters(Some(filters)).send())?;
+    let mut ids: Vec<String> = out.subnets.unwrap_or_default().into_iter().filter_map(|s| s.subnet_id).collect();
+    if let (true, Some(id)) = (ids.is_empty(), &known) {
+        let out = absent(aws!(&reg.region, "ec2", "DescribeSubnets", reg.ec2.describe_subnets().subnet_ids(id).send()))?;
+        ids = out.map(|o| o.subnets.unwrap_or_default().into_iter().filter_map(|s| s.subnet_id).collect()).unwrap_or_default();
+    }
+    keep_one(rec, r, known.as_deref(), ids, async |id| {
+        absent(aws!(&reg.region, "ec2", "DeleteSubnet", reg.ec2.delete_subnet().subnet_id(&id).send())).map(|_| ())
+    })
+    .await
 }
 
 pub async fn subnet_ids(cx: &Cx, side: Side) -> Vec<String> {
     SUBNETS.iter().filter_map(|s| cx.store.id(&key(cx, side, s))).collect()
 }
 
-async fn find_route_table(cx: &Cx, side: Side, known: Option<String>, vpc_id: &str) -> Result<Option<String>> {
+async fn find_route_table(cx: &Cx, rec: &Recorder<'_>, r: &Res<'_>, side: Side, known: Option<String>, vpc_id: &str) -> Result<Option<String>> {
     if vpc_id.is_empty() {
         return Ok(None);
     }
     let reg = cx.regional(side);
-    let req = match known {
-        Some(id) => reg.ec2.describe_route_tables().route_table_ids(id),
-        None => reg.ec2.describe_route_tables().set_filters(Some(ec2_tag_filters(cx, "route-table"))).filters(ec2_filter("vpc-id", vpc_id)),
-    };
-    let out = absent(aws!(&reg.region, "ec2", "DescribeRouteTables", req.send()))?;
-    Ok(out.and_then(|o| o.route_tables.unwrap_or_default().into_iter().find_map(|t| t.route_table_id)))
+    let req = reg.ec2.describe_route_tables().set_filters(Some(ec2_tag_filters(cx, "route-table"))).filters(ec2_filter("vpc-id", vpc_id));
+    let out = aws!(&reg.region, "ec2", "DescribeRouteTables", req.send())?;
+    let mut ids: Vec<String> = out.route_tables.unwrap_or_default().into_iter().filter_map(|t| t.route_table_id).collect();
+    if let (true, Some(id)) = (ids.is_empty(), &known) {
+        let out = absent(aws!(&reg.region, "ec2", "DescribeRouteTables", reg.ec2.describe_route_tables().route_table_ids(id).send()))?;
+        ids = out.map(|o| o.route_tables.unwrap_or_default().into_iter().filter_map(|t| t.route_table_id).collect()).unwrap_or_default();
+    }
+    keep_one(rec, r, known.as_deref(), ids, async |id| {
+        absent(aws!(&reg.region, "ec2", "DeleteRouteTable", reg.ec2.delete_route_table().route_table_id(&id).send())).map(|_| ())
+    })
+    .await
 }
 
 async fn find_sg(cx: &Cx, side: Side, known: Option<String>, vpc_id: &str) -> Result<Option<String>> {
@@ -349,20 +371,34 @@ pub async fn find_rule(cx: &Cx, side: Side, sg: &str, cidr: &str) -> Result<Opti
     }))
 }
 
-async fn find_endpoint(cx: &Cx, side: Side, known: Option<String>) -> Result<Option<String>> {
+async fn endpoints(cx: &Cx, side: Side, known: Option<String>) -> Result<Vec<String>> {
     let reg = cx.regional(side);
-    let req = match known {
-        Some(id) => reg.ec2.describe_vpc_endpoints().vpc_endpoint_ids(id),
-        None => reg.ec2.describe_vpc_endpoints().set_filters(Some(ec2_tag_filters(cx, "s3-endpoint"))),
+    let live = |o: aws_sdk_ec2::operation::describe_vpc_endpoints::DescribeVpcEndpointsOutput| -> Vec<String> {
+        o.vpc_endpoints
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|e| {
+                // The emulator answers states in lower case, which decode as Unknown("...").
+                let state = e.state.as_ref().map(|s| s.as_str().to_ascii_lowercase()).unwrap_or_default();
+                (!matches!(state.as_str(), "deleted" | "deleting" | "failed" | "rejected" | "expired")).then_some(e.vpc_endpoint_id).flatten()
+            })
+            .collect()
     };
-    let out = absent(aws!(&reg.region, "ec2", "DescribeVpcEndpoints", req.send()))?;
-    Ok(out.and_then(|o| {
-        o.vpc_endpoints.unwrap_or_default().into_iter().find_map(|e| {
-            // The emulator answers states in lower case, which decode as Unknown("...").
-            let state = e.state.as_ref().map(|s| s.as_str().to_ascii_lowercase()).unwrap_or_default();
-            (!matches!(state.as_str(), "deleted" | "deleting" | "failed" | "rejected" | "expired")).then_some(e.vpc_endpoint_id).flatten()
-        })
-    }))
+    let out = aws!(&reg.region, "ec2", "DescribeVpcEndpoints", reg.ec2.describe_vpc_endpoints().set_filters(Some(ec2_tag_filters(cx, "s3-endpoint"))).send())?;
+    let ids = live(out);
+    match known {
+        Some(id) if ids.is_empty() => Ok(absent(aws!(&reg.region, "ec2", "DescribeVpcEndpoints", reg.ec2.describe_vpc_endpoints().vpc_endpoint_ids(id).send()))?.map(live).unwrap_or_default()),
+        _ => Ok(ids),
+    }
+}
+
+async fn find_endpoint(cx: &Cx, rec: &Recorder<'_>, r: &Res<'_>, side: Side, known: Option<String>) -> Result<Option<String>> {
+    let reg = cx.regional(side);
+    let ids = endpoints(cx, side, known.clone()).await?;
+    keep_one(rec, r, known.as_deref(), ids, async |id| {
+        absent(aws!(&reg.region, "ec2", "DeleteVpcEndpoints", reg.ec2.delete_vpc_endpoints().vpc_endpoint_ids(&id).send())).map(|_| ())
+    })
+    .await
 }
 
 /// Deletes the region's network, waiting for each deletion so nothing blocks the VPC's.
@@ -378,13 +414,10 @@ async fn down(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
     .unwrap_or_default();
 
     let ep = Res::new(key(cx, side, "s3-endpoint"), "vpc-endpoint", format!("pgdr-{}-s3", cx.name()), region);
-    remove(cx, rec, &ep, async |known| find_endpoint(cx, side, known).await, async |id| {
+    remove(cx, rec, &ep, async |known| find_endpoint(cx, rec, &ep, side, known).await, async |id| {
         absent(aws!(region, "ec2", "DeleteVpcEndpoints", ec2.delete_vpc_endpoints().vpc_endpoint_ids(&id).send()))?;
         wait::until(&format!("VPC endpoint {id}"), std::time::Duration::from_secs(600), Pace::FAST, &cx.cancel, |s, _| rec.status(&format!("endpoint {s}")), "rerun `pgdr down`", async || {
-            Ok(match find_endpoint(cx, side, Some(id.clone())).await? {
-                None => Look::Ready(()),
-                Some(_) => Look::Pending("deleting".into()),
-            })
+            Ok(if endpoints(cx, side, None).await?.contains(&id) { Look::Pending("deleting".into()) } else { Look::Ready(()) })
         })
         .await
     })
@@ -408,7 +441,7 @@ async fn down(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
 
     for name in SUBNETS {
         let r = Res::new(key(cx, side, name), "subnet", format!("pgdr-{}-{name}", cx.name()), region);
-        remove(cx, rec, &r, async |known| find_one_subnet(cx, side, name, known, &vpc_id).await, async |id| {
+        remove(cx, rec, &r, async |known| find_one_subnet(cx, rec, &r, side, name, known, &vpc_id).await, async |id| {
             retry_dependency(cx, rec, &format!("subnet {id}"), async || {
                 absent(aws!(region, "ec2", "DeleteSubnet", ec2.delete_subnet().subnet_id(&id).send())).map(|_| ())
             })
@@ -418,7 +451,7 @@ async fn down(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
     }
 
     let rt = Res::new(key(cx, side, "route-table"), "route-table", format!("pgdr-{}-private", cx.name()), region);
-    remove(cx, rec, &rt, async |known| find_route_table(cx, side, known, &vpc_id).await, async |id| {
+    remove(cx, rec, &rt, async |known| find_route_table(cx, rec, &rt, side, known, &vpc_id).await, async |id| {
         // Associations of deleted subnets are gone; remove any that remain.
         if let Some(t) = absent(aws!(region, "ec2", "DescribeRouteTables", ec2.describe_route_tables().route_table_ids(&id).send()))? {
             for a in t.route_tables.unwrap_or_default().into_iter().flat_map(|t| t.associations.unwrap_or_default()) {
@@ -432,7 +465,7 @@ async fn down(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
     .await?;
 
     let vpc = Res::new(key(cx, side, "vpc"), "vpc", format!("pgdr-{}", cx.name()), region);
-    remove(cx, rec, &vpc, async |known| find_vpc(cx, side, known).await, async |id| {
+    remove(cx, rec, &vpc, async |known| the_vpc(cx, rec, &vpc, side, known).await, async |id| {
         retry_dependency(cx, rec, &format!("VPC {id}"), async || {
             absent(aws!(region, "ec2", "DeleteVpc", ec2.delete_vpc().vpc_id(&id).send())).map(|_| ())
         })

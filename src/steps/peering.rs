@@ -41,8 +41,29 @@ fn route_key(cx: &Cx, side: Side) -> String {
     format!("peering/{}/route", cx.region(side))
 }
 
+/// The live peering connection, duplicates (a create retried after a lost answer) removed.
+async fn the_one(cx: &Cx, rec: &Recorder<'_>, r: &Res<'_>, known: Option<String>) -> Result<Option<String>> {
+    let reg = cx.regional(cx.home());
+    let mut ids: Vec<String> = all(cx, cx.home(), None).await?.into_iter().map(|p| p.0).collect();
+    if let (true, Some(_)) = (ids.is_empty(), &known) {
+        ids = all(cx, cx.home(), known.clone()).await?.into_iter().map(|p| p.0).collect();
+    }
+    super::keep_one(rec, r, known.as_deref(), ids, async |id| {
+        match aws!(&reg.region, "ec2", "DeleteVpcPeeringConnection", reg.ec2.delete_vpc_peering_connection().vpc_peering_connection_id(&id).send()) {
+            Ok(_) => Ok(()),
+            Err(e) if e.code().ends_with("NotFound") => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    })
+    .await
+}
+
 /// The live peering connection (not deleted or failed) and its status code, seen from `side`.
 async fn find(cx: &Cx, side: Side, known: Option<String>) -> Result<Option<(String, String)>> {
+    Ok(all(cx, side, known).await?.into_iter().next())
+}
+
+async fn all(cx: &Cx, side: Side, known: Option<String>) -> Result<Vec<(String, String)>> {
     let reg = cx.regional(side);
     let req = reg.ec2.describe_vpc_peering_connections();
     let req = match known {
@@ -51,14 +72,19 @@ async fn find(cx: &Cx, side: Side, known: Option<String>) -> Result<Option<(Stri
     };
     let out = match aws!(&reg.region, "ec2", "DescribeVpcPeeringConnections", req.send()) {
         Ok(o) => o,
-        Err(e) if e.code().ends_with("NotFound") => return Ok(None),
+        Err(e) if e.code().ends_with("NotFound") => return Ok(vec![]),
         Err(e) => return Err(e.into()),
     };
-    Ok(out.vpc_peering_connections.unwrap_or_default().into_iter().find_map(|p| {
-        let code = p.status.and_then(|s| s.code).map(|c| c.as_str().to_ascii_lowercase()).unwrap_or_default();
-        let live = !matches!(code.as_str(), "deleted" | "deleting" | "rejected" | "failed" | "expired");
-        live.then_some(p.vpc_peering_connection_id.map(|id| (id, code))).flatten()
-    }))
+    Ok(out
+        .vpc_peering_connections
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|p| {
+            let code = p.status.and_then(|s| s.code).map(|c| c.as_str().to_ascii_lowercase()).unwrap_or_default();
+            let live = !matches!(code.as_str(), "deleted" | "deleting" | "rejected" | "failed" | "expired");
+            live.then_some(p.vpc_peering_connection_id.map(|id| (id, code))).flatten()
+        })
+        .collect())
 }
 
 async fn up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
@@ -67,7 +93,7 @@ async fn up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
     let vpc = find_vpc(cx, cx.home(), cx.store.id(&network::key(cx, cx.home(), "vpc"))).await?.unwrap_or_default();
     let peer_vpc = find_vpc(cx, cx.home().other(), cx.store.id(&network::key(cx, cx.home().other(), "vpc"))).await?.unwrap_or_default();
     let r = Res::new(key(cx), "vpc-peering", format!("pgdr-{}", cx.name()), region);
-    let pcx = ensure(cx, rec, &r, async |known| Ok(find(cx, cx.home(), known).await?.map(|p| p.0)), async |_| {
+    let pcx = ensure(cx, rec, &r, async |known| the_one(cx, rec, &r, known).await, async |_| {
         let out = aws!(
             region,
             "ec2",
@@ -184,7 +210,7 @@ async fn down(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
     }
     let primary = cx.regional(cx.home());
     let r = Res::new(key(cx), "vpc-peering", format!("pgdr-{}", cx.name()), &primary.region);
-    remove(cx, rec, &r, async |known| Ok(find(cx, cx.home(), known).await?.map(|p| p.0)), async |id| {
+    remove(cx, rec, &r, async |known| the_one(cx, rec, &r, known).await, async |id| {
         match aws!(&primary.region, "ec2", "DeleteVpcPeeringConnection", primary.ec2.delete_vpc_peering_connection().vpc_peering_connection_id(&id).send()) {
             Ok(_) => {}
             Err(e) if e.code().ends_with("NotFound") => return Ok(()),

@@ -144,3 +144,42 @@ async fn the_password_appears_nowhere() {
         assert!(!String::from_utf8_lossy(&text).contains(&password), "{} holds the password", e.path().display());
     }
 }
+
+/// The resource set a clean `up` makes, from a fault-free emulator of its own.
+async fn clean_inventory() -> Vec<String> {
+    let emu = Emu::start();
+    let run = Run::new(&emu);
+    run.ok(&["up", "--env", "dev"]);
+    inventory(&emu, "dev").await
+}
+
+/// Reruns a command until it succeeds (exit 0); each failed run must be a partial or AWS failure.
+fn until_ok(run: &Run, args: &[&str], tries: usize) -> usize {
+    for i in 1..=tries {
+        let o = run.pgdr(args);
+        if o.code == 0 {
+            return i;
+        }
+        assert!(o.code == 2 || o.code == 3, "{args:?} run {i}: {o:?}");
+    }
+    panic!("{args:?} did not converge in {tries} runs");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn faults_on_the_wire_never_leave_duplicates_or_leftovers() {
+    let want = clean_inventory().await;
+    for seed in [1, 2] {
+        let emu = Emu::start();
+        let run = Run::new(&emu);
+        // 10 % of calls answered 503 before reaching AWS, 5 % lose their answer after it acted.
+        emu.config(&format!(r#"{{"fail_rate": 0.10, "drop_rate": 0.05, "seed": {seed}}}"#));
+        let runs = until_ok(&run, &["up", "--env", "dev"], 6);
+        eprintln!("seed {seed}: up converged in {runs} run(s), {} calls", emu.calls().len());
+        emu.config(r#"{"fail_rate": 0, "drop_rate": 0}"#);
+        assert_eq!(inventory(&emu, "dev").await, want, "seed {seed}: not exactly one of each");
+        emu.config(&format!(r#"{{"fail_rate": 0.10, "drop_rate": 0.05, "seed": {}}}"#, seed + 100));
+        until_ok(&run, &["down", "--env", "dev", "--yes", "--skip-final-snapshot"], 6);
+        emu.config(r#"{"fail_rate": 0, "drop_rate": 0}"#);
+        assert_eq!(inventory(&emu, "dev").await, vec!["health-checks 0".to_string()], "seed {seed}: leftovers");
+    }
+}
