@@ -244,6 +244,8 @@ fn watch_interrupts(cancel: Cancel) {
             eprintln!("\ninterrupted: finishing calls in flight and saving state (Ctrl-C again to quit now)");
             cancel.cancel();
             if tokio::signal::ctrl_c().await.is_ok() {
+                // The state file is consistent after every write; only the lock needs care.
+                pgdr::state::release_held_lock();
                 std::process::exit(130);
             }
         }
@@ -315,13 +317,14 @@ async fn run(cli: Cli) -> Result<Exit, Error> {
                     emit(&out);
                 }
             }
-            Ok(Exit::Success)
+            // A state file that cannot be read is a problem to alert on.
+            Ok(if list.iter().any(|e| e.error.is_some()) { Exit::Partial } else { Exit::Success })
         }
         Command::Failover { env, yes, dry_run, force } => {
             let t = target(g, &env.env);
             let e = t.load_env()?;
             let (cx, _lock, plan) = ops::failover_plan(&t, *dry_run, &cancel).await?;
-            print_failover_plan(g.output, &plan, *dry_run);
+            print_failover_plan(g.output, &plan, *dry_run || plan.nothing_to_do());
             if *dry_run || plan.nothing_to_do() {
                 if plan.nothing_to_do() {
                     eprintln!("nothing to do: {} is already the primary, DNS points at it and the old primary is fenced", plan.replica);
@@ -430,7 +433,9 @@ fn print_run(output: Output, r: &RunResult) {
     }
     let verb = if r.dry_run { "would " } else { "" };
     for s in &r.report.steps {
-        let shown: Vec<_> = s.changes.iter().filter(|c| r.dry_run || c.action != pgdr::exec::Action::Keep || r.command == "plan").collect();
+        // Unchanged resources are listed by plan; elsewhere only when there is something to say
+        // about them (a final snapshot kept, a rule left revoked).
+        let shown: Vec<_> = s.changes.iter().filter(|c| r.dry_run || c.action != pgdr::exec::Action::Keep || c.detail.is_some()).collect();
         let head = match &s.outcome {
             Outcome::Done => String::new(),
             Outcome::Failed { error, .. } => format!("  FAILED: {error}"),
@@ -443,6 +448,9 @@ fn print_run(output: Output, r: &RunResult) {
         out.push_str(&format!("{}{}\n", s.step, head));
         for c in shown {
             let verbword = match c.action {
+                // adopt records what it finds; what it does not find, `up` would create.
+                pgdr::exec::Action::Create if r.command == "adopt" => "missing".into(),
+                pgdr::exec::Action::Adopt if r.command == "adopt" => "adopt".into(),
                 pgdr::exec::Action::Create => format!("{verb}create"),
                 pgdr::exec::Action::Adopt => format!("{verb}adopt"),
                 pgdr::exec::Action::Change => format!("{verb}change"),
@@ -463,7 +471,7 @@ fn print_run(output: Output, r: &RunResult) {
         }
     }
     let t = &r.totals;
-    if r.dry_run && t.nothing_to_do() {
+    if r.dry_run && t.nothing_to_do() && r.report.failures().next().is_none() && r.command != "adopt" {
         out.push_str("Nothing to do: the environment matches the configuration.\n");
     }
     out.push_str(&format!(
@@ -477,7 +485,9 @@ fn print_run(output: Output, r: &RunResult) {
         r.report.elapsed_ms as f64 / 1000.0
     ));
     if r.exit == Exit::Partial {
-        out.push_str(&format!("Some steps failed; the state is saved. Fix the cause above and rerun `pgdr {} --env {}`.\n", r.command, r.env));
+        // After reprotect swapped the roles, finishing the job is `up`'s.
+        let again = if r.command == "reprotect" { "up" } else { r.command };
+        out.push_str(&format!("Some steps failed; the state is saved. Fix the cause above and rerun `pgdr {again} --env {}`.\n", r.env));
     }
     emit(&out);
 }
@@ -530,10 +540,13 @@ fn print_status(s: &ops::StatusResult) {
     emit(&out);
 }
 
-fn print_failover_plan(output: Output, plan: &pgdr::failover::Plan, dry_run: bool) {
-    if output == Output::Json && dry_run {
-        return print_json(plan);
+/// The plan goes to stderr as text; in JSON mode a run that stops here (dry run, nothing to
+/// do) prints it on stdout as its result.
+fn print_failover_plan(output: Output, plan: &pgdr::failover::Plan, final_result: bool) {
+    if output == Output::Json && final_result {
+        print_json(plan);
     }
+    let dry_run = final_result && !plan.nothing_to_do();
     let mut t = format!(
         "failover {}: {} ({}) -> {} ({})\n  primary {} is {}\n  replica {} is {}, lag {}\n",
         plan.env,

@@ -295,6 +295,23 @@ pub fn validate(name: &str, s: &Settings) -> Result<()> {
     if s.primary_wait_minutes == 0 || s.replica_wait_minutes == 0 {
         return bad("primary_wait_minutes and replica_wait_minutes must be at least 1".into());
     }
+    if !(1.0..=86400.0).contains(&s.max_failover_lag_seconds) {
+        return bad(format!("max_failover_lag_seconds {} is out of range 1..=86400", s.max_failover_lag_seconds));
+    }
+    let db_ok = (1..=63).contains(&s.database_name.len())
+        && s.database_name.starts_with(|c: char| c.is_ascii_alphabetic())
+        && s.database_name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !db_ok {
+        return bad(format!("database_name {:?} is not allowed by RDS; use 1-63 letters, digits and _, starting with a letter", s.database_name));
+    }
+    if let Some(z) = &s.zone_name {
+        let ok = z.len() <= 200
+            && z.split('.').count() >= 2
+            && z.split('.').all(|l| !l.is_empty() && l.len() <= 63 && l.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'));
+        if !ok {
+            return bad(format!("zone_name {z:?} is not a DNS name like db-dev.internal"));
+        }
+    }
     if !(1..=20).contains(&s.retry_max_attempts) {
         return bad(format!("retry_max_attempts {} is out of range 1..=20", s.retry_max_attempts));
     }

@@ -115,7 +115,9 @@ pub async fn gather(cx: &Cx) -> Health {
     for (side, db) in [(Side::Primary, &p), (Side::Dr, &d)] {
         let role = match (side, db) {
             (_, None) => "missing",
-            (Side::Primary, Some(db)) if dr_promoted || db.tag("pgdr:role") == Some("fenced") => "fenced",
+            (Side::Primary, Some(db)) if db.tag("pgdr:role") == Some("fenced") => "fenced",
+            // Promoted elsewhere (the automatic failover), not fenced yet: it may still take writes.
+            (Side::Primary, Some(_)) if dr_promoted => "old-primary",
             (Side::Primary, Some(_)) => "primary",
             (Side::Dr, Some(_)) if dr_promoted => "primary",
             (Side::Dr, Some(_)) => "replica",

@@ -83,8 +83,53 @@ pub(crate) async fn open(t: &Target, command: &str, mutating: bool, cancel: &Can
     let mut conn = t.connection.clone();
     conn.retry_max_attempts = env.settings.retry_max_attempts;
     let clients = clients::build(&conn, &env.settings.primary_region, &env.settings.dr_region).await?;
+    check_regions(&env, existing.as_ref())?;
     let store = Store::new(&t.state_dir, &env.name, existing, mutating);
-    Ok((Cx { env, clients, store, opts: Options::default(), cancel: cancel.clone() }, lock))
+    let cx = Cx { env, clients, store, opts: Options::default(), cancel: cancel.clone() };
+    sync_topology(&cx).await?;
+    Ok((cx, lock))
+}
+
+/// A state file belongs to one pair of regions: other regions (a changed config or flag) would
+/// silently build a second environment and orphan the first.
+fn check_regions(env: &Env, state: Option<&state::State>) -> Result<()> {
+    let Some(s) = state else { return Ok(()) };
+    let mut have: Vec<&str> = s.resources.values().map(|r| r.region.as_str()).filter(|r| *r != "global").collect();
+    have.sort();
+    have.dedup();
+    let want = [env.settings.primary_region.as_str(), env.settings.dr_region.as_str()];
+    if let Some(other) = have.iter().find(|r| !want.contains(r)) {
+        return Err(Error::user(format!(
+            "environment {} has resources in {other}, but the regions now are {} and {}: use the regions it was built with (--primary-region/--dr-region or the config)",
+            env.name, want[0], want[1]
+        )));
+    }
+    Ok(())
+}
+
+/// An automatic failover may have happened while nobody was looking: the roles AWS reports
+/// win over the state file (in memory for read-only commands).
+async fn sync_topology(cx: &Cx) -> Result<()> {
+    use crate::cx::Side;
+    let (p, d) = tokio::join!(crate::health::instance(cx, Side::Primary), crate::health::instance(cx, Side::Dr));
+    let (p, d) = (p.ok().flatten(), d.ok().flatten());
+    let dr_promoted = d.as_ref().is_some_and(crate::health::promoted);
+    let p_fenced = p.as_ref().is_some_and(|p| p.tag("pgdr:role") == Some("fenced"));
+    let (pr, dr) = (cx.region(Side::Primary).to_owned(), cx.region(Side::Dr).to_owned());
+    let topo = cx.store.snapshot().topology;
+    if (dr_promoted && topo.writer_region != dr) || (p_fenced && !topo.fenced.contains_key(&pr)) {
+        tracing::warn!(writer = %dr, "AWS says the replica was promoted (automatic failover?); following AWS");
+        cx.store.update(|s| {
+            if dr_promoted && s.topology.writer_region != dr {
+                s.topology.writer_region = dr.clone();
+                s.topology.events.push(state::TopologyEvent { at: state::now_rfc3339(), what: format!("found the replica in {dr} promoted") });
+            }
+            if p_fenced {
+                s.topology.fenced.entry(pr.clone()).or_insert_with(|| vec!["found fenced in AWS".into()]);
+            }
+        })?;
+    }
+    Ok(())
 }
 
 fn result(command: &'static str, cx: &Cx, dry_run: bool, report: RunReport) -> RunResult {
@@ -267,8 +312,11 @@ fn health_problems(cx: &Cx, h: &crate::health::Health) -> Vec<String> {
         )),
         Some(_) => {}
     }
+    for i in h.instances.iter().filter(|i| i.role == "old-primary") {
+        p.push(format!("the old primary {} in {} is not fenced: run `pgdr failover --env {env}` to fence it", i.id, i.region));
+    }
     for i in &h.instances {
-        if i.role != "fenced" && i.status != "available" {
+        if !matches!(i.role.as_str(), "fenced" | "old-primary") && i.status != "available" {
             p.push(format!("{} {} in {} is {}", i.role, i.id, i.region, i.status));
         }
     }

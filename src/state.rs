@@ -266,6 +266,20 @@ pub struct LockInfo {
     pub since: String,
 }
 
+/// The lock this process holds, so that a forced exit (second Ctrl-C) can still release it.
+static HELD: Mutex<Option<PathBuf>> = Mutex::new(None);
+
+/// Removes this process's lock file, if it holds one (for exits that skip destructors).
+pub fn release_held_lock() {
+    let held = HELD.lock().unwrap_or_else(|p| p.into_inner()).take();
+    if let Some(path) = held {
+        let ours = fs::read(&path).ok().and_then(|t| serde_json::from_slice::<LockInfo>(&t).ok()).is_some_and(|h| h.pid == std::process::id());
+        if ours {
+            let _ = fs::remove_file(&path);
+        }
+    }
+}
+
 /// An acquired lock; released when dropped.
 #[derive(Debug)]
 pub struct Lock {
@@ -315,6 +329,7 @@ impl Lock {
                 let text = serde_json::to_vec(&info).map_err(|e| Error::Other(e.to_string()))?;
                 f.write_all(&text)?;
                 f.sync_all()?;
+                *HELD.lock().unwrap_or_else(|p| p.into_inner()) = Some(path.clone());
                 Ok(Lock { path, info })
             }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(held_error(dir, env)),
@@ -378,6 +393,10 @@ impl Drop for Lock {
             .is_some_and(|h| h.pid == self.info.pid && h.host == self.info.host)
         {
             let _ = fs::remove_file(&self.path);
+        }
+        let mut held = HELD.lock().unwrap_or_else(|p| p.into_inner());
+        if held.as_ref() == Some(&self.path) {
+            *held = None;
         }
     }
 }

@@ -257,9 +257,17 @@ async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
         return Ok(());
     }
 
-    // Wait for `available` before anything depends on it.
+    // Wait for `available` before anything depends on it (plan only looks).
     let budget = Duration::from_secs(60 * if side == Side::Primary { s.primary_wait_minutes } else { s.replica_wait_minutes });
-    let db = wait_available(cx, rec, side, &id, budget).await?;
+    let db = match (&found, rec.plan) {
+        (Some(db), true) => {
+            if db.status != "available" {
+                rec.record(Action::Keep, "db-instance", &id, region, Some(&id), Some(format!("status {}", db.status)));
+            }
+            db.clone()
+        }
+        _ => wait_available(cx, rec, side, &id, budget).await?,
+    };
     cx.store.update(|st| {
         if let Some(res) = st.resources.get_mut(&instance_key(cx, side)) {
             res.attrs.insert("arn".into(), db.arn.clone());
@@ -418,7 +426,8 @@ impl Step<Cx> for Retired {
         "retired".into()
     }
     fn deps(&self) -> Vec<String> {
-        vec![]
+        // On `down` it goes before the groups and networks it uses.
+        [Side::Primary, Side::Dr].into_iter().flat_map(|s| [dbgroups::step_id(s), network::step_id(s)]).collect()
     }
     fn up<'a>(&'a self, cx: &'a Cx, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult> {
         Box::pin(async move {
@@ -453,10 +462,17 @@ impl Step<Cx> for Retired {
                             .delete_automated_backups(cx.opts.skip_final_snapshot)
                             .send()
                     ) {
-                        Ok(_) => Ok(()),
-                        Err(e) if e.is_code(&["DBInstanceNotFound", "DBInstanceNotFoundFault"]) => Ok(()),
-                        Err(e) => Err(e.into()),
+                        Ok(_) => {}
+                        Err(e) if e.is_code(&["DBInstanceNotFound", "DBInstanceNotFoundFault"]) => return Ok(()),
+                        Err(e) => return Err(e.into()),
                     }
+                    wait::until(&format!("deletion of {id}"), Duration::from_secs(3600), Pace::SLOW, &cx.cancel, |s, t| rec.status(&format!("{id}: {s} ({})", wait::human(t))), "rerun `pgdr down`", async || {
+                        Ok(match describe(&reg, &id).await? {
+                            None => Look::Ready(()),
+                            Some(d) => Look::Pending(d.status),
+                        })
+                    })
+                    .await
                 })
                 .await?;
             }

@@ -144,7 +144,8 @@ async fn zone_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
                 .send()
         )?;
         let id = out.hosted_zone.map(|z| short_id(&z.id)).ok_or_else(|| Error::Other("CreateHostedZone returned no zone".into()))?;
-        // Route 53 takes no tags at creation; the ID is recorded by the caller right after this.
+        // Route 53 takes no tags at creation: record the ID first, then tag.
+        cx.store.put(&zone_key(), crate::state::Resource::new("hosted-zone", "global", &id, crate::state::Status::Created))?;
         tag(cx, TagResourceType::Hostedzone, &id, "hosted-zone").await?;
         Ok(id)
     })
@@ -265,7 +266,10 @@ pub fn wanted_records(cx: &Cx, writer: Side, endpoints: &[(Side, String)], healt
             out.push(r);
         }
     }
-    if let Some((_, reader)) = endpoints.iter().find(|(s, _)| *s != writer) {
+    // Reads go to the replica; after a failover (until `reprotect`) the only usable instance
+    // is the writer, never the fenced old primary.
+    let reader = if writer == Side::Primary { endpoints.iter().find(|(s, _)| *s != writer) } else { endpoints.iter().find(|(s, _)| *s == writer) };
+    if let Some((_, reader)) = reader {
         if let Ok(r) = ResourceRecordSet::builder()
             .name(reader_record(cx))
             .r#type(RrType::Cname)

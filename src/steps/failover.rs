@@ -69,7 +69,7 @@ impl Step<Cx> for Detection {
         DETECTION.into()
     }
     fn deps(&self) -> Vec<String> {
-        vec![FAILOVER.into(), network::step_id(Side::Dr), database::PRIMARY.into()]
+        vec![FAILOVER.into(), network::step_id(Side::Dr), super::peering::STEP.into(), database::PRIMARY.into()]
     }
     fn up<'a>(&'a self, cx: &'a Cx, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult> {
         Box::pin(detection_up(cx, rec))
@@ -389,6 +389,8 @@ async fn detection_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
                 r53.create_health_check().caller_reference(format!("{prefix}{}", &token[token.len().saturating_sub(16)..])).health_check_config(cfg).send()
             )?;
             let id = out.health_check.map(|h| h.id).ok_or_else(|| Error::Other("CreateHealthCheck returned no id".into()))?;
+            // No tags at creation in Route 53: record the ID first, then tag.
+            cx.store.put(&health_check_key(), crate::state::Resource::new("health-check", "global", &id, crate::state::Status::Created))?;
             dns::tag(cx, TagResourceType::Healthcheck, &id, "health-check").await?;
             Ok(id)
         },

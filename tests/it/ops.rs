@@ -153,3 +153,53 @@ async fn failover_refuses_a_lagging_replica_unless_forced() {
     run.ok(&["failover", "--env", "dev", "--yes", "--force"]);
     assert!(emu.mutating_calls().contains(&"rds eu-west-1 PromoteReadReplica".to_string()));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn up_and_failover_follow_an_automatic_failover() {
+    let emu = Emu::start();
+    let run = Run::new(&emu);
+    run.ok(&["up", "--env", "dev"]);
+    // What the failover function does when the alarm fires: promote, tag, move the weights.
+    let rds = aws_sdk_rds::Client::new(&emu.sdk("us-east-1").await);
+    rds.stop_db_instance().db_instance_identifier("pgdr-dev-us-east-1").send().await.unwrap();
+    let rds_dr = aws_sdk_rds::Client::new(&emu.sdk("eu-west-1").await);
+    let r = rds_dr.promote_read_replica().db_instance_identifier("pgdr-dev-eu-west-1").send().await.unwrap();
+    let arn = r.db_instance().unwrap().db_instance_arn().unwrap().to_owned();
+    rds_dr.add_tags_to_resource().resource_name(arn).tags(aws_sdk_rds::types::Tag::builder().key("pgdr:role").value("primary").build()).send().await.unwrap();
+    let state: serde_json::Value = serde_json::from_slice(&std::fs::read(run.state_file("dev")).unwrap()).unwrap();
+    let zone = state["resources"]["dns/global/zone"]["id"].as_str().unwrap().to_owned();
+    let r53 = aws_sdk_route53::Client::new(&emu.sdk("us-east-1").await);
+    let rrs = r53.list_resource_record_sets().hosted_zone_id(&zone).send().await.unwrap();
+    let mut changes = Vec::new();
+    for rr in rrs.resource_record_sets().iter().filter(|r| r.name() == "postgres.db-dev.internal.") {
+        let mut rr = rr.clone();
+        rr.weight = Some(if rr.set_identifier() == Some("eu-west-1") { 100 } else { 0 });
+        changes.push(aws_sdk_route53::types::Change::builder().action(aws_sdk_route53::types::ChangeAction::Upsert).resource_record_set(rr).build().unwrap());
+    }
+    r53.change_resource_record_sets()
+        .hosted_zone_id(&zone)
+        .change_batch(aws_sdk_route53::types::ChangeBatch::builder().set_changes(Some(changes)).build().unwrap())
+        .send()
+        .await
+        .unwrap();
+
+    // status reads the truth from AWS: the replica is the primary, the old one is not fenced.
+    let s = run.pgdr(&["status", "--env", "dev", "--output", "json"]);
+    assert_eq!(s.code, 3, "{s:?}");
+    let s = s.json();
+    assert_eq!(instance(&s, "eu-west-1")["role"], "primary");
+    assert_eq!(instance(&s, "us-east-1")["role"], "old-primary");
+    assert!(s["problems"].as_array().unwrap().iter().any(|p| p.as_str().unwrap().contains("not fenced")), "{s}");
+
+    // up never points DNS back at the old primary.
+    emu.reset_calls();
+    run.ok(&["up", "--env", "dev"]);
+    assert_eq!(emu.mutating_calls(), Vec::<String>::new(), "up after an automatic failover mutated");
+    assert_eq!(weights(&emu, &run).await, vec![("eu-west-1".into(), 100), ("us-east-1".into(), 0)]);
+
+    // failover finishes what the function left: fencing, no second promotion.
+    run.ok(&["failover", "--env", "dev", "--yes"]);
+    let calls = emu.mutating_calls();
+    assert!(!calls.iter().any(|c| c.contains("PromoteReadReplica")), "{calls:?}");
+    assert!(calls.iter().any(|c| c.contains("RevokeSecurityGroupIngress")), "{calls:?}");
+}
