@@ -183,3 +183,42 @@ async fn faults_on_the_wire_never_leave_duplicates_or_leftovers() {
         assert_eq!(inventory(&emu, "dev").await, vec!["health-checks 0".to_string()], "seed {seed}: leftovers");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_anywhere_then_rerun_converges_to_exactly_one_of_each() {
+    let want = clean_inventory().await;
+    let emu = Emu::start();
+    let run = Run::new(&emu);
+    // Hold instances in `creating` for a moment, so that some kills land mid-wait.
+    emu.config(r#"{"rds_hold": {"create_s": 2, "modify_s": 1}}"#);
+    emu.reset_calls();
+    run.ok(&["up", "--env", "probe"]);
+    let total = emu.calls().len();
+    run.ok(&["down", "--env", "probe", "--yes", "--skip-final-snapshot"]);
+    // Ten kill points spread over the whole run, plus right after the first create.
+    let mut points: Vec<usize> = (1..=10).map(|i| i * total / 11).collect();
+    points.insert(0, 2);
+    let mut report = Vec::new();
+    for n in points {
+        let child = run.cmd(&["up", "--env", "dev"]).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+        emu.config(&format!(r#"{{"kill_after": {{"pid": {}, "calls": {n}}}}}"#, child.id()));
+        let status = child.wait_with_output().unwrap().status;
+        emu.config(r#"{"kill_after": null}"#);
+        let killed = status.code().is_none();
+        // A kill -9 leaves its lock: reported as stale, cleared by the operator's unlock.
+        if killed {
+            let o = run.pgdr(&["up", "--env", "dev"]);
+            assert_eq!(o.code, 1, "a stale lock must stop the rerun: {o:?}");
+            assert!(o.stderr.contains("pgdr unlock"), "{o:?}");
+            run.ok(&["unlock", "--env", "dev"]);
+        }
+        run.ok(&["up", "--env", "dev"]);
+        let got = inventory(&emu, "dev").await;
+        assert_eq!(got, want, "kill after call {n}: not exactly one of each");
+        report.push(format!("{n}:{}", if killed { "killed" } else { "finished" }));
+        run.ok(&["down", "--env", "dev", "--yes", "--skip-final-snapshot"]);
+        assert_eq!(inventory(&emu, "dev").await, vec!["health-checks 0".to_string()], "kill after call {n}: down left resources");
+    }
+    eprintln!("kill points (calls of {total}): {}", report.join(" "));
+    assert!(report.iter().filter(|r| r.ends_with("killed")).count() >= 10, "{report:?}");
+}
