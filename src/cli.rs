@@ -470,12 +470,45 @@ fn print_run(output: Output, r: &RunResult) {
             ));
         }
     }
+    if !r.dry_run && !r.report.steps.is_empty() {
+        out.push_str("summary:\n");
+        for s in &r.report.steps {
+            let count = |a: &[pgdr::exec::Action]| s.changes.iter().filter(|c| a.contains(&c.action)).count();
+            use pgdr::exec::Action::*;
+            let what = match &s.outcome {
+                Outcome::Done => format!(
+                    "{} created, {} adopted, {} changed, {} deleted, {} unchanged",
+                    count(&[Create]),
+                    count(&[Adopt]),
+                    count(&[Change]),
+                    count(&[Delete]),
+                    count(&[Keep, Absent])
+                ),
+                Outcome::Failed { .. } => "FAILED".into(),
+                Outcome::Skipped { .. } => "skipped".into(),
+                Outcome::Cancelled => "not started".into(),
+            };
+            out.push_str(&format!("  {} {:<18} {:>7.1}s  {what}\n", if matches!(s.outcome, Outcome::Done) { "ok" } else { "!!" }, s.step, s.elapsed_ms as f64 / 1000.0));
+        }
+    }
+    if let Some(c) = &r.connect {
+        out.push_str(&format!(
+            "connect: writers {}:{}  reads {}:{}  credentials: secret {}\n  instances: {}\n",
+            c.writer,
+            c.port,
+            c.reader,
+            c.port,
+            c.secret,
+            c.endpoints.join(", ")
+        ));
+    }
     let t = &r.totals;
     if r.dry_run && t.nothing_to_do() && r.report.failures().next().is_none() && r.command != "adopt" {
         out.push_str("Nothing to do: the environment matches the configuration.\n");
     }
+    let (c, a, ch, d) = if r.dry_run { ("to create", "to adopt", "to change", "to delete") } else { ("created", "adopted", "changed", "deleted") };
     out.push_str(&format!(
-        "{}: {} to create, {} to adopt, {} to change, {} to delete, {} unchanged ({:.1}s)\n",
+        "{}: {} {c}, {} {a}, {} {ch}, {} {d}, {} unchanged ({:.1}s)\n",
         r.command,
         t.create,
         t.adopt,
@@ -566,35 +599,115 @@ fn print_failover_plan(output: Output, plan: &pgdr::failover::Plan, final_result
     eprint!("{t}");
 }
 
-/// Progress on stderr: timestamped lines (one per step start, status change and finish).
+/// Progress on stderr. On a terminal: one live line per running step with its state and
+/// elapsed time, finished steps collapsing to a check mark. Otherwise: timestamped lines.
 struct StderrProgress {
     t0: Instant,
+    live: Option<std::sync::Arc<std::sync::Mutex<Live>>>,
+}
+
+#[derive(Default)]
+struct Live {
+    /// Running steps: (name, started, latest status).
+    running: Vec<(String, Instant, String)>,
+    /// Lines drawn last time (to erase them).
+    drawn: usize,
+    stopped: bool,
+}
+
+impl Live {
+    fn redraw(&mut self, finished: Option<String>) {
+        let mut err = std::io::stderr().lock();
+        let mut text = String::new();
+        for _ in 0..self.drawn {
+            text.push_str("\x1b[1A\x1b[2K");
+        }
+        if let Some(f) = finished {
+            text.push_str(&f);
+            text.push('\n');
+        }
+        for (name, t, status) in &self.running {
+            text.push_str(&format!("  {name}: {status} ({})\n", pgdr::wait::human(t.elapsed())));
+        }
+        self.drawn = self.running.len();
+        let _ = err.write_all(text.as_bytes());
+        let _ = err.flush();
+    }
 }
 
 impl StderrProgress {
     fn new() -> Self {
-        StderrProgress { t0: Instant::now() }
+        let live = std::io::stderr().is_terminal().then(|| std::sync::Arc::new(std::sync::Mutex::new(Live::default())));
+        if let Some(l) = &live {
+            // Keep the elapsed times moving while AWS works.
+            let l = std::sync::Arc::clone(l);
+            std::thread::spawn(move || loop {
+                std::thread::sleep(std::time::Duration::from_millis(500));
+                let mut g = l.lock().unwrap_or_else(|p| p.into_inner());
+                if g.stopped {
+                    break;
+                }
+                if !g.running.is_empty() {
+                    g.redraw(None);
+                }
+            });
+        }
+        StderrProgress { t0: Instant::now(), live }
     }
     fn line(&self, msg: &str) {
         let e = self.t0.elapsed();
         eprintln!("[{:>4}.{}s] {msg}", e.as_secs(), e.subsec_millis() / 100);
     }
+    fn with_live(&self, f: impl FnOnce(&mut Live)) -> bool {
+        match &self.live {
+            Some(l) => {
+                f(&mut l.lock().unwrap_or_else(|p| p.into_inner()));
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+impl Drop for StderrProgress {
+    fn drop(&mut self) {
+        self.with_live(|l| l.stopped = true);
+    }
 }
 
 impl Progress for StderrProgress {
     fn started(&self, step: &str) {
-        self.line(&format!("{step}: started"));
+        if !self.with_live(|l| {
+            l.running.push((step.to_owned(), Instant::now(), "working".into()));
+            l.redraw(None);
+        }) {
+            self.line(&format!("{step}: started"));
+        }
     }
     fn status(&self, step: &str, msg: &str) {
-        self.line(&format!("{step}: {msg}"));
+        if !self.with_live(|l| {
+            if let Some(r) = l.running.iter_mut().find(|r| r.0 == step) {
+                r.2 = msg.to_owned();
+            }
+            l.redraw(None);
+        }) {
+            self.line(&format!("{step}: {msg}"));
+        }
     }
     fn finished(&self, step: &str, r: &StepReport) {
         let secs = r.elapsed_ms as f64 / 1000.0;
-        match &r.outcome {
-            Outcome::Done => self.line(&format!("{step}: done ({secs:.1}s)")),
-            Outcome::Failed { error, .. } => self.line(&format!("{step}: FAILED ({secs:.1}s): {error}")),
-            Outcome::Skipped { because } => self.line(&format!("{step}: skipped ({} failed)", because.join(", "))),
-            Outcome::Cancelled => self.line(&format!("{step}: not started (interrupted)")),
+        let text = match &r.outcome {
+            Outcome::Done => format!("{step}: done ({secs:.1}s)"),
+            Outcome::Failed { error, .. } => format!("{step}: FAILED ({secs:.1}s): {error}"),
+            Outcome::Skipped { because } => format!("{step}: skipped ({} failed)", because.join(", ")),
+            Outcome::Cancelled => format!("{step}: not started (interrupted)"),
+        };
+        if !self.with_live(|l| {
+            l.running.retain(|x| x.0 != step);
+            let mark = if matches!(r.outcome, Outcome::Done) { "\u{2713}" } else { "\u{2717}" };
+            l.redraw(Some(format!("{mark} {text}")));
+        }) {
+            self.line(&text);
         }
     }
 }

@@ -130,44 +130,48 @@ pub async fn execute(cx: &Cx, plan: Plan, progress: &dyn Progress) -> Result<Out
         detail: if plan.already_promoted { "already promoted".into() } else { format!("{} promoted", plan.replica) },
     });
 
-    // 2. DNS: writers to the new primary, one batch, INSYNC.
-    let t = Instant::now();
-    // The new primary's endpoint, as AWS reports it now.
-    if let Some(db) = health::instance(cx, Side::Dr).await? {
-        if let Some(e) = db.endpoint {
-            cx.store.update(|s| {
-                if let Some(r) = s.resources.get_mut(&database::instance_key(cx, Side::Dr)) {
-                    r.attrs.insert("endpoint".into(), e.clone());
-                }
-            })?;
-        }
-    }
-    dns::records_up(cx, &rec).await?;
-    timeline.push(Phase { phase: "dns".into(), ms: ms(t), detail: format!("{} -> {region}", dns::writer_record(cx).trim_end_matches('.')) });
-
-    // 3. Fence the old primary when its region answers.
-    let t = Instant::now();
-    let pending = if plan.fenced {
-        timeline.push(Phase { phase: "fence".into(), ms: 0, detail: "already fenced".into() });
-        None
-    } else {
-        match fence(cx, &rec).await {
-            Ok(revoked) => {
-                timeline.push(Phase { phase: "fence".into(), ms: ms(t), detail: format!("revoked {}", if revoked.is_empty() { "nothing (no rules left)".into() } else { revoked.join(", ") }) });
-                None
+    // 2 and 3 at once: DNS to the new primary (one batch, INSYNC), and the fence of the old
+    // primary when its region answers (neither needs the other).
+    let dns = async {
+        let t = Instant::now();
+        // The endpoint does not change with promotion; read it only if state lacks it.
+        if cx.store.attr(&database::instance_key(cx, Side::Dr), "endpoint").is_none() {
+            if let Some(e) = health::instance(cx, Side::Dr).await?.and_then(|db| db.endpoint) {
+                cx.store.update(|s| {
+                    if let Some(r) = s.resources.get_mut(&database::instance_key(cx, Side::Dr)) {
+                        r.attrs.insert("endpoint".into(), e.clone());
+                    }
+                })?;
             }
+        }
+        dns::records_up(cx, &rec).await?;
+        Ok::<_, Error>(Phase { phase: "dns".into(), ms: ms(t), detail: format!("{} -> {region}", dns::writer_record(cx).trim_end_matches('.')) })
+    };
+    let fencing = async {
+        let t = Instant::now();
+        if plan.fenced {
+            return Ok((Phase { phase: "fence".into(), ms: 0, detail: "already fenced".into() }, None));
+        }
+        match fence(cx, &rec).await {
+            Ok(revoked) => Ok((
+                Phase { phase: "fence".into(), ms: ms(t), detail: format!("revoked {}", if revoked.is_empty() { "nothing (no rules left)".into() } else { revoked.join(", ") }) },
+                None,
+            )),
             Err(Error::Aws(e)) if wait::is_transient(&e) || e.kind != crate::error::AwsErrorKind::Service => {
                 let note = format!(
                     "the old primary's region {} did not answer ({e}); it is NOT fenced: rerun `pgdr failover --env {}` when the region is back",
                     cx.region(Side::Primary),
                     cx.name()
                 );
-                timeline.push(Phase { phase: "fence".into(), ms: ms(t), detail: "pending: region unreachable".into() });
-                Some(note)
+                Ok((Phase { phase: "fence".into(), ms: ms(t), detail: "pending: region unreachable".into() }, Some(note)))
             }
-            Err(e) => return Err(e),
+            Err(e) => Err(e),
         }
     };
+    let (dns, fencing) = tokio::join!(dns, fencing);
+    timeline.push(dns?);
+    let (phase, pending) = fencing?;
+    timeline.push(phase);
     Ok(Outcome { plan, timeline, pending })
 }
 
@@ -180,7 +184,8 @@ async fn wait_promoted(cx: &Cx, rec: &Recorder<'_>, id: &str) -> Result<()> {
     wait::until(
         &format!("promotion of {id}"),
         Duration::from_secs(60 * cx.env.settings.replica_wait_minutes),
-        Pace { first: Duration::from_millis(250), max: Duration::from_secs(5) },
+        // DNS moves the moment the instance is writable: look often.
+        Pace { first: Duration::from_millis(250), max: Duration::from_secs(2) },
         &cx.cancel,
         |s, t| rec.status(&format!("{id}: {s} ({})", wait::human(t))),
         "rerun `pgdr failover` to finish",

@@ -37,8 +37,39 @@ pub struct RunResult {
     #[serde(flatten)]
     pub report: RunReport,
     pub totals: Totals,
+    /// Where to connect, once the databases exist.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connect: Option<Connect>,
     #[serde(skip)]
     pub exit: Exit,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Connect {
+    /// Writers: follows failovers.
+    pub writer: String,
+    /// Reads: the replica.
+    pub reader: String,
+    pub port: u16,
+    /// Secrets Manager secret with the credentials (readable in both regions).
+    pub secret: String,
+    pub endpoints: Vec<String>,
+}
+
+fn connect_info(cx: &Cx) -> Option<Connect> {
+    use crate::cx::Side;
+    use crate::steps::{database, dns, secrets};
+    let endpoints: Vec<String> = [Side::Primary, Side::Dr]
+        .into_iter()
+        .filter_map(|s| cx.store.attr(&database::instance_key(cx, s), "endpoint").map(|e| format!("{e} ({})", cx.region(s))))
+        .collect();
+    (!endpoints.is_empty()).then(|| Connect {
+        writer: dns::writer_record(cx).trim_end_matches('.').to_owned(),
+        reader: dns::reader_record(cx).trim_end_matches('.').to_owned(),
+        port: 5432,
+        secret: secrets::name(cx),
+        endpoints,
+    })
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -134,7 +165,8 @@ async fn sync_topology(cx: &Cx) -> Result<()> {
 
 fn result(command: &'static str, cx: &Cx, dry_run: bool, report: RunReport) -> RunResult {
     let exit = report.exit();
-    RunResult { command, env: cx.env.name.clone(), dry_run, warnings: cx.env.warnings(), totals: Totals::of(&report), report, exit }
+    let connect = (!dry_run && matches!(command, "up" | "reprotect")).then(|| connect_info(cx)).flatten();
+    RunResult { command, env: cx.env.name.clone(), dry_run, warnings: cx.env.warnings(), totals: Totals::of(&report), report, connect, exit }
 }
 
 /// `plan` and `up --dry-run`: walk the graph without changing anything.

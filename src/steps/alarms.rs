@@ -80,7 +80,8 @@ impl Step<Cx> for Alarms {
         ALARMS.into()
     }
     fn deps(&self) -> Vec<String> {
-        vec![TOPICS.into(), database::PRIMARY.into(), database::REPLICA.into()]
+        // Alarms name instances by identifier: no need to wait for the replica to be available.
+        vec![TOPICS.into(), database::PRIMARY.into()]
     }
     fn up<'a>(&'a self, cx: &'a Cx, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult> {
         Box::pin(alarms_up(cx, rec))

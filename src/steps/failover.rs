@@ -54,7 +54,9 @@ impl Step<Cx> for Failover {
         FAILOVER.into()
     }
     fn deps(&self) -> Vec<String> {
-        vec![dns::ZONE.into(), database::PRIMARY.into(), database::REPLICA.into(), TOPICS.into()]
+        // Not the replica: its identifier and ARN are known before it is available, and the
+        // function, role and alarm can be ready while it is still being created.
+        vec![dns::ZONE.into(), database::PRIMARY.into(), TOPICS.into()]
     }
     fn up<'a>(&'a self, cx: &'a Cx, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult> {
         Box::pin(failover_up(cx, rec))
@@ -96,8 +98,13 @@ fn topic_arn(cx: &Cx) -> String {
     cx.store.id(&format!("topics/{}/topic", cx.region(Side::Dr))).unwrap_or_default()
 }
 
+/// An instance's ARN: recorded, or (for the replica still being created) derived from the
+/// primary's, so that this step need not wait for the replica.
 fn instance_arn(cx: &Cx, side: Side) -> String {
-    cx.store.attr(&database::instance_key(cx, side), "arn").unwrap_or_default()
+    cx.store.attr(&database::instance_key(cx, side), "arn").unwrap_or_else(|| {
+        let (p, a) = partition_account(cx);
+        format!("arn:{p}:rds:{}:{a}:db:{}", cx.region(side), database::instance_id(cx, side))
+    })
 }
 
 /// The failover function's permissions: exactly the two instances, the zone, the topic and its
