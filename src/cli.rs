@@ -378,9 +378,11 @@ async fn run(cli: Cli) -> Result<Exit, Error> {
         }
         Command::Unlock { env, force } => {
             pgdr::config::validate_env_name(&env.env)?;
-            match pgdr::state::unlock(&g.state_dir, &env.env, *force)? {
-                Some(info) => eprintln!("removed the lock of {} (`{}`, pid {} on {})", env.env, info.command, info.pid, info.host),
-                None => eprintln!("environment {} is not locked", env.env),
+            let removed = pgdr::state::unlock(&g.state_dir, &env.env, *force)?;
+            match (g.output, &removed) {
+                (Output::Json, _) => print_json(&serde_json::json!({ "env": env.env, "removed": removed })),
+                (Output::Human, Some(info)) => eprintln!("removed the lock of {} (`{}`, pid {} on {})", env.env, info.command, info.pid, info.host),
+                (Output::Human, None) => eprintln!("environment {} is not locked", env.env),
             }
             Ok(Exit::Success)
         }

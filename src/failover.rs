@@ -31,6 +31,8 @@ pub struct Plan {
     pub dns_on_replica: bool,
     pub fenced: bool,
     pub steps: Vec<String>,
+    /// How long reading the instances, the lag and the records took.
+    pub checks_ms: u64,
 }
 
 impl Plan {
@@ -56,6 +58,7 @@ pub struct Outcome {
 }
 
 pub async fn plan(cx: &Cx) -> Result<Plan> {
+    let t = Instant::now();
     let (p, d, lag) = tokio::join!(health::instance(cx, Side::Primary), health::instance(cx, Side::Dr), health::replica_lag(cx));
     // An unreachable primary region counts as "primary down".
     let p = p.unwrap_or(None);
@@ -94,6 +97,7 @@ pub async fn plan(cx: &Cx) -> Result<Plan> {
         dns_on_replica,
         fenced,
         steps,
+        checks_ms: ms(t),
     })
 }
 
@@ -103,7 +107,7 @@ fn ms(t: Instant) -> u64 {
 
 pub async fn execute(cx: &Cx, plan: Plan, progress: &dyn Progress) -> Result<Outcome> {
     let rec = Recorder::new("failover", false, progress, cx.cancel.clone());
-    let mut timeline = Vec::new();
+    let mut timeline = vec![Phase { phase: "checks".into(), ms: plan.checks_ms, detail: format!("lag {}", plan.replica_lag_seconds.map(|l| format!("{l:.0} s")).unwrap_or_else(|| "unknown".into())) }];
     let dr = cx.regional(Side::Dr);
     let region = dr.region.as_str();
 

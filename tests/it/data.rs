@@ -172,3 +172,18 @@ async fn up_waits_for_creating_instances_and_names_a_terminal_status() {
     run.ok(&["up", "--env", "dev"]);
     run.ok(&["down", "--env", "dev", "--yes", "--skip-final-snapshot"]);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tls_off_is_possible_and_warned_about() {
+    let emu = Emu::start();
+    let run = Run::new(&emu);
+    run.write("pgdr.toml", "[env.legacy]\nrequire_tls = false\n");
+    let plan = run.ok(&["plan", "--env", "legacy"]);
+    assert!(plan.stdout.contains("WARNING") && plan.stdout.contains("rds.force_ssl=0"), "{plan:?}");
+    let up = run.ok(&["up", "--env", "legacy", "--output", "json"]).json();
+    assert!(up["warnings"][0].as_str().unwrap().contains("unencrypted"), "{up}");
+    let rds = aws_sdk_rds::Client::new(&emu.sdk("us-east-1").await);
+    let params = rds.describe_db_parameters().db_parameter_group_name("pgdr-legacy-postgres15").source("user").send().await.unwrap();
+    let ssl = params.parameters().iter().find(|p| p.parameter_name() == Some("rds.force_ssl")).and_then(|p| p.parameter_value());
+    assert_eq!(ssl, Some("0"));
+}

@@ -222,3 +222,32 @@ async fn kill_9_anywhere_then_rerun_converges_to_exactly_one_of_each() {
     eprintln!("kill points (calls of {total}): {}", report.join(" "));
     assert!(report.iter().filter(|r| r.ends_with("killed")).count() >= 10, "{report:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ctrl_c_saves_state_releases_the_lock_and_exits_130() {
+    let emu = Emu::start();
+    let run = Run::new(&emu);
+    // Long enough a wait on the primary to interrupt it.
+    emu.config(r#"{"rds_hold": {"create_s": 30, "modify_s": 1}}"#);
+    let child = run.cmd(&["up", "--env", "dev"]).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let pid = child.id() as i32;
+    // Wait until the primary's create was sent, then interrupt once.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !emu.calls().iter().any(|c| c["op"] == "CreateDBInstance") {
+        assert!(std::time::Instant::now() < deadline, "no CreateDBInstance");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    unsafe {
+        libc::kill(pid, libc::SIGINT);
+    }
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(!run.state_dir().join("dev.lock").exists(), "lock released");
+    let state: serde_json::Value = serde_json::from_slice(&std::fs::read(run.state_file("dev")).unwrap()).unwrap();
+    assert!(state["resources"]["primary/us-east-1/instance"]["id"].is_string(), "the primary is recorded: {state}");
+    emu.config(r#"{"rds_hold": null}"#);
+    run.ok(&["up", "--env", "dev"]);
+    let want = clean_inventory().await;
+    assert_eq!(inventory(&emu, "dev").await, want);
+}
