@@ -135,33 +135,10 @@ impl Step<Cx> for Replica {
     }
 }
 
+/// The instance's PostgreSQL log group, created by pgdr with 7-day retention (RDS would create
+/// it without retention) so that `down` removes it.
 async fn ensure_log_group(cx: &Cx, rec: &Recorder<'_>, side: Side, id: &str) -> Result<()> {
-    let reg = cx.regional(side);
-    let region = reg.region.as_str();
-    let name = log_group_name(id);
-    let r = Res::new(log_group_key(cx, side), "log-group", name.clone(), region);
-    let out = aws!(region, "logs", "DescribeLogGroups", reg.logs.describe_log_groups().log_group_name_prefix(&name).send())?;
-    let found = out.log_groups.unwrap_or_default().into_iter().find(|g| g.log_group_name.as_deref() == Some(name.as_str()));
-    let retention = found.as_ref().and_then(|g| g.retention_in_days);
-    let exists = found.is_some();
-    super::ensure(cx, rec, &r, async |_| Ok(exists.then(|| name.clone())), async |_| {
-        let tags = cx.tags("log-group").into_iter().collect();
-        match aws!(region, "logs", "CreateLogGroup", reg.logs.create_log_group().log_group_name(&name).set_tags(Some(tags)).send()) {
-            Ok(_) => {}
-            Err(e) if e.is_code(&["ResourceAlreadyExistsException"]) => {}
-            Err(e) => return Err(e.into()),
-        }
-        aws!(region, "logs", "PutRetentionPolicy", reg.logs.put_retention_policy().log_group_name(&name).retention_in_days(7).send())?;
-        Ok(name.clone())
-    })
-    .await?;
-    if exists && retention != Some(7) {
-        if !rec.plan {
-            aws!(region, "logs", "PutRetentionPolicy", reg.logs.put_retention_policy().log_group_name(&name).retention_in_days(7).send())?;
-        }
-        rec.record(Action::Change, "log-group", &name, region, None, Some(format!("retention {:?} -> 7 days", retention)));
-    }
-    Ok(())
+    super::lambda::ensure_log_group(cx, rec, cx.regional(side), &log_group_key(cx, side), &log_group_name(id)).await
 }
 
 async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
@@ -397,23 +374,7 @@ async fn down(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
         rec.record(Action::Keep, "db-snapshot", snap, region, Some(snap), Some("final snapshot of the primary".into()));
     }
 
-    let lg = Res::new(log_group_key(cx, side), "log-group", log_group_name(&id), region);
-    super::remove(
-        cx,
-        rec,
-        &lg,
-        async |_| {
-            let name = log_group_name(&id);
-            let out = aws!(region, "logs", "DescribeLogGroups", reg.logs.describe_log_groups().log_group_name_prefix(&name).send())?;
-            Ok(out.log_groups.unwrap_or_default().into_iter().find_map(|g| g.log_group_name.filter(|n| *n == name)))
-        },
-        async |name| match aws!(region, "logs", "DeleteLogGroup", reg.logs.delete_log_group().log_group_name(name).send()) {
-            Ok(_) => Ok(()),
-            Err(e) if e.is_code(&["ResourceNotFoundException"]) => Ok(()),
-            Err(e) => Err(e.into()),
-        },
-    )
-    .await?;
+    super::lambda::delete_log_group(cx, rec, reg, &log_group_key(cx, side), &log_group_name(&id)).await?;
     Ok(())
 }
 

@@ -1,4 +1,5 @@
-//! Shared pieces of the two Lambda functions (failover, probe): the zip built in memory from
+//! Shared pieces of the two Lambda functions (failover, probe) and of every log group pgdr
+//! owns: the zip built in memory from
 //! the handler source embedded in the binary, the IAM role with ARN-scoped inline policies, the
 //! log group with 7-day retention, and the function itself.
 
