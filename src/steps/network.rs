@@ -395,10 +395,23 @@ async fn endpoints(cx: &Cx, side: Side, known: Option<String>) -> Result<Vec<Str
 async fn find_endpoint(cx: &Cx, rec: &Recorder<'_>, r: &Res<'_>, side: Side, known: Option<String>) -> Result<Option<String>> {
     let reg = cx.regional(side);
     let ids = endpoints(cx, side, known.clone()).await?;
-    keep_one(rec, r, known.as_deref(), ids, async |id| {
-        absent(aws!(&reg.region, "ec2", "DeleteVpcEndpoints", reg.ec2.delete_vpc_endpoints().vpc_endpoint_ids(&id).send())).map(|_| ())
-    })
-    .await
+    keep_one(rec, r, known.as_deref(), ids, async |id| delete_endpoint(cx, side, &id).await).await
+}
+
+/// Deletes an endpoint; only its own not-found counts as done (a route error is an error).
+async fn delete_endpoint(cx: &Cx, side: Side, id: &str) -> Result<()> {
+    let reg = cx.regional(side);
+    match aws!(&reg.region, "ec2", "DeleteVpcEndpoints", reg.ec2.delete_vpc_endpoints().vpc_endpoint_ids(id).send()) {
+        Ok(out) => match out.unsuccessful().iter().find(|u| u.resource_id() == Some(id)) {
+            Some(u) if !u.error().and_then(|e| e.code()).is_some_and(|c| c.ends_with("VpcEndpointId.NotFound")) => Err(Error::failed(format!(
+                "DeleteVpcEndpoints refused {id}: {}",
+                u.error().and_then(|e| e.message()).unwrap_or("no reason given")
+            ))),
+            _ => Ok(()),
+        },
+        Err(e) if e.is_code(&["InvalidVpcEndpointId.NotFound"]) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Deletes the region's network, waiting for each deletion so nothing blocks the VPC's.
@@ -415,7 +428,7 @@ async fn down(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
 
     let ep = Res::new(key(cx, side, "s3-endpoint"), "vpc-endpoint", format!("pgdr-{}-s3", cx.name()), region);
     remove(cx, rec, &ep, async |known| find_endpoint(cx, rec, &ep, side, known).await, async |id| {
-        absent(aws!(region, "ec2", "DeleteVpcEndpoints", ec2.delete_vpc_endpoints().vpc_endpoint_ids(&id).send()))?;
+        delete_endpoint(cx, side, &id).await?;
         wait::until(&format!("VPC endpoint {id}"), std::time::Duration::from_secs(600), Pace::FAST, &cx.cancel, |s, _| rec.status(&format!("endpoint {s}")), "rerun `pgdr down`", async || {
             Ok(if endpoints(cx, side, None).await?.contains(&id) { Look::Pending("deleting".into()) } else { Look::Ready(()) })
         })

@@ -161,6 +161,40 @@ impl Run {
         Out { code: o.status.code().unwrap_or(-1), stdout: String::from_utf8_lossy(&o.stdout).into(), stderr: String::from_utf8_lossy(&o.stderr).into() }
     }
 
+    /// Runs pgdr, killing it after `secs` (a hang is a failure, not a stuck test run).
+    pub fn pgdr_within(&self, args: &[&str], secs: u64) -> Out {
+        let mut child = self.cmd(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("run pgdr");
+        let pid = child.id() as i32;
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = std::sync::Arc::clone(&done);
+        let watchdog = std::thread::spawn(move || {
+            let end = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+            while std::time::Instant::now() < end {
+                if flag.load(std::sync::atomic::Ordering::SeqCst) {
+                    return false;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+            true
+        });
+        let mut stdout = String::new();
+        let mut stderr = String::new();
+        if let Some(mut o) = child.stdout.take() {
+            let _ = o.read_to_string(&mut stdout);
+        }
+        if let Some(mut e) = child.stderr.take() {
+            let _ = e.read_to_string(&mut stderr);
+        }
+        let status = child.wait().expect("wait pgdr");
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        let killed = watchdog.join().unwrap_or(false);
+        assert!(!killed, "pgdr {args:?} hung for {secs} s:\n{stderr}");
+        Out { code: status.code().unwrap_or(-1), stdout, stderr }
+    }
+
     pub fn ok(&self, args: &[&str]) -> Out {
         let o = self.pgdr(args);
         assert_eq!(o.code, 0, "pgdr {args:?} failed: {o:?}");

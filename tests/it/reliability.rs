@@ -156,7 +156,7 @@ async fn clean_inventory() -> Vec<String> {
 /// Reruns a command until it succeeds (exit 0); each failed run must be a partial or AWS failure.
 fn until_ok(run: &Run, args: &[&str], tries: usize) -> usize {
     for i in 1..=tries {
-        let o = run.pgdr(args);
+        let o = run.pgdr_within(args, 180);
         if o.code == 0 {
             return i;
         }
@@ -172,12 +172,16 @@ async fn faults_on_the_wire_never_leave_duplicates_or_leftovers() {
         let emu = Emu::start();
         let run = Run::new(&emu);
         // 10 % of calls answered 503 before reaching AWS, 5 % lose their answer after it acted.
-        emu.config(&format!(r#"{{"fail_rate": 0.10, "drop_rate": 0.05, "seed": {seed}}}"#));
+        // Not CreateVpcEndpoint: AWS makes it idempotent through the ClientToken pgdr sends, the
+        // emulator ignores the token and then cannot delete the second gateway endpoint of a
+        // route table (deleting the first removes the route both share).
+        let faults = |seed: u64| format!(r#"{{"fail_rate": 0.10, "drop_rate": 0.05, "seed": {seed}, "fault_skip_ops": ["CreateVpcEndpoint"]}}"#);
+        emu.config(&faults(seed));
         let runs = until_ok(&run, &["up", "--env", "dev"], 6);
         eprintln!("seed {seed}: up converged in {runs} run(s), {} calls", emu.calls().len());
         emu.config(r#"{"fail_rate": 0, "drop_rate": 0}"#);
         assert_eq!(inventory(&emu, "dev").await, want, "seed {seed}: not exactly one of each");
-        emu.config(&format!(r#"{{"fail_rate": 0.10, "drop_rate": 0.05, "seed": {}}}"#, seed + 100));
+        emu.config(&faults(seed + 100));
         until_ok(&run, &["down", "--env", "dev", "--yes", "--skip-final-snapshot"], 6);
         emu.config(r#"{"fail_rate": 0, "drop_rate": 0}"#);
         assert_eq!(inventory(&emu, "dev").await, vec!["health-checks 0".to_string()], "seed {seed}: leftovers");
