@@ -243,6 +243,8 @@ async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
             }
             db.clone()
         }
+        // Just described and available: no need to look again.
+        (Some(db), false) if db.status == "available" => db.clone(),
         _ => wait_available(cx, rec, side, &id, budget).await?,
     };
     cx.store.update(|st| {

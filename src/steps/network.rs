@@ -393,7 +393,6 @@ async fn endpoints(cx: &Cx, side: Side, known: Option<String>) -> Result<Vec<Str
 }
 
 async fn find_endpoint(cx: &Cx, rec: &Recorder<'_>, r: &Res<'_>, side: Side, known: Option<String>) -> Result<Option<String>> {
-    let reg = cx.regional(side);
     let ids = endpoints(cx, side, known.clone()).await?;
     keep_one(rec, r, known.as_deref(), ids, async |id| delete_endpoint(cx, side, &id).await).await
 }
