@@ -73,6 +73,17 @@ struct EnvArg {
     env: String,
 }
 
+/// The flags of every destructive command.
+#[derive(Args, Debug, Clone, Copy)]
+struct Confirm {
+    /// Do not ask for confirmation (required when stdin is not a terminal).
+    #[arg(long)]
+    yes: bool,
+    /// Print what would be done and stop.
+    #[arg(long)]
+    dry_run: bool,
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Show what `up` would do, without changing anything.
@@ -99,12 +110,8 @@ enum Command {
     Down {
         #[command(flatten)]
         env: EnvArg,
-        /// Do not ask for confirmation (required when stdin is not a terminal).
-        #[arg(long)]
-        yes: bool,
-        /// Print what would be deleted and stop.
-        #[arg(long)]
-        dry_run: bool,
+        #[command(flatten)]
+        confirm: Confirm,
         /// Delete the database without a final snapshot, and the secret without a recovery window.
         #[arg(long)]
         skip_final_snapshot: bool,
@@ -117,12 +124,8 @@ enum Command {
     Failover {
         #[command(flatten)]
         env: EnvArg,
-        /// Do not ask for confirmation (required when stdin is not a terminal).
-        #[arg(long)]
-        yes: bool,
-        /// Print what would be done and stop.
-        #[arg(long)]
-        dry_run: bool,
+        #[command(flatten)]
+        confirm: Confirm,
         /// Promote even when the replica lags more than max_failover_lag_seconds.
         #[arg(long)]
         force: bool,
@@ -132,12 +135,8 @@ enum Command {
     Reprotect {
         #[command(flatten)]
         env: EnvArg,
-        /// Do not ask for confirmation (required when stdin is not a terminal).
-        #[arg(long)]
-        yes: bool,
-        /// Print what would be done and stop.
-        #[arg(long)]
-        dry_run: bool,
+        #[command(flatten)]
+        confirm: Confirm,
         /// Keep the old primary (retired; `down` deletes it) instead of deleting it now.
         #[arg(long)]
         keep_old_primary: bool,
@@ -272,7 +271,7 @@ async fn run(cli: Cli) -> Result<Exit, Error> {
             print_run(g.output, &r);
             Ok(r.exit)
         }
-        Command::Down { env, yes, dry_run, skip_final_snapshot, force } => {
+        Command::Down { env, confirm: Confirm { yes, dry_run }, skip_final_snapshot, force } => {
             let t = target(g, &env.env);
             let e = t.load_env()?;
             if !dry_run {
@@ -320,7 +319,7 @@ async fn run(cli: Cli) -> Result<Exit, Error> {
             // A state file that cannot be read is a problem to alert on.
             Ok(if list.iter().any(|e| e.error.is_some()) { Exit::Partial } else { Exit::Success })
         }
-        Command::Failover { env, yes, dry_run, force } => {
+        Command::Failover { env, confirm: Confirm { yes, dry_run }, force } => {
             let t = target(g, &env.env);
             let e = t.load_env()?;
             let (cx, _lock, plan) = ops::failover_plan(&t, *dry_run, &cancel).await?;
@@ -349,7 +348,7 @@ async fn run(cli: Cli) -> Result<Exit, Error> {
             }
             Ok(if out.pending.is_some() { Exit::Partial } else { Exit::Success })
         }
-        Command::Reprotect { env, yes, dry_run, keep_old_primary } => {
+        Command::Reprotect { env, confirm: Confirm { yes, dry_run }, keep_old_primary } => {
             let t = target(g, &env.env);
             let e = t.load_env()?;
             let (cx, lock, plan) = ops::reprotect_plan(&t, *keep_old_primary, *dry_run, &cancel).await?;

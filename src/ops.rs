@@ -108,17 +108,29 @@ pub(crate) async fn open(t: &Target, command: &str, mutating: bool, cancel: &Can
     let lock = if mutating { Some(Lock::acquire(&t.state_dir, &env.name, command)?) } else { None };
     // Re-read under the lock: another run may have finished in between.
     let existing = if mutating { state::read(&t.state_dir, &env.name)? } else { existing };
-    // After `reprotect` the regions' roles are swapped: the DR region holds the primary.
+    let cx = context(t, env, existing, mutating, cancel).await?;
+    sync_topology(&cx).await?;
+    Ok((cx, lock))
+}
+
+/// Builds the context of an environment from its state: the roles swapped after `reprotect`
+/// (the DR region then holds the primary), clients for the two regions, the store.
+async fn context(t: &Target, env: Env, existing: Option<state::State>, persist: bool, cancel: &Cancel) -> Result<Cx> {
     let swapped = existing.as_ref().is_some_and(|s| !s.topology.primary_region.is_empty() && s.topology.primary_region == env.settings.dr_region);
     let env = if swapped { env.swap_roles() } else { env };
+    check_regions(&env, existing.as_ref())?;
     let mut conn = t.connection.clone();
     conn.retry_max_attempts = env.settings.retry_max_attempts;
     let clients = clients::build(&conn, &env.settings.primary_region, &env.settings.dr_region).await?;
-    check_regions(&env, existing.as_ref())?;
-    let store = Store::new(&t.state_dir, &env.name, existing, mutating);
-    let cx = Cx { env, clients, store, opts: Options::default(), cancel: cancel.clone() };
-    sync_topology(&cx).await?;
-    Ok((cx, lock))
+    let store = Store::new(&t.state_dir, &env.name, existing, persist);
+    Ok(Cx { env, clients, store, opts: Options::default(), cancel: cancel.clone() })
+}
+
+/// Reopens a context after a command changed the state's topology (the lock stays held).
+async fn reopen(t: &Target, cancel: &Cancel) -> Result<Cx> {
+    let env = t.load_env()?;
+    let existing = state::read(&t.state_dir, &env.name)?;
+    context(t, env, existing, true, cancel).await
 }
 
 /// A state file belongs to one pair of regions: other regions (a changed config or flag) would
@@ -400,16 +412,8 @@ pub async fn reprotect_plan(t: &Target, keep_old_primary: bool, dry_run: bool, c
 pub async fn reprotect(t: &Target, cx: Cx, lock: Option<Lock>, plan: &crate::reprotect::Plan, progress: &dyn Progress, cancel: &Cancel) -> Result<RunResult> {
     crate::reprotect::prepare(&cx, plan, progress).await?;
     drop(cx);
-    // Reopen with the roles swapped; keep holding the lock meanwhile.
-    let env = t.load_env()?;
-    let existing = state::read(&t.state_dir, &env.name)?;
-    let swapped = existing.as_ref().is_some_and(|s| s.topology.primary_region == env.settings.dr_region);
-    let env = if swapped { env.swap_roles() } else { env };
-    let mut conn = t.connection.clone();
-    conn.retry_max_attempts = env.settings.retry_max_attempts;
-    let clients = clients::build(&conn, &env.settings.primary_region, &env.settings.dr_region).await?;
-    let store = Store::new(&t.state_dir, &env.name, existing, true);
-    let cx = Cx { env, clients, store, opts: Options::default(), cancel: cancel.clone() };
+    // The roles are swapped now; the lock stays held.
+    let cx = reopen(t, cancel).await?;
     let steps = crate::steps::graph();
     let report = exec::execute(&steps, &cx, Direction::Up, false, progress, cancel).await;
     drop(lock);
@@ -443,12 +447,7 @@ pub async fn adopt(t: &Target, progress: &dyn Progress, cancel: &Cancel) -> Resu
     })?;
     let cx = if swapped {
         drop(cx);
-        let env = t.load_env()?.swap_roles();
-        let mut conn = t.connection.clone();
-        conn.retry_max_attempts = env.settings.retry_max_attempts;
-        let clients = clients::build(&conn, &env.settings.primary_region, &env.settings.dr_region).await?;
-        let existing = state::read(&t.state_dir, &env.name)?;
-        Cx { store: Store::new(&t.state_dir, &env.name, existing, true), env, clients, opts: Options::default(), cancel: cancel.clone() }
+        reopen(t, cancel).await?
     } else {
         cx
     };

@@ -7,18 +7,15 @@
 //! 4. Run `up`: a new cross-region replica of the new primary in the old region, detection and
 //!    failover machinery on the new DR side, DNS records pointed at the new pair.
 
-use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::aws;
 use crate::cx::{Cx, Side};
 use crate::error::{Error, Result};
 use crate::exec::{self, Direction, Progress, Recorder, Step};
 use crate::health;
 use crate::state::{now_rfc3339, Resource, Status, TopologyEvent};
 use crate::steps::{alarms, database, failover};
-use crate::wait::{self, Look, Pace};
 
 #[derive(Debug, Serialize)]
 pub struct Plan {
@@ -129,30 +126,7 @@ pub async fn prepare(cx: &Cx, plan: &Plan, progress: &dyn Progress) -> Result<()
 }
 
 async fn delete_old_primary(cx: &Cx, rec: &Recorder<'_>, id: &str) -> Result<()> {
-    let reg = cx.regional(Side::Primary);
-    let region = reg.region.as_str();
-    let Some(db) = database::describe(reg, id).await? else { return Ok(()) };
-    if db.deletion_protection {
-        aws!(region, "rds", "ModifyDBInstance", reg.rds.modify_db_instance().db_instance_identifier(id).deletion_protection(false).apply_immediately(true).send())?;
-    }
-    let stamp: String = now_rfc3339().chars().filter(|c| c.is_ascii_digit()).take(14).collect();
-    let snapshot = format!("pgdr-{}-final-{stamp}", cx.name());
-    rec.status(&format!("deleting the old primary {id} (final snapshot {snapshot})"));
-    match aws!(
-        region,
-        "rds",
-        "DeleteDBInstance",
-        reg.rds.delete_db_instance().db_instance_identifier(id).skip_final_snapshot(false).final_db_snapshot_identifier(&snapshot).delete_automated_backups(false).send()
-    ) {
-        Ok(_) => {}
-        Err(e) if e.is_code(&["DBInstanceNotFound", "DBInstanceNotFoundFault"]) => return Ok(()),
-        Err(e) => return Err(e.into()),
-    }
-    wait::until(&format!("deletion of {id}"), Duration::from_secs(3600), Pace::SLOW, &cx.cancel, |s, t| rec.status(&format!("{id}: {s} ({})", wait::human(t))), "rerun `pgdr reprotect`", async || {
-        Ok(match database::describe(reg, id).await? {
-            None => Look::Ready(()),
-            Some(d) => Look::Pending(d.status),
-        })
-    })
-    .await
+    // The old primary's data is kept in a final snapshot, always.
+    let how = database::Deletion { snapshot: Some(database::snapshot_name(cx)), keep_backups: true };
+    database::delete_instance(cx, rec, cx.regional(Side::Primary), id, &how, "rerun `pgdr reprotect`").await
 }

@@ -328,7 +328,48 @@ pub async fn protected(cx: &Cx) -> Result<Vec<String>> {
     Ok(out)
 }
 
-fn snapshot_name(cx: &Cx) -> String {
+/// How to delete an instance.
+pub struct Deletion {
+    /// Final snapshot name; `None` skips it (a replica takes none: AWS refuses one).
+    pub snapshot: Option<String>,
+    /// Keep the automated backups.
+    pub keep_backups: bool,
+}
+
+/// Deletes an instance and waits until it is gone: deletion protection is turned off first
+/// (callers decide whether that is allowed), an instance already gone counts as deleted.
+pub async fn delete_instance(cx: &Cx, rec: &Recorder<'_>, reg: &crate::clients::Regional, id: &str, how: &Deletion, hint: &str) -> Result<()> {
+    let region = reg.region.as_str();
+    let Some(db) = describe(reg, id).await? else { return Ok(()) };
+    if db.deletion_protection {
+        aws!(region, "rds", "ModifyDBInstance", reg.rds.modify_db_instance().db_instance_identifier(id).deletion_protection(false).apply_immediately(true).send())?;
+    }
+    if let Some(snap) = &how.snapshot {
+        rec.status(&format!("deleting {id} (final snapshot {snap})"));
+    }
+    let req = reg
+        .rds
+        .delete_db_instance()
+        .db_instance_identifier(id)
+        .skip_final_snapshot(how.snapshot.is_none())
+        .set_final_db_snapshot_identifier(how.snapshot.clone())
+        .delete_automated_backups(!how.keep_backups);
+    match aws!(region, "rds", "DeleteDBInstance", req.send()) {
+        Ok(_) => {}
+        Err(e) if e.is_code(&["DBInstanceNotFound", "DBInstanceNotFoundFault"]) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    }
+    wait::until(&format!("deletion of {id}"), Duration::from_secs(3600), Pace::SLOW, &cx.cancel, |s, t| rec.status(&format!("{id}: {s} ({})", wait::human(t))), hint, async || {
+        Ok(match describe(reg, id).await? {
+            None => Look::Ready(()),
+            Some(d) => Look::Pending(d.status),
+        })
+    })
+    .await
+}
+
+/// A final snapshot name unique to the second: `pgdr-<env>-final-<UTC timestamp>`.
+pub fn snapshot_name(cx: &Cx) -> String {
     let now = crate::state::now_rfc3339();
     let stamp: String = now.chars().filter(|c| c.is_ascii_digit()).take(14).collect();
     format!("pgdr-{}-final-{stamp}", cx.name())
@@ -344,32 +385,11 @@ async fn down(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
     let snapshot = (!cx.opts.skip_final_snapshot && !is_replica).then(|| snapshot_name(cx));
     let protected = found.as_ref().is_some_and(|d| d.deletion_protection);
     super::remove(cx, rec, &r, async |_| Ok(found.as_ref().map(|d| d.id.clone())), async |id| {
-        if protected {
-            if !cx.opts.force {
-                return Err(Error::user(format!("{id} has deletion protection on; rerun with --force to turn it off and delete")));
-            }
-            aws!(region, "rds", "ModifyDBInstance", reg.rds.modify_db_instance().db_instance_identifier(&id).deletion_protection(false).apply_immediately(true).send())?;
+        if protected && !cx.opts.force {
+            return Err(Error::user(format!("{id} has deletion protection on; rerun with --force to turn it off and delete")));
         }
-        // A replica takes no final snapshot (AWS refuses one); the primary's name is unique.
-        let req = reg
-            .rds
-            .delete_db_instance()
-            .db_instance_identifier(&id)
-            .skip_final_snapshot(snapshot.is_none())
-            .set_final_db_snapshot_identifier(snapshot.clone())
-            .delete_automated_backups(cx.opts.skip_final_snapshot);
-        match aws!(region, "rds", "DeleteDBInstance", req.send()) {
-            Ok(_) => {}
-            Err(e) if e.is_code(&["DBInstanceNotFound", "DBInstanceNotFoundFault"]) => return Ok(()),
-            Err(e) => return Err(e.into()),
-        }
-        wait::until(&format!("deletion of {id}"), Duration::from_secs(3600), Pace::SLOW, &cx.cancel, |s, t| rec.status(&format!("{id}: {s} ({})", wait::human(t))), "rerun `pgdr down` to keep waiting", async || {
-            Ok(match describe(reg, &id).await? {
-                None => Look::Ready(()),
-                Some(d) => Look::Pending(d.status),
-            })
-        })
-        .await
+        let how = Deletion { snapshot: snapshot.clone(), keep_backups: !cx.opts.skip_final_snapshot };
+        delete_instance(cx, rec, reg, &id, &how, "rerun `pgdr down` to keep waiting").await
     })
     .await?;
     if let (Some(snap), false) = (&snapshot, rec.plan || found.is_none()) {
@@ -409,33 +429,9 @@ impl Step<Cx> for Retired {
                 let found = describe(&reg, &id).await?.filter(|d| d.status != "deleting");
                 let snapshot = (!cx.opts.skip_final_snapshot).then(|| snapshot_name(cx));
                 let res = Res::new(key.clone(), "db-instance", id.clone(), &r.region);
+                let how = Deletion { snapshot: snapshot.clone(), keep_backups: !cx.opts.skip_final_snapshot };
                 super::remove(cx, rec, &res, async |_| Ok(found.as_ref().map(|d| d.id.clone())), async |id| {
-                    if found.as_ref().is_some_and(|d| d.deletion_protection) {
-                        aws!(&reg.region, "rds", "ModifyDBInstance", reg.rds.modify_db_instance().db_instance_identifier(&id).deletion_protection(false).apply_immediately(true).send())?;
-                    }
-                    match aws!(
-                        &reg.region,
-                        "rds",
-                        "DeleteDBInstance",
-                        reg.rds
-                            .delete_db_instance()
-                            .db_instance_identifier(&id)
-                            .skip_final_snapshot(snapshot.is_none())
-                            .set_final_db_snapshot_identifier(snapshot.clone())
-                            .delete_automated_backups(cx.opts.skip_final_snapshot)
-                            .send()
-                    ) {
-                        Ok(_) => {}
-                        Err(e) if e.is_code(&["DBInstanceNotFound", "DBInstanceNotFoundFault"]) => return Ok(()),
-                        Err(e) => return Err(e.into()),
-                    }
-                    wait::until(&format!("deletion of {id}"), Duration::from_secs(3600), Pace::SLOW, &cx.cancel, |s, t| rec.status(&format!("{id}: {s} ({})", wait::human(t))), "rerun `pgdr down`", async || {
-                        Ok(match describe(&reg, &id).await? {
-                            None => Look::Ready(()),
-                            Some(d) => Look::Pending(d.status),
-                        })
-                    })
-                    .await
+                    delete_instance(cx, rec, &reg, &id, &how, "rerun `pgdr down`").await
                 })
                 .await?;
             }
