@@ -10,7 +10,9 @@ DBInstanceStatus in RDS answers for a while). Control API under /__proxy/ (JSON 
   POST /__proxy/config          merge a JSON object of any config keys; returns the new config
                                 (faults: fail_rate, drop_rate, seed, fault_ops = only these ops,
                                 fault_skip_ops = never these ops, fault_mutating_only)
-  GET  /__proxy/calls           recorded calls (JSON list)
+  GET  /__proxy/calls           recorded calls (JSON list); each has t (request received) and
+                                t_end (answer sent, or connection closed for a dropped answer;
+                                after the added latency), seconds since the epoch
   POST /__proxy/calls/reset     clear the in-memory list (the record file is append-only)
   GET  /__proxy/rds_status      active RDS status overrides
   POST /__proxy/rds_status      {"region","id","status","for_s"[,"account"]}; status null clears
@@ -32,6 +34,7 @@ RDS_OPS_WITH_STATUS = {"DescribeDBInstances", "CreateDBInstance", "CreateDBInsta
                        "ModifyDBInstance", "PromoteReadReplica"}
 
 lock = threading.RLock()
+answered = threading.Condition(lock)  # notified when a recorded call gets its t_end
 CONFIG = {"record": None, "latency_ms": 0.0, "fail_rate": 0.0, "drop_rate": 0.0, "seed": None,
           "fault_ops": None, "fault_skip_ops": None, "fault_mutating_only": False, "kill_after": None, "rds_hold": None}
 STATE = {"calls": [], "seq": 0, "kill_count": 0, "rng": random.Random(),
@@ -151,14 +154,31 @@ def error_body(is_json):
 
 
 def record(entry):
+    """Lists a call once its outcome is known (seq in that order); finish() completes it."""
     with lock:
         STATE["seq"] += 1
-        entry = {"seq": STATE["seq"], **entry}
+        entry = {"seq": STATE["seq"], **entry, "t_end": None}
         STATE["calls"].append(entry)
+        return entry
+
+
+def finish(entry):
+    """Stamps t_end once the answer is sent (or dropped) and writes the record file line."""
+    with answered:
+        entry["t_end"] = time.time()
         path = CONFIG["record"]
         if path:
             with open(path, "a") as f:
                 f.write(json.dumps(entry) + "\n")
+        answered.notify_all()
+
+
+def calls_answered(timeout=5.0):
+    """The recorded calls, after waiting (bounded) for answers still being sent: a client that
+    reads the record right after its last answer must see that call's t_end."""
+    with answered:
+        answered.wait_for(lambda: all(c["t_end"] is not None for c in STATE["calls"]), timeout)
+        return [dict(c) for c in STATE["calls"]]
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -221,8 +241,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if path == "/__proxy/config" and self.command == "POST":
                 return self.reply_json(set_config(req))
             if path == "/__proxy/calls" and self.command == "GET":
-                with lock:
-                    return self.reply_json(list(STATE["calls"]))
+                return self.reply_json(calls_answered())
             if path == "/__proxy/calls/reset" and self.command == "POST":
                 with lock:
                     STATE["calls"].clear()
@@ -270,24 +289,33 @@ class Handler(http.server.BaseHTTPRequestHandler):
         entry = {"t": t, "service": service, "region": region, "op": op, "mutating": mutating}
         if fault == "503":
             err, headers = error_body(is_json)
-            record({**entry, "status": 503, "fault": "503"})
-            return self.reply(503, err, headers)
+            rec = record({**entry, "status": 503, "fault": "503"})
+            try:
+                return self.reply(503, err, headers)
+            finally:
+                finish(rec)
         try:
             status, reason, headers, data = self.forward(body)
         except OSError as e:  # moto gave no answer
-            record({**entry, "status": None, "fault": None})
-            return self.reply_json({"error": f"emuproxy: moto did not answer: {e!r}"}, 502)
+            rec = record({**entry, "status": None, "fault": None})
+            try:
+                return self.reply_json({"error": f"emuproxy: moto did not answer: {e!r}"}, 502)
+            finally:
+                finish(rec)
         if service == "rds" and op in RDS_OPS_WITH_STATUS | {"DeleteDBInstance"}:
             rds_note(op, form, account, region, 200 <= status < 300)
             if not any(k.lower() == "content-encoding" for k, _ in headers):
                 data = rds_rewrite(data, account, region)
-        record({**entry, "status": status, "fault": fault})
-        if fault == "drop":  # moto did the work; the client gets a reset and no answer
-            self.close_connection = True
-            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            self.connection.close()
-            return
-        self.reply(status, data, headers, reason)
+        rec = record({**entry, "status": status, "fault": fault})
+        try:
+            if fault == "drop":  # moto did the work; the client gets a reset and no answer
+                self.close_connection = True
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.connection.close()
+                return
+            self.reply(status, data, headers, reason)
+        finally:
+            finish(rec)
         self.after_answer()
 
     def pass_through(self, body):

@@ -41,7 +41,9 @@ def proxy(tmp_path_factory):
     assert proc.wait(10) == 0
     # the record file got one line per recorded call
     lines = [json.loads(x) for x in record.read_text().splitlines()]
-    assert lines and all({"seq", "t", "service", "op", "mutating", "status", "fault"} <= set(x) for x in lines)
+    assert lines and all({"seq", "t", "t_end", "service", "op", "mutating", "status", "fault"} <= set(x)
+                         for x in lines)
+    assert all(x["t_end"] >= x["t"] for x in lines)
 
 
 def ctl(url, path, body=None):
@@ -82,6 +84,9 @@ def test_records_reads_and_writes(emu):
         ("ec2", "eu-west-1", "CreateVpc", True, 200, None),
     ]
     assert rec[1]["seq"] == rec[0]["seq"] + 1
+    # t_end: the answer went out after the request came in, and before the next request came in
+    assert all(c["t_end"] >= c["t"] for c in rec)
+    assert rec[1]["t"] >= rec[0]["t_end"]
     # REST (route53) and JSON (secretsmanager) classification
     client(emu, "route53").list_hosted_zones()
     client(emu, "secretsmanager").list_secrets()
@@ -113,7 +118,9 @@ def test_drop_forwards_but_loses_the_answer(emu):
     with pytest.raises(botocore.exceptions.ConnectionClosedError):
         ec2.create_vpc(CidrBlock="10.3.0.0/16")
     assert any(v["CidrBlock"] == "10.3.0.0/16" for v in ec2.describe_vpcs()["Vpcs"])
-    assert [(c["op"], c["fault"]) for c in calls(emu)] == [("CreateVpc", "drop"), ("DescribeVpcs", None)]
+    rec = calls(emu)
+    assert [(c["op"], c["fault"]) for c in rec] == [("CreateVpc", "drop"), ("DescribeVpcs", None)]
+    assert rec[0]["t"] <= rec[0]["t_end"] <= rec[1]["t"]  # t_end of a drop: the connection's reset
 
 
 def _create_db(rds, ident):
@@ -185,4 +192,8 @@ def test_concurrent_requests_and_latency(emu):
         t.join()
     assert not errors
     assert time.time() - t0 < 2.0  # 8 x 300 ms in parallel, not in series
-    assert [c["op"] for c in calls(emu)] == ["GetCallerIdentity"] * 8
+    rec = calls(emu)
+    assert [c["op"] for c in rec] == ["GetCallerIdentity"] * 8
+    # t_end includes the added latency, and the record shows the calls overlapping
+    assert all(c["t_end"] - c["t"] >= 0.3 for c in rec)
+    assert min(c["t_end"] for c in rec) > sorted(c["t"] for c in rec)[1]
