@@ -10,6 +10,7 @@ use aws_types::region::Region;
 use aws_types::SdkConfig;
 
 use crate::error::{Error, Result};
+use crate::reads::{Reads, WatchChanges};
 
 /// How to reach AWS: the standard chain plus the command line's overrides.
 #[derive(Clone, Debug, Default)]
@@ -31,6 +32,8 @@ pub struct Regional {
     pub lambda: aws_sdk_lambda::Client,
     pub sns: aws_sdk_sns::Client,
     pub events: aws_sdk_eventbridge::Client,
+    /// This run's reads, shared with the other region and the global services.
+    pub reads: Arc<Reads>,
 }
 
 /// Every client pgdr uses. Route 53 and IAM are global.
@@ -42,20 +45,29 @@ pub struct Clients {
     pub iam: aws_sdk_iam::Client,
     pub sts: aws_sdk_sts::Client,
     pub endpoint: Option<String>,
+    pub reads: Arc<Reads>,
 }
 
-fn regional(base: &SdkConfig, region: &str) -> Regional {
+/// A service client whose calls are watched for changes (see [`crate::reads`]).
+macro_rules! client {
+    ($krate:ident, $conf:expr, $reads:expr) => {
+        $krate::Client::from_conf($krate::config::Builder::from($conf).interceptor(WatchChanges($reads.clone())).build())
+    };
+}
+
+fn regional(base: &SdkConfig, region: &str, reads: &Arc<Reads>) -> Regional {
     let conf = base.to_builder().region(Region::new(region.to_owned())).build();
     Regional {
         region: region.to_owned(),
-        ec2: aws_sdk_ec2::Client::new(&conf),
-        rds: aws_sdk_rds::Client::new(&conf),
-        secrets: aws_sdk_secretsmanager::Client::new(&conf),
-        cloudwatch: aws_sdk_cloudwatch::Client::new(&conf),
-        logs: aws_sdk_cloudwatchlogs::Client::new(&conf),
-        lambda: aws_sdk_lambda::Client::new(&conf),
-        sns: aws_sdk_sns::Client::new(&conf),
-        events: aws_sdk_eventbridge::Client::new(&conf),
+        ec2: client!(aws_sdk_ec2, &conf, reads),
+        rds: client!(aws_sdk_rds, &conf, reads),
+        secrets: client!(aws_sdk_secretsmanager, &conf, reads),
+        cloudwatch: client!(aws_sdk_cloudwatch, &conf, reads),
+        logs: client!(aws_sdk_cloudwatchlogs, &conf, reads),
+        lambda: client!(aws_sdk_lambda, &conf, reads),
+        sns: client!(aws_sdk_sns, &conf, reads),
+        events: client!(aws_sdk_eventbridge, &conf, reads),
+        reads: reads.clone(),
     }
 }
 
@@ -100,13 +112,15 @@ pub async fn build(conn: &Connection, primary_region: &str, dr_region: &str) -> 
         "us-east-1"
     };
     let global = base.to_builder().region(Region::new(global_region)).build();
+    let reads = Reads::new();
     Ok(Clients {
-        primary: Arc::new(regional(&base, primary_region)),
-        dr: Arc::new(regional(&base, dr_region)),
-        route53: aws_sdk_route53::Client::new(&global),
-        iam: aws_sdk_iam::Client::new(&global),
+        primary: Arc::new(regional(&base, primary_region, &reads)),
+        dr: Arc::new(regional(&base, dr_region, &reads)),
+        route53: client!(aws_sdk_route53, &global, reads),
+        iam: client!(aws_sdk_iam, &global, reads),
         sts: aws_sdk_sts::Client::new(&base),
         endpoint,
+        reads,
     })
 }
 

@@ -117,6 +117,16 @@ pub trait Step<C> {
     fn deps(&self) -> Vec<String>;
     fn up<'a>(&'a self, cx: &'a C, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult>;
     fn down<'a>(&'a self, cx: &'a C, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult>;
+    /// The reads `up` will make when nothing has to change, sent ahead of the walk (see
+    /// [`crate::reads`]). Errors are not reported here: the step meets them again when it runs.
+    fn reads<'a>(&'a self, _cx: &'a C) -> LocalBoxFuture<'a, ()> {
+        Box::pin(async {})
+    }
+}
+
+/// The read phase: every step's reads at once, across both regions.
+pub async fn read_ahead<C>(steps: &[Box<dyn Step<C> + '_>], cx: &C) {
+    futures::future::join_all(steps.iter().map(|s| s.reads(cx))).await;
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -191,6 +191,7 @@ async fn wait_promoted(cx: &Cx, rec: &Recorder<'_>, id: &str) -> Result<()> {
         // DNS moves the moment the instance is writable: look often.
         Pace { first: Duration::from_millis(250), max: Duration::from_secs(2) },
         &cx.cancel,
+        &cx.clients.reads,
         |s, t| rec.status(&format!("{id}: {s} ({})", wait::human(t))),
         "rerun `pgdr failover` to finish",
         async || {

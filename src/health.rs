@@ -63,11 +63,17 @@ pub fn promoted(db: &database::Db) -> bool {
 }
 
 pub async fn instance(cx: &Cx, side: Side) -> std::result::Result<Option<database::Db>, crate::error::AwsError> {
-    database::describe(cx.regional(side), &database::instance_id(cx, side)).await
+    database::lookup(cx.regional(side), &database::instance_id(cx, side)).await
 }
 
-/// Latest `ReplicaLag` datapoint of the DR-side instance.
+/// Latest `ReplicaLag` datapoint of the DR-side instance (read once per run: the request's
+/// time window differs on every call, so it is kept under a key of its own).
 pub async fn replica_lag(cx: &Cx) -> Result<Option<f64>> {
+    let key = format!("{}/replica-lag/{}", cx.region(Side::Dr), database::instance_id(cx, Side::Dr));
+    cx.clients.reads.read(key, latest_lag(cx)).await.map_err(Into::into)
+}
+
+async fn latest_lag(cx: &Cx) -> std::result::Result<Option<f64>, crate::error::AwsError> {
     let reg = cx.regional(Side::Dr);
     let now = SystemTime::now();
     let out = aws!(
@@ -88,6 +94,11 @@ pub async fn replica_lag(cx: &Cx) -> Result<Option<f64>> {
     let mut points: Vec<_> = out.datapoints.unwrap_or_default().into_iter().filter_map(|d| Some((d.timestamp?, d.maximum?))).collect();
     points.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(points.last().map(|p| p.1))
+}
+
+/// The reads of [`gather`] that no step makes, for the read phase.
+pub async fn reads(cx: &Cx) {
+    let _ = replica_lag(cx).await;
 }
 
 pub async fn gather(cx: &Cx) -> Health {
@@ -181,16 +192,18 @@ async fn records(cx: &Cx) -> Result<Vec<WeightedRecord>> {
         .collect())
 }
 
+/// pgdr's alarms in a region, read as the steps read them (so `status` reads each once).
 async fn alarms(cx: &Cx, side: Side) -> Result<Vec<Alarm>> {
-    let reg = cx.regional(side);
-    let out = aws!(&reg.region, "cloudwatch", "DescribeAlarms", reg.cloudwatch.describe_alarms().alarm_name_prefix(format!("pgdr-{}-", cx.name())).send())?;
-    Ok(out
-        .metric_alarms
-        .unwrap_or_default()
+    let region = cx.region(side).to_owned();
+    let mut found: Vec<aws_sdk_cloudwatch::types::MetricAlarm> = crate::steps::alarms::alarms_of(cx, side).await?.into_values().collect();
+    if side == Side::Dr {
+        found.extend(failover::describe_alarm(cx).await?.metric_alarms.unwrap_or_default());
+    }
+    Ok(found
         .into_iter()
         .map(|a| Alarm {
             name: a.alarm_name.unwrap_or_default(),
-            region: reg.region.clone(),
+            region: region.clone(),
             state: a.state_value.map(|s| s.as_str().to_owned()).unwrap_or_default(),
         })
         .collect())
@@ -198,7 +211,7 @@ async fn alarms(cx: &Cx, side: Side) -> Result<Vec<Alarm>> {
 
 async fn function_exists(cx: &Cx) -> Result<bool> {
     let reg = cx.regional(Side::Dr);
-    match aws!(&reg.region, "lambda", "GetFunction", reg.lambda.get_function().function_name(failover::failover_name(cx)).send()) {
+    match crate::steps::lambda::get_function(reg, &failover::failover_name(cx)).await {
         Ok(_) => Ok(true),
         Err(e) if e.is_code(&["ResourceNotFoundException"]) => Ok(false),
         Err(e) => Err(e.into()),

@@ -11,6 +11,7 @@ pub mod exec;
 pub mod failover;
 pub mod health;
 pub mod ops;
+pub mod reads;
 pub mod reprotect;
 pub mod state;
 pub mod steps;

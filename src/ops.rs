@@ -100,8 +100,19 @@ impl Totals {
     }
 }
 
+/// What a command reads ahead of its work, in one wave (see [`crate::reads`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Ahead {
+    /// Only the instances (for the topology check).
+    Instances,
+    /// Everything the step walk reads.
+    Walk,
+    /// The walk's reads and `status`'s health reads.
+    WalkAndHealth,
+}
+
 /// Opens the context for a command. `mutating` commands take the lock and persist state.
-pub(crate) async fn open(t: &Target, command: &str, mutating: bool, cancel: &Cancel) -> Result<(Cx, Option<Lock>)> {
+pub(crate) async fn open(t: &Target, command: &str, mutating: bool, ahead: Ahead, cancel: &Cancel) -> Result<(Cx, Option<Lock>)> {
     let env = t.load_env()?;
     // Read (and so validate) the state before taking the lock or calling AWS.
     let existing = state::read(&t.state_dir, &env.name)?;
@@ -109,6 +120,14 @@ pub(crate) async fn open(t: &Target, command: &str, mutating: bool, cancel: &Can
     // Re-read under the lock: another run may have finished in between.
     let existing = if mutating { state::read(&t.state_dir, &env.name)? } else { existing };
     let cx = context(t, env, existing, mutating, cancel).await?;
+    let steps = crate::steps::graph();
+    match ahead {
+        Ahead::Instances => {}
+        Ahead::Walk => exec::read_ahead(&steps, &cx).await,
+        Ahead::WalkAndHealth => {
+            tokio::join!(exec::read_ahead(&steps, &cx), crate::health::reads(&cx));
+        }
+    }
     sync_topology(&cx).await?;
     Ok((cx, lock))
 }
@@ -183,21 +202,21 @@ fn result(command: &'static str, cx: &Cx, dry_run: bool, report: RunReport) -> R
 
 /// `plan` and `up --dry-run`: walk the graph without changing anything.
 pub async fn plan(t: &Target, progress: &dyn Progress, cancel: &Cancel) -> Result<RunResult> {
-    let (cx, _) = open(t, "pgdr plan", false, cancel).await?;
+    let (cx, _) = open(t, "pgdr plan", false, Ahead::Walk, cancel).await?;
     let steps = crate::steps::graph();
     let report = exec::execute(&steps, &cx, Direction::Up, true, progress, cancel).await;
     Ok(result("plan", &cx, true, report))
 }
 
 pub async fn up(t: &Target, progress: &dyn Progress, cancel: &Cancel) -> Result<RunResult> {
-    let (cx, _lock) = open(t, "pgdr up", true, cancel).await?;
+    let (cx, _lock) = open(t, "pgdr up", true, Ahead::Walk, cancel).await?;
     let steps = crate::steps::graph();
     let report = exec::execute(&steps, &cx, Direction::Up, false, progress, cancel).await;
     Ok(result("up", &cx, false, report))
 }
 
 pub async fn down(t: &Target, opts: Options, dry_run: bool, progress: &dyn Progress, cancel: &Cancel) -> Result<RunResult> {
-    let (mut cx, _lock) = open(t, "pgdr down", !dry_run, cancel).await?;
+    let (mut cx, _lock) = open(t, "pgdr down", !dry_run, Ahead::Walk, cancel).await?;
     cx.opts = opts;
     // A protected database stops `down` before anything is deleted.
     if !cx.opts.force {
@@ -249,7 +268,7 @@ pub struct StatusResult {
 
 /// `status --env E`: every resource, read from AWS (a read-only walk of the graph).
 pub async fn status(t: &Target, cancel: &Cancel) -> Result<StatusResult> {
-    let (cx, _) = open(t, "pgdr status", false, cancel).await?;
+    let (cx, _) = open(t, "pgdr status", false, Ahead::WalkAndHealth, cancel).await?;
     let steps = crate::steps::graph();
     let (report, health) = tokio::join!(exec::execute(&steps, &cx, Direction::Up, true, &exec::NoProgress, cancel), crate::health::gather(&cx));
     let mut resources = Vec::new();
@@ -385,7 +404,7 @@ fn health_problems(cx: &Cx, h: &crate::health::Health) -> Vec<String> {
 
 /// `failover`: opens the environment (locked unless dry-run) and reads what AWS says.
 pub async fn failover_plan(t: &Target, dry_run: bool, cancel: &Cancel) -> Result<(Cx, Option<Lock>, crate::failover::Plan)> {
-    let (cx, lock) = open(t, "pgdr failover", !dry_run, cancel).await?;
+    let (cx, lock) = open(t, "pgdr failover", !dry_run, Ahead::Instances, cancel).await?;
     let plan = crate::failover::plan(&cx).await?;
     Ok((cx, lock, plan))
 }
@@ -402,7 +421,7 @@ pub fn check_lag(plan: &crate::failover::Plan, max: f64, force: bool) -> Result<
 
 /// `reprotect`: reads what AWS says and what would be done.
 pub async fn reprotect_plan(t: &Target, keep_old_primary: bool, dry_run: bool, cancel: &Cancel) -> Result<(Cx, Option<Lock>, crate::reprotect::Plan)> {
-    let (cx, lock) = open(t, "pgdr reprotect", !dry_run, cancel).await?;
+    let (cx, lock) = open(t, "pgdr reprotect", !dry_run, Ahead::Instances, cancel).await?;
     let plan = crate::reprotect::plan(&cx, keep_old_primary).await?;
     Ok((cx, lock, plan))
 }
@@ -425,7 +444,7 @@ pub async fn reprotect(t: &Target, cx: Cx, lock: Option<Lock>, plan: &crate::rep
 /// remove everything.
 pub async fn adopt(t: &Target, progress: &dyn Progress, cancel: &Cancel) -> Result<RunResult> {
     use crate::cx::Side;
-    let (cx, lock) = open(t, "pgdr adopt", true, cancel).await?;
+    let (cx, lock) = open(t, "pgdr adopt", true, Ahead::Walk, cancel).await?;
     // The topology, from the instances' roles in AWS.
     let (p, d) = tokio::join!(crate::health::instance(&cx, Side::Primary), crate::health::instance(&cx, Side::Dr));
     let (p, d) = (p?, d?);

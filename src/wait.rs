@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::{AwsError, Error, Result};
 use crate::exec::Cancel;
+use crate::reads::Reads;
 
 /// What one look at a resource found.
 #[derive(Debug, Clone, PartialEq)]
@@ -51,15 +52,22 @@ pub fn is_transient(e: &AwsError) -> bool {
 
 /// Polls `look` until it is ready, failed, cancelled or out of `budget`. `what` names the
 /// resource in messages; `hint` tells the operator what to do when the budget runs out.
-pub async fn until<T, F>(what: &str, budget: Duration, pace: Pace, cancel: &Cancel, mut on_status: impl FnMut(&str, Duration), hint: &str, mut look: F) -> Result<T>
+/// A wait expects something to change: every look after the first reads afresh (`reads` is
+/// emptied before it), so no answer kept from before the wait is seen twice.
+#[allow(clippy::too_many_arguments)]
+pub async fn until<T, F>(what: &str, budget: Duration, pace: Pace, cancel: &Cancel, reads: &Reads, mut on_status: impl FnMut(&str, Duration), hint: &str, mut look: F) -> Result<T>
 where
     F: AsyncFnMut() -> Result<Look<T>>,
 {
     let start = Instant::now();
     let mut delay = pace.first;
     let mut last = String::new();
+    let mut first = true;
     loop {
         cancel.check()?;
+        if !std::mem::take(&mut first) {
+            reads.changed();
+        }
         match look().await {
             Ok(Look::Ready(v)) => return Ok(v),
             Ok(Look::Failed(status)) => {
@@ -144,7 +152,7 @@ mod tests {
 
     async fn run(seq: Vec<Result<&'static str, &'static str>>, budget_ms: u64) -> (Result<()>, usize) {
         let calls = Cell::new(0usize);
-        let r = until("db pgdr-dev", Duration::from_millis(budget_ms), QUICK, &Cancel::default(), |_, _| {}, "rerun `pgdr up`", async || {
+        let r = until("db pgdr-dev", Duration::from_millis(budget_ms), QUICK, &Cancel::default(), &Reads::default(), |_, _| {}, "rerun `pgdr up`", async || {
             let i = calls.get();
             calls.set(i + 1);
             match seq.get(i).or(seq.last()).cloned().unwrap() {

@@ -10,7 +10,7 @@ use futures::future::LocalBoxFuture;
 use serde_json::{json, Value};
 
 use super::{database, Res};
-use crate::aws;
+use crate::{aws, read};
 use crate::clients::Regional;
 use crate::cx::{Cx, Side};
 use crate::error::{Error, Result};
@@ -73,6 +73,18 @@ impl Step<Cx> for Topics {
     fn down<'a>(&'a self, cx: &'a Cx, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult> {
         Box::pin(topics_down(cx, rec))
     }
+    fn reads<'a>(&'a self, cx: &'a Cx) -> LocalBoxFuture<'a, ()> {
+        Box::pin(async move {
+            let side = async |side: Side| {
+                let known = topic_arn(cx, side);
+                let _ = find_topic(cx, side, known.clone()).await;
+                if let Some(topic) = known.filter(|_| !cx.env.settings.alarm_emails.is_empty()) {
+                    let _ = subscriptions(cx, side, &topic).await;
+                }
+            };
+            futures::join!(side(Side::Primary), side(Side::Dr));
+        })
+    }
 }
 
 impl Step<Cx> for Alarms {
@@ -89,6 +101,17 @@ impl Step<Cx> for Alarms {
     fn down<'a>(&'a self, cx: &'a Cx, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult> {
         Box::pin(alarms_down(cx, rec))
     }
+    fn reads<'a>(&'a self, cx: &'a Cx) -> LocalBoxFuture<'a, ()> {
+        Box::pin(async move {
+            let _ = futures::join!(alarms_of(cx, Side::Primary), alarms_of(cx, Side::Dr), get_dashboard(cx));
+        })
+    }
+}
+
+/// The alarms of one region's instance that exist, by name.
+pub async fn alarms_of(cx: &Cx, side: Side) -> Result<BTreeMap<String, MetricAlarm>> {
+    let names: Vec<String> = alarm_defs(cx).iter().filter(|a| a.side == side).map(|a| alarm_name(cx, a.what)).collect();
+    describe_alarms(cx.regional(side), &names).await
 }
 
 // ---- SNS topics ----
@@ -99,7 +122,7 @@ async fn find_topic(cx: &Cx, side: Side, known: Option<String>) -> Result<Option
     let reg = cx.regional(side);
     let region = reg.region.as_str();
     if let Some(arn) = known {
-        match aws!(region, "sns", "GetTopicAttributes", reg.sns.get_topic_attributes().topic_arn(&arn).send()) {
+        match read!(reg.reads, region, "sns", "GetTopicAttributes", reg.sns.get_topic_attributes().topic_arn(&arn)) {
             Ok(_) => return Ok(Some(arn)),
             Err(e) if e.is_code(&["NotFound"]) => {}
             Err(e) => return Err(e.into()),
@@ -148,17 +171,7 @@ async fn subscribe_emails(cx: &Cx, rec: &Recorder<'_>, side: Side, topic: Option
     // (endpoint, subscription ARN or "PendingConfirmation") of the topic's email subscriptions.
     let mut have: Vec<(String, String)> = Vec::new();
     if let Some(topic) = topic {
-        let mut next = None;
-        loop {
-            let out = aws!(region, "sns", "ListSubscriptionsByTopic", reg.sns.list_subscriptions_by_topic().topic_arn(topic).set_next_token(next).send())?;
-            have.extend(out.subscriptions().iter().filter(|s| s.protocol() == Some("email")).filter_map(|s| {
-                Some((s.endpoint()?.to_owned(), s.subscription_arn().unwrap_or("PendingConfirmation").to_owned()))
-            }));
-            next = out.next_token;
-            if next.is_none() {
-                break;
-            }
-        }
+        have = subscriptions(cx, side, topic).await?;
     }
     for email in emails {
         let (action, sub) = match have.iter().find(|(e, _)| e.eq_ignore_ascii_case(email)) {
@@ -327,6 +340,23 @@ fn fields(a: &MetricAlarm) -> [(&'static str, String); 14] {
 }
 
 /// `field have -> want` for each field that differs.
+/// (endpoint, subscription ARN or "PendingConfirmation") of a topic's email subscriptions.
+async fn subscriptions(cx: &Cx, side: Side, topic: &str) -> Result<Vec<(String, String)>> {
+    let reg = cx.regional(side);
+    let mut have = Vec::new();
+    let mut next = None;
+    loop {
+        let out = read!(reg.reads, &reg.region, "sns", "ListSubscriptionsByTopic", reg.sns.list_subscriptions_by_topic().topic_arn(topic).set_next_token(next))?;
+        have.extend(out.subscriptions().iter().filter(|s| s.protocol() == Some("email")).filter_map(|s| {
+            Some((s.endpoint()?.to_owned(), s.subscription_arn().unwrap_or("PendingConfirmation").to_owned()))
+        }));
+        next = out.next_token;
+        if next.is_none() {
+            return Ok(have);
+        }
+    }
+}
+
 fn diff(have: &MetricAlarm, want: &MetricAlarm) -> Vec<String> {
     let none = |s: &str| if s.is_empty() { "(none)".to_owned() } else { s.to_owned() };
     fields(have).into_iter().zip(fields(want)).filter(|((_, h), (_, w))| h != w).map(|((k, h), (_, w))| format!("{k} {} -> {}", none(&h), none(&w))).collect()
@@ -338,7 +368,7 @@ async fn describe_alarms(reg: &Regional, names: &[String]) -> Result<BTreeMap<St
         return Ok(BTreeMap::new());
     }
     let req = reg.cloudwatch.describe_alarms().set_alarm_names(Some(names.to_vec())).max_records(100);
-    let out = aws!(&reg.region, "cloudwatch", "DescribeAlarms", req.send())?;
+    let out = read!(reg.reads, &reg.region, "cloudwatch", "DescribeAlarms", req)?;
     Ok(out.metric_alarms.unwrap_or_default().into_iter().filter_map(|a| Some((a.alarm_name.clone()?, a))).collect())
 }
 
@@ -382,7 +412,7 @@ async fn alarms_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
         };
         let mine: Vec<&AlarmDef> = defs.iter().filter(|a| a.side == side).collect();
         let names: Vec<String> = mine.iter().map(|a| alarm_name(cx, a.what)).collect();
-        let found = describe_alarms(reg, &names).await?;
+        let found = alarms_of(cx, side).await?;
         for (a, name) in mine.into_iter().zip(names) {
             let r = Res::new(alarm_key(region, &name), ALARM, name.clone(), region);
             let have = found.get(&name);
@@ -498,7 +528,7 @@ fn dashboard_body(cx: &Cx) -> Value {
 /// The dashboard's body, if it exists (`Value::Null` when it is not JSON).
 async fn get_dashboard(cx: &Cx) -> Result<Option<Value>> {
     let reg = cx.regional(Side::Primary);
-    match aws!(&reg.region, "cloudwatch", "GetDashboard", reg.cloudwatch.get_dashboard().dashboard_name(dashboard_name(cx)).send()) {
+    match read!(reg.reads, &reg.region, "cloudwatch", "GetDashboard", reg.cloudwatch.get_dashboard().dashboard_name(dashboard_name(cx))) {
         Ok(o) => Ok(Some(o.dashboard_body().and_then(|b| serde_json::from_str(b).ok()).unwrap_or(Value::Null))),
         Err(e) if e.is_code(&["ResourceNotFound"]) => Ok(None),
         Err(e) => Err(e.into()),

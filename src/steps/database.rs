@@ -7,7 +7,7 @@ use std::time::Duration;
 use futures::future::LocalBoxFuture;
 
 use super::{dbgroups, network, secrets, Res};
-use crate::aws;
+use crate::{aws, read};
 use crate::cx::{Cx, Side};
 use crate::error::{AwsError, Error, Result};
 use crate::exec::{Action, Recorder, Step, StepResult};
@@ -70,9 +70,20 @@ pub fn log_group_name(id: &str) -> String {
     format!("/aws/rds/instance/{id}/postgresql")
 }
 
-/// Describes one instance by identifier (`None` when it does not exist).
+/// Describes one instance by identifier (`None` when it does not exist), asking AWS.
 pub async fn describe(reg: &crate::clients::Regional, id: &str) -> std::result::Result<Option<Db>, AwsError> {
-    match aws!(&reg.region, "rds", "DescribeDBInstances", reg.rds.describe_db_instances().db_instance_identifier(id).send()) {
+    db_of(aws!(&reg.region, "rds", "DescribeDBInstances", reg.rds.describe_db_instances().db_instance_identifier(id).send()))
+}
+
+/// As [`describe`], through this run's reads (see [`crate::reads`]).
+pub async fn lookup(reg: &crate::clients::Regional, id: &str) -> std::result::Result<Option<Db>, AwsError> {
+    db_of(read!(reg.reads, &reg.region, "rds", "DescribeDBInstances", reg.rds.describe_db_instances().db_instance_identifier(id)))
+}
+
+fn db_of(
+    answer: std::result::Result<aws_sdk_rds::operation::describe_db_instances::DescribeDbInstancesOutput, AwsError>,
+) -> std::result::Result<Option<Db>, AwsError> {
+    match answer {
         Ok(out) => Ok(out.db_instances.unwrap_or_default().into_iter().next().map(|d| Db {
             id: d.db_instance_identifier.clone().unwrap_or_default(),
             arn: d.db_instance_arn.clone().unwrap_or_default(),
@@ -95,7 +106,7 @@ pub async fn describe(reg: &crate::clients::Regional, id: &str) -> std::result::
 /// Finds the instance of `side`, refusing one with the same name that is not this environment's.
 async fn find(cx: &Cx, side: Side) -> Result<Option<Db>> {
     let id = instance_id(cx, side);
-    match describe(cx.regional(side), &id).await? {
+    match lookup(cx.regional(side), &id).await? {
         Some(db) if db.tag("pgdr:env") != Some(cx.name()) => Err(Error::user(format!(
             "an RDS instance {id} already exists in {} and is not tagged pgdr:env={}; rename it or choose another --env",
             cx.region(side),
@@ -117,6 +128,8 @@ impl Step<Cx> for Primary {
     }
     fn down<'a>(&'a self, cx: &'a Cx, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult> {
         Box::pin(down(cx, rec, Side::Primary))
+    }    fn reads<'a>(&'a self, cx: &'a Cx) -> LocalBoxFuture<'a, ()> {
+        Box::pin(reads(cx, Side::Primary))
     }
 }
 
@@ -132,7 +145,17 @@ impl Step<Cx> for Replica {
     }
     fn down<'a>(&'a self, cx: &'a Cx, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult> {
         Box::pin(down(cx, rec, Side::Dr))
+    }    fn reads<'a>(&'a self, cx: &'a Cx) -> LocalBoxFuture<'a, ()> {
+        Box::pin(reads(cx, Side::Dr))
     }
+}
+
+/// What `up` reads of an instance: the instance and its log group.
+async fn reads(cx: &Cx, side: Side) {
+    let reg = cx.regional(side);
+    let id = instance_id(cx, side);
+    let group = log_group_name(&id);
+    let _ = futures::join!(lookup(reg, &id), super::lambda::log_groups(reg, &group));
 }
 
 /// The instance's PostgreSQL log group, created by pgdr with 7-day retention (RDS would create
@@ -299,6 +322,7 @@ pub async fn wait_available(cx: &Cx, rec: &Recorder<'_>, side: Side, id: &str, b
         budget,
         Pace::SLOW,
         &cx.cancel,
+        &cx.clients.reads,
         |status, t| rec.status(&format!("{id}: {status} ({})", wait::human(t))),
         "rerun `pgdr up` to keep waiting",
         async || {
@@ -319,7 +343,7 @@ pub async fn wait_available(cx: &Cx, rec: &Recorder<'_>, side: Side, id: &str, b
 pub async fn protected(cx: &Cx) -> Result<Vec<String>> {
     let mut out = Vec::new();
     for side in [Side::Primary, Side::Dr] {
-        if let Some(db) = describe(cx.regional(side), &instance_id(cx, side)).await? {
+        if let Some(db) = lookup(cx.regional(side), &instance_id(cx, side)).await? {
             if db.deletion_protection && db.tag("pgdr:env") == Some(cx.name()) {
                 out.push(format!("{} ({})", db.id, cx.region(side)));
             }
@@ -359,7 +383,7 @@ pub async fn delete_instance(cx: &Cx, rec: &Recorder<'_>, reg: &crate::clients::
         Err(e) if e.is_code(&["DBInstanceNotFound", "DBInstanceNotFoundFault"]) => return Ok(()),
         Err(e) => return Err(e.into()),
     }
-    wait::until(&format!("deletion of {id}"), Duration::from_secs(3600), Pace::SLOW, &cx.cancel, |s, t| rec.status(&format!("{id}: {s} ({})", wait::human(t))), hint, async || {
+    wait::until(&format!("deletion of {id}"), Duration::from_secs(3600), Pace::SLOW, &cx.cancel, &cx.clients.reads, |s, t| rec.status(&format!("{id}: {s} ({})", wait::human(t))), hint, async || {
         Ok(match describe(reg, id).await? {
             None => Look::Ready(()),
             Some(d) => Look::Pending(d.status),
@@ -380,7 +404,7 @@ async fn down(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
     let region = reg.region.as_str();
     let id = instance_id(cx, side);
     let r = Res::new(instance_key(cx, side), "db-instance", id.clone(), region);
-    let found = describe(reg, &id).await?.filter(|d| d.tag("pgdr:env") == Some(cx.name()) && d.status != "deleting");
+    let found = lookup(reg, &id).await?.filter(|d| d.tag("pgdr:env") == Some(cx.name()) && d.status != "deleting");
     let is_replica = found.as_ref().is_some_and(|d| d.source.is_some()) && side == Side::Dr;
     let snapshot = (!cx.opts.skip_final_snapshot && !is_replica).then(|| snapshot_name(cx));
     let protected = found.as_ref().is_some_and(|d| d.deletion_protection);

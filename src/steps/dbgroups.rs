@@ -5,7 +5,7 @@ use aws_sdk_rds::types::{ApplyMethod, Parameter, Tag};
 use futures::future::LocalBoxFuture;
 
 use super::{network, Res};
-use crate::aws;
+use crate::{aws, read};
 use crate::cx::{Cx, Side};
 use crate::error::{AwsError, Error, Result};
 use crate::exec::{Action, Recorder, Step, StepResult};
@@ -52,7 +52,19 @@ impl Step<Cx> for DbGroups {
     }
     fn down<'a>(&'a self, cx: &'a Cx, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult> {
         Box::pin(down(cx, rec, self.0))
+    }    fn reads<'a>(&'a self, cx: &'a Cx) -> LocalBoxFuture<'a, ()> {
+        let side = self.0;
+        Box::pin(async move {
+            let group = parameter_group_name(cx);
+            let _ = futures::join!(find_subnet_group(cx, side), find_parameter_group(cx, side), parameters(cx, side, &group));
+        })
     }
+}
+
+/// The parameters set in the group (source `user`).
+async fn parameters(cx: &Cx, side: Side, group: &str) -> std::result::Result<aws_sdk_rds::operation::describe_db_parameters::DescribeDbParametersOutput, AwsError> {
+    let reg = cx.regional(side);
+    read!(reg.reads, &reg.region, "rds", "DescribeDBParameters", reg.rds.describe_db_parameters().db_parameter_group_name(group).source("user"))
 }
 
 fn missing<T>(r: std::result::Result<T, AwsError>, codes: &[&str]) -> Result<Option<T>> {
@@ -66,7 +78,7 @@ fn missing<T>(r: std::result::Result<T, AwsError>, codes: &[&str]) -> Result<Opt
 async fn find_subnet_group(cx: &Cx, side: Side) -> Result<Option<(String, Vec<String>)>> {
     let reg = cx.regional(side);
     let out = missing(
-        aws!(&reg.region, "rds", "DescribeDBSubnetGroups", reg.rds.describe_db_subnet_groups().db_subnet_group_name(subnet_group_name(cx)).send()),
+        read!(reg.reads, &reg.region, "rds", "DescribeDBSubnetGroups", reg.rds.describe_db_subnet_groups().db_subnet_group_name(subnet_group_name(cx))),
         &["DBSubnetGroupNotFoundFault"],
     )?;
     Ok(out.and_then(|o| o.db_subnet_groups.unwrap_or_default().into_iter().next()).map(|g| {
@@ -78,7 +90,7 @@ async fn find_subnet_group(cx: &Cx, side: Side) -> Result<Option<(String, Vec<St
 async fn find_parameter_group(cx: &Cx, side: Side) -> Result<Option<String>> {
     let reg = cx.regional(side);
     let out = missing(
-        aws!(&reg.region, "rds", "DescribeDBParameterGroups", reg.rds.describe_db_parameter_groups().db_parameter_group_name(parameter_group_name(cx)).send()),
+        read!(reg.reads, &reg.region, "rds", "DescribeDBParameterGroups", reg.rds.describe_db_parameter_groups().db_parameter_group_name(parameter_group_name(cx))),
         &["DBParameterGroupNotFound", "DBParameterGroupNotFoundFault"],
     )?;
     Ok(out.and_then(|o| o.db_parameter_groups.unwrap_or_default().into_iter().next()).and_then(|g| g.db_parameter_group_name))
@@ -147,7 +159,7 @@ async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
     // The managed parameters: compare with what the group holds, change only what differs.
     let current: Vec<(String, String)> = match &pg {
         Some(name) => {
-            let out = aws!(region, "rds", "DescribeDBParameters", reg.rds.describe_db_parameters().db_parameter_group_name(name).source("user").send())?;
+            let out = parameters(cx, side, name).await?;
             out.parameters
                 .unwrap_or_default()
                 .into_iter()

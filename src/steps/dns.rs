@@ -11,7 +11,7 @@ use aws_sdk_route53::types::{Change, ChangeAction, ChangeBatch, HostedZoneConfig
 use futures::future::LocalBoxFuture;
 
 use super::{database, network, Res};
-use crate::aws;
+use crate::{aws, read};
 use crate::cx::{Cx, Side};
 use crate::error::{Error, Result};
 use crate::exec::{Action, Recorder, Step, StepResult};
@@ -56,6 +56,11 @@ impl Step<Cx> for Zone {
     fn down<'a>(&'a self, cx: &'a Cx, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult> {
         Box::pin(zone_down(cx, rec))
     }
+    fn reads<'a>(&'a self, cx: &'a Cx) -> LocalBoxFuture<'a, ()> {
+        Box::pin(async move {
+            let _ = futures::join!(zones_named(cx), find_zone(cx));
+        })
+    }
 }
 
 impl Step<Cx> for Records {
@@ -71,6 +76,13 @@ impl Step<Cx> for Records {
     fn down<'a>(&'a self, cx: &'a Cx, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult> {
         Box::pin(records_down(cx, rec))
     }
+    fn reads<'a>(&'a self, cx: &'a Cx) -> LocalBoxFuture<'a, ()> {
+        Box::pin(async move {
+            if let Some(zone) = cx.store.id(&zone_key()) {
+                let _ = current_records(cx, &zone).await;
+            }
+        })
+    }
 }
 
 /// The zone's ID and the VPCs (id, region) it is associated with.
@@ -80,7 +92,7 @@ async fn find_zone(cx: &Cx) -> Result<Option<(String, Vec<(String, String)>)>> {
         Some(id) => Some(id),
         None => {
             let name = fqdn(&cx.env.zone_name());
-            let out = aws!("global", "route53", "ListHostedZonesByName", r53.list_hosted_zones_by_name().dns_name(&name).send())?;
+            let out = zones_named(cx).await?;
             out.hosted_zones
                 .into_iter()
                 .find(|z| z.name == name && z.config.as_ref().is_some_and(|c| c.private_zone) && z.caller_reference.starts_with(&caller_prefix(cx)))
@@ -88,7 +100,7 @@ async fn find_zone(cx: &Cx) -> Result<Option<(String, Vec<(String, String)>)>> {
         }
     };
     let Some(id) = id else { return Ok(None) };
-    match aws!("global", "route53", "GetHostedZone", r53.get_hosted_zone().id(&id).send()) {
+    match read!(cx.clients.reads, "global", "route53", "GetHostedZone", r53.get_hosted_zone().id(&id)) {
         Ok(o) => {
             let vpcs = o.vpcs.unwrap_or_default().into_iter().filter_map(|v| Some((v.vpc_id?, v.vpc_region?.as_str().to_owned()))).collect();
             Ok(Some((short_id(&id), vpcs)))
@@ -178,10 +190,16 @@ async fn zone_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
 
 /// Route 53 makes a second zone when a create is retried after its answer was lost (the
 /// emulator does so even for the same caller reference): keep one, delete the empty others.
+/// The hosted zones with the environment's zone name (private or not, anyone's).
+async fn zones_named(cx: &Cx) -> std::result::Result<aws_sdk_route53::operation::list_hosted_zones_by_name::ListHostedZonesByNameOutput, crate::error::AwsError> {
+    let name = fqdn(&cx.env.zone_name());
+    read!(cx.clients.reads, "global", "route53", "ListHostedZonesByName", cx.clients.route53.list_hosted_zones_by_name().dns_name(&name))
+}
+
 async fn remove_duplicate_zones(cx: &Cx, rec: &Recorder<'_>, r: &Res<'_>) -> Result<()> {
     let r53 = &cx.clients.route53;
     let name = fqdn(&cx.env.zone_name());
-    let out = aws!("global", "route53", "ListHostedZonesByName", r53.list_hosted_zones_by_name().dns_name(&name).send())?;
+    let out = zones_named(cx).await?;
     let ids: Vec<String> = out
         .hosted_zones
         .into_iter()
@@ -215,7 +233,7 @@ pub async fn tag(cx: &Cx, kind: TagResourceType, id: &str, resource: &str) -> Re
 
 pub async fn wait_insync(cx: &Cx, rec: &Recorder<'_>, change_id: &str) -> Result<()> {
     let r53 = &cx.clients.route53;
-    wait::until(&format!("Route 53 change {change_id}"), Duration::from_secs(300), Pace::FAST, &cx.cancel, |s, t| rec.status(&format!("DNS change {s} ({})", wait::human(t))), "rerun the command", async || {
+    wait::until(&format!("Route 53 change {change_id}"), Duration::from_secs(300), Pace::FAST, &cx.cancel, &cx.clients.reads, |s, t| rec.status(&format!("DNS change {s} ({})", wait::human(t))), "rerun the command", async || {
         let out = aws!("global", "route53", "GetChange", r53.get_change().id(change_id).send())?;
         Ok(match out.change_info.map(|c| c.status.as_str().to_owned()).as_deref() {
             Some("INSYNC") => Look::Ready(()),
@@ -296,7 +314,7 @@ fn same(a: &ResourceRecordSet, b: &ResourceRecordSet) -> bool {
 
 /// pgdr's records in the zone now.
 pub async fn current_records(cx: &Cx, zone: &str) -> Result<Vec<ResourceRecordSet>> {
-    let out = aws!("global", "route53", "ListResourceRecordSets", cx.clients.route53.list_resource_record_sets().hosted_zone_id(zone).send())?;
+    let out = read!(cx.clients.reads, "global", "route53", "ListResourceRecordSets", cx.clients.route53.list_resource_record_sets().hosted_zone_id(zone))?;
     let names = [writer_record(cx), reader_record(cx)];
     Ok(out.resource_record_sets.into_iter().filter(|r| names.iter().any(|n| n.trim_end_matches('.') == r.name.trim_end_matches('.'))).collect())
 }

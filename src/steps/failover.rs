@@ -16,9 +16,9 @@ use futures::future::LocalBoxFuture;
 
 use super::lambda::{self, FunctionSpec};
 use super::{database, dns, ec2_tag_filters, ec2_tag_spec, network, Res};
-use crate::aws;
+use crate::{aws, read};
 use crate::cx::{Cx, Side};
-use crate::error::{Error, Result};
+use crate::error::{AwsError, Error, Result};
 use crate::exec::{Action, Recorder, Step, StepResult};
 
 pub const FAILOVER: &str = "failover";
@@ -64,6 +64,13 @@ impl Step<Cx> for Failover {
     fn down<'a>(&'a self, cx: &'a Cx, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult> {
         Box::pin(failover_down(cx, rec))
     }
+    fn reads<'a>(&'a self, cx: &'a Cx) -> LocalBoxFuture<'a, ()> {
+        Box::pin(async move {
+            let name = failover_name(cx);
+            let log_group = format!("/aws/lambda/{name}");
+            futures::join!(lambda::role_reads(cx, &name, false), lambda::function_reads(cx.regional(Side::Dr), &name, &log_group, true));
+        })
+    }
 }
 
 impl Step<Cx> for Detection {
@@ -79,6 +86,41 @@ impl Step<Cx> for Detection {
     fn down<'a>(&'a self, cx: &'a Cx, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult> {
         Box::pin(detection_down(cx, rec))
     }
+    fn reads<'a>(&'a self, cx: &'a Cx) -> LocalBoxFuture<'a, ()> {
+        Box::pin(async move {
+            let probe = probe_name(cx);
+            let log_group = format!("/aws/lambda/{probe}");
+            let vpc = cx.store.id(&network::key(cx, Side::Dr, "vpc")).unwrap_or_default();
+            let _ = futures::join!(
+                find_probe_sg(cx, &vpc),
+                lambda::role_reads(cx, &probe, !probe_managed(cx).is_empty()),
+                lambda::function_reads(cx.regional(Side::Dr), &probe, &log_group, true),
+                describe_rule(cx),
+                list_targets(cx),
+                describe_alarm(cx),
+                list_health_checks(cx),
+            );
+        })
+    }
+}
+
+async fn describe_rule(cx: &Cx) -> std::result::Result<aws_sdk_eventbridge::operation::describe_rule::DescribeRuleOutput, AwsError> {
+    let dr = cx.regional(Side::Dr);
+    read!(dr.reads, &dr.region, "events", "DescribeRule", dr.events.describe_rule().name(probe_rule(cx)))
+}
+
+async fn list_targets(cx: &Cx) -> std::result::Result<aws_sdk_eventbridge::operation::list_targets_by_rule::ListTargetsByRuleOutput, AwsError> {
+    let dr = cx.regional(Side::Dr);
+    read!(dr.reads, &dr.region, "events", "ListTargetsByRule", dr.events.list_targets_by_rule().rule(probe_rule(cx)))
+}
+
+pub async fn describe_alarm(cx: &Cx) -> std::result::Result<aws_sdk_cloudwatch::operation::describe_alarms::DescribeAlarmsOutput, AwsError> {
+    let dr = cx.regional(Side::Dr);
+    read!(dr.reads, &dr.region, "cloudwatch", "DescribeAlarms", dr.cloudwatch.describe_alarms().alarm_names(alarm_name(cx)))
+}
+
+async fn list_health_checks(cx: &Cx) -> std::result::Result<aws_sdk_route53::operation::list_health_checks::ListHealthChecksOutput, AwsError> {
+    read!(cx.clients.reads, "global", "route53", "ListHealthChecks", cx.clients.route53.list_health_checks())
 }
 
 /// Partition and account, read from the primary's ARN (no extra call).
@@ -206,11 +248,12 @@ async fn find_probe_sg(cx: &Cx, vpc: &str) -> Result<Option<String>> {
         return Ok(None);
     }
     let dr = cx.regional(Side::Dr);
-    let out = aws!(
+    let out = read!(
+        dr.reads,
         &dr.region,
         "ec2",
         "DescribeSecurityGroups",
-        dr.ec2.describe_security_groups().set_filters(Some(ec2_tag_filters(cx, "probe-sg"))).filters(super::ec2_filter("vpc-id", vpc)).send()
+        dr.ec2.describe_security_groups().set_filters(Some(ec2_tag_filters(cx, "probe-sg"))).filters(super::ec2_filter("vpc-id", vpc))
     )?;
     Ok(out.security_groups.unwrap_or_default().into_iter().find_map(|g| g.group_id))
 }
@@ -268,7 +311,7 @@ async fn detection_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
         cx,
         rec,
         &rule_res,
-        async |_| match aws!(region, "events", "DescribeRule", dr.events.describe_rule().name(&rule).send()) {
+        async |_| match describe_rule(cx).await {
             Ok(o) => Ok(o.arn),
             Err(e) if e.is_code(&["ResourceNotFoundException"]) => Ok(None),
             Err(e) => Err(e.into()),
@@ -293,7 +336,7 @@ async fn detection_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
     )
     .await?;
     if let (Some(probe_arn), Some(rule_arn)) = (&probe_arn, &rule_arn) {
-        let targets = aws!(region, "events", "ListTargetsByRule", dr.events.list_targets_by_rule().rule(&rule).send())?;
+        let targets = list_targets(cx).await?;
         if !targets.targets().iter().any(|t| t.arn() == probe_arn) {
             if !rec.plan {
                 let t = aws_sdk_eventbridge::types::Target::builder().id("probe").arn(probe_arn).build().map_err(|e| Error::Other(e.to_string()))?;
@@ -312,7 +355,7 @@ async fn detection_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
     let actions = vec![failover_arn, topic_arn(cx)];
     let alarm = alarm_name(cx);
     let a_res = Res::new(key(cx, DETECTION, "alarm"), "cloudwatch-alarm", alarm.clone(), region);
-    let existing = aws!(region, "cloudwatch", "DescribeAlarms", dr.cloudwatch.describe_alarms().alarm_names(&alarm).send())?;
+    let existing = describe_alarm(cx).await?;
     let current = existing.metric_alarms.unwrap_or_default().into_iter().next();
     let matches = current.as_ref().is_some_and(|a| {
         a.evaluation_periods == Some(minutes)
@@ -371,7 +414,7 @@ async fn detection_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
         &hc_res,
         async |known| {
             // A create retried after a lost answer can make a second check: keep one.
-            let out = aws!("global", "route53", "ListHealthChecks", r53.list_health_checks().send())?;
+            let out = list_health_checks(cx).await?;
             let ids: Vec<String> =
                 out.health_checks.into_iter().filter(|h| h.caller_reference.starts_with(&prefix) || Some(&h.id) == known.as_ref()).map(|h| h.id).collect();
             super::keep_one(rec, &hc_res, known.as_deref(), ids, async |id| match aws!("global", "route53", "DeleteHealthCheck", r53.delete_health_check().health_check_id(&id).send()) {

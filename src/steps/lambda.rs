@@ -10,7 +10,7 @@ use aws_sdk_lambda::primitives::Blob;
 use aws_sdk_lambda::types::{Environment, FunctionCode, Runtime, VpcConfig};
 
 use super::Res;
-use crate::aws;
+use crate::{aws, read};
 use crate::clients::Regional;
 use crate::cx::Cx;
 use crate::error::{Error, Result};
@@ -55,11 +55,45 @@ pub fn partition_account(arn: &str) -> Option<(String, String)> {
 
 const TRUST: &str = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Principal":{"Service":"lambda.amazonaws.com"},"Action":"sts:AssumeRole"}]}"#;
 
+/// What [`ensure_role`] reads of an existing role, for the read phase.
+pub async fn role_reads(cx: &Cx, name: &str, managed: bool) {
+    let iam = &cx.clients.iam;
+    let _ = futures::join!(
+        async { read!(cx.clients.reads, "global", "iam", "GetRole", iam.get_role().role_name(name)) },
+        async { read!(cx.clients.reads, "global", "iam", "GetRolePolicy", iam.get_role_policy().role_name(name).policy_name("pgdr")) },
+        async {
+            if managed {
+                let _ = read!(cx.clients.reads, "global", "iam", "ListAttachedRolePolicies", iam.list_attached_role_policies().role_name(name));
+            }
+        },
+    );
+}
+
+/// What [`ensure_function`], [`ensure_permission`] and [`ensure_log_group`] read of an existing
+/// function and its log group, for the read phase.
+pub async fn function_reads(reg: &Regional, name: &str, log_group: &str, permission: bool) {
+    let _ = futures::join!(get_function(reg, name), log_groups(reg, log_group), async {
+        if permission {
+            let _ = read!(reg.reads, &reg.region, "lambda", "GetPolicy", reg.lambda.get_policy().function_name(name));
+        }
+    });
+}
+
+/// The function's configuration and code location.
+pub async fn get_function(reg: &Regional, name: &str) -> std::result::Result<aws_sdk_lambda::operation::get_function::GetFunctionOutput, crate::error::AwsError> {
+    read!(reg.reads, &reg.region, "lambda", "GetFunction", reg.lambda.get_function().function_name(name))
+}
+
+/// Log groups whose name starts with `name`.
+pub async fn log_groups(reg: &Regional, name: &str) -> std::result::Result<aws_sdk_cloudwatchlogs::operation::describe_log_groups::DescribeLogGroupsOutput, crate::error::AwsError> {
+    read!(reg.reads, &reg.region, "logs", "DescribeLogGroups", reg.logs.describe_log_groups().log_group_name_prefix(name))
+}
+
 /// The function's role: trust `lambda.amazonaws.com`, one inline policy, optional managed policies.
 pub async fn ensure_role(cx: &Cx, rec: &Recorder<'_>, key: &str, name: &str, policy: &serde_json::Value, managed: &[String]) -> Result<Option<String>> {
     let iam = &cx.clients.iam;
     let r = Res::new(key.to_owned(), "iam-role", name.to_owned(), "global");
-    let found = match aws!("global", "iam", "GetRole", iam.get_role().role_name(name).send()) {
+    let found = match read!(cx.clients.reads, "global", "iam", "GetRole", iam.get_role().role_name(name)) {
         Ok(o) => o.role.map(|r| r.arn),
         Err(e) if e.is_code(&["NoSuchEntity"]) => None,
         Err(e) => return Err(e.into()),
@@ -79,7 +113,7 @@ pub async fn ensure_role(cx: &Cx, rec: &Recorder<'_>, key: &str, name: &str, pol
     // The inline policy: compare documents as JSON, write only when different.
     let want = policy.to_string();
     let have = if exists {
-        match aws!("global", "iam", "GetRolePolicy", iam.get_role_policy().role_name(name).policy_name("pgdr").send()) {
+        match read!(cx.clients.reads, "global", "iam", "GetRolePolicy", iam.get_role_policy().role_name(name).policy_name("pgdr")) {
             Ok(o) => {
                 let doc = percent_decode(&o.policy_document);
                 serde_json::from_str::<serde_json::Value>(&doc).ok()
@@ -100,7 +134,7 @@ pub async fn ensure_role(cx: &Cx, rec: &Recorder<'_>, key: &str, name: &str, pol
     }
     if !managed.is_empty() {
         let attached: Vec<String> = if exists {
-            let out = aws!("global", "iam", "ListAttachedRolePolicies", iam.list_attached_role_policies().role_name(name).send())?;
+            let out = read!(cx.clients.reads, "global", "iam", "ListAttachedRolePolicies", iam.list_attached_role_policies().role_name(name))?;
             out.attached_policies.unwrap_or_default().into_iter().filter_map(|p| p.policy_arn).collect()
         } else {
             vec![]
@@ -176,7 +210,7 @@ pub async fn delete_role(cx: &Cx, rec: &Recorder<'_>, key: &str, name: &str, man
 /// The function's log group, created by pgdr (7-day retention) so that `down` removes it.
 pub async fn ensure_log_group(cx: &Cx, rec: &Recorder<'_>, reg: &Regional, key: &str, name: &str) -> Result<()> {
     let r = Res::new(key.to_owned(), "log-group", name.to_owned(), &reg.region);
-    let out = aws!(&reg.region, "logs", "DescribeLogGroups", reg.logs.describe_log_groups().log_group_name_prefix(name).send())?;
+    let out = log_groups(reg, name).await?;
     let found = out.log_groups.unwrap_or_default().into_iter().find(|g| g.log_group_name.as_deref() == Some(name));
     let retention = found.as_ref().and_then(|g| g.retention_in_days);
     let exists = found.is_some();
@@ -238,7 +272,7 @@ pub async fn ensure_function(cx: &Cx, rec: &Recorder<'_>, reg: &Regional, key: &
     let zip = zip_source(spec.file, spec.source)?;
     let description = format!("pgdr {}: {} (code {})", cx.name(), spec.name, fingerprint(&zip));
     let r = Res::new(key.to_owned(), "lambda-function", spec.name.clone(), region);
-    let found = match aws!(region, "lambda", "GetFunction", reg.lambda.get_function().function_name(&spec.name).send()) {
+    let found = match get_function(reg, &spec.name).await {
         Ok(o) => o.configuration,
         Err(e) if e.is_code(&["ResourceNotFoundException"]) => None,
         Err(e) => return Err(e.into()),
@@ -248,7 +282,7 @@ pub async fn ensure_function(cx: &Cx, rec: &Recorder<'_>, reg: &Regional, key: &
     let arn = super::ensure(cx, rec, &r, async |_| Ok(found.as_ref().and_then(|f| f.function_arn.clone())), async |_| {
         let tags: std::collections::HashMap<String, String> = cx.tags("lambda-function").into_iter().collect();
         // IAM is eventually consistent: a new role may not be assumable for a few seconds.
-        wait::until(&format!("creating function {}", spec.name), Duration::from_secs(120), Pace::FAST, &cx.cancel, |s, _| rec.status(s), "rerun `pgdr up`", async || {
+        wait::until(&format!("creating function {}", spec.name), Duration::from_secs(120), Pace::FAST, &cx.cancel, &cx.clients.reads, |s, _| rec.status(s), "rerun `pgdr up`", async || {
             let res = aws!(
                 region,
                 "lambda",
@@ -332,7 +366,7 @@ pub async fn ensure_function(cx: &Cx, rec: &Recorder<'_>, reg: &Regional, key: &
 
 /// Waits until a function's last update finished (AWS refuses a second update meanwhile).
 async fn wait_updated(cx: &Cx, rec: &Recorder<'_>, reg: &Regional, name: &str) -> Result<()> {
-    wait::until(&format!("update of {name}"), Duration::from_secs(300), Pace::FAST, &cx.cancel, |s, _| rec.status(&format!("{name}: {s}")), "rerun `pgdr up`", async || {
+    wait::until(&format!("update of {name}"), Duration::from_secs(300), Pace::FAST, &cx.cancel, &cx.clients.reads, |s, _| rec.status(&format!("{name}: {s}")), "rerun `pgdr up`", async || {
         let out = aws!(&reg.region, "lambda", "GetFunctionConfiguration", reg.lambda.get_function_configuration().function_name(name).send())?;
         Ok(match out.last_update_status.as_ref().map(|s| s.as_str().to_owned()).as_deref() {
             None | Some("Successful") => Look::Ready(()),
@@ -366,7 +400,7 @@ pub async fn delete_function(cx: &Cx, rec: &Recorder<'_>, reg: &Regional, key: &
 /// Grants `principal` (from `source_arn`) the right to invoke the function, once.
 pub async fn ensure_permission(_cx: &Cx, rec: &Recorder<'_>, reg: &Regional, function: &str, sid: &str, principal: &str, source_arn: &str) -> Result<()> {
     let region = reg.region.as_str();
-    let policy = match aws!(region, "lambda", "GetPolicy", reg.lambda.get_policy().function_name(function).send()) {
+    let policy = match read!(reg.reads, region, "lambda", "GetPolicy", reg.lambda.get_policy().function_name(function)) {
         Ok(o) => o.policy.unwrap_or_default(),
         Err(e) if e.is_code(&["ResourceNotFoundException"]) => String::new(),
         Err(e) => return Err(e.into()),

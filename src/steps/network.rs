@@ -6,7 +6,7 @@ use aws_sdk_ec2::types::{AttributeBooleanValue, IpPermission, IpRange, ResourceT
 use futures::future::LocalBoxFuture;
 
 use super::{ec2_filter, ec2_tag_filters, ec2_tag_spec, ensure, keep_one, remove, Res};
-use crate::aws;
+use crate::{aws, read};
 use crate::cx::{Cx, Side};
 use crate::error::{AwsError, Error, Result};
 use crate::exec::{Recorder, Step, StepResult};
@@ -50,6 +50,48 @@ impl Step<Cx> for Network {
     fn down<'a>(&'a self, cx: &'a Cx, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult> {
         Box::pin(down(cx, rec, self.0))
     }
+    fn reads<'a>(&'a self, cx: &'a Cx) -> LocalBoxFuture<'a, ()> {
+        Box::pin(reads(cx, self.0))
+    }
+}
+
+/// What `up` reads when nothing changes, from the IDs in state (errors are met again later).
+async fn reads(cx: &Cx, side: Side) {
+    let id = |what: &str| cx.store.id(&key(cx, side, what));
+    let vpc = id("vpc").unwrap_or_default();
+    let (rt, sg, sub) = (id("route-table"), id("db-sg"), [id(SUBNETS[0]), id(SUBNETS[1])]);
+    let _ = futures::join!(
+        vpcs(cx, side, id("vpc")),
+        zones(cx, side),
+        endpoints(cx, side, id("s3-endpoint")),
+        async {
+            if !vpc.is_empty() {
+                let _ = dns_hostnames(cx, side, &vpc).await;
+            }
+        },
+        subnets(cx, side, SUBNETS[0], sub[0].as_deref(), &vpc),
+        subnets(cx, side, SUBNETS[1], sub[1].as_deref(), &vpc),
+        route_tables(cx, side, rt.as_deref(), &vpc),
+        async {
+            if let Some(rt) = &rt {
+                let _ = route_table(cx, side, rt).await;
+            }
+        },
+        find_sg(cx, side, sg.clone(), &vpc),
+        // One call reads both rules.
+        find_rule(cx, side, sg.as_deref().unwrap_or_default(), ""),
+    );
+}
+
+async fn dns_hostnames(cx: &Cx, side: Side, vpc_id: &str) -> std::result::Result<aws_sdk_ec2::operation::describe_vpc_attribute::DescribeVpcAttributeOutput, AwsError> {
+    let reg = cx.regional(side);
+    read!(
+        reg.reads,
+        &reg.region,
+        "ec2",
+        "DescribeVpcAttribute",
+        reg.ec2.describe_vpc_attribute().vpc_id(vpc_id).attribute(aws_sdk_ec2::types::VpcAttributeName::EnableDnsHostnames)
+    )
 }
 
 /// The VPC by its ID (when known and the tags are gone) or by tags.
@@ -60,11 +102,11 @@ pub async fn find_vpc(cx: &Cx, side: Side, known: Option<String>) -> Result<Opti
 /// Every VPC carrying this environment's VPC tags (more than one only after a lost answer).
 async fn vpcs(cx: &Cx, side: Side, known: Option<String>) -> Result<Vec<String>> {
     let reg = cx.regional(side);
-    let out = aws!(&reg.region, "ec2", "DescribeVpcs", reg.ec2.describe_vpcs().set_filters(Some(ec2_tag_filters(cx, "vpc"))).send())?;
+    let out = read!(reg.reads, &reg.region, "ec2", "DescribeVpcs", reg.ec2.describe_vpcs().set_filters(Some(ec2_tag_filters(cx, "vpc"))))?;
     let ids: Vec<String> = out.vpcs.unwrap_or_default().into_iter().filter_map(|v| v.vpc_id).collect();
     match known {
         Some(id) if ids.is_empty() => {
-            let out = absent(aws!(&reg.region, "ec2", "DescribeVpcs", reg.ec2.describe_vpcs().vpc_ids(id).send()))?;
+            let out = absent(read!(reg.reads, &reg.region, "ec2", "DescribeVpcs", reg.ec2.describe_vpcs().vpc_ids(id)))?;
             Ok(out.map(|o| o.vpcs.unwrap_or_default().into_iter().filter_map(|v| v.vpc_id).collect()).unwrap_or_default())
         }
         _ => Ok(ids),
@@ -112,12 +154,7 @@ async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
     .await?;
     let vpc_id = vpc.clone().unwrap_or_default();
     if let Some(vpc_id) = &vpc {
-        let attr = aws!(
-            region,
-            "ec2",
-            "DescribeVpcAttribute",
-            ec2.describe_vpc_attribute().vpc_id(vpc_id).attribute(aws_sdk_ec2::types::VpcAttributeName::EnableDnsHostnames).send()
-        )?;
+        let attr = dns_hostnames(cx, side, vpc_id).await?;
         if !attr.enable_dns_hostnames.and_then(|a| a.value).unwrap_or(false) {
             if rec.plan {
                 rec.record(crate::exec::Action::Change, "vpc", &vpc_res.name, region, Some(vpc_id), Some("enable DNS hostnames".into()));
@@ -172,10 +209,8 @@ async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
     })
     .await?;
     if let Some(rt) = &rt {
-        let table = aws!(region, "ec2", "DescribeRouteTables", ec2.describe_route_tables().route_table_ids(rt).send())?;
+        let table = route_table(cx, side, rt).await?;
         let associated: Vec<String> = table
-            .route_tables
-            .unwrap_or_default()
             .into_iter()
             .flat_map(|t| t.associations.unwrap_or_default())
             .filter_map(|a| a.subnet_id)
@@ -285,30 +320,38 @@ async fn enable_dns_hostnames(cx: &Cx, side: Side, vpc_id: &str) -> Result<()> {
 /// The first two available availability zones by name; zones of existing subnets win.
 async fn zones(cx: &Cx, side: Side) -> Result<Vec<String>> {
     let reg = cx.regional(side);
-    let out = aws!(
+    let out = read!(
+        reg.reads,
         &reg.region,
         "ec2",
         "DescribeAvailabilityZones",
-        reg.ec2.describe_availability_zones().filters(ec2_filter("state", "available")).filters(ec2_filter("zone-type", "availability-zone")).send()
+        reg.ec2.describe_availability_zones().filters(ec2_filter("state", "available")).filters(ec2_filter("zone-type", "availability-zone"))
     )?;
     let mut names: Vec<String> = out.availability_zones.unwrap_or_default().into_iter().filter_map(|z| z.zone_name).collect();
     names.sort();
     Ok(names)
 }
 
-async fn find_one_subnet(cx: &Cx, rec: &Recorder<'_>, r: &Res<'_>, side: Side, name: &str, known: Option<String>, vpc_id: &str) -> Result<Option<String>> {
+/// Every subnet carrying the tags of subnet `name` in the VPC (by ID when the tags are gone).
+async fn subnets(cx: &Cx, side: Side, name: &str, known: Option<&str>, vpc_id: &str) -> Result<Vec<String>> {
     if vpc_id.is_empty() {
-        return Ok(None);
+        return Ok(vec![]);
     }
     let reg = cx.regional(side);
     let mut filters = ec2_tag_filters(cx, name);
     filters.push(ec2_filter("vpc-id", vpc_id));
-    let out = aws!(&reg.region, "ec2", "DescribeSubnets", reg.ec2.describe_subnets().set_filters(Some(filters)).send())?;
+    let out = read!(reg.reads, &reg.region, "ec2", "DescribeSubnets", reg.ec2.describe_subnets().set_filters(Some(filters)))?;
     let mut ids: Vec<String> = out.subnets.unwrap_or_default().into_iter().filter_map(|s| s.subnet_id).collect();
-    if let (true, Some(id)) = (ids.is_empty(), &known) {
-        let out = absent(aws!(&reg.region, "ec2", "DescribeSubnets", reg.ec2.describe_subnets().subnet_ids(id).send()))?;
+    if let (true, Some(id)) = (ids.is_empty(), known) {
+        let out = absent(read!(reg.reads, &reg.region, "ec2", "DescribeSubnets", reg.ec2.describe_subnets().subnet_ids(id)))?;
         ids = out.map(|o| o.subnets.unwrap_or_default().into_iter().filter_map(|s| s.subnet_id).collect()).unwrap_or_default();
     }
+    Ok(ids)
+}
+
+async fn find_one_subnet(cx: &Cx, rec: &Recorder<'_>, r: &Res<'_>, side: Side, name: &str, known: Option<String>, vpc_id: &str) -> Result<Option<String>> {
+    let reg = cx.regional(side);
+    let ids = subnets(cx, side, name, known.as_deref(), vpc_id).await?;
     keep_one(rec, r, known.as_deref(), ids, async |id| {
         absent(aws!(&reg.region, "ec2", "DeleteSubnet", reg.ec2.delete_subnet().subnet_id(&id).send())).map(|_| ())
     })
@@ -319,18 +362,31 @@ pub async fn subnet_ids(cx: &Cx, side: Side) -> Vec<String> {
     SUBNETS.iter().filter_map(|s| cx.store.id(&key(cx, side, s))).collect()
 }
 
-async fn find_route_table(cx: &Cx, rec: &Recorder<'_>, r: &Res<'_>, side: Side, known: Option<String>, vpc_id: &str) -> Result<Option<String>> {
+/// Every route table carrying the environment's tags in the VPC (by ID when the tags are gone).
+async fn route_tables(cx: &Cx, side: Side, known: Option<&str>, vpc_id: &str) -> Result<Vec<String>> {
     if vpc_id.is_empty() {
-        return Ok(None);
+        return Ok(vec![]);
     }
     let reg = cx.regional(side);
     let req = reg.ec2.describe_route_tables().set_filters(Some(ec2_tag_filters(cx, "route-table"))).filters(ec2_filter("vpc-id", vpc_id));
-    let out = aws!(&reg.region, "ec2", "DescribeRouteTables", req.send())?;
+    let out = read!(reg.reads, &reg.region, "ec2", "DescribeRouteTables", req)?;
     let mut ids: Vec<String> = out.route_tables.unwrap_or_default().into_iter().filter_map(|t| t.route_table_id).collect();
-    if let (true, Some(id)) = (ids.is_empty(), &known) {
-        let out = absent(aws!(&reg.region, "ec2", "DescribeRouteTables", reg.ec2.describe_route_tables().route_table_ids(id).send()))?;
-        ids = out.map(|o| o.route_tables.unwrap_or_default().into_iter().filter_map(|t| t.route_table_id).collect()).unwrap_or_default();
+    if let (true, Some(id)) = (ids.is_empty(), known) {
+        let out = absent(route_table(cx, side, id).await)?;
+        ids = out.map(|t| t.into_iter().filter_map(|t| t.route_table_id).collect()).unwrap_or_default();
     }
+    Ok(ids)
+}
+
+/// One route table by ID, with its routes and associations.
+pub async fn route_table(cx: &Cx, side: Side, id: &str) -> std::result::Result<Vec<aws_sdk_ec2::types::RouteTable>, AwsError> {
+    let reg = cx.regional(side);
+    read!(reg.reads, &reg.region, "ec2", "DescribeRouteTables", reg.ec2.describe_route_tables().route_table_ids(id)).map(|o| o.route_tables.unwrap_or_default())
+}
+
+async fn find_route_table(cx: &Cx, rec: &Recorder<'_>, r: &Res<'_>, side: Side, known: Option<String>, vpc_id: &str) -> Result<Option<String>> {
+    let reg = cx.regional(side);
+    let ids = route_tables(cx, side, known.as_deref(), vpc_id).await?;
     keep_one(rec, r, known.as_deref(), ids, async |id| {
         absent(aws!(&reg.region, "ec2", "DeleteRouteTable", reg.ec2.delete_route_table().route_table_id(&id).send())).map(|_| ())
     })
@@ -346,7 +402,7 @@ async fn find_sg(cx: &Cx, side: Side, known: Option<String>, vpc_id: &str) -> Re
         Some(id) => reg.ec2.describe_security_groups().group_ids(id),
         None => reg.ec2.describe_security_groups().set_filters(Some(ec2_tag_filters(cx, "db-sg"))).filters(ec2_filter("vpc-id", vpc_id)),
     };
-    let out = absent(aws!(&reg.region, "ec2", "DescribeSecurityGroups", req.send()))?;
+    let out = absent(read!(reg.reads, &reg.region, "ec2", "DescribeSecurityGroups", req))?;
     Ok(out.and_then(|o| o.security_groups.unwrap_or_default().into_iter().find_map(|g| g.group_id)))
 }
 
@@ -356,12 +412,7 @@ pub async fn find_rule(cx: &Cx, side: Side, sg: &str, cidr: &str) -> Result<Opti
         return Ok(None);
     }
     let reg = cx.regional(side);
-    let out = absent(aws!(
-        &reg.region,
-        "ec2",
-        "DescribeSecurityGroupRules",
-        reg.ec2.describe_security_group_rules().filters(ec2_filter("group-id", sg)).send()
-    ))?;
+    let out = absent(read!(reg.reads, &reg.region, "ec2", "DescribeSecurityGroupRules", reg.ec2.describe_security_group_rules().filters(ec2_filter("group-id", sg))))?;
     Ok(out.and_then(|o| {
         o.security_group_rules.unwrap_or_default().into_iter().find_map(|r| {
             (r.is_egress == Some(false) && r.from_port == Some(5432) && r.to_port == Some(5432) && r.cidr_ipv4.as_deref() == Some(cidr))
@@ -384,10 +435,10 @@ async fn endpoints(cx: &Cx, side: Side, known: Option<String>) -> Result<Vec<Str
             })
             .collect()
     };
-    let out = aws!(&reg.region, "ec2", "DescribeVpcEndpoints", reg.ec2.describe_vpc_endpoints().set_filters(Some(ec2_tag_filters(cx, "s3-endpoint"))).send())?;
+    let out = read!(reg.reads, &reg.region, "ec2", "DescribeVpcEndpoints", reg.ec2.describe_vpc_endpoints().set_filters(Some(ec2_tag_filters(cx, "s3-endpoint"))))?;
     let ids = live(out);
     match known {
-        Some(id) if ids.is_empty() => Ok(absent(aws!(&reg.region, "ec2", "DescribeVpcEndpoints", reg.ec2.describe_vpc_endpoints().vpc_endpoint_ids(id).send()))?.map(live).unwrap_or_default()),
+        Some(id) if ids.is_empty() => Ok(absent(read!(reg.reads, &reg.region, "ec2", "DescribeVpcEndpoints", reg.ec2.describe_vpc_endpoints().vpc_endpoint_ids(id)))?.map(live).unwrap_or_default()),
         _ => Ok(ids),
     }
 }
@@ -428,7 +479,7 @@ async fn down(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
     let ep = Res::new(key(cx, side, "s3-endpoint"), "vpc-endpoint", format!("pgdr-{}-s3", cx.name()), region);
     remove(cx, rec, &ep, async |known| find_endpoint(cx, rec, &ep, side, known).await, async |id| {
         delete_endpoint(cx, side, &id).await?;
-        wait::until(&format!("VPC endpoint {id}"), std::time::Duration::from_secs(600), Pace::FAST, &cx.cancel, |s, _| rec.status(&format!("endpoint {s}")), "rerun `pgdr down`", async || {
+        wait::until(&format!("VPC endpoint {id}"), std::time::Duration::from_secs(600), Pace::FAST, &cx.cancel, &cx.clients.reads, |s, _| rec.status(&format!("endpoint {s}")), "rerun `pgdr down`", async || {
             Ok(if endpoints(cx, side, None).await?.contains(&id) { Look::Pending("deleting".into()) } else { Look::Ready(()) })
         })
         .await
@@ -490,7 +541,7 @@ async fn down(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
 /// Retries a delete refused with `DependencyViolation` (something still uses the resource and
 /// is going away, such as a Lambda ENI) for up to 30 minutes.
 pub async fn retry_dependency(cx: &Cx, rec: &Recorder<'_>, what: &str, mut del: impl AsyncFnMut() -> Result<()>) -> Result<()> {
-    wait::until(what, std::time::Duration::from_secs(1800), Pace::SLOW, &cx.cancel, |s, t| rec.status(&format!("{what}: {s} ({})", wait::human(t))), "find what still uses it in the EC2 console, then rerun `pgdr down`", async || {
+    wait::until(what, std::time::Duration::from_secs(1800), Pace::SLOW, &cx.cancel, &cx.clients.reads, |s, t| rec.status(&format!("{what}: {s} ({})", wait::human(t))), "find what still uses it in the EC2 console, then rerun `pgdr down`", async || {
         match del().await {
             Ok(()) => Ok(Look::Ready(())),
             Err(Error::Aws(e)) if e.is_code(&["DependencyViolation", "InvalidGroup.InUse"]) => Ok(Look::Pending("in use".into())),

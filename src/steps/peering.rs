@@ -8,7 +8,7 @@ use futures::future::LocalBoxFuture;
 
 use super::network::{self, find_vpc};
 use super::{ec2_filter, ec2_tag_filters, ec2_tag_spec, ensure, remove, Res};
-use crate::aws;
+use crate::{aws, read};
 use crate::cx::{Cx, Side};
 use crate::error::{Error, Result};
 use crate::exec::{Action, Recorder, Step, StepResult};
@@ -30,6 +30,17 @@ impl Step<Cx> for Peering {
     }
     fn down<'a>(&'a self, cx: &'a Cx, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult> {
         Box::pin(down(cx, rec))
+    }    fn reads<'a>(&'a self, cx: &'a Cx) -> LocalBoxFuture<'a, ()> {
+        // The VPCs and route tables are read by the network steps.
+        Box::pin(async move {
+            let known = cx.store.id(&key(cx));
+            // By tags, then by ID from each side (the two waits' first looks).
+            let _ = futures::join!(all(cx, cx.home(), None), async {
+                if let Some(id) = known.clone() {
+                    let _ = futures::join!(find(cx, cx.home().other(), Some(id.clone())), find(cx, cx.home(), Some(id)));
+                }
+            });
+        })
     }
 }
 
@@ -70,7 +81,7 @@ async fn all(cx: &Cx, side: Side, known: Option<String>) -> Result<Vec<(String, 
         Some(id) => req.vpc_peering_connection_ids(id),
         None => req.set_filters(Some(ec2_tag_filters(cx, "peering"))),
     };
-    let out = match aws!(&reg.region, "ec2", "DescribeVpcPeeringConnections", req.send()) {
+    let out = match read!(reg.reads, &reg.region, "ec2", "DescribeVpcPeeringConnections", req) {
         Ok(o) => o,
         Err(e) if e.code().ends_with("NotFound") => return Ok(vec![]),
         Err(e) => return Err(e.into()),
@@ -116,7 +127,7 @@ async fn up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
     // Accept in the DR region (the only place AWS allows it), then wait for `active`.
     if let Some(pcx) = &pcx {
         let dr = cx.regional(cx.home().other());
-        let status = wait::until(&format!("peering {pcx} in {}", dr.region), Duration::from_secs(300), Pace::FAST, &cx.cancel, |s, _| rec.status(&format!("peering {s}")), "rerun `pgdr up`", async || {
+        let status = wait::until(&format!("peering {pcx} in {}", dr.region), Duration::from_secs(300), Pace::FAST, &cx.cancel, &cx.clients.reads, |s, _| rec.status(&format!("peering {s}")), "rerun `pgdr up`", async || {
             Ok(match find(cx, cx.home().other(), Some(pcx.clone())).await? {
                 Some((_, code)) if code == "initiating-request" => Look::Pending(code),
                 Some((_, code)) => Look::Ready(code),
@@ -133,7 +144,7 @@ async fn up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
             }
         }
         if !rec.plan {
-            wait::until(&format!("peering {pcx}"), Duration::from_secs(600), Pace::FAST, &cx.cancel, |s, _| rec.status(&format!("peering {s}")), "rerun `pgdr up`", async || {
+            wait::until(&format!("peering {pcx}"), Duration::from_secs(600), Pace::FAST, &cx.cancel, &cx.clients.reads, |s, _| rec.status(&format!("peering {s}")), "rerun `pgdr up`", async || {
                 Ok(match find(cx, cx.home(), Some(pcx.clone())).await? {
                     Some((_, c)) if c == "active" => Look::Ready(()),
                     Some((_, c)) => Look::Pending(c),
@@ -175,14 +186,12 @@ async fn find_route(cx: &Cx, side: Side, rt: &str, cidr: &str, pcx: &str) -> Res
     if rt.is_empty() || pcx.is_empty() {
         return Ok(None);
     }
-    let reg = cx.regional(side);
-    let out = aws!(&reg.region, "ec2", "DescribeRouteTables", reg.ec2.describe_route_tables().route_table_ids(rt).send());
-    let out = match out {
-        Ok(o) => o,
+    let tables = match network::route_table(cx, side, rt).await {
+        Ok(t) => t,
         Err(e) if e.code().ends_with("NotFound") => return Ok(None),
         Err(e) => return Err(e.into()),
     };
-    let found = out.route_tables.unwrap_or_default().into_iter().flat_map(|t| t.routes.unwrap_or_default()).any(|r| {
+    let found = tables.into_iter().flat_map(|t| t.routes.unwrap_or_default()).any(|r| {
         r.destination_cidr_block.as_deref() == Some(cidr) && r.vpc_peering_connection_id.as_deref() == Some(pcx)
     });
     Ok(found.then(|| format!("{rt}:{cidr}")))
@@ -216,7 +225,7 @@ async fn down(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
             Err(e) if e.code().ends_with("NotFound") => return Ok(()),
             Err(e) => return Err(e.into()),
         }
-        wait::until(&format!("peering {id}"), Duration::from_secs(600), Pace::FAST, &cx.cancel, |s, _| rec.status(&format!("peering {s}")), "rerun `pgdr down`", async || {
+        wait::until(&format!("peering {id}"), Duration::from_secs(600), Pace::FAST, &cx.cancel, &cx.clients.reads, |s, _| rec.status(&format!("peering {s}")), "rerun `pgdr down`", async || {
             Ok(match find(cx, cx.home(), Some(id.clone())).await? {
                 None => Look::Ready(()),
                 Some((_, c)) => Look::Pending(c),

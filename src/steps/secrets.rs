@@ -8,7 +8,7 @@ use futures::future::LocalBoxFuture;
 use serde::Deserialize;
 
 use super::Res;
-use crate::aws;
+use crate::{aws, read};
 use crate::cx::Cx;
 use crate::error::{AwsError, Error, Result};
 use crate::exec::{Action, Recorder, Step, StepResult};
@@ -42,6 +42,10 @@ impl Step<Cx> for Secrets {
     }
     fn down<'a>(&'a self, cx: &'a Cx, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult> {
         Box::pin(down(cx, rec))
+    }    fn reads<'a>(&'a self, cx: &'a Cx) -> LocalBoxFuture<'a, ()> {
+        Box::pin(async move {
+            let _ = describe(cx).await;
+        })
     }
 }
 
@@ -55,7 +59,7 @@ struct Found {
 
 async fn describe(cx: &Cx) -> Result<Option<Found>> {
     let reg = cx.regional(cx.home());
-    match aws!(&reg.region, "secretsmanager", "DescribeSecret", reg.secrets.describe_secret().secret_id(name(cx)).send()) {
+    match read!(reg.reads, &reg.region, "secretsmanager", "DescribeSecret", reg.secrets.describe_secret().secret_id(name(cx))) {
         Ok(o) => Ok(Some(Found {
             arn: o.arn.clone().unwrap_or_default(),
             ours: o.tags().iter().any(|t| t.key() == Some("pgdr:env") && t.value() == Some(cx.name())),

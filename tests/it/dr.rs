@@ -97,9 +97,19 @@ async fn up_wires_detection_and_failover_in_the_dr_region() {
     }
     assert!(doc.to_string().contains(":db:pgdr-dev-eu-west-1"));
 
+    // With a real region's latency, a no-op `up` and `status` read everything in one wave (the
+    // read phase) and the walk finds the answers: at most three round trips deep.
+    emu.config(r#"{"latency_ms": 200}"#);
     emu.reset_calls();
     run.ok(&["up", "--env", "dev"]);
     assert_eq!(emu.mutating_calls(), Vec::<String>::new(), "second up mutated");
+    let (calls, depth) = (emu.calls().len(), emu.depth());
+    assert!(depth <= 3, "no-op up was {depth} round trips deep ({calls} calls)");
+    emu.reset_calls();
+    run.ok(&["status", "--env", "dev"]);
+    let (calls, depth) = (emu.calls().len(), emu.depth());
+    assert!(depth <= 3, "status was {depth} round trips deep ({calls} calls)");
+    emu.config(r#"{"latency_ms": 0}"#);
 
     run.ok(&["down", "--env", "dev", "--yes", "--skip-final-snapshot"]);
     assert!(lambda_dr.list_functions().send().await.unwrap().functions().is_empty());

@@ -61,6 +61,22 @@ impl Emu {
         self.http("POST", "/__proxy/calls/reset", "{}");
     }
 
+    /// How many round trips deep the recorded calls were: the longest chain of calls each sent
+    /// after the previous one's answer had come back (the proxy's `t` and `t_end`).
+    pub fn depth(&self) -> usize {
+        let mut calls: Vec<(f64, f64)> = self.calls().iter().map(|c| (c["t"].as_f64().expect("t"), c["t_end"].as_f64().expect("t_end"))).collect();
+        calls.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let mut best = vec![1usize; calls.len()];
+        for i in 0..calls.len() {
+            for j in 0..i {
+                if calls[i].0 >= calls[j].1 {
+                    best[i] = best[i].max(best[j] + 1);
+                }
+            }
+        }
+        best.into_iter().max().unwrap_or(0)
+    }
+
     pub fn mutating_calls(&self) -> Vec<String> {
         self.calls()
             .into_iter()

@@ -1,0 +1,171 @@
+//! The read phase: what AWS answered to this run's reads, kept until pgdr changes something.
+//!
+//! A command first sends every describe its steps will make, keyed by the IDs in the state file,
+//! all at once ([`crate::exec::read_ahead`]). The step walk then finds those answers here
+//! instead of asking again one after another: a no-op `up` or a `status` costs one wave of
+//! reads, and each resource is read once however many steps and checks look at it.
+//!
+//! An answer is reused only while nothing has changed: the first call that is not a read
+//! (any operation not named `Describe*`, `Get*` or `List*`, seen by an SDK interceptor on every
+//! client) drops everything, and from then on every read goes to AWS. Code that waits for AWS
+//! to change something on its own (an instance finishing its creation) must not use cached
+//! reads at all: waits call the SDK directly.
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use aws_smithy_runtime_api::box_error::BoxError;
+use aws_smithy_runtime_api::client::interceptors::context::BeforeSerializationInterceptorContextRef;
+use aws_smithy_runtime_api::client::interceptors::Intercept;
+use aws_smithy_runtime_api::client::orchestrator::Metadata;
+use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
+use aws_smithy_types::config_bag::ConfigBag;
+
+#[derive(Default)]
+struct Inner {
+    /// Bumped by every change; an answer fetched across a bump is not kept.
+    epoch: u64,
+    answers: HashMap<String, Box<dyn Any + Send>>,
+    hits: u64,
+}
+
+/// Answers to reads, shared by the clients of both regions and the global services.
+#[derive(Default)]
+pub struct Reads {
+    inner: Mutex<Inner>,
+}
+
+impl std::fmt::Debug for Reads {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let i = self.lock();
+        f.debug_struct("Reads").field("epoch", &i.epoch).field("answers", &i.answers.len()).field("hits", &i.hits).finish()
+    }
+}
+
+impl Reads {
+    pub fn new() -> Arc<Reads> {
+        Arc::new(Reads::default())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The answer to `key` if this run already has it and nothing changed since; else runs
+    /// `fetch` and keeps its answer (unless something changed while it ran).
+    pub async fn read<T, F>(&self, key: String, fetch: F) -> T
+    where
+        T: Clone + Send + 'static,
+        F: std::future::Future<Output = T>,
+    {
+        let epoch = {
+            let mut i = self.lock();
+            if let Some(v) = i.answers.get(&key).and_then(|v| v.downcast_ref::<T>()).cloned() {
+                i.hits += 1;
+                tracing::trace!(key, "read answered by the read phase");
+                return v;
+            }
+            i.epoch
+        };
+        let v = fetch.await;
+        let mut i = self.lock();
+        if i.epoch == epoch {
+            i.answers.insert(key, Box::new(v.clone()));
+        }
+        v
+    }
+
+    /// Something in AWS changed (or is about to): no answer read so far may be reused.
+    pub fn changed(&self) {
+        let mut i = self.lock();
+        i.epoch += 1;
+        i.answers.clear();
+    }
+
+    /// How many reads were answered without a call.
+    pub fn hits(&self) -> u64 {
+        self.lock().hits
+    }
+}
+
+/// Whether an operation only reads (by the AWS naming convention).
+pub fn is_read(operation: &str) -> bool {
+    ["Describe", "Get", "List"].iter().any(|p| operation.starts_with(p))
+}
+
+/// Sees every call of a client: any operation that is not a read invalidates [`Reads`].
+#[derive(Debug, Clone)]
+pub struct WatchChanges(pub Arc<Reads>);
+
+impl Intercept for WatchChanges {
+    fn name(&self) -> &'static str {
+        "pgdr-watch-changes"
+    }
+
+    // Not `read_before_execution`: a client's interceptors run that before the operation's
+    // configuration (which names it) is in the bag.
+    fn read_before_serialization(&self, _context: &BeforeSerializationInterceptorContextRef<'_>, _rc: &RuntimeComponents, cfg: &mut ConfigBag) -> Result<(), BoxError> {
+        match cfg.load::<Metadata>() {
+            Some(m) if is_read(m.name()) => {}
+            // Unknown operations count as changes: reusing a stale answer is worse than a call.
+            _ => self.0.changed(),
+        }
+        Ok(())
+    }
+}
+
+/// A read through the read phase: `read!(reads, region, "ec2", "DescribeVpcs", builder)`.
+/// The key is the operation's full input, so two reads share an answer only when they ask
+/// exactly the same thing. Returns what [`crate::aws!`] returns.
+#[macro_export]
+macro_rules! read {
+    ($reads:expr, $region:expr, $svc:literal, $op:literal, $builder:expr) => {{
+        let b = $builder;
+        let region: &str = $region;
+        let key = format!("{}/{}/{}/{:?}", region, $svc, $op, b.as_input());
+        $reads.read(key, async move { $crate::aws!(region, $svc, $op, b.send()) }).await
+    }};
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+
+    #[tokio::test]
+    async fn answers_are_reused_until_a_change() {
+        let reads = Reads::default();
+        let calls = Cell::new(0);
+        let fetch = || async {
+            calls.set(calls.get() + 1);
+            calls.get()
+        };
+        assert_eq!(reads.read("a".into(), fetch()).await, 1);
+        assert_eq!(reads.read("a".into(), fetch()).await, 1);
+        assert_eq!(reads.read("b".into(), fetch()).await, 2);
+        assert_eq!(reads.hits(), 1);
+        reads.changed();
+        assert_eq!(reads.read("a".into(), fetch()).await, 3);
+        assert_eq!(calls.get(), 3);
+    }
+
+    #[tokio::test]
+    async fn an_answer_fetched_across_a_change_is_not_kept() {
+        let reads = Reads::default();
+        let v = reads
+            .read("a".to_owned(), async {
+                reads.changed();
+                1
+            })
+            .await;
+        assert_eq!(v, 1);
+        assert_eq!(reads.read("a".to_owned(), async { 2 }).await, 2);
+    }
+
+    #[test]
+    fn reads_are_told_from_changes() {
+        assert!(is_read("DescribeDBInstances") && is_read("GetFunction") && is_read("ListResourceRecordSets"));
+        assert!(!is_read("CreateDBInstance") && !is_read("PromoteReadReplica") && !is_read("AuthorizeSecurityGroupIngress"));
+    }
+}
