@@ -121,6 +121,8 @@ pub(crate) async fn open(t: &Target, command: &str, mutating: bool, ahead: Ahead
     let existing = if mutating { state::read(&t.state_dir, &env.name)? } else { existing };
     let cx = context(t, env, existing, mutating, cancel).await?;
     let steps = crate::steps::graph();
+    // A new environment has nothing to read ahead: its first change would drop the answers.
+    let ahead = if cx.store.snapshot().resources.is_empty() { Ahead::Instances } else { ahead };
     match ahead {
         Ahead::Instances => {}
         Ahead::Walk => exec::read_ahead(&steps, &cx).await,
@@ -128,7 +130,10 @@ pub(crate) async fn open(t: &Target, command: &str, mutating: bool, ahead: Ahead
             tokio::join!(exec::read_ahead(&steps, &cx), crate::health::reads(&cx));
         }
     }
-    sync_topology(&cx).await?;
+    // Nothing recorded yet: no topology to check (`adopt` reads the roles itself).
+    if !cx.store.snapshot().resources.is_empty() {
+        sync_topology(&cx).await?;
+    }
     Ok((cx, lock))
 }
 

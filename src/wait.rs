@@ -28,7 +28,7 @@ pub struct Pace {
 impl Pace {
     /// For resources that take minutes: a change is noticed within `max`.
     /// Two instances polled at this pace stay far below the RDS limit of 12 requests/s.
-    pub const SLOW: Pace = Pace { first: Duration::from_secs(1), max: Duration::from_secs(5) };
+    pub const SLOW: Pace = Pace { first: Duration::from_secs(1), max: Duration::from_secs(3) };
     /// For things that settle in seconds.
     pub const FAST: Pace = Pace { first: Duration::from_millis(250), max: Duration::from_secs(3) };
 }

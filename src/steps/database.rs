@@ -121,7 +121,7 @@ impl Step<Cx> for Primary {
         PRIMARY.into()
     }
     fn deps(&self) -> Vec<String> {
-        vec![network::step_id(Side::Primary), dbgroups::step_id(Side::Primary), secrets::STEP.into()]
+        vec![network::step_id(Side::Primary), dbgroups::step_id(Side::Primary), dbgroups::params_step_id(Side::Primary), secrets::STEP.into()]
     }
     fn up<'a>(&'a self, cx: &'a Cx, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult> {
         Box::pin(up(cx, rec, Side::Primary))
@@ -138,7 +138,7 @@ impl Step<Cx> for Replica {
         REPLICA.into()
     }
     fn deps(&self) -> Vec<String> {
-        vec![PRIMARY.into(), network::step_id(Side::Dr), dbgroups::step_id(Side::Dr)]
+        vec![PRIMARY.into(), network::step_id(Side::Dr), dbgroups::step_id(Side::Dr), dbgroups::params_step_id(Side::Dr)]
     }
     fn up<'a>(&'a self, cx: &'a Cx, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult> {
         Box::pin(up(cx, rec, Side::Dr))
@@ -150,18 +150,28 @@ impl Step<Cx> for Replica {
     }
 }
 
-/// What `up` reads of an instance: the instance and its log group.
+/// What `up` reads of an instance (its log group is the parameter step's).
 async fn reads(cx: &Cx, side: Side) {
-    let reg = cx.regional(side);
-    let id = instance_id(cx, side);
-    let group = log_group_name(&id);
-    let _ = futures::join!(lookup(reg, &id), super::lambda::log_groups(reg, &group));
+    let _ = lookup(cx.regional(side), &instance_id(cx, side)).await;
 }
 
 /// The instance's PostgreSQL log group, created by pgdr with 7-day retention (RDS would create
 /// it without retention) so that `down` removes it.
-async fn ensure_log_group(cx: &Cx, rec: &Recorder<'_>, side: Side, id: &str) -> Result<()> {
-    super::lambda::ensure_log_group(cx, rec, cx.regional(side), &log_group_key(cx, side), &log_group_name(id)).await
+pub async fn ensure_log_group(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
+    super::lambda::ensure_log_group(cx, rec, cx.regional(side), &log_group_key(cx, side), &log_group_name(&instance_id(cx, side))).await
+}
+
+/// Removes the instance's log group (after the instance: RDS would write it again).
+/// The name recorded in state wins: the instance (and so its identifier) may be gone already.
+pub async fn delete_log_group(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
+    let key = log_group_key(cx, side);
+    let name = cx.store.id(&key).unwrap_or_else(|| log_group_name(&instance_id(cx, side)));
+    super::lambda::delete_log_group(cx, rec, cx.regional(side), &key, &name).await
+}
+
+/// What [`ensure_log_group`] reads, for the read phase.
+pub async fn log_group_reads(cx: &Cx, side: Side) {
+    let _ = super::lambda::log_groups(cx.regional(side), &log_group_name(&instance_id(cx, side))).await;
 }
 
 async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
@@ -169,9 +179,19 @@ async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
     let region = reg.region.as_str();
     let s = &cx.env.settings;
     let id = instance_id(cx, side);
-    ensure_log_group(cx, rec, side, &id).await?;
 
-    let found = find(cx, side).await?;
+    // An instance state does not know yet is probably to be created: read the credentials
+    // the create needs at the same time as looking for it.
+    let unknown = cx.store.get(&instance_key(cx, side)).is_none_or(|r| r.status == crate::state::Status::Pending);
+    let credentials = async {
+        match side {
+            Side::Primary if unknown && !rec.plan => Some(secrets::read_credentials(cx).await),
+            _ => None,
+        }
+    };
+    let (found, credentials) = futures::join!(find(cx, side), credentials);
+    let found = found?;
+    let credentials = std::cell::RefCell::new(credentials);
     let r = Res::new(instance_key(cx, side), "db-instance", id.clone(), region);
     let sg = cx.store.id(&network::key(cx, side, "db-sg")).unwrap_or_default();
     let exists = found.clone();
@@ -184,7 +204,11 @@ async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
         let logs = Some(LOG_EXPORTS.iter().map(|s| s.to_string()).collect());
         match side {
             Side::Primary => {
-                let (user, password) = secrets::read_credentials(cx).await?;
+                let read = credentials.borrow_mut().take();
+                let (user, password) = match read {
+                    Some(c) => c?,
+                    None => secrets::read_credentials(cx).await?,
+                };
                 aws!(
                     region,
                     "rds",
@@ -309,9 +333,6 @@ async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
         }
         rec.record(Action::Change, "db-instance", &id, region, Some(&id), Some(detail));
     }
-    if side == Side::Primary {
-        secrets::set_connection(cx, rec, &format!("postgres.{}", cx.env.zone_name())).await?;
-    }
     Ok(())
 }
 
@@ -419,8 +440,6 @@ async fn down(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
     if let (Some(snap), false) = (&snapshot, rec.plan || found.is_none()) {
         rec.record(Action::Keep, "db-snapshot", snap, region, Some(snap), Some("final snapshot of the primary".into()));
     }
-
-    super::lambda::delete_log_group(cx, rec, reg, &log_group_key(cx, side), &log_group_name(&id)).await?;
     Ok(())
 }
 
@@ -434,7 +453,7 @@ impl Step<Cx> for Retired {
     }
     fn deps(&self) -> Vec<String> {
         // On `down` it goes before the groups and networks it uses.
-        [Side::Primary, Side::Dr].into_iter().flat_map(|s| [dbgroups::step_id(s), network::step_id(s)]).collect()
+        [Side::Primary, Side::Dr].into_iter().flat_map(|s| [dbgroups::step_id(s), dbgroups::params_step_id(s), network::step_id(s)]).collect()
     }
     fn up<'a>(&'a self, cx: &'a Cx, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult> {
         Box::pin(async move {

@@ -1,19 +1,27 @@
-//! The DB subnet group and DB parameter group of one region. Both carry the same names in
+//! The DB subnet group, DB parameter group and instance log group of one region. Both carry the same names in
 //! both regions (AWS allows it, and it keeps the replica's settings readable).
 
 use aws_sdk_rds::types::{ApplyMethod, Parameter, Tag};
 use futures::future::LocalBoxFuture;
 
-use super::{network, Res};
+use super::{database, network, Res};
 use crate::{aws, read};
 use crate::cx::{Cx, Side};
 use crate::error::{AwsError, Error, Result};
 use crate::exec::{Action, Recorder, Step, StepResult};
 
+/// The DB subnet group (needs the network's subnets).
 pub struct DbGroups(pub Side);
+
+/// The DB parameter group and the instance's log group (need nothing: they go first).
+pub struct DbParams(pub Side);
 
 pub fn step_id(side: Side) -> String {
     format!("dbgroups:{}", side.label())
+}
+
+pub fn params_step_id(side: Side) -> String {
+    format!("dbparams:{}", side.label())
 }
 
 pub fn subnet_group_name(cx: &Cx) -> String {
@@ -53,10 +61,30 @@ impl Step<Cx> for DbGroups {
     fn down<'a>(&'a self, cx: &'a Cx, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult> {
         Box::pin(down(cx, rec, self.0))
     }    fn reads<'a>(&'a self, cx: &'a Cx) -> LocalBoxFuture<'a, ()> {
+        Box::pin(async move {
+            let _ = find_subnet_group(cx, self.0).await;
+        })
+    }
+}
+
+impl Step<Cx> for DbParams {
+    fn id(&self) -> String {
+        params_step_id(self.0)
+    }
+    fn deps(&self) -> Vec<String> {
+        vec![]
+    }
+    fn up<'a>(&'a self, cx: &'a Cx, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult> {
+        Box::pin(params_up(cx, rec, self.0))
+    }
+    fn down<'a>(&'a self, cx: &'a Cx, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult> {
+        Box::pin(params_down(cx, rec, self.0))
+    }
+    fn reads<'a>(&'a self, cx: &'a Cx) -> LocalBoxFuture<'a, ()> {
         let side = self.0;
         Box::pin(async move {
             let group = parameter_group_name(cx);
-            let _ = futures::join!(find_subnet_group(cx, side), find_parameter_group(cx, side), parameters(cx, side, &group));
+            let _ = futures::join!(find_parameter_group(cx, side), parameters(cx, side, &group), database::log_group_reads(cx, side));
         })
     }
 }
@@ -137,7 +165,19 @@ async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
         }
         rec.record(Action::Change, "db-subnet-group", &sg_res.name, region, None, Some(detail));
     }
+    Ok(())
+}
 
+/// The parameter group, with the managed parameters, and the instance's log group.
+async fn params_up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
+    let reg = cx.regional(side);
+    let region = reg.region.as_str();
+    let (pg, logs) = futures::join!(parameter_group_up(cx, rec, side, reg, region), database::ensure_log_group(cx, rec, side));
+    pg?;
+    logs
+}
+
+async fn parameter_group_up(cx: &Cx, rec: &Recorder<'_>, side: Side, reg: &crate::clients::Regional, region: &str) -> Result<()> {
     let pg_res = Res::new(key(cx, side, "parameter-group"), "db-parameter-group", parameter_group_name(cx), region);
     let pg = super::ensure(cx, rec, &pg_res, async |_| find_parameter_group(cx, side).await, async |_| {
         aws!(
@@ -197,15 +237,6 @@ async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
 async fn down(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
     let reg = cx.regional(side);
     let region = reg.region.as_str();
-    let pg = Res::new(key(cx, side, "parameter-group"), "db-parameter-group", parameter_group_name(cx), region);
-    super::remove(cx, rec, &pg, async |_| find_parameter_group(cx, side).await, async |name| {
-        missing(
-            aws!(region, "rds", "DeleteDBParameterGroup", reg.rds.delete_db_parameter_group().db_parameter_group_name(name).send()),
-            &["DBParameterGroupNotFound", "DBParameterGroupNotFoundFault"],
-        )
-        .map(|_| ())
-    })
-    .await?;
     let sg = Res::new(key(cx, side, "subnet-group"), "db-subnet-group", subnet_group_name(cx), region);
     super::remove(cx, rec, &sg, async |_| Ok(find_subnet_group(cx, side).await?.map(|g| g.0)), async |name| {
         missing(
@@ -217,4 +248,19 @@ async fn down(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
     .await?;
     let _ = Error::Interrupted;
     Ok(())
+}
+
+async fn params_down(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
+    let reg = cx.regional(side);
+    let region = reg.region.as_str();
+    let pg = Res::new(key(cx, side, "parameter-group"), "db-parameter-group", parameter_group_name(cx), region);
+    super::remove(cx, rec, &pg, async |_| find_parameter_group(cx, side).await, async |name| {
+        missing(
+            aws!(region, "rds", "DeleteDBParameterGroup", reg.rds.delete_db_parameter_group().db_parameter_group_name(name).send()),
+            &["DBParameterGroupNotFound", "DBParameterGroupNotFoundFault"],
+        )
+        .map(|_| ())
+    })
+    .await?;
+    database::delete_log_group(cx, rec, side).await
 }

@@ -176,6 +176,8 @@ pub fn graph() -> Vec<Box<dyn crate::exec::Step<Cx>>> {
         Box::new(secrets::Secrets),
         Box::new(dbgroups::DbGroups(Side::Primary)),
         Box::new(dbgroups::DbGroups(Side::Dr)),
+        Box::new(dbgroups::DbParams(Side::Primary)),
+        Box::new(dbgroups::DbParams(Side::Dr)),
         Box::new(database::Primary),
         Box::new(database::Replica),
         Box::new(database::Retired),

@@ -150,40 +150,47 @@ async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
         // Part of creating it: a private hosted zone needs DNS hostnames on.
         enable_dns_hostnames(cx, side, &id).await?;
         Ok(id)
-    })
-    .await?;
+    });
+    // The zones do not depend on the VPC: read them while it is made.
+    let (vpc, azs) = futures::join!(vpc, zones(cx, side));
+    let (vpc, azs) = (vpc?, azs?);
     let vpc_id = vpc.clone().unwrap_or_default();
-    if let Some(vpc_id) = &vpc {
-        let attr = dns_hostnames(cx, side, vpc_id).await?;
-        if !attr.enable_dns_hostnames.and_then(|a| a.value).unwrap_or(false) {
-            if rec.plan {
-                rec.record(crate::exec::Action::Change, "vpc", &vpc_res.name, region, Some(vpc_id), Some("enable DNS hostnames".into()));
-            } else {
-                enable_dns_hostnames(cx, side, vpc_id).await?;
-                rec.record(crate::exec::Action::Change, "vpc", &vpc_res.name, region, Some(vpc_id), Some("enabled DNS hostnames".into()));
+    let vpc_id = &vpc_id;
+
+    // Then four independent chains at once: DNS hostnames, the subnets, the route table and
+    // its endpoint, the security group and its rules.
+    let hostnames = async {
+        if let Some(vpc_id) = &vpc {
+            let attr = dns_hostnames(cx, side, vpc_id).await?;
+            if !attr.enable_dns_hostnames.and_then(|a| a.value).unwrap_or(false) {
+                if rec.plan {
+                    rec.record(crate::exec::Action::Change, "vpc", &vpc_res.name, region, Some(vpc_id), Some("enable DNS hostnames".into()));
+                } else {
+                    enable_dns_hostnames(cx, side, vpc_id).await?;
+                    rec.record(crate::exec::Action::Change, "vpc", &vpc_res.name, region, Some(vpc_id), Some("enabled DNS hostnames".into()));
+                }
             }
         }
-    }
-
-    // Two private subnets in the first two availability zones (by name, so reruns agree).
-    let azs = zones(cx, side).await?;
-    let mut subnet_ids = Vec::new();
-    for (i, name) in SUBNETS.iter().enumerate() {
+        Ok::<_, Error>(())
+    };
+    let azs = &azs;
+    let subnets = futures::future::try_join_all(SUBNETS.iter().enumerate().map(|(i, name)| async move {
+        // Two private subnets in the first two availability zones (by name, so reruns agree).
         let sub_cidr = cidr.subnet(24.max(cidr.prefix + 2), i as u32).ok_or_else(|| Error::Other("VPC CIDR too small for two subnets".into()))?;
         let az = azs.get(i).cloned().ok_or_else(|| Error::failed(format!("{region} offers fewer than two availability zones")))?;
         let r = Res::new(key(cx, side, name), "subnet", format!("pgdr-{}-{name}", cx.name()), region);
-        let id = ensure(
+        ensure(
             cx,
             rec,
             &r,
-            async |known| find_one_subnet(cx, rec, &r, side, name, known, &vpc_id).await,
+            async |known| find_one_subnet(cx, rec, &r, side, name, known, vpc_id).await,
             async |_token| {
                 let out = aws!(
                     region,
                     "ec2",
                     "CreateSubnet",
                     ec2.create_subnet()
-                        .vpc_id(&vpc_id)
+                        .vpc_id(vpc_id)
                         .cidr_block(sub_cidr.to_string())
                         .availability_zone(&az)
                         .tag_specifications(ec2_tag_spec(cx, ResourceType::Subnet, name))
@@ -192,35 +199,42 @@ async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
                 out.subnet.and_then(|s| s.subnet_id).ok_or_else(|| Error::Other("CreateSubnet returned no id".into()))
             },
         )
+        .await
+    }));
+    let routes = async {
+        // One route table for both subnets; the peering step adds the route to the peer.
+        let rt_res = Res::new(key(cx, side, "route-table"), "route-table", format!("pgdr-{}-private", cx.name()), region);
+        let rt = ensure(cx, rec, &rt_res, async |known| find_route_table(cx, rec, &rt_res, side, known, vpc_id).await, async |_| {
+            let out = aws!(
+                region,
+                "ec2",
+                "CreateRouteTable",
+                ec2.create_route_table().vpc_id(vpc_id).tag_specifications(ec2_tag_spec(cx, ResourceType::RouteTable, "route-table")).send()
+            )?;
+            out.route_table.and_then(|r| r.route_table_id).ok_or_else(|| Error::Other("CreateRouteTable returned no id".into()))
+        })
         .await?;
-        subnet_ids.extend(id);
-    }
+        endpoint(cx, rec, side, vpc_id, rt).await
+    };
+    let group = security_group(cx, rec, side, vpc_id, cidr, peer_cidr);
+    let (hostnames, subnet_ids, rt, group) = futures::join!(hostnames, subnets, routes, group);
+    hostnames?;
+    group?;
+    let subnet_ids: Vec<String> = subnet_ids?.into_iter().flatten().collect();
+    let rt = rt?;
 
-    // One route table for both subnets; the peering step adds the route to the peer.
-    let rt_res = Res::new(key(cx, side, "route-table"), "route-table", format!("pgdr-{}-private", cx.name()), region);
-    let rt = ensure(cx, rec, &rt_res, async |known| find_route_table(cx, rec, &rt_res, side, known, &vpc_id).await, async |_| {
-        let out = aws!(
-            region,
-            "ec2",
-            "CreateRouteTable",
-            ec2.create_route_table().vpc_id(&vpc_id).tag_specifications(ec2_tag_spec(cx, ResourceType::RouteTable, "route-table")).send()
-        )?;
-        out.route_table.and_then(|r| r.route_table_id).ok_or_else(|| Error::Other("CreateRouteTable returned no id".into()))
-    })
-    .await?;
+    // Both subnets on the route table.
     if let Some(rt) = &rt {
         let table = route_table(cx, side, rt).await?;
-        let associated: Vec<String> = table
-            .into_iter()
-            .flat_map(|t| t.associations.unwrap_or_default())
-            .filter_map(|a| a.subnet_id)
-            .collect();
-        for (name, sub) in SUBNETS.iter().zip(&subnet_ids).filter(|(_, s)| !associated.contains(s)) {
+        let associated: Vec<String> = table.into_iter().flat_map(|t| t.associations.unwrap_or_default()).filter_map(|a| a.subnet_id).collect();
+        futures::future::try_join_all(SUBNETS.iter().zip(&subnet_ids).filter(|(_, s)| !associated.contains(s)).map(|(name, sub)| async move {
             if !rec.plan {
                 aws!(region, "ec2", "AssociateRouteTable", ec2.associate_route_table().route_table_id(rt).subnet_id(sub).send())?;
             }
             rec.record(crate::exec::Action::Create, "route-table-association", name, region, None, Some(format!("{sub} -> {rt}")));
-        }
+            Ok::<_, Error>(())
+        }))
+        .await?;
         for name in SUBNETS.iter().skip(subnet_ids.len()) {
             rec.record(crate::exec::Action::Create, "route-table-association", name, region, None, None);
         }
@@ -229,10 +243,16 @@ async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
             rec.record(crate::exec::Action::Create, "route-table-association", sub, region, None, None);
         }
     }
+    Ok(())
+}
 
-    // The database security group: 5432 from this VPC and from the peer VPC.
+/// The database security group: 5432 from this VPC and from the peer VPC.
+async fn security_group(cx: &Cx, rec: &Recorder<'_>, side: Side, vpc_id: &str, cidr: crate::config::Cidr, peer_cidr: crate::config::Cidr) -> Result<()> {
+    let reg = cx.regional(side);
+    let region = reg.region.as_str();
+    let ec2 = &reg.ec2;
     let sg_res = Res::new(key(cx, side, "db-sg"), "security-group", format!("pgdr-{}-db", cx.name()), region);
-    let sg = ensure(cx, rec, &sg_res, async |known| find_sg(cx, side, known, &vpc_id).await, async |_| {
+    let sg = ensure(cx, rec, &sg_res, async |known| find_sg(cx, side, known, vpc_id).await, async |_| {
         let out = aws!(
             region,
             "ec2",
@@ -240,7 +260,7 @@ async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
             ec2.create_security_group()
                 .group_name(format!("pgdr-{}-db", cx.name()))
                 .description("pgdr: PostgreSQL from the two pgdr VPCs")
-                .vpc_id(&vpc_id)
+                .vpc_id(vpc_id)
                 .tag_specifications(ec2_tag_spec(cx, ResourceType::SecurityGroup, "db-sg"))
                 .send()
         )?;
@@ -250,19 +270,20 @@ async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
     let sg_id = sg.unwrap_or_default();
     // A fenced old primary's group keeps its client rules revoked until `reprotect`.
     let fenced = cx.store.snapshot().topology.fenced.contains_key(region);
-    for (rule, rule_cidr) in [("db-sg-rule-local", cidr), ("db-sg-rule-peer", peer_cidr)] {
+    let sg_id = &sg_id;
+    futures::future::try_join_all([("db-sg-rule-local", cidr), ("db-sg-rule-peer", peer_cidr)].into_iter().map(|(rule, rule_cidr)| async move {
         if fenced {
             rec.record(crate::exec::Action::Keep, "security-group-rule", &format!("5432 from {rule_cidr}"), region, None, Some("revoked: fenced by failover".into()));
-            continue;
+            return Ok(());
         }
         let r = Res::new(key(cx, side, rule), "security-group-rule", format!("5432 from {rule_cidr}"), region);
-        ensure(cx, rec, &r, async |_known| find_rule(cx, side, &sg_id, &rule_cidr.to_string()).await, async |_| {
+        ensure(cx, rec, &r, async |_known| find_rule(cx, side, sg_id, &rule_cidr.to_string()).await, async |_| {
             let out = aws!(
                 region,
                 "ec2",
                 "AuthorizeSecurityGroupIngress",
                 ec2.authorize_security_group_ingress()
-                    .group_id(&sg_id)
+                    .group_id(sg_id)
                     .ip_permissions(
                         IpPermission::builder()
                             .ip_protocol("tcp")
@@ -281,10 +302,18 @@ async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
                 .ok_or_else(|| Error::Other("AuthorizeSecurityGroupIngress returned no rule id".into()))
         })
         .await?;
-    }
+        Ok::<_, Error>(())
+    }))
+    .await?;
+    Ok(())
+}
 
-    // S3 gateway endpoint on the route table (backups and log shipping stay private).
-    let rt_id = rt.unwrap_or_default();
+/// The S3 gateway endpoint on the route table (backups and log shipping stay private).
+async fn endpoint(cx: &Cx, rec: &Recorder<'_>, side: Side, vpc_id: &str, rt: Option<String>) -> Result<Option<String>> {
+    let reg = cx.regional(side);
+    let region = reg.region.as_str();
+    let ec2 = &reg.ec2;
+    let rt_id = rt.clone().unwrap_or_default();
     let ep_res = Res::new(key(cx, side, "s3-endpoint"), "vpc-endpoint", format!("pgdr-{}-s3", cx.name()), region);
     ensure(cx, rec, &ep_res, async |known| find_endpoint(cx, rec, &ep_res, side, known).await, async |token| {
         let out = aws!(
@@ -292,7 +321,7 @@ async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
             "ec2",
             "CreateVpcEndpoint",
             ec2.create_vpc_endpoint()
-                .vpc_id(&vpc_id)
+                .vpc_id(vpc_id)
                 .vpc_endpoint_type(aws_sdk_ec2::types::VpcEndpointType::Gateway)
                 .service_name(format!("com.amazonaws.{region}.s3"))
                 .route_table_ids(&rt_id)
@@ -303,7 +332,9 @@ async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
         out.vpc_endpoint.and_then(|e| e.vpc_endpoint_id).ok_or_else(|| Error::Other("CreateVpcEndpoint returned no id".into()))
     })
     .await?;
-    Ok(())
+    Ok(rt)
+
+
 }
 
 async fn enable_dns_hostnames(cx: &Cx, side: Side, vpc_id: &str) -> Result<()> {

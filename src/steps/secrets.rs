@@ -129,7 +129,16 @@ async fn up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
             super::ensure(cx, rec, &r, async |_| Ok(None), async |token| create(cx, &token).await).await?;
         }
     }
+    // Where to connect: the writer's DNS name, known before any instance exists.
+    if cx.store.get(&r.key).is_some() {
+        set_connection(cx, rec, &connection_host(cx)).await?;
+    }
     Ok(())
+}
+
+/// The host clients should use: the weighted writer record, which follows failovers.
+pub fn connection_host(cx: &Cx) -> String {
+    format!("postgres.{}", cx.env.zone_name())
 }
 
 async fn create(cx: &Cx, token: &str) -> Result<String> {
@@ -147,6 +156,7 @@ async fn create(cx: &Cx, token: &str) -> Result<String> {
         "username": s.master_username,
         "password": password.0,
         "engine": "postgres",
+        "host": connection_host(cx),
         "port": 5432,
         "dbname": s.database_name,
     })
