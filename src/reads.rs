@@ -5,11 +5,11 @@
 //! instead of asking again one after another: a no-op `up` or a `status` costs one wave of
 //! reads, and each resource is read once however many steps and checks look at it.
 //!
-//! An answer is reused only while nothing has changed: the first call that is not a read
-//! (any operation not named `Describe*`, `Get*` or `List*`, seen by an SDK interceptor on every
-//! client) drops everything, and from then on every read goes to AWS. Code that waits for AWS
-//! to change something on its own (an instance finishing its creation) must not use cached
-//! reads at all: waits call the SDK directly.
+//! An answer is reused only while nothing has changed. Any call that is not a read (an
+//! operation not named `Describe*`, `Get*` or `List*`, seen by an SDK interceptor on every
+//! client) drops every kept answer, and so does each look of a wait after its first
+//! ([`crate::wait::until`]): a poll always asks AWS. Code that must see AWS as it is now,
+//! whatever this run read before, calls the SDK directly (`database::describe`).
 
 use std::any::Any;
 use std::collections::HashMap;
