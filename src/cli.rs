@@ -126,7 +126,8 @@ enum Command {
         env: EnvArg,
         #[command(flatten)]
         confirm: Confirm,
-        /// Promote even when the replica lags more than max_failover_lag_seconds.
+        /// Promote even when the replica lags more than max_failover_lag_seconds, or when its lag
+        /// is unknown while the primary is available.
         #[arg(long)]
         force: bool,
     },

@@ -59,7 +59,14 @@ pub struct Outcome {
 
 pub async fn plan(cx: &Cx) -> Result<Plan> {
     let t = Instant::now();
-    let (p, d, lag) = tokio::join!(health::instance(cx, Side::Primary), health::instance(cx, Side::Dr), health::replica_lag(cx));
+    let records = async {
+        match cx.store.id(&dns::zone_key()) {
+            Some(zone) => dns::current_records(cx, &zone).await,
+            None => Ok(vec![]),
+        }
+    };
+    // One wave: the instances, the lag and the records.
+    let (p, d, lag, records) = tokio::join!(health::instance(cx, Side::Primary), health::instance(cx, Side::Dr), health::replica_lag(cx), records);
     // An unreachable primary region counts as "primary down".
     let p = p.unwrap_or(None);
     let d = d.map_err(Error::from)?.ok_or_else(|| {
@@ -68,10 +75,7 @@ pub async fn plan(cx: &Cx) -> Result<Plan> {
     let lag = lag.unwrap_or(None);
     let already = promoted(&d);
     let fenced = cx.store.snapshot().topology.fenced.contains_key(cx.region(Side::Primary));
-    let records = match cx.store.id(&dns::zone_key()) {
-        Some(zone) => dns::current_records(cx, &zone).await?,
-        None => vec![],
-    };
+    let records = records?;
     let dns_on_replica = records.iter().any(|r| r.set_identifier.as_deref() == Some(cx.region(Side::Dr)) && r.weight == Some(100))
         && records.iter().all(|r| r.set_identifier.as_deref() != Some(cx.region(Side::Primary)) || r.weight == Some(0));
     let mut steps = Vec::new();

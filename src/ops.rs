@@ -414,11 +414,20 @@ pub async fn failover_plan(t: &Target, dry_run: bool, cancel: &Cancel) -> Result
     Ok((cx, lock, plan))
 }
 
-/// Refuses a promotion that would lose more than `max` seconds of data, unless forced.
+/// Refuses a promotion that would lose more than `max` seconds of data, unless forced. With no
+/// lag datapoint the loss is unknown: that is refused too while the primary is available (a
+/// switchover can wait for the metric), but not when it is down (the disaster `failover` is for).
 pub fn check_lag(plan: &crate::failover::Plan, max: f64, force: bool) -> Result<()> {
+    if plan.already_promoted || force {
+        return Ok(());
+    }
     match plan.replica_lag_seconds {
-        Some(lag) if !plan.already_promoted && !force && (lag > max || lag < 0.0) => Err(Error::user(format!(
+        Some(lag) if lag > max || lag < 0.0 => Err(Error::user(format!(
             "replica lag is {lag:.0} s (limit {max:.0} s): promoting now loses up to that much data; wait for it to catch up or rerun with --force"
+        ))),
+        None if plan.primary_status == "available" => Err(Error::user(format!(
+            "the replica's lag is unknown (no ReplicaLag datapoint in 10 minutes) and the primary {} is available: promoting now may lose writes; check the replica in CloudWatch, or rerun with --force",
+            plan.primary
         ))),
         _ => Ok(()),
     }

@@ -78,7 +78,7 @@ impl Step<Cx> for Topics {
             let side = async |side: Side| {
                 let known = topic_arn(cx, side);
                 let _ = find_topic(cx, side, known.clone()).await;
-                if let Some(topic) = known.filter(|_| !cx.env.settings.alarm_emails.is_empty()) {
+                if let Some(topic) = known.filter(|_| !cx.env.settings.alarm_emails.is_empty() || !dropped_emails(cx, side).is_empty()) {
                     let _ = subscriptions(cx, side, &topic).await;
                 }
             };
@@ -165,13 +165,41 @@ async fn subscribe_emails(cx: &Cx, rec: &Recorder<'_>, side: Side, topic: Option
     let reg = cx.regional(side);
     let region = reg.region.as_str();
     let emails = &cx.env.settings.alarm_emails;
-    if emails.is_empty() {
+    let dropped = dropped_emails(cx, side);
+    if emails.is_empty() && dropped.is_empty() {
         return Ok(());
     }
     // (endpoint, subscription ARN or "PendingConfirmation") of the topic's email subscriptions.
     let mut have: Vec<(String, String)> = Vec::new();
     if let Some(topic) = topic {
         have = subscriptions(cx, side, topic).await?;
+    }
+    // Addresses pgdr subscribed that the settings no longer list. Others' subscriptions to the
+    // topic are left alone.
+    for email in dropped {
+        match have.iter().find(|(e, _)| e.eq_ignore_ascii_case(&email)) {
+            Some((_, sub)) if sub.starts_with("arn:") => {
+                if !rec.plan {
+                    cx.cancel.check()?;
+                    match aws!(region, "sns", "Unsubscribe", reg.sns.unsubscribe().subscription_arn(sub).send()) {
+                        Ok(_) => {}
+                        Err(e) if e.is_code(&["NotFound"]) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                rec.record(Action::Delete, "sns-subscription", &email, region, Some(sub), None);
+            }
+            // Unconfirmed: AWS gives it no ARN to remove it by and drops it after three days.
+            Some(_) => rec.record(Action::Keep, "sns-subscription", &email, region, None, Some("no longer configured; unconfirmed, AWS drops it after 3 days".into())),
+            None => {}
+        }
+        if !rec.plan {
+            cx.store.update(|st| {
+                if let Some(res) = st.resources.get_mut(&topic_key(cx, side)) {
+                    res.attrs.remove(&format!("subscription:{email}"));
+                }
+            })?;
+        }
     }
     for email in emails {
         let (action, sub) = match have.iter().find(|(e, _)| e.eq_ignore_ascii_case(email)) {
@@ -340,6 +368,18 @@ fn fields(a: &MetricAlarm) -> [(&'static str, String); 14] {
 }
 
 /// `field have -> want` for each field that differs.
+/// Emails pgdr subscribed (recorded in state) that the settings no longer list.
+fn dropped_emails(cx: &Cx, side: Side) -> Vec<String> {
+    let wanted = &cx.env.settings.alarm_emails;
+    cx.store
+        .get(&topic_key(cx, side))
+        .map(|r| r.attrs.into_keys().filter_map(|k| k.strip_prefix("subscription:").map(str::to_owned)).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|e| !wanted.iter().any(|w| w.eq_ignore_ascii_case(e)))
+        .collect()
+}
+
 /// (endpoint, subscription ARN or "PendingConfirmation") of a topic's email subscriptions.
 async fn subscriptions(cx: &Cx, side: Side, topic: &str) -> Result<Vec<(String, String)>> {
     let reg = cx.regional(side);

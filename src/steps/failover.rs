@@ -119,8 +119,19 @@ pub async fn describe_alarm(cx: &Cx) -> std::result::Result<aws_sdk_cloudwatch::
     read!(dr.reads, &dr.region, "cloudwatch", "DescribeAlarms", dr.cloudwatch.describe_alarms().alarm_names(alarm_name(cx)))
 }
 
-async fn list_health_checks(cx: &Cx) -> std::result::Result<aws_sdk_route53::operation::list_health_checks::ListHealthChecksOutput, AwsError> {
-    read!(cx.clients.reads, "global", "route53", "ListHealthChecks", cx.clients.route53.list_health_checks())
+/// Every health check of the account, page by page (100 a page: an account with more must
+/// not make pgdr miss its own and create another).
+async fn list_health_checks(cx: &Cx) -> std::result::Result<Vec<aws_sdk_route53::types::HealthCheck>, AwsError> {
+    let mut all = Vec::new();
+    let mut marker = None;
+    loop {
+        let page = read!(cx.clients.reads, "global", "route53", "ListHealthChecks", cx.clients.route53.list_health_checks().set_marker(marker))?;
+        all.extend(page.health_checks);
+        marker = page.next_marker.filter(|_| page.is_truncated);
+        if marker.is_none() {
+            return Ok(all);
+        }
+    }
 }
 
 /// Partition and account, read from the primary's ARN (no extra call).
@@ -414,9 +425,8 @@ async fn detection_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
         &hc_res,
         async |known| {
             // A create retried after a lost answer can make a second check: keep one.
-            let out = list_health_checks(cx).await?;
             let ids: Vec<String> =
-                out.health_checks.into_iter().filter(|h| h.caller_reference.starts_with(&prefix) || Some(&h.id) == known.as_ref()).map(|h| h.id).collect();
+                list_health_checks(cx).await?.into_iter().filter(|h| h.caller_reference.starts_with(&prefix) || Some(&h.id) == known.as_ref()).map(|h| h.id).collect();
             super::keep_one(rec, &hc_res, known.as_deref(), ids, async |id| match aws!("global", "route53", "DeleteHealthCheck", r53.delete_health_check().health_check_id(&id).send()) {
                 Ok(_) => Ok(()),
                 Err(e) if e.is_code(&["NoSuchHealthCheck"]) => Ok(()),
@@ -460,8 +470,7 @@ async fn detection_down(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
         &hc,
         async |known| {
             let prefix = format!("pgdr-{}-health-", cx.name());
-            let out = aws!("global", "route53", "ListHealthChecks", r53.list_health_checks().send())?;
-            let ids: Vec<String> = out.health_checks.into_iter().filter(|h| Some(&h.id) == known.as_ref() || h.caller_reference.starts_with(&prefix)).map(|h| h.id).collect();
+            let ids: Vec<String> = list_health_checks(cx).await?.into_iter().filter(|h| Some(&h.id) == known.as_ref() || h.caller_reference.starts_with(&prefix)).map(|h| h.id).collect();
             super::keep_one(rec, &hc, known.as_deref(), ids, async |id| match aws!("global", "route53", "DeleteHealthCheck", r53.delete_health_check().health_check_id(&id).send()) {
                 Ok(_) => Ok(()),
                 Err(e) if e.is_code(&["NoSuchHealthCheck"]) => Ok(()),

@@ -110,6 +110,23 @@ async fn up_makes_topics_alarms_and_dashboard_in_the_right_regions_and_down_remo
     run.ok(&["up", "--env", "dev"]);
     assert_eq!(emu.mutating_calls(), Vec::<String>::new(), "second up mutated");
 
+    // An address dropped from the settings is unsubscribed; one subscribed by someone else stays.
+    let sns_dr = aws_sdk_sns::Client::new(&emu.sdk("eu-west-1").await);
+    sns_dr.subscribe().topic_arn(&topic["eu-west-1"]).protocol("email").endpoint("someone@example.com").send().await.unwrap();
+    run.write("pgdr.toml", "[defaults]\nalarm_emails = [\"lead@example.com\"]\n");
+    run.ok(&["up", "--env", "dev"]);
+    let state: serde_json::Value = serde_json::from_slice(&std::fs::read(run.state_file("dev")).unwrap()).unwrap();
+    for region in ["us-east-1", "eu-west-1"] {
+        let sns = aws_sdk_sns::Client::new(&emu.sdk(region).await);
+        let subs = sns.list_subscriptions_by_topic().topic_arn(&topic[region]).send().await.unwrap();
+        let emails: Vec<&str> = subs.subscriptions().iter().filter_map(|s| s.endpoint()).collect();
+        assert!(emails.contains(&"lead@example.com") && !emails.contains(&"oncall@example.com"), "{region}: {emails:?}");
+        let attrs = &state["resources"][format!("topics/{region}/topic")]["attrs"];
+        assert!(attrs["subscription:oncall@example.com"].is_null() && attrs["subscription:lead@example.com"].is_string(), "{attrs}");
+    }
+    let subs = sns_dr.list_subscriptions_by_topic().topic_arn(&topic["eu-west-1"]).send().await.unwrap();
+    assert!(subs.subscriptions().iter().any(|s| s.endpoint() == Some("someone@example.com")), "another's subscription kept");
+
     // Drift is put back: a changed threshold and a lost OK action are a change, not a create.
     let cw_dr = aws_sdk_cloudwatch::Client::new(&emu.sdk("eu-west-1").await);
     cw_dr

@@ -37,7 +37,8 @@ async fn failover_then_reprotect_then_down() {
 
     // Without --yes and no terminal: refused, nothing changed.
     emu.reset_calls();
-    let refused = run.pgdr(&["failover", "--env", "dev"]);
+    // (--force: the lag is unknown and the primary available, which is refused first.)
+    let refused = run.pgdr(&["failover", "--env", "dev", "--force"]);
     assert_eq!(refused.code, 1, "{refused:?}");
     assert!(refused.stderr.contains("--yes"));
     assert_eq!(emu.mutating_calls(), Vec::<String>::new());
@@ -127,6 +128,10 @@ async fn failover_refuses_a_lagging_replica_unless_forced() {
     let emu = Emu::start();
     let run = Run::new(&emu);
     run.ok(&["up", "--env", "dev"]);
+    // No lag datapoint and the primary available: the loss is unknown, refused.
+    let refused = run.pgdr(&["failover", "--env", "dev", "--yes"]);
+    assert_eq!(refused.code, 1, "{refused:?}");
+    assert!(refused.stderr.contains("lag is unknown") && refused.stderr.contains("--force"), "{refused:?}");
     // The replica reports 600 s of lag.
     let cw = aws_sdk_cloudwatch::Client::new(&emu.sdk("eu-west-1").await);
     cw.put_metric_data()
