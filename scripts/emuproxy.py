@@ -9,7 +9,8 @@ DBInstanceStatus in RDS answers for a while). Control API under /__proxy/ (JSON 
   GET  /__proxy/config          current config (JSON)
   POST /__proxy/config          merge a JSON object of any config keys; returns the new config
                                 (faults: fail_rate, drop_rate, seed, fault_ops = only these ops,
-                                fault_skip_ops = never these ops, fault_mutating_only)
+                                fault_skip_ops = never these ops, fault_services = only these
+                                services, fault_mutating_only)
   GET  /__proxy/calls           recorded calls (JSON list); each has t (request received) and
                                 t_end (answer sent, or connection closed for a dropped answer;
                                 after the added latency), seconds since the epoch
@@ -36,7 +37,7 @@ RDS_OPS_WITH_STATUS = {"DescribeDBInstances", "CreateDBInstance", "CreateDBInsta
 lock = threading.RLock()
 answered = threading.Condition(lock)  # notified when a recorded call gets its t_end
 CONFIG = {"record": None, "latency_ms": 0.0, "fail_rate": 0.0, "drop_rate": 0.0, "seed": None,
-          "fault_ops": None, "fault_skip_ops": None, "fault_mutating_only": False, "kill_after": None, "rds_hold": None}
+          "fault_ops": None, "fault_skip_ops": None, "fault_services": None, "fault_mutating_only": False, "kill_after": None, "rds_hold": None}
 STATE = {"calls": [], "seq": 0, "kill_count": 0, "rng": random.Random(),
          "moto_port": None, "stopping": False}
 # (account, region, id) -> {"status", "until" (epoch or None), "only_available" (bool)}
@@ -59,7 +60,7 @@ def set_config(new):
                 STATE["rng"] = random.Random(v)
             elif k == "fault_skip_ops":
                 v = None if v is None else [str(x) for x in v]
-            elif k == "fault_ops":
+            elif k in ("fault_ops", "fault_services"):
                 v = None if v is None else [str(x) for x in v]
             elif k == "fault_mutating_only":
                 v = bool(v)
@@ -276,6 +277,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         with lock:
             cfg = dict(CONFIG)
             eligible = ((not cfg["fault_ops"] or op in cfg["fault_ops"])
+                        and (not cfg["fault_services"] or service in cfg["fault_services"])
                         and op not in (cfg["fault_skip_ops"] or [])
                         and (mutating or not cfg["fault_mutating_only"]))
             rng = STATE["rng"]

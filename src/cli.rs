@@ -595,6 +595,9 @@ fn print_failover_plan(output: Output, plan: &pgdr::failover::Plan, final_result
         plan.replica_status,
         plan.replica_lag_seconds.map(|l| format!("{l:.0} s")).unwrap_or_else(|| "unknown (no recent datapoint)".into())
     );
+    if let Some(e) = &plan.dns_unreachable {
+        t.push_str(&format!("  DNS: Route 53 did not answer ({e}); the promotion goes ahead, DNS is moved if Route 53 answers by then\n"));
+    }
     for st in &plan.steps {
         t.push_str(&format!("  {}will {st}\n", if dry_run { "(dry run) " } else { "" }));
     }

@@ -29,6 +29,10 @@ pub struct Plan {
     pub replica_lag_seconds: Option<f64>,
     pub already_promoted: bool,
     pub dns_on_replica: bool,
+    /// Route 53 did not answer (its control plane is in us-east-1): the promotion goes ahead,
+    /// DNS is moved when it answers (the health check moves writers meanwhile).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dns_unreachable: Option<String>,
     pub fenced: bool,
     pub steps: Vec<String>,
     /// How long reading the instances, the lag and the records took.
@@ -75,7 +79,13 @@ pub async fn plan(cx: &Cx) -> Result<Plan> {
     let lag = lag.unwrap_or(None);
     let already = promoted(&d);
     let fenced = cx.store.snapshot().topology.fenced.contains_key(cx.region(Side::Primary));
-    let records = records?;
+    // Route 53's API answers from us-east-1, the default primary region: in a disaster there it
+    // may not answer. That must not stop the promotion.
+    let (records, dns_unreachable) = match records {
+        Ok(r) => (r, None),
+        Err(Error::Aws(e)) if unreachable(&e) => (vec![], Some(e.to_string())),
+        Err(e) => return Err(e),
+    };
     let dns_on_replica = records.iter().any(|r| r.set_identifier.as_deref() == Some(cx.region(Side::Dr)) && r.weight == Some(100))
         && records.iter().all(|r| r.set_identifier.as_deref() != Some(cx.region(Side::Primary)) || r.weight == Some(0));
     let mut steps = Vec::new();
@@ -99,10 +109,16 @@ pub async fn plan(cx: &Cx) -> Result<Plan> {
         replica_lag_seconds: lag,
         already_promoted: already,
         dns_on_replica,
+        dns_unreachable,
         fenced,
         steps,
         checks_ms: ms(t),
     })
+}
+
+/// An error that says the service did not answer (rather than refused).
+fn unreachable(e: &crate::error::AwsError) -> bool {
+    wait::is_transient(e) || e.kind != crate::error::AwsErrorKind::Service
 }
 
 fn ms(t: Instant) -> u64 {
@@ -152,8 +168,17 @@ pub async fn execute(cx: &Cx, plan: Plan, progress: &dyn Progress) -> Result<Out
                 })?;
             }
         }
-        dns::records_up(cx, &rec).await?;
-        Ok::<_, Error>(Phase { phase: "dns".into(), ms: ms(t), detail: format!("{} -> {region}", dns::writer_record(cx).trim_end_matches('.')) })
+        match dns::records_up(cx, &rec).await {
+            Ok(()) => Ok::<_, Error>((Phase { phase: "dns".into(), ms: ms(t), detail: format!("{} -> {region}", dns::writer_record(cx).trim_end_matches('.')) }, None)),
+            Err(Error::Aws(e)) if unreachable(&e) => {
+                let note = format!(
+                    "Route 53 did not answer ({e}); DNS was NOT moved: writers reach {region} through the health check once the primary-down alarm fires; rerun `pgdr failover --env {}` when Route 53 answers",
+                    cx.name()
+                );
+                Ok((Phase { phase: "dns".into(), ms: ms(t), detail: "pending: Route 53 unreachable".into() }, Some(note)))
+            }
+            Err(e) => Err(e),
+        }
     };
     let fencing = async {
         let t = Instant::now();
@@ -165,7 +190,7 @@ pub async fn execute(cx: &Cx, plan: Plan, progress: &dyn Progress) -> Result<Out
                 Phase { phase: "fence".into(), ms: ms(t), detail: format!("revoked {}", if revoked.is_empty() { "nothing (no rules left)".into() } else { revoked.join(", ") }) },
                 None,
             )),
-            Err(Error::Aws(e)) if wait::is_transient(&e) || e.kind != crate::error::AwsErrorKind::Service => {
+            Err(Error::Aws(e)) if unreachable(&e) => {
                 let note = format!(
                     "the old primary's region {} did not answer ({e}); it is NOT fenced: rerun `pgdr failover --env {}` when the region is back",
                     cx.region(Side::Primary),
@@ -177,9 +202,12 @@ pub async fn execute(cx: &Cx, plan: Plan, progress: &dyn Progress) -> Result<Out
         }
     };
     let (dns, fencing) = tokio::join!(dns, fencing);
-    timeline.push(dns?);
-    let (phase, pending) = fencing?;
+    let (dns, dns_pending) = dns?;
+    timeline.push(dns);
+    let (phase, fence_pending) = fencing?;
     timeline.push(phase);
+    let pending: Vec<String> = dns_pending.into_iter().chain(fence_pending).collect();
+    let pending = (!pending.is_empty()).then(|| pending.join("; "));
     Ok(Outcome { plan, timeline, pending })
 }
 

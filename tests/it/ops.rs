@@ -208,3 +208,31 @@ async fn up_and_failover_follow_an_automatic_failover() {
     assert!(!calls.iter().any(|c| c.contains("PromoteReadReplica")), "{calls:?}");
     assert!(calls.iter().any(|c| c.contains("RevokeSecurityGroupIngress")), "{calls:?}");
 }
+
+/// Route 53's API is in us-east-1, the default primary region: when it does not answer, the
+/// promotion still happens; DNS is reported pending (exit 3) and a rerun moves it.
+#[tokio::test(flavor = "multi_thread")]
+async fn failover_promotes_when_route53_does_not_answer() {
+    let emu = Emu::start();
+    let run = Run::new(&emu);
+    run.write("pgdr.toml", "[defaults]\nretry_max_attempts = 1\n");
+    run.ok(&["up", "--env", "dev"]);
+    let rds = aws_sdk_rds::Client::new(&emu.sdk("us-east-1").await);
+    rds.stop_db_instance().db_instance_identifier("pgdr-dev-us-east-1").send().await.unwrap();
+    emu.config(r#"{"fail_rate": 1.0, "fault_services": ["route53"]}"#);
+    emu.reset_calls();
+    let out = run.pgdr(&["failover", "--env", "dev", "--yes"]);
+    assert_eq!(out.code, 3, "{out:?}");
+    let text = format!("{}{}", out.stdout, out.stderr);
+    assert!(text.contains("DNS was NOT moved") && text.contains("rerun `pgdr failover"), "{out:?}");
+    let calls = emu.mutating_calls();
+    assert!(calls.contains(&"rds eu-west-1 PromoteReadReplica".to_string()), "{calls:?}");
+    assert!(calls.iter().any(|c| c.contains("RevokeSecurityGroupIngress")), "fenced meanwhile: {calls:?}");
+    emu.config(r#"{"fail_rate": 0, "fault_services": null}"#);
+    assert_eq!(weights(&emu, &run).await, vec![("eu-west-1".into(), 0), ("us-east-1".into(), 100)], "DNS not moved yet");
+    emu.reset_calls();
+    run.ok(&["failover", "--env", "dev", "--yes"]);
+    let calls = emu.mutating_calls();
+    assert!(!calls.iter().any(|c| c.contains("PromoteReadReplica")), "no second promotion: {calls:?}");
+    assert_eq!(weights(&emu, &run).await, vec![("eu-west-1".into(), 100), ("us-east-1".into(), 0)]);
+}
