@@ -58,7 +58,7 @@ def emu(proxy):
     """Clean proxy config and call list for each test. moto's state is not reset (that takes
     ~1 s once EC2 is loaded): tests use distinct names, CIDRs and regions instead."""
     ctl(proxy, "/__proxy/config", {"latency_ms": 0, "fail_rate": 0, "drop_rate": 0, "seed": 0,
-                                   "fault_ops": None, "fault_mutating_only": False,
+                                   "fault_ops": None, "fault_services": None, "fault_mutating_only": False,
                                    "kill_after": None, "rds_hold": None})
     ctl(proxy, "/__proxy/calls/reset", {})
     return proxy
@@ -110,6 +110,13 @@ def test_fail_rate_answers_503_without_forwarding(emu):
     vpcs = ec2.describe_vpcs()["Vpcs"]
     assert all(v["CidrBlock"] != "10.2.0.0/16" for v in vpcs)  # never reached moto
     assert [c["fault"] for c in calls(emu)] == ["503", "503", None]
+    # fault_services restricts faults to the named services
+    ctl(emu, "/__proxy/config", {"fault_ops": None, "fault_services": ["route53"]})
+    ec2.describe_vpcs()
+    with pytest.raises(botocore.exceptions.ClientError) as e:
+        client(emu, "route53").list_hosted_zones()
+    assert e.value.response["Error"]["Code"] == "ServiceUnavailable"
+    assert [(c["service"], c["fault"]) for c in calls(emu)[-2:]] == [("ec2", None), ("route53", "503")]
 
 
 def test_drop_forwards_but_loses_the_answer(emu):
