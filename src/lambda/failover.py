@@ -1,6 +1,8 @@
 """pgdr failover: promote the DR read replica when the primary is down and move DNS to it.
 
 Runs in the DR region, outside any VPC. Invoked by the CloudWatch alarm that follows the probe,
+every minute by a schedule with {"action": "resume"} (which acts only while that alarm is in
+ALARM or the replica is already promoted: it finishes what an earlier invocation could not),
 or by hand with {"action": "manual_failover"} or {}; {"action": "check"} is a dry run that
 reports what would be done and changes nothing. Once the replica has been promoted, DNS is never
 pointed back at the old primary (that would split the brain). Stdlib + boto3 only.
@@ -45,6 +47,7 @@ def load_config(env=None):
     cfg = {k: env[k].strip() for k in REQUIRED}
     cfg["RECORD_NAME"] = fqdn(cfg["RECORD_NAME"])
     cfg["HEALTH_CHECK_ID"] = env.get("HEALTH_CHECK_ID", "").strip() or None
+    cfg["ALARM_NAME"] = env.get("ALARM_NAME", "").strip() or None
     for key, conv in (("RECORD_TTL", int), ("PRIMARY_TIMEOUT_S", float)):
         raw = env.get(key, "").strip() or "5"
         try:
@@ -60,6 +63,7 @@ class Clients:
     primary_rds: object
     route53: object
     sns: object
+    cloudwatch: object = None
 
     @classmethod
     def from_config(cls, cfg):
@@ -69,7 +73,8 @@ class Clients:
         return cls(dr_rds=boto3.client("rds", region_name=cfg["DR_REGION"]),
                    primary_rds=boto3.client("rds", region_name=cfg["PRIMARY_REGION"], config=primary),
                    route53=boto3.client("route53"),
-                   sns=boto3.client("sns", region_name=cfg["DR_REGION"]))
+                   sns=boto3.client("sns", region_name=cfg["DR_REGION"]),
+                   cloudwatch=boto3.client("cloudwatch", region_name=cfg["DR_REGION"]))
 
 
 def time_budget(context):
@@ -102,8 +107,10 @@ def is_promoted(rds, inst):
 
 
 def tag_primary(rds, inst):
-    rds.add_tags_to_resource(ResourceName=inst["DBInstanceArn"],
-                             Tags=[{"Key": ROLE_TAG, "Value": "primary"}])
+    tags = rds.list_tags_for_resource(ResourceName=inst["DBInstanceArn"])["TagList"]
+    if not any(t["Key"] == ROLE_TAG and t["Value"] == "primary" for t in tags):
+        rds.add_tags_to_resource(ResourceName=inst["DBInstanceArn"],
+                                 Tags=[{"Key": ROLE_TAG, "Value": "primary"}])
 
 
 def primary_state(rds, cfg):
@@ -299,6 +306,35 @@ def run(c, cfg, dry_run=False, time_left=None):
     return done("promoted", reason=f"primary down ({why})", dns_changes=changes, timings=timings)
 
 
+def alarm_state(c, cfg):
+    """The primary-down alarm's state, or None when it is not configured or cannot be read."""
+    name = cfg.get("ALARM_NAME")
+    if not name or c.cloudwatch is None:
+        return None
+    try:
+        alarms = c.cloudwatch.describe_alarms(AlarmNames=[name])["MetricAlarms"]
+    except Exception as e:  # a failed read must not stop a later minute from acting
+        log.warning("cannot read alarm %s: %s", name, e)
+        return None
+    return alarms[0]["StateValue"] if alarms else None
+
+
+def resume(c, cfg, time_left):
+    """The schedule's invocation, every minute. The alarm invokes the function once per change
+    of state: a failover it asked for that could not finish (replica busy, promotion longer
+    than one invocation, DNS update failed) or whose invocation was lost is retried here."""
+    state = alarm_state(c, cfg)
+    if state == "ALARM":
+        log.info("resume: alarm %s is in ALARM", cfg["ALARM_NAME"])
+        return run(c, cfg, False, time_left)
+    dr = describe(c.dr_rds, cfg["REPLICA_DB_ID"])
+    if dr and is_promoted(c.dr_rds, dr):
+        log.info("resume: %s is promoted: DNS must point at it", cfg["REPLICA_DB_ID"])
+        return run(c, cfg, False, time_left)
+    return {"action": "none", "reason": f"alarm state is {state or 'unknown'} and the replica is not promoted",
+            "env": cfg["PGDR_ENV"]}
+
+
 def handler(event, context):
     cfg = load_config()
     event = event if isinstance(event, dict) else {}
@@ -309,10 +345,12 @@ def handler(event, context):
         if state and state != "ALARM":
             return {"action": "none", "reason": f"alarm state is {state}", "env": cfg["PGDR_ENV"]}
         dry_run = False
+    elif event.get("action") == "resume":
+        return resume(Clients.from_config(cfg), cfg, time_budget(context))
     else:
         action = event.get("action") or "manual_failover"
         if action not in ("manual_failover", "check"):
-            raise ValueError(f"unknown action {action!r}: expected 'manual_failover' or 'check'")
+            raise ValueError(f"unknown action {action!r}: expected 'manual_failover', 'check' or 'resume'")
         log.info("invoked by hand: %s", action)
         dry_run = action == "check"
     return run(Clients.from_config(cfg), cfg, dry_run, time_budget(context))

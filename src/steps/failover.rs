@@ -68,7 +68,12 @@ impl Step<Cx> for Failover {
         Box::pin(async move {
             let name = failover_name(cx);
             let log_group = format!("/aws/lambda/{name}");
-            futures::join!(lambda::role_reads(cx, &name, false), lambda::function_reads(cx.regional(Side::Dr), &name, &log_group, true));
+            let resume = resume_schedule(cx);
+            futures::join!(
+                lambda::role_reads(cx, &name, false),
+                lambda::function_reads(cx.regional(Side::Dr), &name, &log_group, true),
+                schedule_reads(cx, &resume),
+            );
         })
     }
 }
@@ -90,13 +95,13 @@ impl Step<Cx> for Detection {
         Box::pin(async move {
             let probe = probe_name(cx);
             let log_group = format!("/aws/lambda/{probe}");
+            let schedule = probe_schedule(cx);
             let vpc = cx.store.id(&network::key(cx, Side::Dr, "vpc")).unwrap_or_default();
             let _ = futures::join!(
                 find_probe_sg(cx, &vpc),
                 lambda::role_reads(cx, &probe, !probe_managed(cx).is_empty()),
                 lambda::function_reads(cx.regional(Side::Dr), &probe, &log_group, true),
-                describe_rule(cx),
-                list_targets(cx),
+                schedule_reads(cx, &schedule),
                 describe_alarm(cx),
                 list_health_checks(cx),
             );
@@ -104,14 +109,132 @@ impl Step<Cx> for Detection {
     }
 }
 
-async fn describe_rule(cx: &Cx) -> std::result::Result<aws_sdk_eventbridge::operation::describe_rule::DescribeRuleOutput, AwsError> {
+async fn describe_rule(cx: &Cx, rule: &str) -> std::result::Result<aws_sdk_eventbridge::operation::describe_rule::DescribeRuleOutput, AwsError> {
     let dr = cx.regional(Side::Dr);
-    read!(dr.reads, &dr.region, "events", "DescribeRule", dr.events.describe_rule().name(probe_rule(cx)))
+    read!(dr.reads, &dr.region, "events", "DescribeRule", dr.events.describe_rule().name(rule))
 }
 
-async fn list_targets(cx: &Cx) -> std::result::Result<aws_sdk_eventbridge::operation::list_targets_by_rule::ListTargetsByRuleOutput, AwsError> {
+async fn list_targets(cx: &Cx, rule: &str) -> std::result::Result<aws_sdk_eventbridge::operation::list_targets_by_rule::ListTargetsByRuleOutput, AwsError> {
     let dr = cx.regional(Side::Dr);
-    read!(dr.reads, &dr.region, "events", "ListTargetsByRule", dr.events.list_targets_by_rule().rule(probe_rule(cx)))
+    read!(dr.reads, &dr.region, "events", "ListTargetsByRule", dr.events.list_targets_by_rule().rule(rule))
+}
+
+/// An EventBridge schedule (every minute) that invokes one of pgdr's functions.
+struct Schedule {
+    /// State key of the rule.
+    key: String,
+    rule: String,
+    /// What it is for, in the rule's description.
+    purpose: &'static str,
+    target_id: &'static str,
+    /// The event the function receives (EventBridge's own event when `None`).
+    input: Option<&'static str>,
+    /// Statement ID of the function's permission for the rule.
+    sid: &'static str,
+}
+
+fn probe_schedule(cx: &Cx) -> Schedule {
+    Schedule { key: key(cx, DETECTION, "schedule"), rule: probe_rule(cx), purpose: "probe the primary", target_id: "probe", input: None, sid: "pgdr-schedule" }
+}
+
+/// The alarm invokes the failover function once per change of state; this retries, every
+/// minute, a failover that could not finish (the function acts only while the alarm is in
+/// ALARM or the replica is promoted).
+fn resume_schedule(cx: &Cx) -> Schedule {
+    Schedule {
+        key: key(cx, FAILOVER, "resume"),
+        rule: format!("pgdr-{}-failover-resume", cx.name()),
+        purpose: "finish a failover the primary-down alarm asked for",
+        target_id: "failover",
+        input: Some(r#"{"action":"resume"}"#),
+        sid: "pgdr-resume",
+    }
+}
+
+async fn schedule_reads(cx: &Cx, s: &Schedule) {
+    let _ = futures::join!(describe_rule(cx, &s.rule), list_targets(cx, &s.rule));
+}
+
+/// The rule, its one target (the function, with the schedule's input) and the function's
+/// permission for it.
+async fn ensure_schedule(cx: &Cx, rec: &Recorder<'_>, s: &Schedule, function: &str, function_arn: Option<&str>) -> Result<()> {
+    let dr = cx.regional(Side::Dr);
+    let region = dr.region.as_str();
+    let rule = &s.rule;
+    let rule_res = Res::new(s.key.clone(), "eventbridge-rule", rule.clone(), region);
+    let rule_arn = super::ensure(
+        cx,
+        rec,
+        &rule_res,
+        async |_| match describe_rule(cx, rule).await {
+            Ok(o) => Ok(o.arn),
+            Err(e) if e.is_code(&["ResourceNotFoundException"]) => Ok(None),
+            Err(e) => Err(e.into()),
+        },
+        async |_| {
+            let tags = cx.tags("eventbridge-rule").into_iter().filter_map(|(k, v)| aws_sdk_eventbridge::types::Tag::builder().key(k).value(v).build().ok()).collect();
+            let out = aws!(
+                region,
+                "events",
+                "PutRule",
+                dr.events
+                    .put_rule()
+                    .name(rule)
+                    .schedule_expression("rate(1 minute)")
+                    .state(aws_sdk_eventbridge::types::RuleState::Enabled)
+                    .description(format!("pgdr {}: {}", cx.name(), s.purpose))
+                    .set_tags(Some(tags))
+                    .send()
+            )?;
+            out.rule_arn.ok_or_else(|| Error::Other("PutRule returned no ARN".into()))
+        },
+    )
+    .await?;
+    let (Some(function_arn), Some(rule_arn)) = (function_arn, &rule_arn) else {
+        rec.record(Action::Create, "eventbridge-target", &format!("{rule} -> {function}"), region, None, None);
+        return Ok(());
+    };
+    let targets = list_targets(cx, rule).await?;
+    if !targets.targets().iter().any(|t| t.arn() == function_arn && t.input() == s.input) {
+        if !rec.plan {
+            let t = aws_sdk_eventbridge::types::Target::builder()
+                .id(s.target_id)
+                .arn(function_arn)
+                .set_input(s.input.map(str::to_owned))
+                .build()
+                .map_err(|e| Error::Other(e.to_string()))?;
+            aws!(region, "events", "PutTargets", dr.events.put_targets().rule(rule).targets(t).send())?;
+        }
+        rec.record(Action::Create, "eventbridge-target", &format!("{rule} -> {function}"), region, None, None);
+    }
+    lambda::ensure_permission(cx, rec, dr, function, s.sid, "events.amazonaws.com", rule_arn).await
+}
+
+/// Removes a schedule: its targets first (a rule with targets cannot be deleted), then the rule.
+async fn delete_schedule(cx: &Cx, rec: &Recorder<'_>, s: &Schedule) -> Result<()> {
+    let dr = cx.regional(Side::Dr);
+    let region = dr.region.as_str();
+    let r = Res::new(s.key.clone(), "eventbridge-rule", s.rule.clone(), region);
+    super::remove(
+        cx,
+        rec,
+        &r,
+        async |_| match aws!(region, "events", "DescribeRule", dr.events.describe_rule().name(&s.rule).send()) {
+            Ok(o) => Ok(o.name),
+            Err(e) if e.is_code(&["ResourceNotFoundException"]) => Ok(None),
+            Err(e) => Err(e.into()),
+        },
+        async |name| {
+            let targets = aws!(region, "events", "ListTargetsByRule", dr.events.list_targets_by_rule().rule(&name).send())?;
+            let ids: Vec<String> = targets.targets().iter().map(|t| t.id().to_owned()).collect();
+            if !ids.is_empty() {
+                aws!(region, "events", "RemoveTargets", dr.events.remove_targets().rule(&name).set_ids(Some(ids)).send())?;
+            }
+            aws!(region, "events", "DeleteRule", dr.events.delete_rule().name(&name).send())?;
+            Ok(())
+        },
+    )
+    .await
 }
 
 pub async fn describe_alarm(cx: &Cx) -> std::result::Result<aws_sdk_cloudwatch::operation::describe_alarms::DescribeAlarmsOutput, AwsError> {
@@ -176,6 +299,8 @@ fn failover_policy(cx: &Cx) -> serde_json::Value {
              "Resource": [format!("arn:{p}:route53:::hostedzone/{zone}")]},
             {"Sid": "ChangeStatus", "Effect": "Allow", "Action": ["route53:GetChange"], "Resource": [format!("arn:{p}:route53:::change/*")]},
             {"Sid": "Notify", "Effect": "Allow", "Action": ["sns:Publish"], "Resource": [topic_arn(cx)]},
+            {"Sid": "Alarm", "Effect": "Allow", "Action": ["cloudwatch:DescribeAlarms"],
+             "Resource": [format!("arn:{p}:cloudwatch:{}:{}:alarm:{}", cx.region(Side::Dr), partition_account(cx).1, alarm_name(cx))]},
             {"Sid": "Logs", "Effect": "Allow", "Action": ["logs:CreateLogStream", "logs:PutLogEvents"], "Resource": [log_group_arn(cx, &failover_name(cx))]}
         ]
     })
@@ -213,6 +338,7 @@ fn failover_env(cx: &Cx) -> Vec<(String, String)> {
         ("REPLICA_SET_ID".into(), cx.region(reader).into()),
         ("RECORD_TTL".into(), cx.env.settings.record_ttl.to_string()),
         ("TOPIC_ARN".into(), topic_arn(cx)),
+        ("ALARM_NAME".into(), alarm_name(cx)),
     ]
 }
 
@@ -233,7 +359,7 @@ async fn failover_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
         vpc: None,
     };
     let arn = lambda::ensure_function(cx, rec, dr, &key(cx, FAILOVER, "function"), &spec).await?;
-    if let Some(arn) = arn {
+    if let Some(arn) = &arn {
         cx.store.update(|s| {
             if let Some(r) = s.resources.get_mut(&key(cx, FAILOVER, "function")) {
                 r.attrs.insert("arn".into(), arn.clone());
@@ -243,12 +369,13 @@ async fn failover_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
         let alarm = format!("arn:{p}:cloudwatch:{}:{a}:alarm:{}", dr.region, alarm_name(cx));
         lambda::ensure_permission(cx, rec, dr, &name, "pgdr-primary-down-alarm", "lambda.alarms.cloudwatch.amazonaws.com", &alarm).await?;
     }
-    Ok(())
+    ensure_schedule(cx, rec, &resume_schedule(cx), &name, arn.as_deref()).await
 }
 
 async fn failover_down(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
     let dr = cx.regional(Side::Dr);
     let name = failover_name(cx);
+    delete_schedule(cx, rec, &resume_schedule(cx)).await?;
     lambda::delete_function(cx, rec, dr, &key(cx, FAILOVER, "function"), &name).await?;
     lambda::delete_log_group(cx, rec, dr, &key(cx, FAILOVER, "log-group"), &format!("/aws/lambda/{name}")).await?;
     lambda::delete_role(cx, rec, &key(cx, FAILOVER, "role"), &name, &[]).await
@@ -316,49 +443,7 @@ async fn detection_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
     let probe_arn = lambda::ensure_function(cx, rec, dr, &key(cx, DETECTION, "function"), &spec).await?;
 
     // Every minute.
-    let rule = probe_rule(cx);
-    let rule_res = Res::new(key(cx, DETECTION, "schedule"), "eventbridge-rule", rule.clone(), region);
-    let rule_arn = super::ensure(
-        cx,
-        rec,
-        &rule_res,
-        async |_| match describe_rule(cx).await {
-            Ok(o) => Ok(o.arn),
-            Err(e) if e.is_code(&["ResourceNotFoundException"]) => Ok(None),
-            Err(e) => Err(e.into()),
-        },
-        async |_| {
-            let tags = cx.tags("eventbridge-rule").into_iter().filter_map(|(k, v)| aws_sdk_eventbridge::types::Tag::builder().key(k).value(v).build().ok()).collect();
-            let out = aws!(
-                region,
-                "events",
-                "PutRule",
-                dr.events
-                    .put_rule()
-                    .name(&rule)
-                    .schedule_expression("rate(1 minute)")
-                    .state(aws_sdk_eventbridge::types::RuleState::Enabled)
-                    .description(format!("pgdr {}: probe the primary", cx.name()))
-                    .set_tags(Some(tags))
-                    .send()
-            )?;
-            out.rule_arn.ok_or_else(|| Error::Other("PutRule returned no ARN".into()))
-        },
-    )
-    .await?;
-    if let (Some(probe_arn), Some(rule_arn)) = (&probe_arn, &rule_arn) {
-        let targets = list_targets(cx).await?;
-        if !targets.targets().iter().any(|t| t.arn() == probe_arn) {
-            if !rec.plan {
-                let t = aws_sdk_eventbridge::types::Target::builder().id("probe").arn(probe_arn).build().map_err(|e| Error::Other(e.to_string()))?;
-                aws!(region, "events", "PutTargets", dr.events.put_targets().rule(&rule).targets(t).send())?;
-            }
-            rec.record(Action::Create, "eventbridge-target", &format!("{rule} -> {probe}"), region, None, None);
-        }
-        lambda::ensure_permission(cx, rec, dr, &probe, "pgdr-schedule", "events.amazonaws.com", rule_arn).await?;
-    } else {
-        rec.record(Action::Create, "eventbridge-target", &format!("{rule} -> {probe}"), region, None, None);
-    }
+    ensure_schedule(cx, rec, &probe_schedule(cx), &probe, probe_arn.as_deref()).await?;
 
     // The alarm: the probe failing for N consecutive minutes (longer than a Multi-AZ failover).
     let minutes = cx.env.settings.failover_after_minutes;
@@ -503,29 +588,7 @@ async fn detection_down(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
     )
     .await?;
 
-    // A rule with targets cannot be deleted: remove the targets first.
-    let rule = probe_rule(cx);
-    let r = Res::new(key(cx, DETECTION, "schedule"), "eventbridge-rule", rule.clone(), region);
-    super::remove(
-        cx,
-        rec,
-        &r,
-        async |_| match aws!(region, "events", "DescribeRule", dr.events.describe_rule().name(&rule).send()) {
-            Ok(o) => Ok(o.name),
-            Err(e) if e.is_code(&["ResourceNotFoundException"]) => Ok(None),
-            Err(e) => Err(e.into()),
-        },
-        async |name| {
-            let targets = aws!(region, "events", "ListTargetsByRule", dr.events.list_targets_by_rule().rule(&name).send())?;
-            let ids: Vec<String> = targets.targets().iter().map(|t| t.id().to_owned()).collect();
-            if !ids.is_empty() {
-                aws!(region, "events", "RemoveTargets", dr.events.remove_targets().rule(&name).set_ids(Some(ids)).send())?;
-            }
-            aws!(region, "events", "DeleteRule", dr.events.delete_rule().name(&name).send())?;
-            Ok(())
-        },
-    )
-    .await?;
+    delete_schedule(cx, rec, &probe_schedule(cx)).await?;
 
     let probe = probe_name(cx);
     lambda::delete_function(cx, rec, dr, &key(cx, DETECTION, "function"), &probe).await?;

@@ -70,6 +70,15 @@ async fn up_wires_detection_and_failover_in_the_dr_region() {
     assert_eq!(rule.schedule_expression(), Some("rate(1 minute)"));
     let targets = events.list_targets_by_rule().rule("pgdr-dev-probe-every-minute").send().await.unwrap();
     assert!(targets.targets()[0].arn().ends_with(":function:pgdr-dev-probe"));
+    // The failover function, every minute with {"action":"resume"}: it retries a failover the
+    // alarm asked for that could not finish (the alarm invokes once per change of state).
+    let resume = events.describe_rule().name("pgdr-dev-failover-resume").send().await.unwrap();
+    assert_eq!(resume.schedule_expression(), Some("rate(1 minute)"));
+    let targets = events.list_targets_by_rule().rule("pgdr-dev-failover-resume").send().await.unwrap();
+    assert!(targets.targets()[0].arn().ends_with(":function:pgdr-dev-failover"));
+    assert_eq!(targets.targets()[0].input(), Some(r#"{"action":"resume"}"#));
+    assert!(policy.policy().unwrap().contains("pgdr-resume"), "the schedule may invoke it");
+    assert_eq!(env.get("ALARM_NAME").map(String::as_str), Some("pgdr-dev-primary-down"));
 
     // The alarm: DR region, on the probe's errors, missing data breaching, invokes failover.
     let cw = aws_sdk_cloudwatch::Client::new(&emu.sdk("eu-west-1").await);
@@ -96,6 +105,7 @@ async fn up_wires_detection_and_failover_in_the_dr_region() {
         }
     }
     assert!(doc.to_string().contains(":db:pgdr-dev-eu-west-1"));
+    assert!(doc.to_string().contains(":alarm:pgdr-dev-primary-down"), "reads its alarm's state: {doc}");
 
     // With a real region's latency, a no-op `up` and `status` read everything in one wave (the
     // read phase) and the walk finds the answers: at most three round trips deep.

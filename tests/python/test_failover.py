@@ -74,6 +74,10 @@ class Scene:
             {"Action": "CREATE", "ResourceRecordSet": {
                 "Name": NAME, "Type": "CNAME", "SetIdentifier": "eu-west-1", "Weight": 0, "TTL": 30,
                 "ResourceRecords": [{"Value": self.replica_ep}]}}]})
+        self.cw = boto3.client("cloudwatch", "eu-west-1")
+        self.cw.put_metric_alarm(AlarmName="pgdr-t-primary-down", Namespace="AWS/Lambda", MetricName="Errors",
+                                 Statistic="Sum", Period=60, EvaluationPeriods=3, Threshold=1.0,
+                                 ComparisonOperator="GreaterThanOrEqualToThreshold")
         sns = boto3.client("sns", "eu-west-1")
         topic = sns.create_topic(Name="pgdr-t-alerts")["TopicArn"]
         self.queue = self.sqs.create_queue(QueueName="pgdr-t-alerts")["QueueUrl"]
@@ -83,7 +87,7 @@ class Scene:
                            "DR_REGION": "eu-west-1", "REPLICA_DB_ID": REPLICA, "HOSTED_ZONE_ID": self.zone,
                            "RECORD_NAME": NAME, "PRIMARY_SET_ID": "us-east-1", "REPLICA_SET_ID": "eu-west-1",
                            "RECORD_TTL": "30", "HEALTH_CHECK_ID": self.hc, "TOPIC_ARN": topic,
-                           "PRIMARY_TIMEOUT_S": "1"}.items():
+                           "PRIMARY_TIMEOUT_S": "1", "ALARM_NAME": "pgdr-t-primary-down"}.items():
             monkeypatch.setenv(key, value)
         self.ctx = FakeContext()
         monkeypatch.setattr(failover, "sleep", lambda s: self.ctx.sleep(s))
@@ -94,7 +98,8 @@ class Scene:
         def from_config(cfg):
             c = self.real_from_config(cfg)
             self.clients = failover.Clients(Spy(c.dr_rds, rewrite=dr_rewrite),
-                                            Spy(c.primary_rds, fail=primary_fail), Spy(c.route53), Spy(c.sns))
+                                            Spy(c.primary_rds, fail=primary_fail), Spy(c.route53), Spy(c.sns),
+                                            Spy(c.cloudwatch))
             return self.clients
         self.mp.setattr(failover.Clients, "from_config", from_config)
 
@@ -385,3 +390,42 @@ def test_missing_env_var_is_named(scene, monkeypatch):
 def test_unknown_action_is_refused(scene):
     with pytest.raises(ValueError, match="promote_now"):
         scene.invoke({"action": "promote_now"})
+
+
+RESUME = {"action": "resume"}
+
+
+def test_resume_does_nothing_while_the_alarm_is_not_in_alarm(scene):
+    scene.stop_primary()  # down, but the alarm has not fired: the schedule must not decide alone
+    out = scene.invoke(RESUME)
+    assert out["action"] == "none" and "not promoted" in out["reason"], out
+    assert "promote_read_replica" not in scene.clients.dr_rds.calls
+    assert "change_resource_record_sets" not in scene.clients.route53.calls
+    assert scene.weights() == {"us-east-1": 100, "eu-west-1": 0}
+
+
+def test_resume_fails_over_while_the_alarm_is_in_alarm(scene):
+    scene.stop_primary()
+    scene.cw.set_alarm_state(AlarmName="pgdr-t-primary-down", StateValue="ALARM", StateReason="probe failing")
+    assert_failed_over(scene, scene.invoke(RESUME))
+
+
+def test_resume_finishes_a_failover_whose_dns_update_failed(scene):
+    scene.stop_primary()
+    scene.cw.set_alarm_state(AlarmName="pgdr-t-primary-down", StateValue="ALARM", StateReason="probe failing")
+    scene.invoke(RESUME)
+    # DNS put back by hand (or a failed update), the alarm back to OK: the promoted replica wins.
+    scene.r53.change_resource_record_sets(HostedZoneId=scene.zone, ChangeBatch={"Changes": [
+        {"Action": "UPSERT", "ResourceRecordSet": dict(scene.records()["us-east-1"], Weight=100)},
+        {"Action": "UPSERT", "ResourceRecordSet": dict(scene.records()["eu-west-1"], Weight=0)}]})
+    scene.cw.set_alarm_state(AlarmName="pgdr-t-primary-down", StateValue="OK", StateReason="back")
+    scene.spy()
+    out = scene.invoke(RESUME)
+    assert out["action"] == "none" and out["reason"] == "already failed over", out
+    assert scene.weights() == {"us-east-1": 0, "eu-west-1": 100}
+    assert "promote_read_replica" not in scene.clients.dr_rds.calls
+    # Once DNS is right, a minute later changes nothing (no tag rewritten either).
+    scene.spy()
+    scene.invoke(RESUME)
+    assert "change_resource_record_sets" not in scene.clients.route53.calls
+    assert "add_tags_to_resource" not in scene.clients.dr_rds.calls
