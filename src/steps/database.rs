@@ -361,16 +361,22 @@ pub async fn wait_available(cx: &Cx, rec: &Recorder<'_>, side: Side, id: &str, b
 }
 
 /// Instances of the environment with deletion protection on (checked before `down` deletes anything).
+/// Old primaries kept by `reprotect --keep-old-primary` count too.
 pub async fn protected(cx: &Cx) -> Result<Vec<String>> {
-    let mut out = Vec::new();
-    for side in [Side::Primary, Side::Dr] {
-        if let Some(db) = lookup(cx.regional(side), &instance_id(cx, side)).await? {
-            if db.deletion_protection && db.tag("pgdr:env") == Some(cx.name()) {
-                out.push(format!("{} ({})", db.id, cx.region(side)));
-            }
+    let mut all: Vec<(std::sync::Arc<crate::clients::Regional>, String)> =
+        [Side::Primary, Side::Dr].into_iter().map(|side| (cx.regional(side).clone(), instance_id(cx, side))).collect();
+    for (_, r) in cx.store.snapshot().resources.into_iter().filter(|(k, _)| k.starts_with("retired/")) {
+        if let (Some(reg), Some(id)) = (cx.clients.region(&r.region), r.id) {
+            all.push((reg.clone(), id));
         }
     }
-    Ok(out)
+    let found = futures::future::try_join_all(all.iter().map(|(reg, id)| lookup(reg, id))).await?;
+    Ok(found
+        .into_iter()
+        .flatten()
+        .filter(|db| db.deletion_protection && db.tag("pgdr:env") == Some(cx.name()))
+        .map(|db| format!("{} ({})", db.id, db.arn.split(':').nth(3).unwrap_or("?")))
+        .collect())
 }
 
 /// How to delete an instance.
@@ -469,7 +475,10 @@ impl Step<Cx> for Retired {
             for (key, r) in retired {
                 let Some(reg) = cx.clients.region(&r.region).cloned() else { continue };
                 let id = r.id.clone().unwrap_or_default();
-                let found = describe(&reg, &id).await?.filter(|d| d.status != "deleting");
+                let found = lookup(&reg, &id).await?.filter(|d| d.status != "deleting");
+                if found.as_ref().is_some_and(|d| d.deletion_protection) && !cx.opts.force && !rec.plan {
+                    return Err(Error::user(format!("{id} has deletion protection on; rerun with --force to turn it off and delete")));
+                }
                 let snapshot = (!cx.opts.skip_final_snapshot).then(|| snapshot_name(cx));
                 let res = Res::new(key.clone(), "db-instance", id.clone(), &r.region);
                 let how = Deletion { snapshot: snapshot.clone(), keep_backups: !cx.opts.skip_final_snapshot };

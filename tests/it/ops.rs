@@ -236,3 +236,36 @@ async fn failover_promotes_when_route53_does_not_answer() {
     assert!(!calls.iter().any(|c| c.contains("PromoteReadReplica")), "no second promotion: {calls:?}");
     assert_eq!(weights(&emu, &run).await, vec![("eu-west-1".into(), 100), ("us-east-1".into(), 0)]);
 }
+
+/// An old primary kept by `reprotect --keep-old-primary` is data: `down` refuses to delete it
+/// while it is protected, like the current instances, until --force.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_kept_old_primary_stops_down_while_protected() {
+    let emu = Emu::start();
+    let run = Run::new(&emu);
+    run.write("pgdr.toml", "[defaults]\ndeletion_protection = true\n");
+    run.ok(&["up", "--env", "dev"]);
+    let rds = aws_sdk_rds::Client::new(&emu.sdk("us-east-1").await);
+    rds.stop_db_instance().db_instance_identifier("pgdr-dev-us-east-1").send().await.unwrap();
+    run.ok(&["failover", "--env", "dev", "--yes"]);
+    rds.start_db_instance().db_instance_identifier("pgdr-dev-us-east-1").send().await.unwrap();
+    run.ok(&["reprotect", "--env", "dev", "--yes", "--keep-old-primary"]);
+    // The current pair unprotected by the settings; `up` leaves the kept one as it is.
+    run.write("pgdr.toml", "[defaults]\ndeletion_protection = false\n");
+    run.ok(&["up", "--env", "dev"]);
+    let kept = rds.describe_db_instances().db_instance_identifier("pgdr-dev-us-east-1").send().await.unwrap();
+    assert_eq!(kept.db_instances()[0].deletion_protection(), Some(true));
+    let state_before = std::fs::read(run.state_file("dev")).unwrap();
+    emu.reset_calls();
+    let refused = run.pgdr(&["down", "--env", "dev", "--yes", "--skip-final-snapshot"]);
+    assert_eq!(refused.code, 1, "{refused:?}");
+    assert!(refused.stderr.contains("pgdr-dev-us-east-1 (us-east-1)") && refused.stderr.contains("--force"), "{refused:?}");
+    assert!(!refused.stderr.contains("pgdr-dev-us-east-1-2"), "the current replica is not protected: {refused:?}");
+    assert_eq!(emu.mutating_calls(), Vec::<String>::new(), "nothing deleted");
+    assert_eq!(std::fs::read(run.state_file("dev")).unwrap(), state_before);
+    run.ok(&["down", "--env", "dev", "--yes", "--skip-final-snapshot", "--force"]);
+    for region in ["us-east-1", "eu-west-1"] {
+        let rds = aws_sdk_rds::Client::new(&emu.sdk(region).await);
+        assert!(rds.describe_db_instances().send().await.unwrap().db_instances().is_empty(), "{region}");
+    }
+}
