@@ -121,7 +121,8 @@ pub fn human(d: Duration) -> String {
 /// RDS instance statuses: which are terminal, which mean "available".
 pub fn rds_status(status: &str) -> Look<()> {
     match status {
-        "available" => Look::Ready(()),
+        // After a storage change RDS optimizes the volume for hours, fully usable meanwhile.
+        "available" | "storage-optimization" => Look::Ready(()),
         "failed" | "storage-full" | "inaccessible-encryption-credentials" | "inaccessible-encryption-credentials-recoverable" | "restore-error" => {
             Look::Failed(status.to_owned())
         }
@@ -169,6 +170,13 @@ mod tests {
         let (r, n) = run(vec![Ok("creating"), Ok("backing-up"), Ok("available")], 5_000).await;
         assert!(r.is_ok());
         assert_eq!(n, 3);
+    }
+
+    #[tokio::test]
+    async fn storage_optimization_is_usable() {
+        let (r, n) = run(vec![Ok("modifying"), Ok("storage-optimization"), Ok("modifying")], 5_000).await;
+        assert!(r.is_ok());
+        assert_eq!(n, 2);
     }
 
     #[tokio::test]

@@ -275,7 +275,9 @@ fn alarm_defs(cx: &Cx) -> Vec<AlarmDef> {
     use Side::{Dr, Primary};
     use Statistic::{Average, Maximum, Minimum, Sum};
     let s = &cx.env.settings;
-    let storage = f64::from(s.allocated_storage_gib) * GIB;
+    // The primary's real size when it is larger than the setting (RDS cannot shrink a volume).
+    let real = cx.store.attr(&database::instance_key(cx, Side::Primary), "storage_gib").and_then(|v| v.parse::<i32>().ok());
+    let storage = f64::from(real.map_or(s.allocated_storage_gib, |r| r.max(s.allocated_storage_gib))) * GIB;
     let db = |side| ("DBInstanceIdentifier", database::instance_id(cx, side));
     let lag = s.max_failover_lag_seconds;
     let def = |what, side, metric, stat, period, periods, cmp, threshold, missing, about: String| AlarmDef {

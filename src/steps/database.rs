@@ -300,6 +300,8 @@ async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
             if let Some(e) = &db.endpoint {
                 res.attrs.insert("endpoint".into(), e.clone());
             }
+            // What the alarms' thresholds follow: the setting, or more if the volume is larger.
+            res.attrs.insert("storage_gib".into(), db.storage_gib.max(s.allocated_storage_gib).to_string());
         }
         if side == Side::Primary && st.topology.writer_region.is_empty() {
             st.topology.writer_region = region.to_owned();
@@ -320,6 +322,13 @@ async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
     if db.class != s.instance_class && !db.class.is_empty() {
         changes.push(format!("class {} -> {}", db.class, s.instance_class));
         m = m.db_instance_class(&s.instance_class);
+    }
+    // Storage only grows (RDS cannot shrink a volume).
+    if db.storage_gib > 0 && db.storage_gib < s.allocated_storage_gib {
+        changes.push(format!("storage {} -> {} GiB", db.storage_gib, s.allocated_storage_gib));
+        m = m.allocated_storage(s.allocated_storage_gib);
+    } else if db.storage_gib > s.allocated_storage_gib {
+        rec.record(Action::Keep, "db-instance", &id, region, Some(&id), Some(format!("storage stays {} GiB: RDS cannot shrink it to {}", db.storage_gib, s.allocated_storage_gib)));
     }
     if side == Side::Primary && !db.multi_az {
         changes.push("Multi-AZ off -> on".into());

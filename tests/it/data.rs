@@ -88,6 +88,21 @@ async fn up_builds_the_data_tier_and_down_skip_snapshot_leaves_nothing() {
     run.ok(&["up", "--env", "dev"]);
     assert_eq!(emu.mutating_calls(), Vec::<String>::new(), "second up mutated");
 
+    // More storage in the settings: both instances grow; less cannot be applied and says so.
+    run.write("pgdr.toml", "[defaults]\nallocated_storage_gib = 150\n");
+    run.ok(&["up", "--env", "dev"]);
+    for (region, id) in [("us-east-1", "pgdr-dev-us-east-1"), ("eu-west-1", "pgdr-dev-eu-west-1")] {
+        let rds = aws_sdk_rds::Client::new(&emu.sdk(region).await);
+        let i = rds.describe_db_instances().db_instance_identifier(id).send().await.unwrap();
+        assert_eq!(i.db_instances()[0].allocated_storage(), Some(150), "{region}");
+    }
+    run.write("pgdr.toml", "[defaults]\nallocated_storage_gib = 100\n");
+    emu.reset_calls();
+    let plan = run.ok(&["plan", "--env", "dev"]);
+    assert!(plan.stdout.contains("cannot shrink"), "{plan:?}");
+    run.ok(&["up", "--env", "dev"]);
+    assert_eq!(emu.mutating_calls(), Vec::<String>::new(), "a smaller size changes nothing");
+
     let down = run.ok(&["down", "--env", "dev", "--yes", "--skip-final-snapshot", "-vv"]);
     assert!(!down.stdout.contains(&password) && !down.stderr.contains(&password));
     for region in ["us-east-1", "eu-west-1"] {
