@@ -36,6 +36,7 @@ pub struct Db {
     pub backup_retention: i32,
     pub deletion_protection: bool,
     pub encrypted: bool,
+    pub engine_version: String,
     pub tags: Vec<(String, String)>,
 }
 
@@ -96,6 +97,7 @@ fn db_of(
             backup_retention: d.backup_retention_period.unwrap_or(0),
             deletion_protection: d.deletion_protection.unwrap_or(false),
             encrypted: d.storage_encrypted.unwrap_or(false),
+            engine_version: d.engine_version.clone().unwrap_or_default(),
             tags: d.tag_list().iter().filter_map(|t| Some((t.key.clone()?, t.value.clone().unwrap_or_default()))).collect(),
         })),
         Err(e) if e.is_code(&["DBInstanceNotFound", "DBInstanceNotFoundFault"]) => Ok(None),
@@ -367,6 +369,24 @@ pub async fn wait_available(cx: &Cx, rec: &Recorder<'_>, side: Side, id: &str, b
         },
     )
     .await
+}
+
+/// pgdr does not upgrade PostgreSQL's major version: it reboots the instance, cannot be undone
+/// and needs a parameter group of the new family. A settings change asking for one is refused
+/// before anything is made for the new version.
+pub async fn check_major_version(cx: &Cx, side: Side) -> Result<()> {
+    let id = instance_id(cx, side);
+    let Some(db) = lookup(cx.regional(side), &id).await? else { return Ok(()) };
+    let running = db.engine_version.split('.').next().unwrap_or("");
+    if db.tag("pgdr:env") != Some(cx.name()) || running.is_empty() || running == cx.env.engine_major() {
+        return Ok(());
+    }
+    Err(Error::user(format!(
+        "{id} in {} runs PostgreSQL {}, but engine_version asks for {}: pgdr does not upgrade major versions; set engine_version = \"{running}\", or upgrade by hand (RDS console, or aws rds modify-db-instance --allow-major-version-upgrade) and then set it",
+        cx.region(side),
+        db.engine_version,
+        cx.env.settings.engine_version
+    )))
 }
 
 /// Instances of the environment with deletion protection on (checked before `down` deletes anything).

@@ -84,7 +84,7 @@ impl Step<Cx> for DbParams {
         let side = self.0;
         Box::pin(async move {
             let group = parameter_group_name(cx);
-            let _ = futures::join!(find_parameter_group(cx, side), parameters(cx, side, &group), database::log_group_reads(cx, side));
+            let _ = futures::join!(find_parameter_group(cx, side), parameters(cx, side, &group), database::log_group_reads(cx, side), database::check_major_version(cx, side));
         })
     }
 }
@@ -172,6 +172,7 @@ async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
 async fn params_up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
     let reg = cx.regional(side);
     let region = reg.region.as_str();
+    database::check_major_version(cx, side).await?;
     let (pg, logs) = futures::join!(parameter_group_up(cx, rec, side, reg, region), database::ensure_log_group(cx, rec, side));
     pg?;
     logs

@@ -103,6 +103,14 @@ async fn up_builds_the_data_tier_and_down_skip_snapshot_leaves_nothing() {
     run.ok(&["up", "--env", "dev"]);
     assert_eq!(emu.mutating_calls(), Vec::<String>::new(), "a smaller size changes nothing");
 
+    // A new major version is refused before anything is made for it (no new parameter group).
+    run.write("pgdr.toml", "[defaults]\nengine_version = \"16.4\"\n");
+    let refused = run.pgdr(&["up", "--env", "dev"]);
+    assert_eq!(refused.code, 1, "{refused:?}");
+    assert!(refused.stderr.contains("runs PostgreSQL 15") && refused.stderr.contains("does not upgrade major versions"), "{refused:?}");
+    assert_eq!(emu.mutating_calls(), Vec::<String>::new(), "nothing made for 16");
+    run.write("pgdr.toml", "");
+
     let down = run.ok(&["down", "--env", "dev", "--yes", "--skip-final-snapshot", "-vv"]);
     assert!(!down.stdout.contains(&password) && !down.stderr.contains(&password));
     for region in ["us-east-1", "eu-west-1"] {
