@@ -397,16 +397,14 @@ mod tests {
 
     #[test]
     fn overlapping_cidrs_refused() {
-        let mut s = Settings::default();
-        s.dr_cidr = "10.0.0.0/20".into();
+        let s = Settings { dr_cidr: "10.0.0.0/20".into(), ..Settings::default() };
         let e = validate("dev", &s).unwrap_err();
         assert!(e.to_string().contains("overlap"), "{e}");
     }
 
     #[test]
     fn equal_and_unknown_regions_refused() {
-        let mut s = Settings::default();
-        s.dr_region = "us-east-1".into();
+        let mut s = Settings { dr_region: "us-east-1".into(), ..Settings::default() };
         assert!(validate("dev", &s).unwrap_err().to_string().contains("two different regions"));
         s.dr_region = "xx-nowhere-9".into();
         assert!(validate("dev", &s).unwrap_err().to_string().contains("not a known AWS region"));

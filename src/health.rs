@@ -92,7 +92,7 @@ async fn latest_lag(cx: &Cx) -> std::result::Result<Option<f64>, crate::error::A
             .send()
     )?;
     let mut points: Vec<_> = out.datapoints.unwrap_or_default().into_iter().filter_map(|d| Some((d.timestamp?, d.maximum?))).collect();
-    points.sort_by(|a, b| a.0.cmp(&b.0));
+    points.sort_by_key(|p| p.0);
     Ok(points.last().map(|p| p.1))
 }
 

@@ -112,11 +112,11 @@ pub async fn prepare(cx: &Cx, plan: &Plan, progress: &dyn Progress) -> Result<()
             let nk = if let Some(rest) = k.strip_prefix("primary/") { format!("replica/{rest}") } else { format!("primary/{}", &k["replica/".len()..]) };
             s.resources.insert(nk, v);
         }
-        if !s.resources.contains_key(&format!("replica/{old_region}/instance")) {
+        s.resources.entry(format!("replica/{old_region}/instance")).or_insert_with(|| {
             let mut r = Resource::pending("db-instance", &old_region);
             r.attrs.insert("identifier".into(), new_replica.clone());
-            s.resources.insert(format!("replica/{old_region}/instance"), r);
-        }
+            r
+        });
         s.topology.fenced.remove(&old_region);
         s.topology.primary_region = new_region.clone();
         s.topology.writer_region = new_region.clone();

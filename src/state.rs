@@ -447,7 +447,7 @@ mod tests {
     #[test]
     fn stale_lock_is_named_not_cleared() {
         let dir = tempfile::tempdir().unwrap();
-        let info = LockInfo { who: "x".into(), pid: 999_999_99, host: hostname(), command: "pgdr up".into(), since: now_rfc3339() };
+        let info = LockInfo { who: "x".into(), pid: 99_999_999, host: hostname(), command: "pgdr up".into(), since: now_rfc3339() };
         fs::write(lock_path(dir.path(), "dev"), serde_json::to_vec(&info).unwrap()).unwrap();
         let e = Lock::acquire(dir.path(), "dev", "pgdr up").unwrap_err();
         assert!(e.to_string().contains("stale") && e.to_string().contains("pgdr unlock"), "{e}");

@@ -81,6 +81,8 @@ pub async fn lookup(reg: &crate::clients::Regional, id: &str) -> std::result::Re
     db_of(read!(reg.reads, &reg.region, "rds", "DescribeDBInstances", reg.rds.describe_db_instances().db_instance_identifier(id)))
 }
 
+// The error is the crate's `AwsError`, large by design (code, message, request ID, region).
+#[allow(clippy::result_large_err)]
 fn db_of(
     answer: std::result::Result<aws_sdk_rds::operation::describe_db_instances::DescribeDbInstancesOutput, AwsError>,
 ) -> std::result::Result<Option<Db>, AwsError> {

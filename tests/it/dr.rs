@@ -44,7 +44,7 @@ async fn up_wires_detection_and_failover_in_the_dr_region() {
     let lambda_dr = aws_sdk_lambda::Client::new(&emu.sdk("eu-west-1").await);
     let f = lambda_dr.get_function().function_name("pgdr-dev-failover").send().await.unwrap();
     let fc = f.configuration().unwrap();
-    assert!(fc.vpc_config().map_or(true, |v| v.subnet_ids().is_empty()), "not in a VPC");
+    assert!(fc.vpc_config().is_none_or(|v| v.subnet_ids().is_empty()), "not in a VPC");
     assert_eq!(fc.timeout(), Some(900));
     assert_eq!(fc.runtime().map(|r| r.as_str()), Some("python3.12"));
     let env = fc.environment().unwrap().variables().unwrap();

@@ -12,7 +12,7 @@ fn bad_inputs_exit_1_with_one_line_and_leave_state_untouched() {
     let run = Run::new(&emu);
     std::fs::create_dir_all(run.state_dir()).unwrap();
     let valid = br#"{"schema": 1, "env": "dev", "resources": {}}"#;
-    let lock = format!(r#"{{"who":"alice","pid":1,"host":"bastion-7","command":"pgdr up","since":"2026-11-22T00:00:00Z"}}"#);
+    let lock = r#"{"who":"alice","pid":1,"host":"bastion-7","command":"pgdr up","since":"2026-11-22T00:00:00Z"}"#.to_owned();
 
     struct Case {
         name: &'static str,
