@@ -459,14 +459,26 @@ pub async fn reprotect(t: &Target, cx: Cx, lock: Option<Lock>, plan: &crate::rep
 pub async fn adopt(t: &Target, progress: &dyn Progress, cancel: &Cancel) -> Result<RunResult> {
     use crate::cx::Side;
     let (cx, lock) = open(t, "pgdr adopt", true, Ahead::Walk, cancel).await?;
-    // The topology, from the instances' roles in AWS.
-    let (p, d) = tokio::join!(crate::health::instance(&cx, Side::Primary), crate::health::instance(&cx, Side::Dr));
-    let (p, d) = (p?, d?);
+    // The topology, from the instances' roles in AWS. After `reprotect --keep-old-primary` a
+    // region holds the new replica (`<name>-2`) beside the old primary (fenced, kept): every
+    // instance tagged for the environment is looked at, the live one plays the region's role.
+    let (p, d) = tokio::join!(crate::steps::database::tagged(&cx, Side::Primary), crate::steps::database::tagged(&cx, Side::Dr));
+    let (mut p, mut d) = (p?, d?);
+    let fenced = |db: &crate::steps::database::Db| db.tag("pgdr:role") == Some("fenced");
+    let mut retired: Vec<(String, String)> = Vec::new();
+    for (side, found) in [(Side::Primary, &mut p), (Side::Dr, &mut d)] {
+        if found.iter().any(|db| !fenced(db)) && found.iter().any(fenced) {
+            retired.extend(found.iter().filter(|db| fenced(db)).map(|db| (cx.region(side).to_owned(), db.id.clone())));
+            found.retain(|db| !fenced(db));
+        }
+    }
+    let (p, d) = (p.into_iter().next(), d.into_iter().next());
     let dr_primary = d.as_ref().is_some_and(crate::health::promoted);
     let p_is_replica = p.as_ref().is_some_and(|p| p.source.is_some() && p.tag("pgdr:role") != Some("fenced"));
     let p_fenced = p.as_ref().is_some_and(|p| p.tag("pgdr:role") == Some("fenced"));
     let (primary_region, dr_region) = (cx.region(Side::Primary).to_owned(), cx.region(Side::Dr).to_owned());
     let swapped = dr_primary && p_is_replica;
+    let env_name = cx.name().to_owned();
     cx.store.update(|s| {
         if p.is_some() || d.is_some() {
             s.topology.writer_region = if dr_primary { dr_region.clone() } else { primary_region.clone() };
@@ -476,6 +488,16 @@ pub async fn adopt(t: &Target, progress: &dyn Progress, cancel: &Cancel) -> Resu
         }
         if p_fenced && !swapped {
             s.topology.fenced.entry(primary_region.clone()).or_insert_with(|| vec!["rules revoked by failover (found by adopt)".into()]);
+        }
+        for (region, id) in &retired {
+            s.resources.insert(format!("retired/{region}/instance"), state::Resource::new("db-instance", region, id, state::Status::Adopted));
+        }
+        // Instances not at their default names (a `-2` replica): recorded so the walk finds them.
+        for (db, region, primary_role) in [(&p, &primary_region, !swapped), (&d, &dr_region, swapped)] {
+            if let Some(db) = db.as_ref().filter(|db| db.id != format!("pgdr-{}-{region}", env_name)) {
+                let key = format!("{}/{region}/instance", if primary_role { "primary" } else { "replica" });
+                s.resources.insert(key, state::Resource::new("db-instance", region, &db.id, state::Status::Adopted));
+            }
         }
     })?;
     let cx = if swapped {

@@ -373,6 +373,32 @@ pub async fn wait_available(cx: &Cx, rec: &Recorder<'_>, side: Side, id: &str, b
     .await
 }
 
+/// Every instance in a side's region tagged for this environment, the default name first.
+pub async fn tagged(cx: &Cx, side: Side) -> Result<Vec<Db>> {
+    let reg = cx.regional(side);
+    let mut all = Vec::new();
+    let mut marker = None;
+    loop {
+        let out = aws!(&reg.region, "rds", "DescribeDBInstances", reg.rds.describe_db_instances().set_marker(marker).send())?;
+        marker = out.marker.clone();
+        let page = out.db_instances.unwrap_or_default();
+        for d in page {
+            let one = aws_sdk_rds::operation::describe_db_instances::DescribeDbInstancesOutput::builder().db_instances(d).build();
+            if let Some(db) = db_of(Ok(one))? {
+                if db.tag("pgdr:env") == Some(cx.name()) {
+                    all.push(db);
+                }
+            }
+        }
+        if marker.is_none() {
+            break;
+        }
+    }
+    let default = format!("pgdr-{}-{}", cx.name(), cx.region(side));
+    all.sort_by_key(|db| (db.id != default, db.id.clone()));
+    Ok(all)
+}
+
 /// pgdr does not upgrade PostgreSQL's major version: it reboots the instance, cannot be undone
 /// and needs a parameter group of the new family. A settings change asking for one is refused
 /// before anything is made for the new version.

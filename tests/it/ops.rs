@@ -255,6 +255,17 @@ async fn a_kept_old_primary_stops_down_while_protected() {
     run.ok(&["up", "--env", "dev"]);
     let kept = rds.describe_db_instances().db_instance_identifier("pgdr-dev-us-east-1").send().await.unwrap();
     assert_eq!(kept.db_instances()[0].deletion_protection(), Some(true));
+    // A lost state file is rebuilt with the kept old primary and the `-2` replica in place.
+    std::fs::remove_file(run.state_file("dev")).unwrap();
+    std::fs::remove_file(run.state_dir().join("dev.json.bak")).unwrap();
+    emu.reset_calls();
+    run.ok(&["adopt", "--env", "dev"]);
+    let state: serde_json::Value = serde_json::from_slice(&std::fs::read(run.state_file("dev")).unwrap()).unwrap();
+    assert_eq!(state["resources"]["retired/us-east-1/instance"]["id"], "pgdr-dev-us-east-1", "{state}");
+    assert_eq!(state["resources"]["replica/us-east-1/instance"]["id"], "pgdr-dev-us-east-1-2", "{state}");
+    assert_eq!(state["topology"]["primary_region"], "eu-west-1", "roles swapped: {state}");
+    run.ok(&["up", "--env", "dev"]);
+    assert_eq!(emu.mutating_calls(), Vec::<String>::new(), "adopt and up after it changed nothing");
     let state_before = std::fs::read(run.state_file("dev")).unwrap();
     emu.reset_calls();
     let refused = run.pgdr(&["down", "--env", "dev", "--yes", "--skip-final-snapshot"]);
