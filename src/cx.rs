@@ -56,6 +56,13 @@ impl Cx {
             Side::Dr => &self.clients.dr,
         }
     }
+    /// The VPC CIDR block of a side's region.
+    pub fn cidr(&self, side: Side) -> crate::config::Cidr {
+        match side {
+            Side::Primary => self.env.primary_cidr(),
+            Side::Dr => self.env.dr_cidr(),
+        }
+    }
     pub fn region(&self, side: Side) -> &str {
         &self.regional(side).region
     }

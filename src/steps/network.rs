@@ -127,14 +127,8 @@ async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
     let reg = cx.regional(side);
     let region = reg.region.as_str();
     let ec2 = &reg.ec2;
-    let cidr = match side {
-        Side::Primary => cx.env.primary_cidr(),
-        Side::Dr => cx.env.dr_cidr(),
-    };
-    let peer_cidr = match side {
-        Side::Primary => cx.env.dr_cidr(),
-        Side::Dr => cx.env.primary_cidr(),
-    };
+    let cidr = cx.cidr(side);
+    let peer_cidr = cx.cidr(side.other());
 
     // VPC, with DNS support and hostnames (a private hosted zone needs both).
     let vpc_res = Res::new(key(cx, side, "vpc"), "vpc", format!("pgdr-{}", cx.name()), region);

@@ -160,11 +160,7 @@ async fn up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
     // Routes to the peer's CIDR in both route tables.
     for side in [Side::Primary, Side::Dr] {
         let reg = cx.regional(side);
-        let peer = match side {
-            Side::Primary => cx.env.dr_cidr(),
-            Side::Dr => cx.env.primary_cidr(),
-        }
-        .to_string();
+        let peer = cx.cidr(side.other()).to_string();
         let rt = cx.store.id(&network::key(cx, side, "route-table")).unwrap_or_default();
         let pcx_id = pcx.clone().unwrap_or_default();
         let rr = Res::new(route_key(cx, side), "route", format!("{peer} via peering"), &reg.region);
@@ -201,11 +197,7 @@ async fn down(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
     let pcx = find(cx, cx.home(), cx.store.id(&key(cx))).await?.map(|p| p.0).unwrap_or_default();
     for side in [Side::Primary, Side::Dr] {
         let reg = cx.regional(side);
-        let peer = match side {
-            Side::Primary => cx.env.dr_cidr(),
-            Side::Dr => cx.env.primary_cidr(),
-        }
-        .to_string();
+        let peer = cx.cidr(side.other()).to_string();
         let rt = cx.store.id(&network::key(cx, side, "route-table")).unwrap_or_default();
         let rr = Res::new(route_key(cx, side), "route", format!("{peer} via peering"), &reg.region);
         remove(cx, rec, &rr, async |_| find_route(cx, side, &rt, &peer, &pcx).await, async |_| {
