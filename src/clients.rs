@@ -102,15 +102,9 @@ pub async fn build(conn: &Connection, primary_region: &str, dr_region: &str) -> 
     if let Some(e) = &endpoint {
         tracing::info!(endpoint = %e, "all AWS calls go to a custom endpoint");
     }
-    // Route 53 and IAM are global services signed in us-east-1 (aws-us-gov-west-1 / cn-north-1
-    // in those partitions).
-    let global_region = if primary_region.starts_with("us-gov-") {
-        "us-gov-west-1"
-    } else if primary_region.starts_with("cn-") {
-        "cn-northwest-1"
-    } else {
-        "us-east-1"
-    };
+    // Route 53 and IAM are global services, signed in us-east-1 (the settings admit only regions
+    // of the aws partition: see config::validate).
+    let global_region = "us-east-1";
     let global = base.to_builder().region(Region::new(global_region)).build();
     let reads = Reads::new();
     Ok(Clients {

@@ -223,6 +223,21 @@ fn looks_like_region(r: &str) -> bool {
         && parts.last().is_some_and(|p| p.chars().all(|c| c.is_ascii_digit()))
 }
 
+/// The AWS partition a region name belongs to.
+pub fn partition(region: &str) -> &'static str {
+    if region.starts_with("us-gov-") {
+        "aws-us-gov"
+    } else if region.starts_with("cn-") {
+        "aws-cn"
+    } else if region.starts_with("us-iso") {
+        "aws-iso"
+    } else if region.starts_with("eu-isoe-") {
+        "aws-iso-e"
+    } else {
+        "aws"
+    }
+}
+
 pub fn validate(name: &str, s: &Settings) -> Result<()> {
     let bad = |msg: String| Err(Error::user(msg));
     for (what, r) in [("primary_region", &s.primary_region), ("dr_region", &s.dr_region)] {
@@ -232,6 +247,17 @@ pub fn validate(name: &str, s: &Settings) -> Result<()> {
         if !s.allow_unlisted_regions && !KNOWN_REGIONS.contains(&r.as_str()) {
             return bad(format!(
                 "{what} {r:?} is not a known AWS region; check the spelling, or set allow_unlisted_regions = true for a region newer than pgdr"
+            ));
+        }
+    }
+    // GovCloud and China: an encrypted replica from another region needs a presigned
+    // CreateDBInstanceReadReplica request there (PreSignedUrl; the AWS partition ignores it),
+    // which pgdr does not build. Refused before anything is made, not when the replica fails.
+    for (what, r) in [("primary_region", &s.primary_region), ("dr_region", &s.dr_region)] {
+        let p = partition(r);
+        if p != "aws" {
+            return bad(format!(
+                "{what} {r} is in the {p} partition, which pgdr does not support: its encrypted cross-region replicas need a presigned request pgdr does not build; use two regions of the aws partition"
             ));
         }
     }
@@ -412,6 +438,23 @@ mod tests {
         assert!(validate("dev", &s).is_ok());
         s.dr_region = "europe".into();
         assert!(validate("dev", &s).unwrap_err().to_string().contains("not an AWS region name"));
+    }
+
+    #[test]
+    fn regions_outside_the_aws_partition_refused() {
+        for (primary, dr, named) in [
+            ("us-gov-west-1", "us-gov-east-1", "primary_region us-gov-west-1 is in the aws-us-gov partition"),
+            ("cn-north-1", "cn-northwest-1", "primary_region cn-north-1 is in the aws-cn partition"),
+            ("us-east-1", "cn-north-1", "dr_region cn-north-1 is in the aws-cn partition"),
+        ] {
+            let s = Settings { primary_region: primary.into(), dr_region: dr.into(), ..Settings::default() };
+            let e = validate("dev", &s).unwrap_err().to_string();
+            assert!(e.contains(named) && e.contains("use two regions of the aws partition"), "{e}");
+        }
+        let s = Settings { primary_region: "us-iso-east-1".into(), allow_unlisted_regions: true, ..Settings::default() };
+        assert!(validate("dev", &s).unwrap_err().to_string().contains("aws-iso partition"));
+        let s = Settings { primary_region: "ap-southeast-7".into(), dr_region: "mx-central-1".into(), ..Settings::default() };
+        assert!(validate("dev", &s).is_ok());
     }
 
     #[test]
