@@ -276,7 +276,14 @@ async fn run(cli: Cli) -> Result<Exit, Error> {
             let t = target(g, &env.env);
             let e = t.load_env()?;
             if !dry_run {
-                confirm(*yes, &format!("This deletes every resource of environment {:?} in {} and {}.", e.name, e.settings.primary_region, e.settings.dr_region), &e.name)?;
+                confirm(
+                    *yes,
+                    &format!(
+                        "This deletes every resource of environment {:?} in {} and {}.",
+                        e.name, e.settings.primary_region, e.settings.dr_region
+                    ),
+                    &e.name,
+                )?;
             }
             let opts = Options { skip_final_snapshot: *skip_final_snapshot, force: *force };
             let r = ops::down(&t, opts, *dry_run, &progress, &cancel).await?;
@@ -353,7 +360,10 @@ async fn run(cli: Cli) -> Result<Exit, Error> {
             let t = target(g, &env.env);
             let e = t.load_env()?;
             let (cx, lock, plan) = ops::reprotect_plan(&t, *keep_old_primary, *dry_run, &cancel).await?;
-            let mut text = format!("reprotect {}: primary {} in {}, new replica {} in {}\n", plan.env, plan.new_primary, plan.new_primary_region, plan.new_replica, plan.new_replica_region);
+            let mut text = format!(
+                "reprotect {}: primary {} in {}, new replica {} in {}\n",
+                plan.env, plan.new_primary, plan.new_primary_region, plan.new_replica, plan.new_replica_region
+            );
             for st in &plan.steps {
                 text.push_str(&format!("  {}will {st}\n", if *dry_run { "(dry run) " } else { "" }));
             }
@@ -364,7 +374,11 @@ async fn run(cli: Cli) -> Result<Exit, Error> {
                 }
                 return Ok(Exit::Success);
             }
-            confirm(*yes, &format!("This deletes or retires the old primary of {:?} and rebuilds protection in the opposite direction.", e.name), &e.name)?;
+            confirm(
+                *yes,
+                &format!("This deletes or retires the old primary of {:?} and rebuilds protection in the opposite direction.", e.name),
+                &e.name,
+            )?;
             let r = ops::reprotect(&t, cx, lock, &plan, &progress, &cancel).await?;
             print_run(g.output, &r);
             Ok(r.exit)
@@ -381,7 +395,9 @@ async fn run(cli: Cli) -> Result<Exit, Error> {
             let removed = pgdr::state::unlock(&g.state_dir, &env.env, *force)?;
             match (g.output, &removed) {
                 (Output::Json, _) => print_json(&serde_json::json!({ "env": env.env, "removed": removed })),
-                (Output::Human, Some(info)) => eprintln!("removed the lock of {} (`{}`, pid {} on {})", env.env, info.command, info.pid, info.host),
+                (Output::Human, Some(info)) => {
+                    eprintln!("removed the lock of {} (`{}`, pid {} on {})", env.env, info.command, info.pid, info.host)
+                }
                 (Output::Human, None) => eprintln!("environment {} is not locked", env.env),
             }
             Ok(Exit::Success)
@@ -490,7 +506,12 @@ fn print_run(output: Output, r: &RunResult) {
                 Outcome::Skipped { .. } => "skipped".into(),
                 Outcome::Cancelled => "not started".into(),
             };
-            out.push_str(&format!("  {} {:<18} {:>7.1}s  {what}\n", if matches!(s.outcome, Outcome::Done) { "ok" } else { "!!" }, s.step, s.elapsed_ms as f64 / 1000.0));
+            out.push_str(&format!(
+                "  {} {:<18} {:>7.1}s  {what}\n",
+                if matches!(s.outcome, Outcome::Done) { "ok" } else { "!!" },
+                s.step,
+                s.elapsed_ms as f64 / 1000.0
+            ));
         }
     }
     if let Some(c) = &r.connect {
@@ -508,7 +529,8 @@ fn print_run(output: Output, r: &RunResult) {
     if r.dry_run && t.nothing_to_do() && r.report.failures().next().is_none() && r.command != "adopt" {
         out.push_str("Nothing to do: the environment matches the configuration.\n");
     }
-    let (c, a, ch, d) = if r.dry_run { ("to create", "to adopt", "to change", "to delete") } else { ("created", "adopted", "changed", "deleted") };
+    let (c, a, ch, d) =
+        if r.dry_run { ("to create", "to adopt", "to change", "to delete") } else { ("created", "adopted", "changed", "deleted") };
     out.push_str(&format!(
         "{}: {} {c}, {} {a}, {} {ch}, {} {d}, {} unchanged ({:.1}s)\n",
         r.command,
@@ -529,13 +551,8 @@ fn print_run(output: Output, r: &RunResult) {
 
 fn print_status(s: &ops::StatusResult) {
     let h = &s.health;
-    let mut out = format!(
-        "environment {}  ({} -> {})  {}\n",
-        s.env,
-        s.primary_region,
-        s.dr_region,
-        if s.healthy { "HEALTHY" } else { "DEGRADED" }
-    );
+    let mut out =
+        format!("environment {}  ({} -> {})  {}\n", s.env, s.primary_region, s.dr_region, if s.healthy { "HEALTHY" } else { "DEGRADED" });
     for p in &s.problems {
         out.push_str(&format!("  ! {p}\n"));
     }

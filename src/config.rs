@@ -12,13 +12,44 @@ use crate::error::{Error, Result};
 /// AWS regions pgdr knows. A region outside this list is refused unless the config sets
 /// `allow_unlisted_regions = true` (for regions newer than this release).
 pub const KNOWN_REGIONS: &[&str] = &[
-    "af-south-1", "ap-east-1", "ap-east-2", "ap-northeast-1", "ap-northeast-2", "ap-northeast-3",
-    "ap-south-1", "ap-south-2", "ap-southeast-1", "ap-southeast-2", "ap-southeast-3",
-    "ap-southeast-4", "ap-southeast-5", "ap-southeast-6", "ap-southeast-7", "ca-central-1",
-    "ca-west-1", "eu-central-1", "eu-central-2", "eu-north-1", "eu-south-1", "eu-south-2",
-    "eu-west-1", "eu-west-2", "eu-west-3", "il-central-1", "me-central-1", "me-south-1",
-    "mx-central-1", "sa-east-1", "us-east-1", "us-east-2", "us-west-1", "us-west-2",
-    "us-gov-east-1", "us-gov-west-1", "cn-north-1", "cn-northwest-1",
+    "af-south-1",
+    "ap-east-1",
+    "ap-east-2",
+    "ap-northeast-1",
+    "ap-northeast-2",
+    "ap-northeast-3",
+    "ap-south-1",
+    "ap-south-2",
+    "ap-southeast-1",
+    "ap-southeast-2",
+    "ap-southeast-3",
+    "ap-southeast-4",
+    "ap-southeast-5",
+    "ap-southeast-6",
+    "ap-southeast-7",
+    "ca-central-1",
+    "ca-west-1",
+    "eu-central-1",
+    "eu-central-2",
+    "eu-north-1",
+    "eu-south-1",
+    "eu-south-2",
+    "eu-west-1",
+    "eu-west-2",
+    "eu-west-3",
+    "il-central-1",
+    "me-central-1",
+    "me-south-1",
+    "mx-central-1",
+    "sa-east-1",
+    "us-east-1",
+    "us-east-2",
+    "us-west-1",
+    "us-west-2",
+    "us-gov-east-1",
+    "us-gov-west-1",
+    "cn-north-1",
+    "cn-northwest-1",
 ];
 
 /// An IPv4 network in CIDR notation.
@@ -41,7 +72,11 @@ impl Cidr {
         (c.network() == u32::from(addr)).then_some(c)
     }
     fn mask(&self) -> u32 {
-        if self.prefix == 0 { 0 } else { u32::MAX << (32 - self.prefix) }
+        if self.prefix == 0 {
+            0
+        } else {
+            u32::MAX << (32 - self.prefix)
+        }
     }
     fn network(&self) -> u32 {
         u32::from(self.addr) & self.mask()
@@ -184,9 +219,8 @@ pub fn load(name: &str, path: Option<&Path>, overrides: &Overrides) -> Result<En
     let mut merged = toml::Table::try_from(Settings::default())
         .map_err(|e| Error::Other(format!("internal: default settings do not serialize: {e}")))?;
     if let Some(path) = path {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            Error::user(format!("cannot read config file {}: {e}; fix the path given to --config", path.display()))
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::user(format!("cannot read config file {}: {e}; fix the path given to --config", path.display())))?;
         let file: File = toml::from_str(&text).map_err(|e| {
             Error::user(format!(
                 "config file {} is not valid: {}; fix the file (see docs/configuration.md)",
@@ -328,12 +362,16 @@ pub fn validate(name: &str, s: &Settings) -> Result<()> {
         && s.database_name.starts_with(|c: char| c.is_ascii_alphabetic())
         && s.database_name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
     if !db_ok {
-        return bad(format!("database_name {:?} is not allowed by RDS; use 1-63 letters, digits and _, starting with a letter", s.database_name));
+        return bad(format!(
+            "database_name {:?} is not allowed by RDS; use 1-63 letters, digits and _, starting with a letter",
+            s.database_name
+        ));
     }
     if let Some(z) = &s.zone_name {
         let ok = z.len() <= 200
             && z.split('.').count() >= 2
-            && z.split('.').all(|l| !l.is_empty() && l.len() <= 63 && l.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'));
+            && z.split('.')
+                .all(|l| !l.is_empty() && l.len() <= 63 && l.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'));
         if !ok {
             return bad(format!("zone_name {z:?} is not a DNS name like db-dev.internal"));
         }

@@ -87,7 +87,11 @@ impl Cx {
     /// (the secret, the peering) stay there; after a `reprotect` the roles are swapped and this
     /// is the DR side.
     pub fn home(&self) -> Side {
-        if self.env.swapped { Side::Dr } else { Side::Primary }
+        if self.env.swapped {
+            Side::Dr
+        } else {
+            Side::Primary
+        }
     }
 
     /// The side that holds the writer now: the primary region until a failover moved it.

@@ -66,15 +66,7 @@ impl AwsError {
             SdkError::ServiceError(_) => (err.code().map(str::to_owned), err.message().map(str::to_owned)),
             other => (None, Some(root_cause(other))),
         };
-        AwsError {
-            service,
-            operation,
-            region: region.to_owned(),
-            code,
-            message,
-            request_id: err.request_id().map(str::to_owned),
-            kind,
-        }
+        AwsError { service, operation, region: region.to_owned(), code, message, request_id: err.request_id().map(str::to_owned), kind }
     }
 
     pub fn code(&self) -> &str {

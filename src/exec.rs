@@ -78,7 +78,11 @@ impl Cancel {
         self.0.load(Ordering::SeqCst)
     }
     pub fn check(&self) -> Result<(), Error> {
-        if self.is_cancelled() { Err(Error::Interrupted) } else { Ok(()) }
+        if self.is_cancelled() {
+            Err(Error::Interrupted)
+        } else {
+            Ok(())
+        }
     }
 }
 
@@ -145,7 +149,9 @@ pub enum Outcome {
         exit: Exit,
     },
     /// Not run because a step it needs failed: `because` names the root causes.
-    Skipped { because: Vec<String> },
+    Skipped {
+        because: Vec<String>,
+    },
     /// Not started: the run was interrupted.
     Cancelled,
 }
@@ -194,7 +200,14 @@ impl RunReport {
 
 /// Runs the graph in `dir`. Up: a step starts when all its dependencies are done. Down: a step
 /// starts when every step that depends on it is done (reverse order).
-pub async fn execute<C>(steps: &[Box<dyn Step<C> + '_>], cx: &C, dir: Direction, plan: bool, progress: &dyn Progress, cancel: &Cancel) -> RunReport {
+pub async fn execute<C>(
+    steps: &[Box<dyn Step<C> + '_>],
+    cx: &C,
+    dir: Direction,
+    plan: bool,
+    progress: &dyn Progress,
+    cancel: &Cancel,
+) -> RunReport {
     let start = Instant::now();
     let ids: Vec<String> = steps.iter().map(|s| s.id()).collect();
     let known: BTreeSet<&String> = ids.iter().collect();
@@ -316,7 +329,11 @@ mod tests {
                 tokio::time::sleep(Duration::from_millis(self.ms)).await;
                 cx.events.borrow_mut().push((self.id.into(), "end", cx.t0.elapsed().as_millis()));
                 rec.record(Action::Create, "fake", self.id, "r", None, None);
-                if self.fail { Err(Error::failed(format!("{} broke", self.id))) } else { Ok(()) }
+                if self.fail {
+                    Err(Error::failed(format!("{} broke", self.id)))
+                } else {
+                    Ok(())
+                }
             })
         }
         fn down<'a>(&'a self, cx: &'a C2, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult> {

@@ -70,11 +70,16 @@ pub async fn plan(cx: &Cx) -> Result<Plan> {
         }
     };
     // One wave: the instances, the lag and the records.
-    let (p, d, lag, records) = tokio::join!(health::instance(cx, Side::Primary), health::instance(cx, Side::Dr), health::replica_lag(cx), records);
+    let (p, d, lag, records) =
+        tokio::join!(health::instance(cx, Side::Primary), health::instance(cx, Side::Dr), health::replica_lag(cx), records);
     // An unreachable primary region counts as "primary down".
     let p = p.unwrap_or(None);
     let d = d.map_err(Error::from)?.ok_or_else(|| {
-        Error::failed(format!("the replica {} does not exist in {}; nothing to fail over to", database::instance_id(cx, Side::Dr), cx.region(Side::Dr)))
+        Error::failed(format!(
+            "the replica {} does not exist in {}; nothing to fail over to",
+            database::instance_id(cx, Side::Dr),
+            cx.region(Side::Dr)
+        ))
     })?;
     let lag = lag.unwrap_or(None);
     let already = promoted(&d);
@@ -93,7 +98,13 @@ pub async fn plan(cx: &Cx) -> Result<Plan> {
         steps.push(format!("promote {} in {} (irreversible; it reboots)", d.id, cx.region(Side::Dr)));
     }
     if !dns_on_replica {
-        steps.push(format!("move {} to {} (weights {} 100 / {} 0)", dns::writer_record(cx).trim_end_matches('.'), d.id, cx.region(Side::Dr), cx.region(Side::Primary)));
+        steps.push(format!(
+            "move {} to {} (weights {} 100 / {} 0)",
+            dns::writer_record(cx).trim_end_matches('.'),
+            d.id,
+            cx.region(Side::Dr),
+            cx.region(Side::Primary)
+        ));
     }
     if !fenced {
         steps.push(format!("fence {}: revoke its 5432 ingress rules, tag it pgdr:role=fenced", database::instance_id(cx, Side::Primary)));
@@ -127,7 +138,11 @@ fn ms(t: Instant) -> u64 {
 
 pub async fn execute(cx: &Cx, plan: Plan, progress: &dyn Progress) -> Result<Outcome> {
     let rec = Recorder::new("failover", false, progress, cx.cancel.clone());
-    let mut timeline = vec![Phase { phase: "checks".into(), ms: plan.checks_ms, detail: format!("lag {}", plan.replica_lag_seconds.map(|l| format!("{l:.0} s")).unwrap_or_else(|| "unknown".into())) }];
+    let mut timeline = vec![Phase {
+        phase: "checks".into(),
+        ms: plan.checks_ms,
+        detail: format!("lag {}", plan.replica_lag_seconds.map(|l| format!("{l:.0} s")).unwrap_or_else(|| "unknown".into())),
+    }];
     let dr = cx.regional(Side::Dr);
     let region = dr.region.as_str();
 
@@ -135,9 +150,21 @@ pub async fn execute(cx: &Cx, plan: Plan, progress: &dyn Progress) -> Result<Out
     let t = Instant::now();
     if !plan.already_promoted {
         if plan.replica_status != "available" {
-            return Err(Error::failed(format!("the replica {} is {:?}, not available: it cannot be promoted now; rerun when it is", plan.replica, plan.replica_status)));
+            return Err(Error::failed(format!(
+                "the replica {} is {:?}, not available: it cannot be promoted now; rerun when it is",
+                plan.replica, plan.replica_status
+            )));
         }
-        aws!(region, "rds", "PromoteReadReplica", dr.rds.promote_read_replica().db_instance_identifier(&plan.replica).backup_retention_period(cx.env.settings.backup_retention_days).send())?;
+        aws!(
+            region,
+            "rds",
+            "PromoteReadReplica",
+            dr.rds
+                .promote_read_replica()
+                .db_instance_identifier(&plan.replica)
+                .backup_retention_period(cx.env.settings.backup_retention_days)
+                .send()
+        )?;
         rec.status(&format!("promotion of {} requested", plan.replica));
         wait_promoted(cx, &rec, &plan.replica).await?;
     }
@@ -169,7 +196,10 @@ pub async fn execute(cx: &Cx, plan: Plan, progress: &dyn Progress) -> Result<Out
             }
         }
         match dns::records_up(cx, &rec).await {
-            Ok(()) => Ok::<_, Error>((Phase { phase: "dns".into(), ms: ms(t), detail: format!("{} -> {region}", dns::writer_record(cx).trim_end_matches('.')) }, None)),
+            Ok(()) => Ok::<_, Error>((
+                Phase { phase: "dns".into(), ms: ms(t), detail: format!("{} -> {region}", dns::writer_record(cx).trim_end_matches('.')) },
+                None,
+            )),
             Err(Error::Aws(e)) if unreachable(&e) => {
                 let note = format!(
                     "Route 53 did not answer ({e}); DNS was NOT moved: writers reach {region} through the health check once the primary-down alarm fires; rerun `pgdr failover --env {}` when Route 53 answers",
@@ -187,7 +217,11 @@ pub async fn execute(cx: &Cx, plan: Plan, progress: &dyn Progress) -> Result<Out
         }
         match fence(cx, &rec).await {
             Ok(revoked) => Ok((
-                Phase { phase: "fence".into(), ms: ms(t), detail: format!("revoked {}", if revoked.is_empty() { "nothing (no rules left)".into() } else { revoked.join(", ") }) },
+                Phase {
+                    phase: "fence".into(),
+                    ms: ms(t),
+                    detail: format!("revoked {}", if revoked.is_empty() { "nothing (no rules left)".into() } else { revoked.join(", ") }),
+                },
                 None,
             )),
             Err(Error::Aws(e)) if unreachable(&e) => {
@@ -256,7 +290,11 @@ async fn tag(cx: &Cx, side: Side, role: &str) -> Result<()> {
         &reg.region,
         "rds",
         "AddTagsToResource",
-        reg.rds.add_tags_to_resource().resource_name(&db.arn).tags(aws_sdk_rds::types::Tag::builder().key("pgdr:role").value(role).build()).send()
+        reg.rds
+            .add_tags_to_resource()
+            .resource_name(&db.arn)
+            .tags(aws_sdk_rds::types::Tag::builder().key("pgdr:role").value(role).build())
+            .send()
     )?;
     Ok(())
 }
@@ -284,9 +322,19 @@ async fn fence(cx: &Cx, rec: &Recorder<'_>) -> Result<Vec<String>> {
             .collect();
         let ids: Vec<String> = rules.iter().filter_map(|r| r.security_group_rule_id.clone()).collect();
         if !ids.is_empty() {
-            aws!(region, "ec2", "RevokeSecurityGroupIngress", reg.ec2.revoke_security_group_ingress().group_id(&sg).set_security_group_rule_ids(Some(ids)).send())?;
+            aws!(
+                region,
+                "ec2",
+                "RevokeSecurityGroupIngress",
+                reg.ec2.revoke_security_group_ingress().group_id(&sg).set_security_group_rule_ids(Some(ids)).send()
+            )?;
         }
-        revoked = rules.iter().map(|r| format!("5432 from {} ({})", r.cidr_ipv4.clone().unwrap_or_default(), r.security_group_rule_id.clone().unwrap_or_default())).collect();
+        revoked = rules
+            .iter()
+            .map(|r| {
+                format!("5432 from {} ({})", r.cidr_ipv4.clone().unwrap_or_default(), r.security_group_rule_id.clone().unwrap_or_default())
+            })
+            .collect();
     }
     tag(cx, side, "fenced").await?;
     let list = revoked.clone();

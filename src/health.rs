@@ -84,7 +84,12 @@ async fn latest_lag(cx: &Cx) -> std::result::Result<Option<f64>, crate::error::A
             .get_metric_statistics()
             .namespace("AWS/RDS")
             .metric_name("ReplicaLag")
-            .dimensions(aws_sdk_cloudwatch::types::Dimension::builder().name("DBInstanceIdentifier").value(database::instance_id(cx, Side::Dr)).build())
+            .dimensions(
+                aws_sdk_cloudwatch::types::Dimension::builder()
+                    .name("DBInstanceIdentifier")
+                    .value(database::instance_id(cx, Side::Dr))
+                    .build()
+            )
             .start_time((now - Duration::from_secs(600)).into())
             .end_time((now + Duration::from_secs(60)).into())
             .period(60)

@@ -140,7 +140,8 @@ pub(crate) async fn open(t: &Target, command: &str, mutating: bool, ahead: Ahead
 /// Builds the context of an environment from its state: the roles swapped after `reprotect`
 /// (the DR region then holds the primary), clients for the two regions, the store.
 async fn context(t: &Target, env: Env, existing: Option<state::State>, persist: bool, cancel: &Cancel) -> Result<Cx> {
-    let swapped = existing.as_ref().is_some_and(|s| !s.topology.primary_region.is_empty() && s.topology.primary_region == env.settings.dr_region);
+    let swapped =
+        existing.as_ref().is_some_and(|s| !s.topology.primary_region.is_empty() && s.topology.primary_region == env.settings.dr_region);
     let env = if swapped { env.swap_roles() } else { env };
     check_regions(&env, existing.as_ref())?;
     let mut conn = t.connection.clone();
@@ -189,7 +190,9 @@ async fn sync_topology(cx: &Cx) -> Result<()> {
         cx.store.update(|s| {
             if dr_promoted && s.topology.writer_region != dr {
                 s.topology.writer_region = dr.clone();
-                s.topology.events.push(state::TopologyEvent { at: state::now_rfc3339(), what: format!("found the replica in {dr} promoted") });
+                s.topology
+                    .events
+                    .push(state::TopologyEvent { at: state::now_rfc3339(), what: format!("found the replica in {dr} promoted") });
             }
             if p_fenced {
                 s.topology.fenced.entry(pr.clone()).or_insert_with(|| vec!["found fenced in AWS".into()]);
@@ -202,7 +205,16 @@ async fn sync_topology(cx: &Cx) -> Result<()> {
 fn result(command: &'static str, cx: &Cx, dry_run: bool, report: RunReport) -> RunResult {
     let exit = report.exit();
     let connect = (!dry_run && matches!(command, "up" | "reprotect")).then(|| connect_info(cx)).flatten();
-    RunResult { command, env: cx.env.name.clone(), dry_run, warnings: cx.env.warnings(), totals: Totals::of(&report), report, connect, exit }
+    RunResult {
+        command,
+        env: cx.env.name.clone(),
+        dry_run,
+        warnings: cx.env.warnings(),
+        totals: Totals::of(&report),
+        report,
+        connect,
+        exit,
+    }
 }
 
 /// `plan` and `up --dry-run`: walk the graph without changing anything.
@@ -275,12 +287,22 @@ pub struct StatusResult {
 pub async fn status(t: &Target, cancel: &Cancel) -> Result<StatusResult> {
     let (cx, _) = open(t, "pgdr status", false, Ahead::WalkAndHealth, cancel).await?;
     let steps = crate::steps::graph();
-    let (report, health) = tokio::join!(exec::execute(&steps, &cx, Direction::Up, true, &exec::NoProgress, cancel), crate::health::gather(&cx));
+    let (report, health) =
+        tokio::join!(exec::execute(&steps, &cx, Direction::Up, true, &exec::NoProgress, cancel), crate::health::gather(&cx));
     let mut resources = Vec::new();
-    let mut problems: Vec<String> = report.failures().map(|f| format!("{}: {}", f.step, match &f.outcome {
-        exec::Outcome::Failed { error, .. } => error.as_str(),
-        _ => "",
-    })).collect();
+    let mut problems: Vec<String> = report
+        .failures()
+        .map(|f| {
+            format!(
+                "{}: {}",
+                f.step,
+                match &f.outcome {
+                    exec::Outcome::Failed { error, .. } => error.as_str(),
+                    _ => "",
+                }
+            )
+        })
+        .collect();
     for s in &report.steps {
         for c in &s.changes {
             let state = match c.action {
@@ -358,7 +380,14 @@ pub fn list_envs(dir: &Path) -> Result<Vec<EnvSummary>> {
                 error: None,
             }),
             Ok(None) => {}
-            Err(e) => out.push(EnvSummary { env: name, resources: 0, writer_region: String::new(), updated_at: String::new(), locked_by, error: Some(e.to_string()) }),
+            Err(e) => out.push(EnvSummary {
+                env: name,
+                resources: 0,
+                writer_region: String::new(),
+                updated_at: String::new(),
+                locked_by,
+                error: Some(e.to_string()),
+            }),
         }
     }
     Ok(out)
@@ -434,7 +463,12 @@ pub fn check_lag(plan: &crate::failover::Plan, max: f64, force: bool) -> Result<
 }
 
 /// `reprotect`: reads what AWS says and what would be done.
-pub async fn reprotect_plan(t: &Target, keep_old_primary: bool, dry_run: bool, cancel: &Cancel) -> Result<(Cx, Option<Lock>, crate::reprotect::Plan)> {
+pub async fn reprotect_plan(
+    t: &Target,
+    keep_old_primary: bool,
+    dry_run: bool,
+    cancel: &Cancel,
+) -> Result<(Cx, Option<Lock>, crate::reprotect::Plan)> {
     let (cx, lock) = open(t, "pgdr reprotect", !dry_run, Ahead::Instances, cancel).await?;
     let plan = crate::reprotect::plan(&cx, keep_old_primary).await?;
     Ok((cx, lock, plan))
@@ -442,7 +476,14 @@ pub async fn reprotect_plan(t: &Target, keep_old_primary: bool, dry_run: bool, c
 
 /// Runs a confirmed `reprotect`: the old machinery goes, the roles swap, then `up` builds the
 /// new replica and moves detection (under the same lock).
-pub async fn reprotect(t: &Target, cx: Cx, lock: Option<Lock>, plan: &crate::reprotect::Plan, progress: &dyn Progress, cancel: &Cancel) -> Result<RunResult> {
+pub async fn reprotect(
+    t: &Target,
+    cx: Cx,
+    lock: Option<Lock>,
+    plan: &crate::reprotect::Plan,
+    progress: &dyn Progress,
+    cancel: &Cancel,
+) -> Result<RunResult> {
     crate::reprotect::prepare(&cx, plan, progress).await?;
     drop(cx);
     // The roles are swapped now; the lock stays held.
@@ -490,7 +531,8 @@ pub async fn adopt(t: &Target, progress: &dyn Progress, cancel: &Cancel) -> Resu
             s.topology.fenced.entry(primary_region.clone()).or_insert_with(|| vec!["rules revoked by failover (found by adopt)".into()]);
         }
         for (region, id) in &retired {
-            s.resources.insert(format!("retired/{region}/instance"), state::Resource::new("db-instance", region, id, state::Status::Adopted));
+            s.resources
+                .insert(format!("retired/{region}/instance"), state::Resource::new("db-instance", region, id, state::Status::Adopted));
         }
         // Instances not at their default names (a `-2` replica): recorded so the walk finds them.
         for (db, region, primary_role) in [(&p, &primary_region, !swapped), (&d, &dr_region, swapped)] {

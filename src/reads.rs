@@ -105,7 +105,12 @@ impl Intercept for WatchChanges {
 
     // Not `read_before_execution`: a client's interceptors run that before the operation's
     // configuration (which names it) is in the bag.
-    fn read_before_serialization(&self, _context: &BeforeSerializationInterceptorContextRef<'_>, _rc: &RuntimeComponents, cfg: &mut ConfigBag) -> Result<(), BoxError> {
+    fn read_before_serialization(
+        &self,
+        _context: &BeforeSerializationInterceptorContextRef<'_>,
+        _rc: &RuntimeComponents,
+        cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
         match cfg.load::<Metadata>() {
             Some(m) if is_read(m.name()) => {}
             // Unknown operations count as changes: reusing a stale answer is worse than a call.

@@ -7,7 +7,6 @@
 //! 4. Run `up`: a new cross-region replica of the new primary in the old region, detection and
 //!    failover machinery on the new DR side, DNS records pointed at the new pair.
 
-
 use serde::Serialize;
 
 use crate::cx::{Cx, Side};
@@ -48,9 +47,12 @@ pub async fn plan(cx: &Cx, keep_old_primary: bool) -> Result<Plan> {
     } else {
         format!("pgdr-{}-{}", cx.name(), cx.region(Side::Primary))
     };
-    let mut steps = vec![format!("remove the probe, primary-down alarm, health check, failover function and alarms in {}", cx.region(Side::Dr))];
+    let mut steps =
+        vec![format!("remove the probe, primary-down alarm, health check, failover function and alarms in {}", cx.region(Side::Dr))];
     match (&old_id, keep_old_primary) {
-        (Some(id), false) => steps.push(format!("delete the fenced old primary {id} in {} with a final snapshot", cx.region(Side::Primary))),
+        (Some(id), false) => {
+            steps.push(format!("delete the fenced old primary {id} in {} with a final snapshot", cx.region(Side::Primary)))
+        }
         (Some(id), true) => steps.push(format!("keep the old primary {id} (retired; `down` deletes it)")),
         (None, _) => {}
     }
@@ -74,10 +76,14 @@ pub async fn prepare(cx: &Cx, plan: &Plan, progress: &dyn Progress) -> Result<()
     let old: Vec<Box<dyn Step<Cx>>> = vec![Box::new(alarms::Alarms), Box::new(failover::Detection), Box::new(failover::Failover)];
     let report = exec::execute(&old, cx, Direction::Down, false, progress, &cx.cancel).await;
     if let Some(f) = report.failures().next() {
-        return Err(Error::failed(format!("reprotect stopped while removing the old detection: {}: {}", f.step, match &f.outcome {
-            exec::Outcome::Failed { error, .. } => error.clone(),
-            _ => String::new(),
-        })));
+        return Err(Error::failed(format!(
+            "reprotect stopped while removing the old detection: {}: {}",
+            f.step,
+            match &f.outcome {
+                exec::Outcome::Failed { error, .. } => error.clone(),
+                _ => String::new(),
+            }
+        )));
     }
 
     // 2. The old primary.
@@ -89,7 +95,8 @@ pub async fn prepare(cx: &Cx, plan: &Plan, progress: &dyn Progress) -> Result<()
             let id = id.clone();
             cx.store.update(|s| {
                 s.resources.remove(&old_key);
-                s.resources.insert(format!("retired/{old_region}/instance"), Resource::new("db-instance", &old_region, &id, Status::Adopted));
+                s.resources
+                    .insert(format!("retired/{old_region}/instance"), Resource::new("db-instance", &old_region, &id, Status::Adopted));
             })?;
         } else {
             let rec = Recorder::new("reprotect", false, progress, cx.cancel.clone());
@@ -109,7 +116,11 @@ pub async fn prepare(cx: &Cx, plan: &Plan, progress: &dyn Progress) -> Result<()
             .collect();
         for (k, v) in moved {
             s.resources.remove(&k);
-            let nk = if let Some(rest) = k.strip_prefix("primary/") { format!("replica/{rest}") } else { format!("primary/{}", &k["replica/".len()..]) };
+            let nk = if let Some(rest) = k.strip_prefix("primary/") {
+                format!("replica/{rest}")
+            } else {
+                format!("primary/{}", &k["replica/".len()..])
+            };
             s.resources.insert(nk, v);
         }
         s.resources.entry(format!("replica/{old_region}/instance")).or_insert_with(|| {
@@ -120,7 +131,10 @@ pub async fn prepare(cx: &Cx, plan: &Plan, progress: &dyn Progress) -> Result<()
         s.topology.fenced.remove(&old_region);
         s.topology.primary_region = new_region.clone();
         s.topology.writer_region = new_region.clone();
-        s.topology.events.push(TopologyEvent { at: now_rfc3339(), what: format!("reprotect: primary {new_region}, new replica {new_replica} in {old_region}") });
+        s.topology.events.push(TopologyEvent {
+            at: now_rfc3339(),
+            what: format!("reprotect: primary {new_region}, new replica {new_replica} in {old_region}"),
+        });
     })?;
     Ok(())
 }

@@ -93,9 +93,7 @@ impl Resource {
 }
 
 pub fn now_rfc3339() -> String {
-    aws_smithy_types::DateTime::from(std::time::SystemTime::now())
-        .fmt(aws_smithy_types::date_time::Format::DateTime)
-        .unwrap_or_default()
+    aws_smithy_types::DateTime::from(std::time::SystemTime::now()).fmt(aws_smithy_types::date_time::Format::DateTime).unwrap_or_default()
 }
 
 pub fn state_path(dir: &Path, env: &str) -> PathBuf {
@@ -147,7 +145,8 @@ pub fn write_atomic(dir: &Path, state: &State) -> Result<()> {
     let bak = dir.join(format!("{}.json.bak", state.env));
     let bak_tmp = dir.join(format!(".{}.json.bak.tmp", state.env));
     let text = serde_json::to_vec_pretty(state).map_err(|e| Error::Other(format!("internal: state does not serialize: {e}")))?;
-    let io = |what: &str, e: std::io::Error| Error::Other(format!("cannot {what} in {}: {e}; the previous state file is intact", dir.display()));
+    let io =
+        |what: &str, e: std::io::Error| Error::Other(format!("cannot {what} in {}: {e}; the previous state file is intact", dir.display()));
     {
         let _ = fs::remove_file(&tmp);
         let mut f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(|e| io("write the state file", e))?;
@@ -171,7 +170,8 @@ pub fn write_atomic(dir: &Path, state: &State) -> Result<()> {
 
 pub fn ensure_dir(dir: &Path) -> Result<()> {
     if !dir.exists() {
-        fs::create_dir_all(dir).map_err(|e| Error::user(format!("cannot create state directory {}: {e}; choose another with --state-dir", dir.display())))?;
+        fs::create_dir_all(dir)
+            .map_err(|e| Error::user(format!("cannot create state directory {}: {e}; choose another with --state-dir", dir.display())))?;
         let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o700));
     }
     Ok(())
@@ -273,7 +273,8 @@ static HELD: Mutex<Option<PathBuf>> = Mutex::new(None);
 pub fn release_held_lock() {
     let held = HELD.lock().unwrap_or_else(|p| p.into_inner()).take();
     if let Some(path) = held {
-        let ours = fs::read(&path).ok().and_then(|t| serde_json::from_slice::<LockInfo>(&t).ok()).is_some_and(|h| h.pid == std::process::id());
+        let ours =
+            fs::read(&path).ok().and_then(|t| serde_json::from_slice::<LockInfo>(&t).ok()).is_some_and(|h| h.pid == std::process::id());
         if ours {
             let _ = fs::remove_file(&path);
         }

@@ -55,7 +55,16 @@ pub fn is_transient(e: &AwsError) -> bool {
 /// A wait expects something to change: every look after the first reads afresh (`reads` is
 /// emptied before it), so no answer kept from before the wait is seen twice.
 #[allow(clippy::too_many_arguments)]
-pub async fn until<T, F>(what: &str, budget: Duration, pace: Pace, cancel: &Cancel, reads: &Reads, mut on_status: impl FnMut(&str, Duration), hint: &str, mut look: F) -> Result<T>
+pub async fn until<T, F>(
+    what: &str,
+    budget: Duration,
+    pace: Pace,
+    cancel: &Cancel,
+    reads: &Reads,
+    mut on_status: impl FnMut(&str, Duration),
+    hint: &str,
+    mut look: F,
+) -> Result<T>
 where
     F: AsyncFnMut() -> Result<Look<T>>,
 {
@@ -71,7 +80,9 @@ where
         match look().await {
             Ok(Look::Ready(v)) => return Ok(v),
             Ok(Look::Failed(status)) => {
-                return Err(Error::failed(format!("{what} reached status {status:?}, which will not resolve by waiting; see the AWS console events for it")))
+                return Err(Error::failed(format!(
+                    "{what} reached status {status:?}, which will not resolve by waiting; see the AWS console events for it"
+                )))
             }
             Ok(Look::Pending(status)) => {
                 if status != last {
@@ -123,9 +134,11 @@ pub fn rds_status(status: &str) -> Look<()> {
     match status {
         // After a storage change RDS optimizes the volume for hours, fully usable meanwhile.
         "available" | "storage-optimization" => Look::Ready(()),
-        "failed" | "storage-full" | "inaccessible-encryption-credentials" | "inaccessible-encryption-credentials-recoverable" | "restore-error" => {
-            Look::Failed(status.to_owned())
-        }
+        "failed"
+        | "storage-full"
+        | "inaccessible-encryption-credentials"
+        | "inaccessible-encryption-credentials-recoverable"
+        | "restore-error" => Look::Failed(status.to_owned()),
         s if s.starts_with("incompatible-") => Look::Failed(s.to_owned()),
         // Any other status, including ones AWS adds later, means "still working".
         s => Look::Pending(s.to_owned()),
@@ -153,14 +166,23 @@ mod tests {
 
     async fn run(seq: Vec<Result<&'static str, &'static str>>, budget_ms: u64) -> (Result<()>, usize) {
         let calls = Cell::new(0usize);
-        let r = until("db pgdr-dev", Duration::from_millis(budget_ms), QUICK, &Cancel::default(), &Reads::default(), |_, _| {}, "rerun `pgdr up`", async || {
-            let i = calls.get();
-            calls.set(i + 1);
-            match seq.get(i).or(seq.last()).cloned().unwrap() {
-                Ok(s) => Ok(rds_status(s)),
-                Err(code) => Err(aws_err(code)),
-            }
-        })
+        let r = until(
+            "db pgdr-dev",
+            Duration::from_millis(budget_ms),
+            QUICK,
+            &Cancel::default(),
+            &Reads::default(),
+            |_, _| {},
+            "rerun `pgdr up`",
+            async || {
+                let i = calls.get();
+                calls.set(i + 1);
+                match seq.get(i).or(seq.last()).cloned().unwrap() {
+                    Ok(s) => Ok(rds_status(s)),
+                    Err(code) => Err(aws_err(code)),
+                }
+            },
+        )
         .await;
         (r, calls.get())
     }

@@ -10,11 +10,11 @@ use futures::future::LocalBoxFuture;
 use serde_json::{json, Value};
 
 use super::{database, Res};
-use crate::{aws, read};
 use crate::clients::Regional;
 use crate::cx::{Cx, Side};
 use crate::error::{Error, Result};
 use crate::exec::{Action, Recorder, Step, StepResult};
+use crate::{aws, read};
 
 pub struct Topics;
 pub struct Alarms;
@@ -147,12 +147,20 @@ async fn topics_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
         let reg = cx.regional(side);
         let region = reg.region.as_str();
         let r = Res::new(topic_key(cx, side), "sns-topic", topic_name(cx), region);
-        let arn = super::ensure(cx, rec, &r, async |known| find_topic(cx, side, known).await, async |_| {
-            // Tagged at creation. CreateTopic is idempotent by name (with the same tags).
-            let tags = cx.tags("alarms").into_iter().filter_map(|(k, v)| aws_sdk_sns::types::Tag::builder().key(k).value(v).build().ok());
-            let out = aws!(region, "sns", "CreateTopic", reg.sns.create_topic().name(topic_name(cx)).set_tags(Some(tags.collect())).send())?;
-            out.topic_arn.ok_or_else(|| Error::Other(format!("SNS CreateTopic in {region} returned no topic ARN")))
-        })
+        let arn = super::ensure(
+            cx,
+            rec,
+            &r,
+            async |known| find_topic(cx, side, known).await,
+            async |_| {
+                // Tagged at creation. CreateTopic is idempotent by name (with the same tags).
+                let tags =
+                    cx.tags("alarms").into_iter().filter_map(|(k, v)| aws_sdk_sns::types::Tag::builder().key(k).value(v).build().ok());
+                let out =
+                    aws!(region, "sns", "CreateTopic", reg.sns.create_topic().name(topic_name(cx)).set_tags(Some(tags.collect())).send())?;
+                out.topic_arn.ok_or_else(|| Error::Other(format!("SNS CreateTopic in {region} returned no topic ARN")))
+            },
+        )
         .await?;
         subscribe_emails(cx, rec, side, arn.as_deref()).await?;
     }
@@ -190,7 +198,14 @@ async fn subscribe_emails(cx: &Cx, rec: &Recorder<'_>, side: Side, topic: Option
                 rec.record(Action::Delete, "sns-subscription", &email, region, Some(sub), None);
             }
             // Unconfirmed: AWS gives it no ARN to remove it by and drops it after three days.
-            Some(_) => rec.record(Action::Keep, "sns-subscription", &email, region, None, Some("no longer configured; unconfirmed, AWS drops it after 3 days".into())),
+            Some(_) => rec.record(
+                Action::Keep,
+                "sns-subscription",
+                &email,
+                region,
+                None,
+                Some("no longer configured; unconfirmed, AWS drops it after 3 days".into()),
+            ),
             None => {}
         }
         if !rec.plan {
@@ -211,7 +226,8 @@ async fn subscribe_emails(cx: &Cx, rec: &Recorder<'_>, side: Side, topic: Option
                 }
                 Some(topic) => {
                     cx.cancel.check()?;
-                    let out = aws!(region, "sns", "Subscribe", reg.sns.subscribe().topic_arn(topic).protocol("email").endpoint(email).send())?;
+                    let out =
+                        aws!(region, "sns", "Subscribe", reg.sns.subscribe().topic_arn(topic).protocol("email").endpoint(email).send())?;
                     (Action::Create, out.subscription_arn.unwrap_or_default())
                 }
             },
@@ -237,13 +253,17 @@ async fn topics_down(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
         let region = reg.region.as_str();
         let r = Res::new(topic_key(cx, side), "sns-topic", topic_name(cx), region);
         // Deleting a topic deletes its subscriptions.
-        super::remove(cx, rec, &r, async |known| find_topic(cx, side, known).await, async |arn| {
-            match aws!(region, "sns", "DeleteTopic", reg.sns.delete_topic().topic_arn(arn).send()) {
+        super::remove(
+            cx,
+            rec,
+            &r,
+            async |known| find_topic(cx, side, known).await,
+            async |arn| match aws!(region, "sns", "DeleteTopic", reg.sns.delete_topic().topic_arn(arn).send()) {
                 Ok(_) => Ok(()),
                 Err(e) if e.is_code(&["NotFound"]) => Ok(()),
                 Err(e) => Err(e.into()),
-            }
-        })
+            },
+        )
         .await?;
     }
     Ok(())
@@ -297,22 +317,110 @@ fn alarm_defs(cx: &Cx) -> Vec<AlarmDef> {
     vec![
         // ReplicaLag is published for the replica only. A lag that is not reported (-1, or no
         // data) means replication is not running: the replica is broken, so missing = breaching.
-        def("replica-lag", Dr, "ReplicaLag", Maximum, 60, 2, Gt, lag, "breaching", format!("The DR replica is more than {lag} s behind the primary, or replication stopped: a failover now would lose data.")),
+        def(
+            "replica-lag",
+            Dr,
+            "ReplicaLag",
+            Maximum,
+            60,
+            2,
+            Gt,
+            lag,
+            "breaching",
+            format!("The DR replica is more than {lag} s behind the primary, or replication stopped: a failover now would lose data."),
+        ),
         // CPU: an idle or stopped instance reports nothing; other alarms cover that (missing).
-        def("cpu-primary", Primary, "CPUUtilization", Average, 300, 2, Gt, 80.0, "missing", "The primary's CPU is above 80% for 10 minutes.".into()),
-        def("cpu-replica", Dr, "CPUUtilization", Average, 300, 2, Gt, 80.0, "missing", "The DR replica's CPU is above 80% for 10 minutes: it may fall behind.".into()),
+        def(
+            "cpu-primary",
+            Primary,
+            "CPUUtilization",
+            Average,
+            300,
+            2,
+            Gt,
+            80.0,
+            "missing",
+            "The primary's CPU is above 80% for 10 minutes.".into(),
+        ),
+        def(
+            "cpu-replica",
+            Dr,
+            "CPUUtilization",
+            Average,
+            300,
+            2,
+            Gt,
+            80.0,
+            "missing",
+            "The DR replica's CPU is above 80% for 10 minutes: it may fall behind.".into(),
+        ),
         // No slot reports no slot lag, and then no slot holds WAL back (notBreaching); a replica
         // that is gone is the replica-lag alarm's business.
-        def("replication-slot-lag", Primary, "OldestReplicationSlotLag", Maximum, 300, 2, Gt, SLOT_LAG_BYTES, "notBreaching", "A replication slot on the primary holds more than 10 GiB of WAL: the DR replica is about to be lost.".into()),
+        def(
+            "replication-slot-lag",
+            Primary,
+            "OldestReplicationSlotLag",
+            Maximum,
+            300,
+            2,
+            Gt,
+            SLOT_LAG_BYTES,
+            "notBreaching",
+            "A replication slot on the primary holds more than 10 GiB of WAL: the DR replica is about to be lost.".into(),
+        ),
         // WAL on disk above 20% of the allocated storage: a slot or archiving is stuck.
-        def("transaction-logs-disk", Primary, "TransactionLogsDiskUsage", Maximum, 300, 2, Gt, storage * 0.2, "missing", "WAL uses more than 20% of the primary's storage: a replication slot or archiving is stuck.".into()),
-        def("free-storage-primary", Primary, "FreeStorageSpace", Minimum, 300, 1, Lt, storage * 0.1, "missing", "The primary has less than 10% of its storage free.".into()),
-        def("free-storage-replica", Dr, "FreeStorageSpace", Minimum, 300, 1, Lt, storage * 0.1, "missing", "The DR replica has less than 10% of its storage free.".into()),
+        def(
+            "transaction-logs-disk",
+            Primary,
+            "TransactionLogsDiskUsage",
+            Maximum,
+            300,
+            2,
+            Gt,
+            storage * 0.2,
+            "missing",
+            "WAL uses more than 20% of the primary's storage: a replication slot or archiving is stuck.".into(),
+        ),
+        def(
+            "free-storage-primary",
+            Primary,
+            "FreeStorageSpace",
+            Minimum,
+            300,
+            1,
+            Lt,
+            storage * 0.1,
+            "missing",
+            "The primary has less than 10% of its storage free.".into(),
+        ),
+        def(
+            "free-storage-replica",
+            Dr,
+            "FreeStorageSpace",
+            Minimum,
+            300,
+            1,
+            Lt,
+            storage * 0.1,
+            "missing",
+            "The DR replica has less than 10% of its storage free.".into(),
+        ),
         // No invocation means no error: missing = notBreaching.
         AlarmDef {
             namespace: "AWS/Lambda",
             dimension: ("FunctionName", format!("pgdr-{}-failover", cx.name())),
-            ..def("failover-errors", Dr, "Errors", Sum, 60, 1, Ge, 1.0, "notBreaching", "The failover function failed: check its logs, a failover may be half done.".into())
+            ..def(
+                "failover-errors",
+                Dr,
+                "Errors",
+                Sum,
+                60,
+                1,
+                Ge,
+                1.0,
+                "notBreaching",
+                "The failover function failed: check its logs, a failover may be half done.".into(),
+            )
         },
     ]
 }
@@ -388,10 +496,19 @@ async fn subscriptions(cx: &Cx, side: Side, topic: &str) -> Result<Vec<(String, 
     let mut have = Vec::new();
     let mut next = None;
     loop {
-        let out = read!(reg.reads, &reg.region, "sns", "ListSubscriptionsByTopic", reg.sns.list_subscriptions_by_topic().topic_arn(topic).set_next_token(next))?;
-        have.extend(out.subscriptions().iter().filter(|s| s.protocol() == Some("email")).filter_map(|s| {
-            Some((s.endpoint()?.to_owned(), s.subscription_arn().unwrap_or("PendingConfirmation").to_owned()))
-        }));
+        let out = read!(
+            reg.reads,
+            &reg.region,
+            "sns",
+            "ListSubscriptionsByTopic",
+            reg.sns.list_subscriptions_by_topic().topic_arn(topic).set_next_token(next)
+        )?;
+        have.extend(
+            out.subscriptions()
+                .iter()
+                .filter(|s| s.protocol() == Some("email"))
+                .filter_map(|s| Some((s.endpoint()?.to_owned(), s.subscription_arn().unwrap_or("PendingConfirmation").to_owned()))),
+        );
         next = out.next_token;
         if next.is_none() {
             return Ok(have);
@@ -401,7 +518,12 @@ async fn subscriptions(cx: &Cx, side: Side, topic: &str) -> Result<Vec<(String, 
 
 fn diff(have: &MetricAlarm, want: &MetricAlarm) -> Vec<String> {
     let none = |s: &str| if s.is_empty() { "(none)".to_owned() } else { s.to_owned() };
-    fields(have).into_iter().zip(fields(want)).filter(|((_, h), (_, w))| h != w).map(|((k, h), (_, w))| format!("{k} {} -> {}", none(&h), none(&w))).collect()
+    fields(have)
+        .into_iter()
+        .zip(fields(want))
+        .filter(|((_, h), (_, w))| h != w)
+        .map(|((k, h), (_, w))| format!("{k} {} -> {}", none(&h), none(&w)))
+        .collect()
 }
 
 /// The named alarms that exist in a region, in one call.
@@ -459,10 +581,16 @@ async fn alarms_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
             let r = Res::new(alarm_key(region, &name), ALARM, name.clone(), region);
             let have = found.get(&name);
             let want = a.wanted(cx, &topic);
-            super::ensure(cx, rec, &r, async |_| Ok(have.map(|_| name.clone())), async |_| {
-                put_alarm(cx, reg, a.what, &want).await?;
-                Ok(name.clone())
-            })
+            super::ensure(
+                cx,
+                rec,
+                &r,
+                async |_| Ok(have.map(|_| name.clone())),
+                async |_| {
+                    put_alarm(cx, reg, a.what, &want).await?;
+                    Ok(name.clone())
+                },
+            )
             .await?;
             let Some(have) = have else { continue };
             let changes = diff(have, &want);
@@ -482,13 +610,17 @@ async fn alarms_down(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
     let reg = cx.regional(Side::Primary);
     let region = reg.region.as_str();
     let r = Res::new(dashboard_key(cx), DASHBOARD, dashboard_name(cx), region);
-    super::remove(cx, rec, &r, async |_| Ok(get_dashboard(cx).await?.map(|_| dashboard_name(cx))), async |name| {
-        match aws!(region, "cloudwatch", "DeleteDashboards", reg.cloudwatch.delete_dashboards().dashboard_names(name).send()) {
+    super::remove(
+        cx,
+        rec,
+        &r,
+        async |_| Ok(get_dashboard(cx).await?.map(|_| dashboard_name(cx))),
+        async |name| match aws!(region, "cloudwatch", "DeleteDashboards", reg.cloudwatch.delete_dashboards().dashboard_names(name).send()) {
             Ok(_) => Ok(()),
             Err(e) if e.is_code(&["ResourceNotFound"]) => Ok(()),
             Err(e) => Err(e.into()),
-        }
-    })
+        },
+    )
     .await?;
 
     let defs = alarm_defs(cx);
@@ -510,7 +642,8 @@ async fn alarms_down(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
         if !existing.is_empty() && !rec.plan {
             cx.cancel.check()?;
             rec.status(&format!("deleting {} alarms in {region}", existing.len()));
-            match aws!(region, "cloudwatch", "DeleteAlarms", reg.cloudwatch.delete_alarms().set_alarm_names(Some(existing.clone())).send()) {
+            match aws!(region, "cloudwatch", "DeleteAlarms", reg.cloudwatch.delete_alarms().set_alarm_names(Some(existing.clone())).send())
+            {
                 Ok(_) => {}
                 Err(e) if e.is_code(&["ResourceNotFound"]) => {}
                 Err(e) => return Err(e.into()),
@@ -583,15 +716,26 @@ async fn ensure_dashboard(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
     let name = dashboard_name(cx);
     let want = dashboard_body(cx);
     let put = async || -> Result<()> {
-        aws!(region, "cloudwatch", "PutDashboard", reg.cloudwatch.put_dashboard().dashboard_name(&name).dashboard_body(want.to_string()).send())?;
+        aws!(
+            region,
+            "cloudwatch",
+            "PutDashboard",
+            reg.cloudwatch.put_dashboard().dashboard_name(&name).dashboard_body(want.to_string()).send()
+        )?;
         Ok(())
     };
     let have = get_dashboard(cx).await?;
     let r = Res::new(dashboard_key(cx), DASHBOARD, name.clone(), region);
-    super::ensure(cx, rec, &r, async |_| Ok(have.as_ref().map(|_| name.clone())), async |_| {
-        put().await?;
-        Ok(name.clone())
-    })
+    super::ensure(
+        cx,
+        rec,
+        &r,
+        async |_| Ok(have.as_ref().map(|_| name.clone())),
+        async |_| {
+            put().await?;
+            Ok(name.clone())
+        },
+    )
     .await?;
     if have.as_ref().is_some_and(|h| *h != want) {
         if !rec.plan {

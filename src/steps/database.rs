@@ -7,11 +7,11 @@ use std::time::Duration;
 use futures::future::LocalBoxFuture;
 
 use super::{dbgroups, network, secrets, Res};
-use crate::{aws, read};
 use crate::cx::{Cx, Side};
 use crate::error::{AwsError, Error, Result};
 use crate::exec::{Action, Recorder, Step, StepResult};
 use crate::wait::{self, Look, Pace};
+use crate::{aws, read};
 
 pub const PRIMARY: &str = "primary";
 pub const REPLICA: &str = "replica";
@@ -125,14 +125,20 @@ impl Step<Cx> for Primary {
         PRIMARY.into()
     }
     fn deps(&self) -> Vec<String> {
-        vec![network::step_id(Side::Primary), dbgroups::step_id(Side::Primary), dbgroups::params_step_id(Side::Primary), secrets::STEP.into()]
+        vec![
+            network::step_id(Side::Primary),
+            dbgroups::step_id(Side::Primary),
+            dbgroups::params_step_id(Side::Primary),
+            secrets::STEP.into(),
+        ]
     }
     fn up<'a>(&'a self, cx: &'a Cx, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult> {
         Box::pin(up(cx, rec, Side::Primary))
     }
     fn down<'a>(&'a self, cx: &'a Cx, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult> {
         Box::pin(down(cx, rec, Side::Primary))
-    }    fn reads<'a>(&'a self, cx: &'a Cx) -> LocalBoxFuture<'a, ()> {
+    }
+    fn reads<'a>(&'a self, cx: &'a Cx) -> LocalBoxFuture<'a, ()> {
         Box::pin(reads(cx, Side::Primary))
     }
 }
@@ -149,7 +155,8 @@ impl Step<Cx> for Replica {
     }
     fn down<'a>(&'a self, cx: &'a Cx, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult> {
         Box::pin(down(cx, rec, Side::Dr))
-    }    fn reads<'a>(&'a self, cx: &'a Cx) -> LocalBoxFuture<'a, ()> {
+    }
+    fn reads<'a>(&'a self, cx: &'a Cx) -> LocalBoxFuture<'a, ()> {
         Box::pin(reads(cx, Side::Dr))
     }
 }
@@ -203,78 +210,84 @@ async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
         Side::Primary => String::new(),
         Side::Dr => cx.store.attr(&instance_key(cx, Side::Primary), "arn").unwrap_or_default(),
     };
-    let created = super::ensure(cx, rec, &r, async |_| Ok(exists.as_ref().map(|d| d.id.clone())), async |_| {
-        let tags = Some(dbgroups::rds_tags(cx, if side == Side::Primary { "primary" } else { "replica" }));
-        let logs = Some(LOG_EXPORTS.iter().map(|s| s.to_string()).collect());
-        match side {
-            Side::Primary => {
-                let read = credentials.borrow_mut().take();
-                let (user, password) = match read {
-                    Some(c) => c?,
-                    None => secrets::read_credentials(cx).await?,
-                };
-                aws!(
-                    region,
-                    "rds",
-                    "CreateDBInstance",
-                    reg.rds
-                        .create_db_instance()
-                        .db_instance_identifier(&id)
-                        .engine("postgres")
-                        .engine_version(&s.engine_version)
-                        .db_instance_class(&s.instance_class)
-                        .allocated_storage(s.allocated_storage_gib)
-                        .storage_type("gp3")
-                        .multi_az(true)
-                        .storage_encrypted(true)
-                        .backup_retention_period(s.backup_retention_days)
-                        .set_enable_cloudwatch_logs_exports(logs)
-                        .publicly_accessible(false)
-                        .db_subnet_group_name(dbgroups::subnet_group_name(cx))
-                        .vpc_security_group_ids(&sg)
-                        .db_parameter_group_name(dbgroups::parameter_group_name(cx))
-                        .auto_minor_version_upgrade(false)
-                        .copy_tags_to_snapshot(true)
-                        .deletion_protection(cx.env.deletion_protection())
-                        .master_username(user)
-                        .master_user_password(password.0)
-                        .db_name(&s.database_name)
-                        .port(5432)
-                        .set_tags(tags)
-                        .send()
-                )?;
-            }
-            Side::Dr => {
-                if primary_arn.is_empty() {
-                    return Err(Error::failed("the primary's ARN is not known yet; rerun `pgdr up`"));
+    let created = super::ensure(
+        cx,
+        rec,
+        &r,
+        async |_| Ok(exists.as_ref().map(|d| d.id.clone())),
+        async |_| {
+            let tags = Some(dbgroups::rds_tags(cx, if side == Side::Primary { "primary" } else { "replica" }));
+            let logs = Some(LOG_EXPORTS.iter().map(|s| s.to_string()).collect());
+            match side {
+                Side::Primary => {
+                    let read = credentials.borrow_mut().take();
+                    let (user, password) = match read {
+                        Some(c) => c?,
+                        None => secrets::read_credentials(cx).await?,
+                    };
+                    aws!(
+                        region,
+                        "rds",
+                        "CreateDBInstance",
+                        reg.rds
+                            .create_db_instance()
+                            .db_instance_identifier(&id)
+                            .engine("postgres")
+                            .engine_version(&s.engine_version)
+                            .db_instance_class(&s.instance_class)
+                            .allocated_storage(s.allocated_storage_gib)
+                            .storage_type("gp3")
+                            .multi_az(true)
+                            .storage_encrypted(true)
+                            .backup_retention_period(s.backup_retention_days)
+                            .set_enable_cloudwatch_logs_exports(logs)
+                            .publicly_accessible(false)
+                            .db_subnet_group_name(dbgroups::subnet_group_name(cx))
+                            .vpc_security_group_ids(&sg)
+                            .db_parameter_group_name(dbgroups::parameter_group_name(cx))
+                            .auto_minor_version_upgrade(false)
+                            .copy_tags_to_snapshot(true)
+                            .deletion_protection(cx.env.deletion_protection())
+                            .master_username(user)
+                            .master_user_password(password.0)
+                            .db_name(&s.database_name)
+                            .port(5432)
+                            .set_tags(tags)
+                            .send()
+                    )?;
                 }
-                aws!(
-                    region,
-                    "rds",
-                    "CreateDBInstanceReadReplica",
-                    reg.rds
-                        .create_db_instance_read_replica()
-                        .db_instance_identifier(&id)
-                        .source_db_instance_identifier(&primary_arn)
-                        .db_instance_class(&s.instance_class)
-                        // An encrypted source needs a key of this region.
-                        .kms_key_id("alias/aws/rds")
-                        .storage_type("gp3")
-                        .set_enable_cloudwatch_logs_exports(logs)
-                        .publicly_accessible(false)
-                        .db_subnet_group_name(dbgroups::subnet_group_name(cx))
-                        .vpc_security_group_ids(&sg)
-                        .db_parameter_group_name(dbgroups::parameter_group_name(cx))
-                        .auto_minor_version_upgrade(false)
-                        .copy_tags_to_snapshot(true)
-                        .deletion_protection(cx.env.deletion_protection())
-                        .set_tags(tags)
-                        .send()
-                )?;
+                Side::Dr => {
+                    if primary_arn.is_empty() {
+                        return Err(Error::failed("the primary's ARN is not known yet; rerun `pgdr up`"));
+                    }
+                    aws!(
+                        region,
+                        "rds",
+                        "CreateDBInstanceReadReplica",
+                        reg.rds
+                            .create_db_instance_read_replica()
+                            .db_instance_identifier(&id)
+                            .source_db_instance_identifier(&primary_arn)
+                            .db_instance_class(&s.instance_class)
+                            // An encrypted source needs a key of this region.
+                            .kms_key_id("alias/aws/rds")
+                            .storage_type("gp3")
+                            .set_enable_cloudwatch_logs_exports(logs)
+                            .publicly_accessible(false)
+                            .db_subnet_group_name(dbgroups::subnet_group_name(cx))
+                            .vpc_security_group_ids(&sg)
+                            .db_parameter_group_name(dbgroups::parameter_group_name(cx))
+                            .auto_minor_version_upgrade(false)
+                            .copy_tags_to_snapshot(true)
+                            .deletion_protection(cx.env.deletion_protection())
+                            .set_tags(tags)
+                            .send()
+                    )?;
+                }
             }
-        }
-        Ok(id.clone())
-    })
+            Ok(id.clone())
+        },
+    )
     .await?;
     let Some(_) = created else { return Ok(()) };
     if rec.plan && found.is_none() {
@@ -332,7 +345,14 @@ async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
         changes.push(format!("storage {} -> {} GiB", db.storage_gib, s.allocated_storage_gib));
         m = m.allocated_storage(s.allocated_storage_gib);
     } else if db.storage_gib > s.allocated_storage_gib {
-        rec.record(Action::Keep, "db-instance", &id, region, Some(&id), Some(format!("storage stays {} GiB: RDS cannot shrink it to {}", db.storage_gib, s.allocated_storage_gib)));
+        rec.record(
+            Action::Keep,
+            "db-instance",
+            &id,
+            region,
+            Some(&id),
+            Some(format!("storage stays {} GiB: RDS cannot shrink it to {}", db.storage_gib, s.allocated_storage_gib)),
+        );
     }
     if side == Side::Primary && !db.multi_az {
         changes.push("Multi-AZ off -> on".into());
@@ -446,11 +466,23 @@ pub struct Deletion {
 
 /// Deletes an instance and waits until it is gone: deletion protection is turned off first
 /// (callers decide whether that is allowed), an instance already gone counts as deleted.
-pub async fn delete_instance(cx: &Cx, rec: &Recorder<'_>, reg: &crate::clients::Regional, id: &str, how: &Deletion, hint: &str) -> Result<()> {
+pub async fn delete_instance(
+    cx: &Cx,
+    rec: &Recorder<'_>,
+    reg: &crate::clients::Regional,
+    id: &str,
+    how: &Deletion,
+    hint: &str,
+) -> Result<()> {
     let region = reg.region.as_str();
     let Some(db) = describe(reg, id).await? else { return Ok(()) };
     if db.deletion_protection {
-        aws!(region, "rds", "ModifyDBInstance", reg.rds.modify_db_instance().db_instance_identifier(id).deletion_protection(false).apply_immediately(true).send())?;
+        aws!(
+            region,
+            "rds",
+            "ModifyDBInstance",
+            reg.rds.modify_db_instance().db_instance_identifier(id).deletion_protection(false).apply_immediately(true).send()
+        )?;
     }
     if let Some(snap) = &how.snapshot {
         rec.status(&format!("deleting {id} (final snapshot {snap})"));
@@ -467,12 +499,21 @@ pub async fn delete_instance(cx: &Cx, rec: &Recorder<'_>, reg: &crate::clients::
         Err(e) if e.is_code(&["DBInstanceNotFound", "DBInstanceNotFoundFault"]) => return Ok(()),
         Err(e) => return Err(e.into()),
     }
-    wait::until(&format!("deletion of {id}"), Duration::from_secs(3600), Pace::SLOW, &cx.cancel, &cx.clients.reads, |s, t| rec.status(&format!("{id}: {s} ({})", wait::human(t))), hint, async || {
-        Ok(match describe(reg, id).await? {
-            None => Look::Ready(()),
-            Some(d) => Look::Pending(d.status),
-        })
-    })
+    wait::until(
+        &format!("deletion of {id}"),
+        Duration::from_secs(3600),
+        Pace::SLOW,
+        &cx.cancel,
+        &cx.clients.reads,
+        |s, t| rec.status(&format!("{id}: {s} ({})", wait::human(t))),
+        hint,
+        async || {
+            Ok(match describe(reg, id).await? {
+                None => Look::Ready(()),
+                Some(d) => Look::Pending(d.status),
+            })
+        },
+    )
     .await
 }
 
@@ -492,13 +533,19 @@ async fn down(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
     let is_replica = found.as_ref().is_some_and(|d| d.source.is_some()) && side == Side::Dr;
     let snapshot = (!cx.opts.skip_final_snapshot && !is_replica).then(|| snapshot_name(cx));
     let protected = found.as_ref().is_some_and(|d| d.deletion_protection);
-    super::remove(cx, rec, &r, async |_| Ok(found.as_ref().map(|d| d.id.clone())), async |id| {
-        if protected && !cx.opts.force {
-            return Err(Error::user(format!("{id} has deletion protection on; rerun with --force to turn it off and delete")));
-        }
-        let how = Deletion { snapshot: snapshot.clone(), keep_backups: !cx.opts.skip_final_snapshot };
-        delete_instance(cx, rec, reg, &id, &how, "rerun `pgdr down` to keep waiting").await
-    })
+    super::remove(
+        cx,
+        rec,
+        &r,
+        async |_| Ok(found.as_ref().map(|d| d.id.clone())),
+        async |id| {
+            if protected && !cx.opts.force {
+                return Err(Error::user(format!("{id} has deletion protection on; rerun with --force to turn it off and delete")));
+            }
+            let how = Deletion { snapshot: snapshot.clone(), keep_backups: !cx.opts.skip_final_snapshot };
+            delete_instance(cx, rec, reg, &id, &how, "rerun `pgdr down` to keep waiting").await
+        },
+    )
     .await?;
     if let (Some(snap), false) = (&snapshot, rec.plan || found.is_none()) {
         rec.record(Action::Keep, "db-snapshot", snap, region, Some(snap), Some("final snapshot of the primary".into()));
@@ -516,19 +563,30 @@ impl Step<Cx> for Retired {
     }
     fn deps(&self) -> Vec<String> {
         // On `down` it goes before the groups and networks it uses.
-        [Side::Primary, Side::Dr].into_iter().flat_map(|s| [dbgroups::step_id(s), dbgroups::params_step_id(s), network::step_id(s)]).collect()
+        [Side::Primary, Side::Dr]
+            .into_iter()
+            .flat_map(|s| [dbgroups::step_id(s), dbgroups::params_step_id(s), network::step_id(s)])
+            .collect()
     }
     fn up<'a>(&'a self, cx: &'a Cx, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult> {
         Box::pin(async move {
             for (_, r) in cx.store.snapshot().resources.into_iter().filter(|(k, _)| k.starts_with("retired/")) {
-                rec.record(Action::Keep, "db-instance", r.id.as_deref().unwrap_or("?"), &r.region, r.id.as_deref(), Some("retired old primary".into()));
+                rec.record(
+                    Action::Keep,
+                    "db-instance",
+                    r.id.as_deref().unwrap_or("?"),
+                    &r.region,
+                    r.id.as_deref(),
+                    Some("retired old primary".into()),
+                );
             }
             Ok(())
         })
     }
     fn down<'a>(&'a self, cx: &'a Cx, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult> {
         Box::pin(async move {
-            let retired: Vec<(String, crate::state::Resource)> = cx.store.snapshot().resources.into_iter().filter(|(k, _)| k.starts_with("retired/")).collect();
+            let retired: Vec<(String, crate::state::Resource)> =
+                cx.store.snapshot().resources.into_iter().filter(|(k, _)| k.starts_with("retired/")).collect();
             for (key, r) in retired {
                 let Some(reg) = cx.clients.region(&r.region).cloned() else { continue };
                 let id = r.id.clone().unwrap_or_default();
@@ -539,9 +597,13 @@ impl Step<Cx> for Retired {
                 let snapshot = (!cx.opts.skip_final_snapshot).then(|| snapshot_name(cx));
                 let res = Res::new(key.clone(), "db-instance", id.clone(), &r.region);
                 let how = Deletion { snapshot: snapshot.clone(), keep_backups: !cx.opts.skip_final_snapshot };
-                super::remove(cx, rec, &res, async |_| Ok(found.as_ref().map(|d| d.id.clone())), async |id| {
-                    delete_instance(cx, rec, &reg, &id, &how, "rerun `pgdr down`").await
-                })
+                super::remove(
+                    cx,
+                    rec,
+                    &res,
+                    async |_| Ok(found.as_ref().map(|d| d.id.clone())),
+                    async |id| delete_instance(cx, rec, &reg, &id, &how, "rerun `pgdr down`").await,
+                )
                 .await?;
             }
             Ok(())

@@ -5,10 +5,10 @@ use aws_sdk_rds::types::{ApplyMethod, Parameter, Tag};
 use futures::future::LocalBoxFuture;
 
 use super::{database, network, Res};
-use crate::{aws, read};
 use crate::cx::{Cx, Side};
 use crate::error::{AwsError, Error, Result};
 use crate::exec::{Action, Recorder, Step, StepResult};
+use crate::{aws, read};
 
 /// The DB subnet group (needs the network's subnets).
 pub struct DbGroups(pub Side);
@@ -60,7 +60,8 @@ impl Step<Cx> for DbGroups {
     }
     fn down<'a>(&'a self, cx: &'a Cx, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult> {
         Box::pin(down(cx, rec, self.0))
-    }    fn reads<'a>(&'a self, cx: &'a Cx) -> LocalBoxFuture<'a, ()> {
+    }
+    fn reads<'a>(&'a self, cx: &'a Cx) -> LocalBoxFuture<'a, ()> {
         Box::pin(async move {
             let _ = find_subnet_group(cx, self.0).await;
         })
@@ -84,15 +85,30 @@ impl Step<Cx> for DbParams {
         let side = self.0;
         Box::pin(async move {
             let group = parameter_group_name(cx);
-            let _ = futures::join!(find_parameter_group(cx, side), parameters(cx, side, &group), database::log_group_reads(cx, side), database::check_major_version(cx, side));
+            let _ = futures::join!(
+                find_parameter_group(cx, side),
+                parameters(cx, side, &group),
+                database::log_group_reads(cx, side),
+                database::check_major_version(cx, side)
+            );
         })
     }
 }
 
 /// The parameters set in the group (source `user`).
-async fn parameters(cx: &Cx, side: Side, group: &str) -> std::result::Result<aws_sdk_rds::operation::describe_db_parameters::DescribeDbParametersOutput, AwsError> {
+async fn parameters(
+    cx: &Cx,
+    side: Side,
+    group: &str,
+) -> std::result::Result<aws_sdk_rds::operation::describe_db_parameters::DescribeDbParametersOutput, AwsError> {
     let reg = cx.regional(side);
-    read!(reg.reads, &reg.region, "rds", "DescribeDBParameters", reg.rds.describe_db_parameters().db_parameter_group_name(group).source("user"))
+    read!(
+        reg.reads,
+        &reg.region,
+        "rds",
+        "DescribeDBParameters",
+        reg.rds.describe_db_parameters().db_parameter_group_name(group).source("user")
+    )
 }
 
 fn missing<T>(r: std::result::Result<T, AwsError>, codes: &[&str]) -> Result<Option<T>> {
@@ -106,7 +122,13 @@ fn missing<T>(r: std::result::Result<T, AwsError>, codes: &[&str]) -> Result<Opt
 async fn find_subnet_group(cx: &Cx, side: Side) -> Result<Option<(String, Vec<String>)>> {
     let reg = cx.regional(side);
     let out = missing(
-        read!(reg.reads, &reg.region, "rds", "DescribeDBSubnetGroups", reg.rds.describe_db_subnet_groups().db_subnet_group_name(subnet_group_name(cx))),
+        read!(
+            reg.reads,
+            &reg.region,
+            "rds",
+            "DescribeDBSubnetGroups",
+            reg.rds.describe_db_subnet_groups().db_subnet_group_name(subnet_group_name(cx))
+        ),
         &["DBSubnetGroupNotFoundFault"],
     )?;
     Ok(out.and_then(|o| o.db_subnet_groups.unwrap_or_default().into_iter().next()).map(|g| {
@@ -118,7 +140,13 @@ async fn find_subnet_group(cx: &Cx, side: Side) -> Result<Option<(String, Vec<St
 async fn find_parameter_group(cx: &Cx, side: Side) -> Result<Option<String>> {
     let reg = cx.regional(side);
     let out = missing(
-        read!(reg.reads, &reg.region, "rds", "DescribeDBParameterGroups", reg.rds.describe_db_parameter_groups().db_parameter_group_name(parameter_group_name(cx))),
+        read!(
+            reg.reads,
+            &reg.region,
+            "rds",
+            "DescribeDBParameterGroups",
+            reg.rds.describe_db_parameter_groups().db_parameter_group_name(parameter_group_name(cx))
+        ),
         &["DBParameterGroupNotFound", "DBParameterGroupNotFoundFault"],
     )?;
     Ok(out.and_then(|o| o.db_parameter_groups.unwrap_or_default().into_iter().next()).and_then(|g| g.db_parameter_group_name))
@@ -137,21 +165,27 @@ async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
         s.sort();
         s
     });
-    super::ensure(cx, rec, &sg_res, async |_| Ok(found.as_ref().map(|f| f.0.clone())), async |_| {
-        aws!(
-            region,
-            "rds",
-            "CreateDBSubnetGroup",
-            reg.rds
-                .create_db_subnet_group()
-                .db_subnet_group_name(subnet_group_name(cx))
-                .db_subnet_group_description(format!("pgdr {}: private subnets", cx.name()))
-                .set_subnet_ids(Some(subnets.clone()))
-                .set_tags(Some(rds_tags(cx, "db-subnet-group")))
-                .send()
-        )?;
-        Ok(subnet_group_name(cx))
-    })
+    super::ensure(
+        cx,
+        rec,
+        &sg_res,
+        async |_| Ok(found.as_ref().map(|f| f.0.clone())),
+        async |_| {
+            aws!(
+                region,
+                "rds",
+                "CreateDBSubnetGroup",
+                reg.rds
+                    .create_db_subnet_group()
+                    .db_subnet_group_name(subnet_group_name(cx))
+                    .db_subnet_group_description(format!("pgdr {}: private subnets", cx.name()))
+                    .set_subnet_ids(Some(subnets.clone()))
+                    .set_tags(Some(rds_tags(cx, "db-subnet-group")))
+                    .send()
+            )?;
+            Ok(subnet_group_name(cx))
+        },
+    )
     .await?;
     if let Some(have) = existing.filter(|h| !subnets.is_empty() && *h != subnets) {
         let detail = format!("subnets {} -> {}", have.join(","), subnets.join(","));
@@ -180,21 +214,27 @@ async fn params_up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
 
 async fn parameter_group_up(cx: &Cx, rec: &Recorder<'_>, side: Side, reg: &crate::clients::Regional, region: &str) -> Result<()> {
     let pg_res = Res::new(key(cx, side, "parameter-group"), "db-parameter-group", parameter_group_name(cx), region);
-    let pg = super::ensure(cx, rec, &pg_res, async |_| find_parameter_group(cx, side).await, async |_| {
-        aws!(
-            region,
-            "rds",
-            "CreateDBParameterGroup",
-            reg.rds
-                .create_db_parameter_group()
-                .db_parameter_group_name(parameter_group_name(cx))
-                .db_parameter_group_family(format!("postgres{}", cx.env.engine_major()))
-                .description(format!("pgdr {}: audit logging and TLS", cx.name()))
-                .set_tags(Some(rds_tags(cx, "db-parameter-group")))
-                .send()
-        )?;
-        Ok(parameter_group_name(cx))
-    })
+    let pg = super::ensure(
+        cx,
+        rec,
+        &pg_res,
+        async |_| find_parameter_group(cx, side).await,
+        async |_| {
+            aws!(
+                region,
+                "rds",
+                "CreateDBParameterGroup",
+                reg.rds
+                    .create_db_parameter_group()
+                    .db_parameter_group_name(parameter_group_name(cx))
+                    .db_parameter_group_family(format!("postgres{}", cx.env.engine_major()))
+                    .description(format!("pgdr {}: audit logging and TLS", cx.name()))
+                    .set_tags(Some(rds_tags(cx, "db-parameter-group")))
+                    .send()
+            )?;
+            Ok(parameter_group_name(cx))
+        },
+    )
     .await?;
 
     // The managed parameters: compare with what the group holds, change only what differs.
@@ -217,11 +257,17 @@ async fn parameter_group_up(cx: &Cx, rec: &Recorder<'_>, side: Side, reg: &crate
         })
         .collect();
     if !diff.is_empty() {
-        let detail = diff.iter().map(|(k, have, want)| format!("{k}: {} -> {want}", if have.is_empty() { "default" } else { have })).collect::<Vec<_>>().join(", ");
+        let detail = diff
+            .iter()
+            .map(|(k, have, want)| format!("{k}: {} -> {want}", if have.is_empty() { "default" } else { have }))
+            .collect::<Vec<_>>()
+            .join(", ");
         if !rec.plan {
             let params = diff
                 .iter()
-                .map(|(k, _, want)| Parameter::builder().parameter_name(*k).parameter_value(want).apply_method(ApplyMethod::Immediate).build())
+                .map(|(k, _, want)| {
+                    Parameter::builder().parameter_name(*k).parameter_value(want).apply_method(ApplyMethod::Immediate).build()
+                })
                 .collect();
             aws!(
                 region,
@@ -239,13 +285,19 @@ async fn down(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
     let reg = cx.regional(side);
     let region = reg.region.as_str();
     let sg = Res::new(key(cx, side, "subnet-group"), "db-subnet-group", subnet_group_name(cx), region);
-    super::remove(cx, rec, &sg, async |_| Ok(find_subnet_group(cx, side).await?.map(|g| g.0)), async |name| {
-        missing(
-            aws!(region, "rds", "DeleteDBSubnetGroup", reg.rds.delete_db_subnet_group().db_subnet_group_name(name).send()),
-            &["DBSubnetGroupNotFoundFault"],
-        )
-        .map(|_| ())
-    })
+    super::remove(
+        cx,
+        rec,
+        &sg,
+        async |_| Ok(find_subnet_group(cx, side).await?.map(|g| g.0)),
+        async |name| {
+            missing(
+                aws!(region, "rds", "DeleteDBSubnetGroup", reg.rds.delete_db_subnet_group().db_subnet_group_name(name).send()),
+                &["DBSubnetGroupNotFoundFault"],
+            )
+            .map(|_| ())
+        },
+    )
     .await?;
     let _ = Error::Interrupted;
     Ok(())
@@ -255,13 +307,19 @@ async fn params_down(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
     let reg = cx.regional(side);
     let region = reg.region.as_str();
     let pg = Res::new(key(cx, side, "parameter-group"), "db-parameter-group", parameter_group_name(cx), region);
-    super::remove(cx, rec, &pg, async |_| find_parameter_group(cx, side).await, async |name| {
-        missing(
-            aws!(region, "rds", "DeleteDBParameterGroup", reg.rds.delete_db_parameter_group().db_parameter_group_name(name).send()),
-            &["DBParameterGroupNotFound", "DBParameterGroupNotFoundFault"],
-        )
-        .map(|_| ())
-    })
+    super::remove(
+        cx,
+        rec,
+        &pg,
+        async |_| find_parameter_group(cx, side).await,
+        async |name| {
+            missing(
+                aws!(region, "rds", "DeleteDBParameterGroup", reg.rds.delete_db_parameter_group().db_parameter_group_name(name).send()),
+                &["DBParameterGroupNotFound", "DBParameterGroupNotFoundFault"],
+            )
+            .map(|_| ())
+        },
+    )
     .await?;
     database::delete_log_group(cx, rec, side).await
 }

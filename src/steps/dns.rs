@@ -7,15 +7,17 @@
 
 use std::time::Duration;
 
-use aws_sdk_route53::types::{Change, ChangeAction, ChangeBatch, HostedZoneConfig, ResourceRecord, ResourceRecordSet, RrType, Tag, TagResourceType, Vpc, VpcRegion};
+use aws_sdk_route53::types::{
+    Change, ChangeAction, ChangeBatch, HostedZoneConfig, ResourceRecord, ResourceRecordSet, RrType, Tag, TagResourceType, Vpc, VpcRegion,
+};
 use futures::future::LocalBoxFuture;
 
 use super::{database, network, Res};
-use crate::{aws, read};
 use crate::cx::{Cx, Side};
 use crate::error::{Error, Result};
 use crate::exec::{Action, Recorder, Step, StepResult};
 use crate::wait::{self, Look, Pace};
+use crate::{aws, read};
 
 pub struct Zone;
 pub struct Records;
@@ -95,14 +97,19 @@ async fn find_zone(cx: &Cx) -> Result<Option<(String, Vec<(String, String)>)>> {
             let out = zones_named(cx).await?;
             out.hosted_zones
                 .into_iter()
-                .find(|z| z.name == name && z.config.as_ref().is_some_and(|c| c.private_zone) && z.caller_reference.starts_with(&caller_prefix(cx)))
+                .find(|z| {
+                    z.name == name
+                        && z.config.as_ref().is_some_and(|c| c.private_zone)
+                        && z.caller_reference.starts_with(&caller_prefix(cx))
+                })
                 .map(|z| z.id)
         }
     };
     let Some(id) = id else { return Ok(None) };
     match read!(cx.clients.reads, "global", "route53", "GetHostedZone", r53.get_hosted_zone().id(&id)) {
         Ok(o) => {
-            let vpcs = o.vpcs.unwrap_or_default().into_iter().filter_map(|v| Some((v.vpc_id?, v.vpc_region?.as_str().to_owned()))).collect();
+            let vpcs =
+                o.vpcs.unwrap_or_default().into_iter().filter_map(|v| Some((v.vpc_id?, v.vpc_region?.as_str().to_owned()))).collect();
             Ok(Some((short_id(&id), vpcs)))
         }
         Err(e) if e.is_code(&["NoSuchHostedZone"]) => {
@@ -110,9 +117,15 @@ async fn find_zone(cx: &Cx) -> Result<Option<(String, Vec<(String, String)>)>> {
                 // Recorded but gone: look for it by name (it may have been recreated).
                 let name = fqdn(&cx.env.zone_name());
                 let out = aws!("global", "route53", "ListHostedZonesByName", r53.list_hosted_zones_by_name().dns_name(&name).send())?;
-                if let Some(z) = out.hosted_zones.into_iter().find(|z| z.name == name && z.caller_reference.starts_with(&caller_prefix(cx))) {
+                if let Some(z) = out.hosted_zones.into_iter().find(|z| z.name == name && z.caller_reference.starts_with(&caller_prefix(cx)))
+                {
                     let o = aws!("global", "route53", "GetHostedZone", r53.get_hosted_zone().id(&z.id).send())?;
-                    let vpcs = o.vpcs.unwrap_or_default().into_iter().filter_map(|v| Some((v.vpc_id?, v.vpc_region?.as_str().to_owned()))).collect();
+                    let vpcs = o
+                        .vpcs
+                        .unwrap_or_default()
+                        .into_iter()
+                        .filter_map(|v| Some((v.vpc_id?, v.vpc_region?.as_str().to_owned())))
+                        .collect();
                     return Ok(Some((short_id(&z.id), vpcs)));
                 }
             }
@@ -177,13 +190,23 @@ async fn zone_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
                 "global",
                 "route53",
                 "AssociateVPCWithHostedZone",
-                r53.associate_vpc_with_hosted_zone().hosted_zone_id(&id).vpc(Vpc::builder().vpc_id(&vpc).vpc_region(VpcRegion::from(cx.region(side))).build()).send()
+                r53.associate_vpc_with_hosted_zone()
+                    .hosted_zone_id(&id)
+                    .vpc(Vpc::builder().vpc_id(&vpc).vpc_region(VpcRegion::from(cx.region(side))).build())
+                    .send()
             )?;
             if let Some(info) = out.change_info {
                 wait_insync(cx, rec, &info.id).await?;
             }
         }
-        rec.record(Action::Create, "zone-association", cx.region(side), cx.region(side), Some(&vpc), Some(format!("{name} visible in {vpc}")));
+        rec.record(
+            Action::Create,
+            "zone-association",
+            cx.region(side),
+            cx.region(side),
+            Some(&vpc),
+            Some(format!("{name} visible in {vpc}")),
+        );
     }
     Ok(())
 }
@@ -191,7 +214,9 @@ async fn zone_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
 /// Route 53 makes a second zone when a create is retried after its answer was lost (the
 /// emulator does so even for the same caller reference): keep one, delete the empty others.
 /// The hosted zones with the environment's zone name (private or not, anyone's).
-async fn zones_named(cx: &Cx) -> std::result::Result<aws_sdk_route53::operation::list_hosted_zones_by_name::ListHostedZonesByNameOutput, crate::error::AwsError> {
+async fn zones_named(
+    cx: &Cx,
+) -> std::result::Result<aws_sdk_route53::operation::list_hosted_zones_by_name::ListHostedZonesByNameOutput, crate::error::AwsError> {
     let name = fqdn(&cx.env.zone_name());
     read!(cx.clients.reads, "global", "route53", "ListHostedZonesByName", cx.clients.route53.list_hosted_zones_by_name().dns_name(&name))
 }
@@ -227,20 +252,34 @@ async fn remove_duplicate_zones(cx: &Cx, rec: &Recorder<'_>, r: &Res<'_>) -> Res
 
 pub async fn tag(cx: &Cx, kind: TagResourceType, id: &str, resource: &str) -> Result<()> {
     let tags: Vec<Tag> = cx.tags(resource).into_iter().map(|(k, v)| Tag::builder().key(k).value(v).build()).collect();
-    aws!("global", "route53", "ChangeTagsForResource", cx.clients.route53.change_tags_for_resource().resource_type(kind).resource_id(id).set_add_tags(Some(tags)).send())?;
+    aws!(
+        "global",
+        "route53",
+        "ChangeTagsForResource",
+        cx.clients.route53.change_tags_for_resource().resource_type(kind).resource_id(id).set_add_tags(Some(tags)).send()
+    )?;
     Ok(())
 }
 
 pub async fn wait_insync(cx: &Cx, rec: &Recorder<'_>, change_id: &str) -> Result<()> {
     let r53 = &cx.clients.route53;
-    wait::until(&format!("Route 53 change {change_id}"), Duration::from_secs(300), Pace::FAST, &cx.cancel, &cx.clients.reads, |s, t| rec.status(&format!("DNS change {s} ({})", wait::human(t))), "rerun the command", async || {
-        let out = aws!("global", "route53", "GetChange", r53.get_change().id(change_id).send())?;
-        Ok(match out.change_info.map(|c| c.status.as_str().to_owned()).as_deref() {
-            Some("INSYNC") => Look::Ready(()),
-            Some(s) => Look::Pending(s.to_owned()),
-            None => Look::Pending("unknown".into()),
-        })
-    })
+    wait::until(
+        &format!("Route 53 change {change_id}"),
+        Duration::from_secs(300),
+        Pace::FAST,
+        &cx.cancel,
+        &cx.clients.reads,
+        |s, t| rec.status(&format!("DNS change {s} ({})", wait::human(t))),
+        "rerun the command",
+        async || {
+            let out = aws!("global", "route53", "GetChange", r53.get_change().id(change_id).send())?;
+            Ok(match out.change_info.map(|c| c.status.as_str().to_owned()).as_deref() {
+                Some("INSYNC") => Look::Ready(()),
+                Some(s) => Look::Pending(s.to_owned()),
+                None => Look::Pending("unknown".into()),
+            })
+        },
+    )
     .await
 }
 
@@ -249,17 +288,23 @@ async fn zone_down(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
     let r = Res::new(zone_key(), "hosted-zone", cx.env.zone_name(), "global");
     remove_duplicate_zones(cx, rec, &r).await?;
     let found = find_zone(cx).await?;
-    super::remove(cx, rec, &r, async |_| Ok(found.as_ref().map(|f| f.0.clone())), async |id| {
-        // Records other than SOA/NS block deletion; records_down removed pgdr's.
-        match aws!("global", "route53", "DeleteHostedZone", r53.delete_hosted_zone().id(&id).send()) {
-            Ok(_) => Ok(()),
-            Err(e) if e.is_code(&["NoSuchHostedZone"]) => Ok(()),
-            Err(e) if e.is_code(&["HostedZoneNotEmpty"]) => Err(Error::failed(format!(
-                "hosted zone {id} still holds records pgdr did not create; delete them, then rerun `pgdr down`"
-            ))),
-            Err(e) => Err(e.into()),
-        }
-    })
+    super::remove(
+        cx,
+        rec,
+        &r,
+        async |_| Ok(found.as_ref().map(|f| f.0.clone())),
+        async |id| {
+            // Records other than SOA/NS block deletion; records_down removed pgdr's.
+            match aws!("global", "route53", "DeleteHostedZone", r53.delete_hosted_zone().id(&id).send()) {
+                Ok(_) => Ok(()),
+                Err(e) if e.is_code(&["NoSuchHostedZone"]) => Ok(()),
+                Err(e) if e.is_code(&["HostedZoneNotEmpty"]) => Err(Error::failed(format!(
+                    "hosted zone {id} still holds records pgdr did not create; delete them, then rerun `pgdr down`"
+                ))),
+                Err(e) => Err(e.into()),
+            }
+        },
+    )
     .await
 }
 
@@ -286,7 +331,8 @@ pub fn wanted_records(cx: &Cx, writer: Side, endpoints: &[(Side, String)], healt
     }
     // Reads go to the replica; after a failover (until `reprotect`) the only usable instance
     // is the writer, never the fenced old primary.
-    let reader = if writer == Side::Primary { endpoints.iter().find(|(s, _)| *s != writer) } else { endpoints.iter().find(|(s, _)| *s == writer) };
+    let reader =
+        if writer == Side::Primary { endpoints.iter().find(|(s, _)| *s != writer) } else { endpoints.iter().find(|(s, _)| *s == writer) };
     if let Some((_, reader)) = reader {
         if let Ok(r) = ResourceRecordSet::builder()
             .name(reader_record(cx))
@@ -314,9 +360,19 @@ fn same(a: &ResourceRecordSet, b: &ResourceRecordSet) -> bool {
 
 /// pgdr's records in the zone now.
 pub async fn current_records(cx: &Cx, zone: &str) -> Result<Vec<ResourceRecordSet>> {
-    let out = read!(cx.clients.reads, "global", "route53", "ListResourceRecordSets", cx.clients.route53.list_resource_record_sets().hosted_zone_id(zone))?;
+    let out = read!(
+        cx.clients.reads,
+        "global",
+        "route53",
+        "ListResourceRecordSets",
+        cx.clients.route53.list_resource_record_sets().hosted_zone_id(zone)
+    )?;
     let names = [writer_record(cx), reader_record(cx)];
-    Ok(out.resource_record_sets.into_iter().filter(|r| names.iter().any(|n| n.trim_end_matches('.') == r.name.trim_end_matches('.'))).collect())
+    Ok(out
+        .resource_record_sets
+        .into_iter()
+        .filter(|r| names.iter().any(|n| n.trim_end_matches('.') == r.name.trim_end_matches('.')))
+        .collect())
 }
 
 /// Makes the records match the topology (writer weight 100); one batch, then INSYNC.
@@ -334,7 +390,8 @@ pub async fn records_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
     let have = current_records(cx, &zone).await?;
     let mut changes = Vec::new();
     for w in &want {
-        let current = have.iter().find(|h| h.name.trim_end_matches('.') == w.name.trim_end_matches('.') && h.set_identifier == w.set_identifier);
+        let current =
+            have.iter().find(|h| h.name.trim_end_matches('.') == w.name.trim_end_matches('.') && h.set_identifier == w.set_identifier);
         match current {
             Some(h) if same(h, w) => rec.record(Action::Keep, "dns-record", &describe(w), "global", None, None),
             Some(_) => {
@@ -353,10 +410,20 @@ pub async fn records_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
     // One batch: all or nothing.
     let batch = ChangeBatch::builder()
         .comment(format!("pgdr {}", cx.name()))
-        .set_changes(Some(changes.into_iter().filter_map(|r| Change::builder().action(ChangeAction::Upsert).resource_record_set(r).build().ok()).collect()))
+        .set_changes(Some(
+            changes
+                .into_iter()
+                .filter_map(|r| Change::builder().action(ChangeAction::Upsert).resource_record_set(r).build().ok())
+                .collect(),
+        ))
         .build()
         .map_err(|e| Error::Other(e.to_string()))?;
-    let out = aws!("global", "route53", "ChangeResourceRecordSets", cx.clients.route53.change_resource_record_sets().hosted_zone_id(&zone).change_batch(batch).send())?;
+    let out = aws!(
+        "global",
+        "route53",
+        "ChangeResourceRecordSets",
+        cx.clients.route53.change_resource_record_sets().hosted_zone_id(&zone).change_batch(batch).send()
+    )?;
     if let Some(info) = out.change_info {
         wait_insync(cx, rec, &info.id).await?;
     }
@@ -392,10 +459,17 @@ async fn records_down(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
     }
     // DELETE must match the stored records exactly: send them back as listed.
     let batch = ChangeBatch::builder()
-        .set_changes(Some(have.into_iter().filter_map(|r| Change::builder().action(ChangeAction::Delete).resource_record_set(r).build().ok()).collect()))
+        .set_changes(Some(
+            have.into_iter().filter_map(|r| Change::builder().action(ChangeAction::Delete).resource_record_set(r).build().ok()).collect(),
+        ))
         .build()
         .map_err(|e| Error::Other(e.to_string()))?;
-    match aws!("global", "route53", "ChangeResourceRecordSets", cx.clients.route53.change_resource_record_sets().hosted_zone_id(&zone).change_batch(batch).send()) {
+    match aws!(
+        "global",
+        "route53",
+        "ChangeResourceRecordSets",
+        cx.clients.route53.change_resource_record_sets().hosted_zone_id(&zone).change_batch(batch).send()
+    ) {
         Ok(out) => {
             if let Some(info) = out.change_info {
                 wait_insync(cx, rec, &info.id).await?;

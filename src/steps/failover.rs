@@ -11,15 +11,17 @@
 
 use aws_sdk_cloudwatch::types::{ComparisonOperator, Dimension, Statistic};
 use aws_sdk_ec2::types::ResourceType;
-use aws_sdk_route53::types::{AlarmIdentifier, CloudWatchRegion, HealthCheckConfig, HealthCheckType, InsufficientDataHealthStatus, TagResourceType};
+use aws_sdk_route53::types::{
+    AlarmIdentifier, CloudWatchRegion, HealthCheckConfig, HealthCheckType, InsufficientDataHealthStatus, TagResourceType,
+};
 use futures::future::LocalBoxFuture;
 
 use super::lambda::{self, FunctionSpec};
 use super::{database, dns, ec2_tag_filters, ec2_tag_spec, network, Res};
-use crate::{aws, read};
 use crate::cx::{Cx, Side};
 use crate::error::{AwsError, Error, Result};
 use crate::exec::{Action, Recorder, Step, StepResult};
+use crate::{aws, read};
 
 pub const FAILOVER: &str = "failover";
 pub const DETECTION: &str = "detection";
@@ -109,12 +111,18 @@ impl Step<Cx> for Detection {
     }
 }
 
-async fn describe_rule(cx: &Cx, rule: &str) -> std::result::Result<aws_sdk_eventbridge::operation::describe_rule::DescribeRuleOutput, AwsError> {
+async fn describe_rule(
+    cx: &Cx,
+    rule: &str,
+) -> std::result::Result<aws_sdk_eventbridge::operation::describe_rule::DescribeRuleOutput, AwsError> {
     let dr = cx.regional(Side::Dr);
     read!(dr.reads, &dr.region, "events", "DescribeRule", dr.events.describe_rule().name(rule))
 }
 
-async fn list_targets(cx: &Cx, rule: &str) -> std::result::Result<aws_sdk_eventbridge::operation::list_targets_by_rule::ListTargetsByRuleOutput, AwsError> {
+async fn list_targets(
+    cx: &Cx,
+    rule: &str,
+) -> std::result::Result<aws_sdk_eventbridge::operation::list_targets_by_rule::ListTargetsByRuleOutput, AwsError> {
     let dr = cx.regional(Side::Dr);
     read!(dr.reads, &dr.region, "events", "ListTargetsByRule", dr.events.list_targets_by_rule().rule(rule))
 }
@@ -134,7 +142,14 @@ struct Schedule {
 }
 
 fn probe_schedule(cx: &Cx) -> Schedule {
-    Schedule { key: key(cx, DETECTION, "schedule"), rule: probe_rule(cx), purpose: "probe the primary", target_id: "probe", input: None, sid: "pgdr-schedule" }
+    Schedule {
+        key: key(cx, DETECTION, "schedule"),
+        rule: probe_rule(cx),
+        purpose: "probe the primary",
+        target_id: "probe",
+        input: None,
+        sid: "pgdr-schedule",
+    }
 }
 
 /// The alarm invokes the failover function once per change of state; this retries, every
@@ -172,7 +187,11 @@ async fn ensure_schedule(cx: &Cx, rec: &Recorder<'_>, s: &Schedule, function: &s
             Err(e) => Err(e.into()),
         },
         async |_| {
-            let tags = cx.tags("eventbridge-rule").into_iter().filter_map(|(k, v)| aws_sdk_eventbridge::types::Tag::builder().key(k).value(v).build().ok()).collect();
+            let tags = cx
+                .tags("eventbridge-rule")
+                .into_iter()
+                .filter_map(|(k, v)| aws_sdk_eventbridge::types::Tag::builder().key(k).value(v).build().ok())
+                .collect();
             let out = aws!(
                 region,
                 "events",
@@ -237,7 +256,9 @@ async fn delete_schedule(cx: &Cx, rec: &Recorder<'_>, s: &Schedule) -> Result<()
     .await
 }
 
-pub async fn describe_alarm(cx: &Cx) -> std::result::Result<aws_sdk_cloudwatch::operation::describe_alarms::DescribeAlarmsOutput, AwsError> {
+pub async fn describe_alarm(
+    cx: &Cx,
+) -> std::result::Result<aws_sdk_cloudwatch::operation::describe_alarms::DescribeAlarmsOutput, AwsError> {
     let dr = cx.regional(Side::Dr);
     read!(dr.reads, &dr.region, "cloudwatch", "DescribeAlarms", dr.cloudwatch.describe_alarms().alarm_names(alarm_name(cx)))
 }
@@ -248,7 +269,8 @@ async fn list_health_checks(cx: &Cx) -> std::result::Result<Vec<aws_sdk_route53:
     let mut all = Vec::new();
     let mut marker = None;
     loop {
-        let page = read!(cx.clients.reads, "global", "route53", "ListHealthChecks", cx.clients.route53.list_health_checks().set_marker(marker))?;
+        let page =
+            read!(cx.clients.reads, "global", "route53", "ListHealthChecks", cx.clients.route53.list_health_checks().set_marker(marker))?;
         all.extend(page.health_checks);
         marker = page.next_marker.filter(|_| page.is_truncated);
         if marker.is_none() {
@@ -410,21 +432,27 @@ async fn detection_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
     // DR VPC's CIDR on 5432 over the peering).
     let vpc = cx.store.id(&network::key(cx, Side::Dr, "vpc")).unwrap_or_default();
     let sg_res = Res::new(key(cx, DETECTION, "probe-sg"), "security-group", format!("pgdr-{}-probe", cx.name()), region);
-    let sg = super::ensure(cx, rec, &sg_res, async |_| find_probe_sg(cx, &vpc).await, async |_| {
-        let out = aws!(
-            region,
-            "ec2",
-            "CreateSecurityGroup",
-            dr.ec2
-                .create_security_group()
-                .group_name(format!("pgdr-{}-probe", cx.name()))
-                .description("pgdr: the primary-health probe")
-                .vpc_id(&vpc)
-                .tag_specifications(ec2_tag_spec(cx, ResourceType::SecurityGroup, "probe-sg"))
-                .send()
-        )?;
-        out.group_id.ok_or_else(|| Error::Other("CreateSecurityGroup returned no id".into()))
-    })
+    let sg = super::ensure(
+        cx,
+        rec,
+        &sg_res,
+        async |_| find_probe_sg(cx, &vpc).await,
+        async |_| {
+            let out = aws!(
+                region,
+                "ec2",
+                "CreateSecurityGroup",
+                dr.ec2
+                    .create_security_group()
+                    .group_name(format!("pgdr-{}-probe", cx.name()))
+                    .description("pgdr: the primary-health probe")
+                    .vpc_id(&vpc)
+                    .tag_specifications(ec2_tag_spec(cx, ResourceType::SecurityGroup, "probe-sg"))
+                    .send()
+            )?;
+            out.group_id.ok_or_else(|| Error::Other("CreateSecurityGroup returned no id".into()))
+        },
+    )
     .await?;
 
     let role = lambda::ensure_role(cx, rec, &key(cx, DETECTION, "role"), &probe, &probe_policy(cx), &probe_managed(cx)).await?;
@@ -510,19 +538,31 @@ async fn detection_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
         &hc_res,
         async |known| {
             // A create retried after a lost answer can make a second check: keep one.
-            let ids: Vec<String> =
-                list_health_checks(cx).await?.into_iter().filter(|h| h.caller_reference.starts_with(&prefix) || Some(&h.id) == known.as_ref()).map(|h| h.id).collect();
-            super::keep_one(rec, &hc_res, known.as_deref(), ids, async |id| match aws!("global", "route53", "DeleteHealthCheck", r53.delete_health_check().health_check_id(&id).send()) {
-                Ok(_) => Ok(()),
-                Err(e) if e.is_code(&["NoSuchHealthCheck"]) => Ok(()),
-                Err(e) => Err(e.into()),
+            let ids: Vec<String> = list_health_checks(cx)
+                .await?
+                .into_iter()
+                .filter(|h| h.caller_reference.starts_with(&prefix) || Some(&h.id) == known.as_ref())
+                .map(|h| h.id)
+                .collect();
+            super::keep_one(rec, &hc_res, known.as_deref(), ids, async |id| {
+                match aws!("global", "route53", "DeleteHealthCheck", r53.delete_health_check().health_check_id(&id).send()) {
+                    Ok(_) => Ok(()),
+                    Err(e) if e.is_code(&["NoSuchHealthCheck"]) => Ok(()),
+                    Err(e) => Err(e.into()),
+                }
             })
             .await
         },
         async |token| {
             let cfg = HealthCheckConfig::builder()
                 .r#type(HealthCheckType::CloudwatchMetric)
-                .alarm_identifier(AlarmIdentifier::builder().region(CloudWatchRegion::from(region)).name(&alarm).build().map_err(|e| Error::Other(e.to_string()))?)
+                .alarm_identifier(
+                    AlarmIdentifier::builder()
+                        .region(CloudWatchRegion::from(region))
+                        .name(&alarm)
+                        .build()
+                        .map_err(|e| Error::Other(e.to_string()))?,
+                )
                 // A fresh deployment has no data yet: it must not fail over.
                 .insufficient_data_health_status(InsufficientDataHealthStatus::Healthy)
                 .build()
@@ -531,7 +571,10 @@ async fn detection_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
                 "global",
                 "route53",
                 "CreateHealthCheck",
-                r53.create_health_check().caller_reference(format!("{prefix}{}", &token[token.len().saturating_sub(16)..])).health_check_config(cfg).send()
+                r53.create_health_check()
+                    .caller_reference(format!("{prefix}{}", &token[token.len().saturating_sub(16)..]))
+                    .health_check_config(cfg)
+                    .send()
             )?;
             let id = out.health_check.map(|h| h.id).ok_or_else(|| Error::Other("CreateHealthCheck returned no id".into()))?;
             // No tags at creation in Route 53: record the ID first, then tag.
@@ -555,11 +598,18 @@ async fn detection_down(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
         &hc,
         async |known| {
             let prefix = format!("pgdr-{}-health-", cx.name());
-            let ids: Vec<String> = list_health_checks(cx).await?.into_iter().filter(|h| Some(&h.id) == known.as_ref() || h.caller_reference.starts_with(&prefix)).map(|h| h.id).collect();
-            super::keep_one(rec, &hc, known.as_deref(), ids, async |id| match aws!("global", "route53", "DeleteHealthCheck", r53.delete_health_check().health_check_id(&id).send()) {
-                Ok(_) => Ok(()),
-                Err(e) if e.is_code(&["NoSuchHealthCheck"]) => Ok(()),
-                Err(e) => Err(e.into()),
+            let ids: Vec<String> = list_health_checks(cx)
+                .await?
+                .into_iter()
+                .filter(|h| Some(&h.id) == known.as_ref() || h.caller_reference.starts_with(&prefix))
+                .map(|h| h.id)
+                .collect();
+            super::keep_one(rec, &hc, known.as_deref(), ids, async |id| {
+                match aws!("global", "route53", "DeleteHealthCheck", r53.delete_health_check().health_check_id(&id).send()) {
+                    Ok(_) => Ok(()),
+                    Err(e) if e.is_code(&["NoSuchHealthCheck"]) => Ok(()),
+                    Err(e) => Err(e.into()),
+                }
             })
             .await
         },
@@ -598,15 +648,21 @@ async fn detection_down(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
     // The probe's ENIs can hold its security group for minutes after the function is gone.
     let vpc = cx.store.id(&network::key(cx, Side::Dr, "vpc")).unwrap_or_default();
     let sg = Res::new(key(cx, DETECTION, "probe-sg"), "security-group", format!("pgdr-{}-probe", cx.name()), region);
-    super::remove(cx, rec, &sg, async |_| find_probe_sg(cx, &vpc).await, async |id| {
-        network::retry_dependency(cx, rec, &format!("security group {id}"), async || {
-            match aws!(region, "ec2", "DeleteSecurityGroup", dr.ec2.delete_security_group().group_id(&id).send()) {
-                Ok(_) => Ok(()),
-                Err(e) if e.code().ends_with("NotFound") => Ok(()),
-                Err(e) => Err(e.into()),
-            }
-        })
-        .await
-    })
+    super::remove(
+        cx,
+        rec,
+        &sg,
+        async |_| find_probe_sg(cx, &vpc).await,
+        async |id| {
+            network::retry_dependency(cx, rec, &format!("security group {id}"), async || {
+                match aws!(region, "ec2", "DeleteSecurityGroup", dr.ec2.delete_security_group().group_id(&id).send()) {
+                    Ok(_) => Ok(()),
+                    Err(e) if e.code().ends_with("NotFound") => Ok(()),
+                    Err(e) => Err(e.into()),
+                }
+            })
+            .await
+        },
+    )
     .await
 }

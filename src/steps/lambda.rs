@@ -10,12 +10,12 @@ use aws_sdk_lambda::primitives::Blob;
 use aws_sdk_lambda::types::{Environment, FunctionCode, Runtime, VpcConfig};
 
 use super::Res;
-use crate::{aws, read};
 use crate::clients::Regional;
 use crate::cx::Cx;
 use crate::error::{Error, Result};
 use crate::exec::{Action, Recorder};
 use crate::wait::{self, Look, Pace};
+use crate::{aws, read};
 
 pub const FAILOVER_SOURCE: &str = include_str!("../lambda/failover.py");
 pub const PROBE_SOURCE: &str = include_str!("../lambda/probe.py");
@@ -53,7 +53,8 @@ pub fn partition_account(arn: &str) -> Option<(String, String)> {
     (parts.len() > 5 && !parts[4].is_empty()).then(|| (parts[1].to_owned(), parts[4].to_owned()))
 }
 
-const TRUST: &str = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Principal":{"Service":"lambda.amazonaws.com"},"Action":"sts:AssumeRole"}]}"#;
+const TRUST: &str =
+    r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Principal":{"Service":"lambda.amazonaws.com"},"Action":"sts:AssumeRole"}]}"#;
 
 /// What [`ensure_role`] reads of an existing role, for the read phase.
 pub async fn role_reads(cx: &Cx, name: &str, managed: bool) {
@@ -63,7 +64,8 @@ pub async fn role_reads(cx: &Cx, name: &str, managed: bool) {
         async { read!(cx.clients.reads, "global", "iam", "GetRolePolicy", iam.get_role_policy().role_name(name).policy_name("pgdr")) },
         async {
             if managed {
-                let _ = read!(cx.clients.reads, "global", "iam", "ListAttachedRolePolicies", iam.list_attached_role_policies().role_name(name));
+                let _ =
+                    read!(cx.clients.reads, "global", "iam", "ListAttachedRolePolicies", iam.list_attached_role_policies().role_name(name));
             }
         },
     );
@@ -80,17 +82,30 @@ pub async fn function_reads(reg: &Regional, name: &str, log_group: &str, permiss
 }
 
 /// The function's configuration and code location.
-pub async fn get_function(reg: &Regional, name: &str) -> std::result::Result<aws_sdk_lambda::operation::get_function::GetFunctionOutput, crate::error::AwsError> {
+pub async fn get_function(
+    reg: &Regional,
+    name: &str,
+) -> std::result::Result<aws_sdk_lambda::operation::get_function::GetFunctionOutput, crate::error::AwsError> {
     read!(reg.reads, &reg.region, "lambda", "GetFunction", reg.lambda.get_function().function_name(name))
 }
 
 /// Log groups whose name starts with `name`.
-pub async fn log_groups(reg: &Regional, name: &str) -> std::result::Result<aws_sdk_cloudwatchlogs::operation::describe_log_groups::DescribeLogGroupsOutput, crate::error::AwsError> {
+pub async fn log_groups(
+    reg: &Regional,
+    name: &str,
+) -> std::result::Result<aws_sdk_cloudwatchlogs::operation::describe_log_groups::DescribeLogGroupsOutput, crate::error::AwsError> {
     read!(reg.reads, &reg.region, "logs", "DescribeLogGroups", reg.logs.describe_log_groups().log_group_name_prefix(name))
 }
 
 /// The function's role: trust `lambda.amazonaws.com`, one inline policy, optional managed policies.
-pub async fn ensure_role(cx: &Cx, rec: &Recorder<'_>, key: &str, name: &str, policy: &serde_json::Value, managed: &[String]) -> Result<Option<String>> {
+pub async fn ensure_role(
+    cx: &Cx,
+    rec: &Recorder<'_>,
+    key: &str,
+    name: &str,
+    policy: &serde_json::Value,
+    managed: &[String],
+) -> Result<Option<String>> {
     let iam = &cx.clients.iam;
     let r = Res::new(key.to_owned(), "iam-role", name.to_owned(), "global");
     let found = match read!(cx.clients.reads, "global", "iam", "GetRole", iam.get_role().role_name(name)) {
@@ -99,16 +114,31 @@ pub async fn ensure_role(cx: &Cx, rec: &Recorder<'_>, key: &str, name: &str, pol
         Err(e) => return Err(e.into()),
     };
     let exists = found.is_some();
-    let arn = super::ensure(cx, rec, &r, async |_| Ok(found.clone()), async |_| {
-        let tags = cx.tags("iam-role").into_iter().map(|(k, v)| aws_sdk_iam::types::Tag::builder().key(k).value(v).build().map_err(|e| Error::Other(e.to_string()))).collect::<Result<Vec<_>>>()?;
-        let out = aws!(
-            "global",
-            "iam",
-            "CreateRole",
-            iam.create_role().role_name(name).assume_role_policy_document(TRUST).description(format!("pgdr {}: {name}", cx.name())).set_tags(Some(tags)).send()
-        )?;
-        out.role.map(|r| r.arn).ok_or_else(|| Error::Other("CreateRole returned no role".into()))
-    })
+    let arn = super::ensure(
+        cx,
+        rec,
+        &r,
+        async |_| Ok(found.clone()),
+        async |_| {
+            let tags = cx
+                .tags("iam-role")
+                .into_iter()
+                .map(|(k, v)| aws_sdk_iam::types::Tag::builder().key(k).value(v).build().map_err(|e| Error::Other(e.to_string())))
+                .collect::<Result<Vec<_>>>()?;
+            let out = aws!(
+                "global",
+                "iam",
+                "CreateRole",
+                iam.create_role()
+                    .role_name(name)
+                    .assume_role_policy_document(TRUST)
+                    .description(format!("pgdr {}: {name}", cx.name()))
+                    .set_tags(Some(tags))
+                    .send()
+            )?;
+            out.role.map(|r| r.arn).ok_or_else(|| Error::Other("CreateRole returned no role".into()))
+        },
+    )
     .await?;
     // The inline policy: compare documents as JSON, write only when different.
     let want = policy.to_string();
@@ -126,7 +156,12 @@ pub async fn ensure_role(cx: &Cx, rec: &Recorder<'_>, key: &str, name: &str, pol
     };
     if have.as_ref() != Some(policy) {
         if !rec.plan {
-            aws!("global", "iam", "PutRolePolicy", iam.put_role_policy().role_name(name).policy_name("pgdr").policy_document(&want).send())?;
+            aws!(
+                "global",
+                "iam",
+                "PutRolePolicy",
+                iam.put_role_policy().role_name(name).policy_name("pgdr").policy_document(&want).send()
+            )?;
         }
         if exists {
             rec.record(Action::Change, "iam-role", name, "global", None, Some("inline policy".into()));
@@ -134,7 +169,8 @@ pub async fn ensure_role(cx: &Cx, rec: &Recorder<'_>, key: &str, name: &str, pol
     }
     if !managed.is_empty() {
         let attached: Vec<String> = if exists {
-            let out = read!(cx.clients.reads, "global", "iam", "ListAttachedRolePolicies", iam.list_attached_role_policies().role_name(name))?;
+            let out =
+                read!(cx.clients.reads, "global", "iam", "ListAttachedRolePolicies", iam.list_attached_role_policies().role_name(name))?;
             out.attached_policies.unwrap_or_default().into_iter().filter_map(|p| p.policy_arn).collect()
         } else {
             vec![]
@@ -185,7 +221,8 @@ pub async fn delete_role(cx: &Cx, rec: &Recorder<'_>, key: &str, name: &str, man
         async |name| {
             // A role with policies cannot be deleted: remove them first.
             let gone = |e: &crate::error::AwsError| e.is_code(&["NoSuchEntity"]);
-            if let Err(e) = aws!("global", "iam", "DeleteRolePolicy", iam.delete_role_policy().role_name(&name).policy_name("pgdr").send()) {
+            if let Err(e) = aws!("global", "iam", "DeleteRolePolicy", iam.delete_role_policy().role_name(&name).policy_name("pgdr").send())
+            {
                 if !gone(&e) {
                     return Err(e.into());
                 }
@@ -214,20 +251,37 @@ pub async fn ensure_log_group(cx: &Cx, rec: &Recorder<'_>, reg: &Regional, key: 
     let found = out.log_groups.unwrap_or_default().into_iter().find(|g| g.log_group_name.as_deref() == Some(name));
     let retention = found.as_ref().and_then(|g| g.retention_in_days);
     let exists = found.is_some();
-    super::ensure(cx, rec, &r, async |_| Ok(exists.then(|| name.to_owned())), async |_| {
-        let tags = cx.tags("log-group").into_iter().collect();
-        match aws!(&reg.region, "logs", "CreateLogGroup", reg.logs.create_log_group().log_group_name(name).set_tags(Some(tags)).send()) {
-            Ok(_) => {}
-            Err(e) if e.is_code(&["ResourceAlreadyExistsException"]) => {}
-            Err(e) => return Err(e.into()),
-        }
-        aws!(&reg.region, "logs", "PutRetentionPolicy", reg.logs.put_retention_policy().log_group_name(name).retention_in_days(7).send())?;
-        Ok(name.to_owned())
-    })
+    super::ensure(
+        cx,
+        rec,
+        &r,
+        async |_| Ok(exists.then(|| name.to_owned())),
+        async |_| {
+            let tags = cx.tags("log-group").into_iter().collect();
+            match aws!(&reg.region, "logs", "CreateLogGroup", reg.logs.create_log_group().log_group_name(name).set_tags(Some(tags)).send())
+            {
+                Ok(_) => {}
+                Err(e) if e.is_code(&["ResourceAlreadyExistsException"]) => {}
+                Err(e) => return Err(e.into()),
+            }
+            aws!(
+                &reg.region,
+                "logs",
+                "PutRetentionPolicy",
+                reg.logs.put_retention_policy().log_group_name(name).retention_in_days(7).send()
+            )?;
+            Ok(name.to_owned())
+        },
+    )
     .await?;
     if exists && retention != Some(7) {
         if !rec.plan {
-            aws!(&reg.region, "logs", "PutRetentionPolicy", reg.logs.put_retention_policy().log_group_name(name).retention_in_days(7).send())?;
+            aws!(
+                &reg.region,
+                "logs",
+                "PutRetentionPolicy",
+                reg.logs.put_retention_policy().log_group_name(name).retention_in_days(7).send()
+            )?;
         }
         rec.record(Action::Change, "log-group", name, &reg.region, None, Some(format!("retention {retention:?} -> 7 days")));
     }
@@ -278,52 +332,78 @@ pub async fn ensure_function(cx: &Cx, rec: &Recorder<'_>, reg: &Regional, key: &
         Err(e) => return Err(e.into()),
     };
     let env = || Environment::builder().set_variables(Some(spec.env.iter().cloned().collect())).build();
-    let vpc = || spec.vpc.as_ref().map(|(s, g)| VpcConfig::builder().set_subnet_ids(Some(s.clone())).set_security_group_ids(Some(g.clone())).build());
-    let arn = super::ensure(cx, rec, &r, async |_| Ok(found.as_ref().and_then(|f| f.function_arn.clone())), async |_| {
-        let tags: std::collections::HashMap<String, String> = cx.tags("lambda-function").into_iter().collect();
-        // IAM is eventually consistent: a new role may not be assumable for a few seconds.
-        wait::until(&format!("creating function {}", spec.name), Duration::from_secs(120), Pace::FAST, &cx.cancel, &cx.clients.reads, |s, _| rec.status(s), "rerun `pgdr up`", async || {
-            let res = aws!(
-                region,
-                "lambda",
-                "CreateFunction",
-                reg.lambda
-                    .create_function()
-                    .function_name(&spec.name)
-                    .runtime(Runtime::Python312)
-                    .handler(spec.handler)
-                    .role(&spec.role_arn)
-                    .timeout(spec.timeout_s)
-                    .memory_size(256)
-                    .description(&description)
-                    .environment(env())
-                    .set_vpc_config(vpc())
-                    .code(FunctionCode::builder().zip_file(Blob::new(zip.clone())).build())
-                    .set_tags(Some(tags.clone()))
-                    .send()
-            );
-            match res {
-                Ok(o) => Ok(Look::Ready(o.function_arn.unwrap_or_default())),
-                Err(e) if e.is_code(&["InvalidParameterValueException"]) && e.message.as_deref().is_some_and(|m| m.contains("assume")) => {
-                    Ok(Look::Pending("waiting for the IAM role to propagate".into()))
-                }
-                Err(e) => Err(e.into()),
-            }
-        })
-        .await
-    })
+    let vpc = || {
+        spec.vpc.as_ref().map(|(s, g)| VpcConfig::builder().set_subnet_ids(Some(s.clone())).set_security_group_ids(Some(g.clone())).build())
+    };
+    let arn = super::ensure(
+        cx,
+        rec,
+        &r,
+        async |_| Ok(found.as_ref().and_then(|f| f.function_arn.clone())),
+        async |_| {
+            let tags: std::collections::HashMap<String, String> = cx.tags("lambda-function").into_iter().collect();
+            // IAM is eventually consistent: a new role may not be assumable for a few seconds.
+            wait::until(
+                &format!("creating function {}", spec.name),
+                Duration::from_secs(120),
+                Pace::FAST,
+                &cx.cancel,
+                &cx.clients.reads,
+                |s, _| rec.status(s),
+                "rerun `pgdr up`",
+                async || {
+                    let res = aws!(
+                        region,
+                        "lambda",
+                        "CreateFunction",
+                        reg.lambda
+                            .create_function()
+                            .function_name(&spec.name)
+                            .runtime(Runtime::Python312)
+                            .handler(spec.handler)
+                            .role(&spec.role_arn)
+                            .timeout(spec.timeout_s)
+                            .memory_size(256)
+                            .description(&description)
+                            .environment(env())
+                            .set_vpc_config(vpc())
+                            .code(FunctionCode::builder().zip_file(Blob::new(zip.clone())).build())
+                            .set_tags(Some(tags.clone()))
+                            .send()
+                    );
+                    match res {
+                        Ok(o) => Ok(Look::Ready(o.function_arn.unwrap_or_default())),
+                        Err(e)
+                            if e.is_code(&["InvalidParameterValueException"])
+                                && e.message.as_deref().is_some_and(|m| m.contains("assume")) =>
+                        {
+                            Ok(Look::Pending("waiting for the IAM role to propagate".into()))
+                        }
+                        Err(e) => Err(e.into()),
+                    }
+                },
+            )
+            .await
+        },
+    )
     .await?;
     let Some(f) = found else { return Ok(arn) };
 
     // Bring an existing function up to date: code (by fingerprint), then configuration.
     if f.description.as_deref() != Some(description.as_str()) {
         if !rec.plan {
-            aws!(region, "lambda", "UpdateFunctionCode", reg.lambda.update_function_code().function_name(&spec.name).zip_file(Blob::new(zip.clone())).send())?;
+            aws!(
+                region,
+                "lambda",
+                "UpdateFunctionCode",
+                reg.lambda.update_function_code().function_name(&spec.name).zip_file(Blob::new(zip.clone())).send()
+            )?;
             wait_updated(cx, rec, reg, &spec.name).await?;
         }
         rec.record(Action::Change, "lambda-function", &spec.name, region, None, Some("code".into()));
     }
-    let have_env: std::collections::BTreeMap<String, String> = f.environment.and_then(|e| e.variables).unwrap_or_default().into_iter().collect();
+    let have_env: std::collections::BTreeMap<String, String> =
+        f.environment.and_then(|e| e.variables).unwrap_or_default().into_iter().collect();
     let want_env: std::collections::BTreeMap<String, String> = spec.env.iter().cloned().collect();
     let mut diff = Vec::new();
     if have_env != want_env {
@@ -366,14 +446,28 @@ pub async fn ensure_function(cx: &Cx, rec: &Recorder<'_>, reg: &Regional, key: &
 
 /// Waits until a function's last update finished (AWS refuses a second update meanwhile).
 async fn wait_updated(cx: &Cx, rec: &Recorder<'_>, reg: &Regional, name: &str) -> Result<()> {
-    wait::until(&format!("update of {name}"), Duration::from_secs(300), Pace::FAST, &cx.cancel, &cx.clients.reads, |s, _| rec.status(&format!("{name}: {s}")), "rerun `pgdr up`", async || {
-        let out = aws!(&reg.region, "lambda", "GetFunctionConfiguration", reg.lambda.get_function_configuration().function_name(name).send())?;
-        Ok(match out.last_update_status.as_ref().map(|s| s.as_str().to_owned()).as_deref() {
-            None | Some("Successful") => Look::Ready(()),
-            Some("Failed") => Look::Failed(out.last_update_status_reason.unwrap_or_else(|| "Failed".into())),
-            Some(s) => Look::Pending(s.to_owned()),
-        })
-    })
+    wait::until(
+        &format!("update of {name}"),
+        Duration::from_secs(300),
+        Pace::FAST,
+        &cx.cancel,
+        &cx.clients.reads,
+        |s, _| rec.status(&format!("{name}: {s}")),
+        "rerun `pgdr up`",
+        async || {
+            let out = aws!(
+                &reg.region,
+                "lambda",
+                "GetFunctionConfiguration",
+                reg.lambda.get_function_configuration().function_name(name).send()
+            )?;
+            Ok(match out.last_update_status.as_ref().map(|s| s.as_str().to_owned()).as_deref() {
+                None | Some("Successful") => Look::Ready(()),
+                Some("Failed") => Look::Failed(out.last_update_status_reason.unwrap_or_else(|| "Failed".into())),
+                Some(s) => Look::Pending(s.to_owned()),
+            })
+        },
+    )
     .await
 }
 
@@ -398,7 +492,15 @@ pub async fn delete_function(cx: &Cx, rec: &Recorder<'_>, reg: &Regional, key: &
 }
 
 /// Grants `principal` (from `source_arn`) the right to invoke the function, once.
-pub async fn ensure_permission(_cx: &Cx, rec: &Recorder<'_>, reg: &Regional, function: &str, sid: &str, principal: &str, source_arn: &str) -> Result<()> {
+pub async fn ensure_permission(
+    _cx: &Cx,
+    rec: &Recorder<'_>,
+    reg: &Regional,
+    function: &str,
+    sid: &str,
+    principal: &str,
+    source_arn: &str,
+) -> Result<()> {
     let region = reg.region.as_str();
     let policy = match read!(reg.reads, region, "lambda", "GetPolicy", reg.lambda.get_policy().function_name(function)) {
         Ok(o) => o.policy.unwrap_or_default(),
@@ -415,7 +517,14 @@ pub async fn ensure_permission(_cx: &Cx, rec: &Recorder<'_>, reg: &Regional, fun
             region,
             "lambda",
             "AddPermission",
-            reg.lambda.add_permission().function_name(function).statement_id(sid).action("lambda:InvokeFunction").principal(principal).source_arn(source_arn).send()
+            reg.lambda
+                .add_permission()
+                .function_name(function)
+                .statement_id(sid)
+                .action("lambda:InvokeFunction")
+                .principal(principal)
+                .source_arn(source_arn)
+                .send()
         )?;
     }
     rec.record(Action::Create, "lambda-permission", &format!("{function}/{sid}"), region, None, Some(format!("{principal} may invoke")));

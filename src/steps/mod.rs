@@ -134,7 +134,10 @@ pub async fn keep_one(
         if !rec.plan {
             tracing::warn!(kind = r.kind, duplicate = %other, kept = %keep, "removing a duplicate");
             delete(other.clone()).await.map_err(|e| {
-                crate::error::Error::failed(format!("{} {other} duplicates {keep} and could not be removed ({e}); delete it by hand", r.kind))
+                crate::error::Error::failed(format!(
+                    "{} {other} duplicates {keep} and could not be removed ({e}); delete it by hand",
+                    r.kind
+                ))
             })?;
         }
         rec.record(Action::Delete, r.kind, &r.name, r.region, Some(&other), detail);

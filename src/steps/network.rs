@@ -6,11 +6,11 @@ use aws_sdk_ec2::types::{AttributeBooleanValue, IpPermission, IpRange, ResourceT
 use futures::future::LocalBoxFuture;
 
 use super::{ec2_filter, ec2_tag_filters, ec2_tag_spec, ensure, keep_one, remove, Res};
-use crate::{aws, read};
 use crate::cx::{Cx, Side};
 use crate::error::{AwsError, Error, Result};
 use crate::exec::{Recorder, Step, StepResult};
 use crate::wait::{self, Look, Pace};
+use crate::{aws, read};
 
 pub struct Network(pub Side);
 
@@ -83,7 +83,11 @@ async fn reads(cx: &Cx, side: Side) {
     );
 }
 
-async fn dns_hostnames(cx: &Cx, side: Side, vpc_id: &str) -> std::result::Result<aws_sdk_ec2::operation::describe_vpc_attribute::DescribeVpcAttributeOutput, AwsError> {
+async fn dns_hostnames(
+    cx: &Cx,
+    side: Side,
+    vpc_id: &str,
+) -> std::result::Result<aws_sdk_ec2::operation::describe_vpc_attribute::DescribeVpcAttributeOutput, AwsError> {
     let reg = cx.regional(side);
     read!(
         reg.reads,
@@ -132,19 +136,25 @@ async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
 
     // VPC, with DNS support and hostnames (a private hosted zone needs both).
     let vpc_res = Res::new(key(cx, side, "vpc"), "vpc", format!("pgdr-{}", cx.name()), region);
-    let vpc = ensure(cx, rec, &vpc_res, async |known| the_vpc(cx, rec, &vpc_res, side, known).await, async |token| {
-        let _ = token; // CreateVpc takes no client token; the intent in state covers it.
-        let out = aws!(
-            region,
-            "ec2",
-            "CreateVpc",
-            ec2.create_vpc().cidr_block(cidr.to_string()).tag_specifications(ec2_tag_spec(cx, ResourceType::Vpc, "vpc")).send()
-        )?;
-        let id = out.vpc.and_then(|v| v.vpc_id).ok_or_else(|| Error::Other("CreateVpc returned no VPC id".into()))?;
-        // Part of creating it: a private hosted zone needs DNS hostnames on.
-        enable_dns_hostnames(cx, side, &id).await?;
-        Ok(id)
-    });
+    let vpc = ensure(
+        cx,
+        rec,
+        &vpc_res,
+        async |known| the_vpc(cx, rec, &vpc_res, side, known).await,
+        async |token| {
+            let _ = token; // CreateVpc takes no client token; the intent in state covers it.
+            let out = aws!(
+                region,
+                "ec2",
+                "CreateVpc",
+                ec2.create_vpc().cidr_block(cidr.to_string()).tag_specifications(ec2_tag_spec(cx, ResourceType::Vpc, "vpc")).send()
+            )?;
+            let id = out.vpc.and_then(|v| v.vpc_id).ok_or_else(|| Error::Other("CreateVpc returned no VPC id".into()))?;
+            // Part of creating it: a private hosted zone needs DNS hostnames on.
+            enable_dns_hostnames(cx, side, &id).await?;
+            Ok(id)
+        },
+    );
     // The zones do not depend on the VPC: read them while it is made.
     let (vpc, azs) = futures::join!(vpc, zones(cx, side));
     let (vpc, azs) = (vpc?, azs?);
@@ -158,10 +168,24 @@ async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
             let attr = dns_hostnames(cx, side, vpc_id).await?;
             if !attr.enable_dns_hostnames.and_then(|a| a.value).unwrap_or(false) {
                 if rec.plan {
-                    rec.record(crate::exec::Action::Change, "vpc", &vpc_res.name, region, Some(vpc_id), Some("enable DNS hostnames".into()));
+                    rec.record(
+                        crate::exec::Action::Change,
+                        "vpc",
+                        &vpc_res.name,
+                        region,
+                        Some(vpc_id),
+                        Some("enable DNS hostnames".into()),
+                    );
                 } else {
                     enable_dns_hostnames(cx, side, vpc_id).await?;
-                    rec.record(crate::exec::Action::Change, "vpc", &vpc_res.name, region, Some(vpc_id), Some("enabled DNS hostnames".into()));
+                    rec.record(
+                        crate::exec::Action::Change,
+                        "vpc",
+                        &vpc_res.name,
+                        region,
+                        Some(vpc_id),
+                        Some("enabled DNS hostnames".into()),
+                    );
                 }
             }
         }
@@ -170,7 +194,8 @@ async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
     let azs = &azs;
     let subnets = futures::future::try_join_all(SUBNETS.iter().enumerate().map(|(i, name)| async move {
         // Two private subnets in the first two availability zones (by name, so reruns agree).
-        let sub_cidr = cidr.subnet(24.max(cidr.prefix + 2), i as u32).ok_or_else(|| Error::Other("VPC CIDR too small for two subnets".into()))?;
+        let sub_cidr =
+            cidr.subnet(24.max(cidr.prefix + 2), i as u32).ok_or_else(|| Error::Other("VPC CIDR too small for two subnets".into()))?;
         let az = azs.get(i).cloned().ok_or_else(|| Error::failed(format!("{region} offers fewer than two availability zones")))?;
         let r = Res::new(key(cx, side, name), "subnet", format!("pgdr-{}-{name}", cx.name()), region);
         ensure(
@@ -198,15 +223,24 @@ async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
     let routes = async {
         // One route table for both subnets; the peering step adds the route to the peer.
         let rt_res = Res::new(key(cx, side, "route-table"), "route-table", format!("pgdr-{}-private", cx.name()), region);
-        let rt = ensure(cx, rec, &rt_res, async |known| find_route_table(cx, rec, &rt_res, side, known, vpc_id).await, async |_| {
-            let out = aws!(
-                region,
-                "ec2",
-                "CreateRouteTable",
-                ec2.create_route_table().vpc_id(vpc_id).tag_specifications(ec2_tag_spec(cx, ResourceType::RouteTable, "route-table")).send()
-            )?;
-            out.route_table.and_then(|r| r.route_table_id).ok_or_else(|| Error::Other("CreateRouteTable returned no id".into()))
-        })
+        let rt = ensure(
+            cx,
+            rec,
+            &rt_res,
+            async |known| find_route_table(cx, rec, &rt_res, side, known, vpc_id).await,
+            async |_| {
+                let out = aws!(
+                    region,
+                    "ec2",
+                    "CreateRouteTable",
+                    ec2.create_route_table()
+                        .vpc_id(vpc_id)
+                        .tag_specifications(ec2_tag_spec(cx, ResourceType::RouteTable, "route-table"))
+                        .send()
+                )?;
+                out.route_table.and_then(|r| r.route_table_id).ok_or_else(|| Error::Other("CreateRouteTable returned no id".into()))
+            },
+        )
         .await?;
         endpoint(cx, rec, side, vpc_id, rt).await
     };
@@ -220,14 +254,17 @@ async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
     // Both subnets on the route table.
     if let Some(rt) = &rt {
         let table = route_table(cx, side, rt).await?;
-        let associated: Vec<String> = table.into_iter().flat_map(|t| t.associations.unwrap_or_default()).filter_map(|a| a.subnet_id).collect();
-        futures::future::try_join_all(SUBNETS.iter().zip(&subnet_ids).filter(|(_, s)| !associated.contains(s)).map(|(name, sub)| async move {
-            if !rec.plan {
-                aws!(region, "ec2", "AssociateRouteTable", ec2.associate_route_table().route_table_id(rt).subnet_id(sub).send())?;
-            }
-            rec.record(crate::exec::Action::Create, "route-table-association", name, region, None, Some(format!("{sub} -> {rt}")));
-            Ok::<_, Error>(())
-        }))
+        let associated: Vec<String> =
+            table.into_iter().flat_map(|t| t.associations.unwrap_or_default()).filter_map(|a| a.subnet_id).collect();
+        futures::future::try_join_all(SUBNETS.iter().zip(&subnet_ids).filter(|(_, s)| !associated.contains(s)).map(
+            |(name, sub)| async move {
+                if !rec.plan {
+                    aws!(region, "ec2", "AssociateRouteTable", ec2.associate_route_table().route_table_id(rt).subnet_id(sub).send())?;
+                }
+                rec.record(crate::exec::Action::Create, "route-table-association", name, region, None, Some(format!("{sub} -> {rt}")));
+                Ok::<_, Error>(())
+            },
+        ))
         .await?;
         for name in SUBNETS.iter().skip(subnet_ids.len()) {
             rec.record(crate::exec::Action::Create, "route-table-association", name, region, None, None);
@@ -241,63 +278,93 @@ async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
 }
 
 /// The database security group: 5432 from this VPC and from the peer VPC.
-async fn security_group(cx: &Cx, rec: &Recorder<'_>, side: Side, vpc_id: &str, cidr: crate::config::Cidr, peer_cidr: crate::config::Cidr) -> Result<()> {
+async fn security_group(
+    cx: &Cx,
+    rec: &Recorder<'_>,
+    side: Side,
+    vpc_id: &str,
+    cidr: crate::config::Cidr,
+    peer_cidr: crate::config::Cidr,
+) -> Result<()> {
     let reg = cx.regional(side);
     let region = reg.region.as_str();
     let ec2 = &reg.ec2;
     let sg_res = Res::new(key(cx, side, "db-sg"), "security-group", format!("pgdr-{}-db", cx.name()), region);
-    let sg = ensure(cx, rec, &sg_res, async |known| find_sg(cx, side, known, vpc_id).await, async |_| {
-        let out = aws!(
-            region,
-            "ec2",
-            "CreateSecurityGroup",
-            ec2.create_security_group()
-                .group_name(format!("pgdr-{}-db", cx.name()))
-                .description("pgdr: PostgreSQL from the two pgdr VPCs")
-                .vpc_id(vpc_id)
-                .tag_specifications(ec2_tag_spec(cx, ResourceType::SecurityGroup, "db-sg"))
-                .send()
-        )?;
-        out.group_id.ok_or_else(|| Error::Other("CreateSecurityGroup returned no id".into()))
-    })
+    let sg = ensure(
+        cx,
+        rec,
+        &sg_res,
+        async |known| find_sg(cx, side, known, vpc_id).await,
+        async |_| {
+            let out = aws!(
+                region,
+                "ec2",
+                "CreateSecurityGroup",
+                ec2.create_security_group()
+                    .group_name(format!("pgdr-{}-db", cx.name()))
+                    .description("pgdr: PostgreSQL from the two pgdr VPCs")
+                    .vpc_id(vpc_id)
+                    .tag_specifications(ec2_tag_spec(cx, ResourceType::SecurityGroup, "db-sg"))
+                    .send()
+            )?;
+            out.group_id.ok_or_else(|| Error::Other("CreateSecurityGroup returned no id".into()))
+        },
+    )
     .await?;
     let sg_id = sg.unwrap_or_default();
     // A fenced old primary's group keeps its client rules revoked until `reprotect`.
     let fenced = cx.store.snapshot().topology.fenced.contains_key(region);
     let sg_id = &sg_id;
-    futures::future::try_join_all([("db-sg-rule-local", cidr), ("db-sg-rule-peer", peer_cidr)].into_iter().map(|(rule, rule_cidr)| async move {
-        if fenced {
-            rec.record(crate::exec::Action::Keep, "security-group-rule", &format!("5432 from {rule_cidr}"), region, None, Some("revoked: fenced by failover".into()));
-            return Ok(());
-        }
-        let r = Res::new(key(cx, side, rule), "security-group-rule", format!("5432 from {rule_cidr}"), region);
-        ensure(cx, rec, &r, async |_known| find_rule(cx, side, sg_id, &rule_cidr.to_string()).await, async |_| {
-            let out = aws!(
-                region,
-                "ec2",
-                "AuthorizeSecurityGroupIngress",
-                ec2.authorize_security_group_ingress()
-                    .group_id(sg_id)
-                    .ip_permissions(
-                        IpPermission::builder()
-                            .ip_protocol("tcp")
-                            .from_port(5432)
-                            .to_port(5432)
-                            .ip_ranges(IpRange::builder().cidr_ip(rule_cidr.to_string()).description(format!("pgdr {rule}")).build())
-                            .build()
-                    )
-                    .tag_specifications(ec2_tag_spec(cx, ResourceType::SecurityGroupRule, rule))
-                    .send()
-            )?;
-            out.security_group_rules
-                .unwrap_or_default()
-                .into_iter()
-                .find_map(|r| r.security_group_rule_id)
-                .ok_or_else(|| Error::Other("AuthorizeSecurityGroupIngress returned no rule id".into()))
-        })
-        .await?;
-        Ok::<_, Error>(())
-    }))
+    futures::future::try_join_all([("db-sg-rule-local", cidr), ("db-sg-rule-peer", peer_cidr)].into_iter().map(
+        |(rule, rule_cidr)| async move {
+            if fenced {
+                rec.record(
+                    crate::exec::Action::Keep,
+                    "security-group-rule",
+                    &format!("5432 from {rule_cidr}"),
+                    region,
+                    None,
+                    Some("revoked: fenced by failover".into()),
+                );
+                return Ok(());
+            }
+            let r = Res::new(key(cx, side, rule), "security-group-rule", format!("5432 from {rule_cidr}"), region);
+            ensure(
+                cx,
+                rec,
+                &r,
+                async |_known| find_rule(cx, side, sg_id, &rule_cidr.to_string()).await,
+                async |_| {
+                    let out = aws!(
+                        region,
+                        "ec2",
+                        "AuthorizeSecurityGroupIngress",
+                        ec2.authorize_security_group_ingress()
+                            .group_id(sg_id)
+                            .ip_permissions(
+                                IpPermission::builder()
+                                    .ip_protocol("tcp")
+                                    .from_port(5432)
+                                    .to_port(5432)
+                                    .ip_ranges(
+                                        IpRange::builder().cidr_ip(rule_cidr.to_string()).description(format!("pgdr {rule}")).build()
+                                    )
+                                    .build()
+                            )
+                            .tag_specifications(ec2_tag_spec(cx, ResourceType::SecurityGroupRule, rule))
+                            .send()
+                    )?;
+                    out.security_group_rules
+                        .unwrap_or_default()
+                        .into_iter()
+                        .find_map(|r| r.security_group_rule_id)
+                        .ok_or_else(|| Error::Other("AuthorizeSecurityGroupIngress returned no rule id".into()))
+                },
+            )
+            .await?;
+            Ok::<_, Error>(())
+        },
+    ))
     .await?;
     Ok(())
 }
@@ -309,26 +376,30 @@ async fn endpoint(cx: &Cx, rec: &Recorder<'_>, side: Side, vpc_id: &str, rt: Opt
     let ec2 = &reg.ec2;
     let rt_id = rt.clone().unwrap_or_default();
     let ep_res = Res::new(key(cx, side, "s3-endpoint"), "vpc-endpoint", format!("pgdr-{}-s3", cx.name()), region);
-    ensure(cx, rec, &ep_res, async |known| find_endpoint(cx, rec, &ep_res, side, known).await, async |token| {
-        let out = aws!(
-            region,
-            "ec2",
-            "CreateVpcEndpoint",
-            ec2.create_vpc_endpoint()
-                .vpc_id(vpc_id)
-                .vpc_endpoint_type(aws_sdk_ec2::types::VpcEndpointType::Gateway)
-                .service_name(format!("com.amazonaws.{region}.s3"))
-                .route_table_ids(&rt_id)
-                .client_token(token)
-                .tag_specifications(ec2_tag_spec(cx, ResourceType::VpcEndpoint, "s3-endpoint"))
-                .send()
-        )?;
-        out.vpc_endpoint.and_then(|e| e.vpc_endpoint_id).ok_or_else(|| Error::Other("CreateVpcEndpoint returned no id".into()))
-    })
+    ensure(
+        cx,
+        rec,
+        &ep_res,
+        async |known| find_endpoint(cx, rec, &ep_res, side, known).await,
+        async |token| {
+            let out = aws!(
+                region,
+                "ec2",
+                "CreateVpcEndpoint",
+                ec2.create_vpc_endpoint()
+                    .vpc_id(vpc_id)
+                    .vpc_endpoint_type(aws_sdk_ec2::types::VpcEndpointType::Gateway)
+                    .service_name(format!("com.amazonaws.{region}.s3"))
+                    .route_table_ids(&rt_id)
+                    .client_token(token)
+                    .tag_specifications(ec2_tag_spec(cx, ResourceType::VpcEndpoint, "s3-endpoint"))
+                    .send()
+            )?;
+            out.vpc_endpoint.and_then(|e| e.vpc_endpoint_id).ok_or_else(|| Error::Other("CreateVpcEndpoint returned no id".into()))
+        },
+    )
     .await?;
     Ok(rt)
-
-
 }
 
 async fn enable_dns_hostnames(cx: &Cx, side: Side, vpc_id: &str) -> Result<()> {
@@ -350,7 +421,10 @@ async fn zones(cx: &Cx, side: Side) -> Result<Vec<String>> {
         &reg.region,
         "ec2",
         "DescribeAvailabilityZones",
-        reg.ec2.describe_availability_zones().filters(ec2_filter("state", "available")).filters(ec2_filter("zone-type", "availability-zone"))
+        reg.ec2
+            .describe_availability_zones()
+            .filters(ec2_filter("state", "available"))
+            .filters(ec2_filter("zone-type", "availability-zone"))
     )?;
     let mut names: Vec<String> = out.availability_zones.unwrap_or_default().into_iter().filter_map(|z| z.zone_name).collect();
     names.sort();
@@ -374,7 +448,15 @@ async fn subnets(cx: &Cx, side: Side, name: &str, known: Option<&str>, vpc_id: &
     Ok(ids)
 }
 
-async fn find_one_subnet(cx: &Cx, rec: &Recorder<'_>, r: &Res<'_>, side: Side, name: &str, known: Option<String>, vpc_id: &str) -> Result<Option<String>> {
+async fn find_one_subnet(
+    cx: &Cx,
+    rec: &Recorder<'_>,
+    r: &Res<'_>,
+    side: Side,
+    name: &str,
+    known: Option<String>,
+    vpc_id: &str,
+) -> Result<Option<String>> {
     let reg = cx.regional(side);
     let ids = subnets(cx, side, name, known.as_deref(), vpc_id).await?;
     keep_one(rec, r, known.as_deref(), ids, async |id| {
@@ -406,10 +488,18 @@ async fn route_tables(cx: &Cx, side: Side, known: Option<&str>, vpc_id: &str) ->
 /// One route table by ID, with its routes and associations.
 pub async fn route_table(cx: &Cx, side: Side, id: &str) -> std::result::Result<Vec<aws_sdk_ec2::types::RouteTable>, AwsError> {
     let reg = cx.regional(side);
-    read!(reg.reads, &reg.region, "ec2", "DescribeRouteTables", reg.ec2.describe_route_tables().route_table_ids(id)).map(|o| o.route_tables.unwrap_or_default())
+    read!(reg.reads, &reg.region, "ec2", "DescribeRouteTables", reg.ec2.describe_route_tables().route_table_ids(id))
+        .map(|o| o.route_tables.unwrap_or_default())
 }
 
-async fn find_route_table(cx: &Cx, rec: &Recorder<'_>, r: &Res<'_>, side: Side, known: Option<String>, vpc_id: &str) -> Result<Option<String>> {
+async fn find_route_table(
+    cx: &Cx,
+    rec: &Recorder<'_>,
+    r: &Res<'_>,
+    side: Side,
+    known: Option<String>,
+    vpc_id: &str,
+) -> Result<Option<String>> {
     let reg = cx.regional(side);
     let ids = route_tables(cx, side, known.as_deref(), vpc_id).await?;
     keep_one(rec, r, known.as_deref(), ids, async |id| {
@@ -437,7 +527,13 @@ pub async fn find_rule(cx: &Cx, side: Side, sg: &str, cidr: &str) -> Result<Opti
         return Ok(None);
     }
     let reg = cx.regional(side);
-    let out = absent(read!(reg.reads, &reg.region, "ec2", "DescribeSecurityGroupRules", reg.ec2.describe_security_group_rules().filters(ec2_filter("group-id", sg))))?;
+    let out = absent(read!(
+        reg.reads,
+        &reg.region,
+        "ec2",
+        "DescribeSecurityGroupRules",
+        reg.ec2.describe_security_group_rules().filters(ec2_filter("group-id", sg))
+    ))?;
     Ok(out.and_then(|o| {
         o.security_group_rules.unwrap_or_default().into_iter().find_map(|r| {
             (r.is_egress == Some(false) && r.from_port == Some(5432) && r.to_port == Some(5432) && r.cidr_ipv4.as_deref() == Some(cidr))
@@ -456,14 +552,26 @@ async fn endpoints(cx: &Cx, side: Side, known: Option<String>) -> Result<Vec<Str
             .filter_map(|e| {
                 // The emulator answers states in lower case, which decode as Unknown("...").
                 let state = e.state.as_ref().map(|s| s.as_str().to_ascii_lowercase()).unwrap_or_default();
-                (!matches!(state.as_str(), "deleted" | "deleting" | "failed" | "rejected" | "expired")).then_some(e.vpc_endpoint_id).flatten()
+                (!matches!(state.as_str(), "deleted" | "deleting" | "failed" | "rejected" | "expired"))
+                    .then_some(e.vpc_endpoint_id)
+                    .flatten()
             })
             .collect()
     };
-    let out = read!(reg.reads, &reg.region, "ec2", "DescribeVpcEndpoints", reg.ec2.describe_vpc_endpoints().set_filters(Some(ec2_tag_filters(cx, "s3-endpoint"))))?;
+    let out = read!(
+        reg.reads,
+        &reg.region,
+        "ec2",
+        "DescribeVpcEndpoints",
+        reg.ec2.describe_vpc_endpoints().set_filters(Some(ec2_tag_filters(cx, "s3-endpoint")))
+    )?;
     let ids = live(out);
     match known {
-        Some(id) if ids.is_empty() => Ok(absent(read!(reg.reads, &reg.region, "ec2", "DescribeVpcEndpoints", reg.ec2.describe_vpc_endpoints().vpc_endpoint_ids(id)))?.map(live).unwrap_or_default()),
+        Some(id) if ids.is_empty() => {
+            Ok(absent(read!(reg.reads, &reg.region, "ec2", "DescribeVpcEndpoints", reg.ec2.describe_vpc_endpoints().vpc_endpoint_ids(id)))?
+                .map(live)
+                .unwrap_or_default())
+        }
         _ => Ok(ids),
     }
 }
@@ -478,10 +586,9 @@ async fn delete_endpoint(cx: &Cx, side: Side, id: &str) -> Result<()> {
     let reg = cx.regional(side);
     match aws!(&reg.region, "ec2", "DeleteVpcEndpoints", reg.ec2.delete_vpc_endpoints().vpc_endpoint_ids(id).send()) {
         Ok(out) => match out.unsuccessful().iter().find(|u| u.resource_id() == Some(id)) {
-            Some(u) if !u.error().and_then(|e| e.code()).is_some_and(|c| c.ends_with("VpcEndpointId.NotFound")) => Err(Error::failed(format!(
-                "DeleteVpcEndpoints refused {id}: {}",
-                u.error().and_then(|e| e.message()).unwrap_or("no reason given")
-            ))),
+            Some(u) if !u.error().and_then(|e| e.code()).is_some_and(|c| c.ends_with("VpcEndpointId.NotFound")) => Err(Error::failed(
+                format!("DeleteVpcEndpoints refused {id}: {}", u.error().and_then(|e| e.message()).unwrap_or("no reason given")),
+            )),
             _ => Ok(()),
         },
         Err(e) if e.is_code(&["InvalidVpcEndpointId.NotFound"]) => Ok(()),
@@ -502,13 +609,28 @@ async fn down(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
     .unwrap_or_default();
 
     let ep = Res::new(key(cx, side, "s3-endpoint"), "vpc-endpoint", format!("pgdr-{}-s3", cx.name()), region);
-    remove(cx, rec, &ep, async |known| find_endpoint(cx, rec, &ep, side, known).await, async |id| {
-        delete_endpoint(cx, side, &id).await?;
-        wait::until(&format!("VPC endpoint {id}"), std::time::Duration::from_secs(600), Pace::FAST, &cx.cancel, &cx.clients.reads, |s, _| rec.status(&format!("endpoint {s}")), "rerun `pgdr down`", async || {
-            Ok(if endpoints(cx, side, None).await?.contains(&id) { Look::Pending("deleting".into()) } else { Look::Ready(()) })
-        })
-        .await
-    })
+    remove(
+        cx,
+        rec,
+        &ep,
+        async |known| find_endpoint(cx, rec, &ep, side, known).await,
+        async |id| {
+            delete_endpoint(cx, side, &id).await?;
+            wait::until(
+                &format!("VPC endpoint {id}"),
+                std::time::Duration::from_secs(600),
+                Pace::FAST,
+                &cx.cancel,
+                &cx.clients.reads,
+                |s, _| rec.status(&format!("endpoint {s}")),
+                "rerun `pgdr down`",
+                async || {
+                    Ok(if endpoints(cx, side, None).await?.contains(&id) { Look::Pending("deleting".into()) } else { Look::Ready(()) })
+                },
+            )
+            .await
+        },
+    )
     .await?;
 
     // Rules go with their group; forget them first.
@@ -518,47 +640,71 @@ async fn down(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
         }
     }
     let sg = Res::new(key(cx, side, "db-sg"), "security-group", format!("pgdr-{}-db", cx.name()), region);
-    remove(cx, rec, &sg, async |known| find_sg(cx, side, known, &vpc_id).await, async |id| {
-        // Lambda ENIs can hold a group for minutes after their function is gone.
-        retry_dependency(cx, rec, &format!("security group {id}"), async || {
-            absent(aws!(region, "ec2", "DeleteSecurityGroup", ec2.delete_security_group().group_id(&id).send())).map(|_| ())
-        })
-        .await
-    })
+    remove(
+        cx,
+        rec,
+        &sg,
+        async |known| find_sg(cx, side, known, &vpc_id).await,
+        async |id| {
+            // Lambda ENIs can hold a group for minutes after their function is gone.
+            retry_dependency(cx, rec, &format!("security group {id}"), async || {
+                absent(aws!(region, "ec2", "DeleteSecurityGroup", ec2.delete_security_group().group_id(&id).send())).map(|_| ())
+            })
+            .await
+        },
+    )
     .await?;
 
     for name in SUBNETS {
         let r = Res::new(key(cx, side, name), "subnet", format!("pgdr-{}-{name}", cx.name()), region);
-        remove(cx, rec, &r, async |known| find_one_subnet(cx, rec, &r, side, name, known, &vpc_id).await, async |id| {
-            retry_dependency(cx, rec, &format!("subnet {id}"), async || {
-                absent(aws!(region, "ec2", "DeleteSubnet", ec2.delete_subnet().subnet_id(&id).send())).map(|_| ())
-            })
-            .await
-        })
+        remove(
+            cx,
+            rec,
+            &r,
+            async |known| find_one_subnet(cx, rec, &r, side, name, known, &vpc_id).await,
+            async |id| {
+                retry_dependency(cx, rec, &format!("subnet {id}"), async || {
+                    absent(aws!(region, "ec2", "DeleteSubnet", ec2.delete_subnet().subnet_id(&id).send())).map(|_| ())
+                })
+                .await
+            },
+        )
         .await?;
     }
 
     let rt = Res::new(key(cx, side, "route-table"), "route-table", format!("pgdr-{}-private", cx.name()), region);
-    remove(cx, rec, &rt, async |known| find_route_table(cx, rec, &rt, side, known, &vpc_id).await, async |id| {
-        // Associations of deleted subnets are gone; remove any that remain.
-        if let Some(t) = absent(aws!(region, "ec2", "DescribeRouteTables", ec2.describe_route_tables().route_table_ids(&id).send()))? {
-            for a in t.route_tables.unwrap_or_default().into_iter().flat_map(|t| t.associations.unwrap_or_default()) {
-                if let (Some(aid), false) = (a.route_table_association_id, a.main.unwrap_or(false)) {
-                    absent(aws!(region, "ec2", "DisassociateRouteTable", ec2.disassociate_route_table().association_id(aid).send()))?;
+    remove(
+        cx,
+        rec,
+        &rt,
+        async |known| find_route_table(cx, rec, &rt, side, known, &vpc_id).await,
+        async |id| {
+            // Associations of deleted subnets are gone; remove any that remain.
+            if let Some(t) = absent(aws!(region, "ec2", "DescribeRouteTables", ec2.describe_route_tables().route_table_ids(&id).send()))? {
+                for a in t.route_tables.unwrap_or_default().into_iter().flat_map(|t| t.associations.unwrap_or_default()) {
+                    if let (Some(aid), false) = (a.route_table_association_id, a.main.unwrap_or(false)) {
+                        absent(aws!(region, "ec2", "DisassociateRouteTable", ec2.disassociate_route_table().association_id(aid).send()))?;
+                    }
                 }
             }
-        }
-        absent(aws!(region, "ec2", "DeleteRouteTable", ec2.delete_route_table().route_table_id(&id).send())).map(|_| ())
-    })
+            absent(aws!(region, "ec2", "DeleteRouteTable", ec2.delete_route_table().route_table_id(&id).send())).map(|_| ())
+        },
+    )
     .await?;
 
     let vpc = Res::new(key(cx, side, "vpc"), "vpc", format!("pgdr-{}", cx.name()), region);
-    remove(cx, rec, &vpc, async |known| the_vpc(cx, rec, &vpc, side, known).await, async |id| {
-        retry_dependency(cx, rec, &format!("VPC {id}"), async || {
-            absent(aws!(region, "ec2", "DeleteVpc", ec2.delete_vpc().vpc_id(&id).send())).map(|_| ())
-        })
-        .await
-    })
+    remove(
+        cx,
+        rec,
+        &vpc,
+        async |known| the_vpc(cx, rec, &vpc, side, known).await,
+        async |id| {
+            retry_dependency(cx, rec, &format!("VPC {id}"), async || {
+                absent(aws!(region, "ec2", "DeleteVpc", ec2.delete_vpc().vpc_id(&id).send())).map(|_| ())
+            })
+            .await
+        },
+    )
     .await?;
     Ok(())
 }
@@ -566,12 +712,19 @@ async fn down(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
 /// Retries a delete refused with `DependencyViolation` (something still uses the resource and
 /// is going away, such as a Lambda ENI) for up to 30 minutes.
 pub async fn retry_dependency(cx: &Cx, rec: &Recorder<'_>, what: &str, mut del: impl AsyncFnMut() -> Result<()>) -> Result<()> {
-    wait::until(what, std::time::Duration::from_secs(1800), Pace::SLOW, &cx.cancel, &cx.clients.reads, |s, t| rec.status(&format!("{what}: {s} ({})", wait::human(t))), "find what still uses it in the EC2 console, then rerun `pgdr down`", async || {
-        match del().await {
+    wait::until(
+        what,
+        std::time::Duration::from_secs(1800),
+        Pace::SLOW,
+        &cx.cancel,
+        &cx.clients.reads,
+        |s, t| rec.status(&format!("{what}: {s} ({})", wait::human(t))),
+        "find what still uses it in the EC2 console, then rerun `pgdr down`",
+        async || match del().await {
             Ok(()) => Ok(Look::Ready(())),
             Err(Error::Aws(e)) if e.is_code(&["DependencyViolation", "InvalidGroup.InUse"]) => Ok(Look::Pending("in use".into())),
             Err(e) => Err(e),
-        }
-    })
+        },
+    )
     .await
 }

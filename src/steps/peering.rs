@@ -8,11 +8,11 @@ use futures::future::LocalBoxFuture;
 
 use super::network::{self, find_vpc};
 use super::{ec2_filter, ec2_tag_filters, ec2_tag_spec, ensure, remove, Res};
-use crate::{aws, read};
 use crate::cx::{Cx, Side};
 use crate::error::{Error, Result};
 use crate::exec::{Action, Recorder, Step, StepResult};
 use crate::wait::{self, Look, Pace};
+use crate::{aws, read};
 
 pub struct Peering;
 
@@ -30,7 +30,8 @@ impl Step<Cx> for Peering {
     }
     fn down<'a>(&'a self, cx: &'a Cx, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult> {
         Box::pin(down(cx, rec))
-    }    fn reads<'a>(&'a self, cx: &'a Cx) -> LocalBoxFuture<'a, ()> {
+    }
+    fn reads<'a>(&'a self, cx: &'a Cx) -> LocalBoxFuture<'a, ()> {
         // The VPCs and route tables are read by the network steps.
         Box::pin(async move {
             let known = cx.store.id(&key(cx));
@@ -60,7 +61,12 @@ async fn the_one(cx: &Cx, rec: &Recorder<'_>, r: &Res<'_>, known: Option<String>
         ids = all(cx, cx.home(), known.clone()).await?.into_iter().map(|p| p.0).collect();
     }
     super::keep_one(rec, r, known.as_deref(), ids, async |id| {
-        match aws!(&reg.region, "ec2", "DeleteVpcPeeringConnection", reg.ec2.delete_vpc_peering_connection().vpc_peering_connection_id(&id).send()) {
+        match aws!(
+            &reg.region,
+            "ec2",
+            "DeleteVpcPeeringConnection",
+            reg.ec2.delete_vpc_peering_connection().vpc_peering_connection_id(&id).send()
+        ) {
             Ok(_) => Ok(()),
             Err(e) if e.code().ends_with("NotFound") => Ok(()),
             Err(e) => Err(e.into()),
@@ -104,53 +110,82 @@ async fn up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
     let vpc = find_vpc(cx, cx.home(), cx.store.id(&network::key(cx, cx.home(), "vpc"))).await?.unwrap_or_default();
     let peer_vpc = find_vpc(cx, cx.home().other(), cx.store.id(&network::key(cx, cx.home().other(), "vpc"))).await?.unwrap_or_default();
     let r = Res::new(key(cx), "vpc-peering", format!("pgdr-{}", cx.name()), region);
-    let pcx = ensure(cx, rec, &r, async |known| the_one(cx, rec, &r, known).await, async |_| {
-        let out = aws!(
-            region,
-            "ec2",
-            "CreateVpcPeeringConnection",
-            primary
-                .ec2
-                .create_vpc_peering_connection()
-                .vpc_id(&vpc)
-                .peer_vpc_id(&peer_vpc)
-                .peer_region(cx.region(cx.home().other()))
-                .tag_specifications(ec2_tag_spec(cx, ResourceType::VpcPeeringConnection, "peering"))
-                .send()
-        )?;
-        out.vpc_peering_connection
-            .and_then(|p| p.vpc_peering_connection_id)
-            .ok_or_else(|| Error::Other("CreateVpcPeeringConnection returned no id".into()))
-    })
+    let pcx = ensure(
+        cx,
+        rec,
+        &r,
+        async |known| the_one(cx, rec, &r, known).await,
+        async |_| {
+            let out = aws!(
+                region,
+                "ec2",
+                "CreateVpcPeeringConnection",
+                primary
+                    .ec2
+                    .create_vpc_peering_connection()
+                    .vpc_id(&vpc)
+                    .peer_vpc_id(&peer_vpc)
+                    .peer_region(cx.region(cx.home().other()))
+                    .tag_specifications(ec2_tag_spec(cx, ResourceType::VpcPeeringConnection, "peering"))
+                    .send()
+            )?;
+            out.vpc_peering_connection
+                .and_then(|p| p.vpc_peering_connection_id)
+                .ok_or_else(|| Error::Other("CreateVpcPeeringConnection returned no id".into()))
+        },
+    )
     .await?;
 
     // Accept in the DR region (the only place AWS allows it), then wait for `active`.
     if let Some(pcx) = &pcx {
         let dr = cx.regional(cx.home().other());
-        let status = wait::until(&format!("peering {pcx} in {}", dr.region), Duration::from_secs(300), Pace::FAST, &cx.cancel, &cx.clients.reads, |s, _| rec.status(&format!("peering {s}")), "rerun `pgdr up`", async || {
-            Ok(match find(cx, cx.home().other(), Some(pcx.clone())).await? {
-                Some((_, code)) if code == "initiating-request" => Look::Pending(code),
-                Some((_, code)) => Look::Ready(code),
-                None => Look::Pending("not yet visible".into()),
-            })
-        })
+        let status = wait::until(
+            &format!("peering {pcx} in {}", dr.region),
+            Duration::from_secs(300),
+            Pace::FAST,
+            &cx.cancel,
+            &cx.clients.reads,
+            |s, _| rec.status(&format!("peering {s}")),
+            "rerun `pgdr up`",
+            async || {
+                Ok(match find(cx, cx.home().other(), Some(pcx.clone())).await? {
+                    Some((_, code)) if code == "initiating-request" => Look::Pending(code),
+                    Some((_, code)) => Look::Ready(code),
+                    None => Look::Pending("not yet visible".into()),
+                })
+            },
+        )
         .await?;
         if status == "pending-acceptance" {
             if rec.plan {
                 rec.record(Action::Change, "vpc-peering", &r.name, &dr.region, Some(pcx), Some("accept".into()));
             } else {
-                aws!(&dr.region, "ec2", "AcceptVpcPeeringConnection", dr.ec2.accept_vpc_peering_connection().vpc_peering_connection_id(pcx).send())?;
+                aws!(
+                    &dr.region,
+                    "ec2",
+                    "AcceptVpcPeeringConnection",
+                    dr.ec2.accept_vpc_peering_connection().vpc_peering_connection_id(pcx).send()
+                )?;
                 rec.record(Action::Change, "vpc-peering", &r.name, &dr.region, Some(pcx), Some("accepted".into()));
             }
         }
         if !rec.plan {
-            wait::until(&format!("peering {pcx}"), Duration::from_secs(600), Pace::FAST, &cx.cancel, &cx.clients.reads, |s, _| rec.status(&format!("peering {s}")), "rerun `pgdr up`", async || {
-                Ok(match find(cx, cx.home(), Some(pcx.clone())).await? {
-                    Some((_, c)) if c == "active" => Look::Ready(()),
-                    Some((_, c)) => Look::Pending(c),
-                    None => Look::Failed("deleted or rejected".into()),
-                })
-            })
+            wait::until(
+                &format!("peering {pcx}"),
+                Duration::from_secs(600),
+                Pace::FAST,
+                &cx.cancel,
+                &cx.clients.reads,
+                |s, _| rec.status(&format!("peering {s}")),
+                "rerun `pgdr up`",
+                async || {
+                    Ok(match find(cx, cx.home(), Some(pcx.clone())).await? {
+                        Some((_, c)) if c == "active" => Look::Ready(()),
+                        Some((_, c)) => Look::Pending(c),
+                        None => Look::Failed("deleted or rejected".into()),
+                    })
+                },
+            )
             .await?;
         }
     } else {
@@ -164,15 +199,21 @@ async fn up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
         let rt = cx.store.id(&network::key(cx, side, "route-table")).unwrap_or_default();
         let pcx_id = pcx.clone().unwrap_or_default();
         let rr = Res::new(route_key(cx, side), "route", format!("{peer} via peering"), &reg.region);
-        ensure(cx, rec, &rr, async |_| find_route(cx, side, &rt, &peer, &pcx_id).await, async |_| {
-            aws!(
-                &reg.region,
-                "ec2",
-                "CreateRoute",
-                reg.ec2.create_route().route_table_id(&rt).destination_cidr_block(&peer).vpc_peering_connection_id(&pcx_id).send()
-            )?;
-            Ok(format!("{rt}:{peer}"))
-        })
+        ensure(
+            cx,
+            rec,
+            &rr,
+            async |_| find_route(cx, side, &rt, &peer, &pcx_id).await,
+            async |_| {
+                aws!(
+                    &reg.region,
+                    "ec2",
+                    "CreateRoute",
+                    reg.ec2.create_route().route_table_id(&rt).destination_cidr_block(&peer).vpc_peering_connection_id(&pcx_id).send()
+                )?;
+                Ok(format!("{rt}:{peer}"))
+            },
+        )
         .await?;
     }
     Ok(())
@@ -187,9 +228,10 @@ async fn find_route(cx: &Cx, side: Side, rt: &str, cidr: &str, pcx: &str) -> Res
         Err(e) if e.code().ends_with("NotFound") => return Ok(None),
         Err(e) => return Err(e.into()),
     };
-    let found = tables.into_iter().flat_map(|t| t.routes.unwrap_or_default()).any(|r| {
-        r.destination_cidr_block.as_deref() == Some(cidr) && r.vpc_peering_connection_id.as_deref() == Some(pcx)
-    });
+    let found = tables
+        .into_iter()
+        .flat_map(|t| t.routes.unwrap_or_default())
+        .any(|r| r.destination_cidr_block.as_deref() == Some(cidr) && r.vpc_peering_connection_id.as_deref() == Some(pcx));
     Ok(found.then(|| format!("{rt}:{cidr}")))
 }
 
@@ -200,31 +242,60 @@ async fn down(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
         let peer = cx.cidr(side.other()).to_string();
         let rt = cx.store.id(&network::key(cx, side, "route-table")).unwrap_or_default();
         let rr = Res::new(route_key(cx, side), "route", format!("{peer} via peering"), &reg.region);
-        remove(cx, rec, &rr, async |_| find_route(cx, side, &rt, &peer, &pcx).await, async |_| {
-            match aws!(&reg.region, "ec2", "DeleteRoute", reg.ec2.delete_route().route_table_id(&rt).destination_cidr_block(&peer).send()) {
+        remove(
+            cx,
+            rec,
+            &rr,
+            async |_| find_route(cx, side, &rt, &peer, &pcx).await,
+            async |_| match aws!(
+                &reg.region,
+                "ec2",
+                "DeleteRoute",
+                reg.ec2.delete_route().route_table_id(&rt).destination_cidr_block(&peer).send()
+            ) {
                 Ok(_) => Ok(()),
                 Err(e) if e.code().ends_with("NotFound") => Ok(()),
                 Err(e) => Err(e.into()),
-            }
-        })
+            },
+        )
         .await?;
     }
     let primary = cx.regional(cx.home());
     let r = Res::new(key(cx), "vpc-peering", format!("pgdr-{}", cx.name()), &primary.region);
-    remove(cx, rec, &r, async |known| the_one(cx, rec, &r, known).await, async |id| {
-        match aws!(&primary.region, "ec2", "DeleteVpcPeeringConnection", primary.ec2.delete_vpc_peering_connection().vpc_peering_connection_id(&id).send()) {
-            Ok(_) => {}
-            Err(e) if e.code().ends_with("NotFound") => return Ok(()),
-            Err(e) => return Err(e.into()),
-        }
-        wait::until(&format!("peering {id}"), Duration::from_secs(600), Pace::FAST, &cx.cancel, &cx.clients.reads, |s, _| rec.status(&format!("peering {s}")), "rerun `pgdr down`", async || {
-            Ok(match find(cx, cx.home(), Some(id.clone())).await? {
-                None => Look::Ready(()),
-                Some((_, c)) => Look::Pending(c),
-            })
-        })
-        .await
-    })
+    remove(
+        cx,
+        rec,
+        &r,
+        async |known| the_one(cx, rec, &r, known).await,
+        async |id| {
+            match aws!(
+                &primary.region,
+                "ec2",
+                "DeleteVpcPeeringConnection",
+                primary.ec2.delete_vpc_peering_connection().vpc_peering_connection_id(&id).send()
+            ) {
+                Ok(_) => {}
+                Err(e) if e.code().ends_with("NotFound") => return Ok(()),
+                Err(e) => return Err(e.into()),
+            }
+            wait::until(
+                &format!("peering {id}"),
+                Duration::from_secs(600),
+                Pace::FAST,
+                &cx.cancel,
+                &cx.clients.reads,
+                |s, _| rec.status(&format!("peering {s}")),
+                "rerun `pgdr down`",
+                async || {
+                    Ok(match find(cx, cx.home(), Some(id.clone())).await? {
+                        None => Look::Ready(()),
+                        Some((_, c)) => Look::Pending(c),
+                    })
+                },
+            )
+            .await
+        },
+    )
     .await?;
     let _ = ec2_filter;
     Ok(())

@@ -8,11 +8,11 @@ use futures::future::LocalBoxFuture;
 use serde::Deserialize;
 
 use super::Res;
-use crate::{aws, read};
 use crate::cx::Cx;
 use crate::error::{AwsError, Error, Result};
 use crate::exec::{Action, Recorder, Step, StepResult};
 use crate::state::{Resource, Status};
+use crate::{aws, read};
 
 pub struct Secrets;
 
@@ -42,7 +42,8 @@ impl Step<Cx> for Secrets {
     }
     fn down<'a>(&'a self, cx: &'a Cx, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult> {
         Box::pin(down(cx, rec))
-    }    fn reads<'a>(&'a self, cx: &'a Cx) -> LocalBoxFuture<'a, ()> {
+    }
+    fn reads<'a>(&'a self, cx: &'a Cx) -> LocalBoxFuture<'a, ()> {
         Box::pin(async move {
             let _ = describe(cx).await;
         })
@@ -99,7 +100,9 @@ async fn up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
                 }
                 rec.record(Action::Change, "secret", &r.name, region, Some(&f.arn), Some("restore (was scheduled for deletion)".into()));
             }
-            if known.as_ref().and_then(|k| k.id.as_deref()) != Some(f.arn.as_str()) || known.as_ref().is_some_and(|k| k.status == Status::Pending) {
+            if known.as_ref().and_then(|k| k.id.as_deref()) != Some(f.arn.as_str())
+                || known.as_ref().is_some_and(|k| k.status == Status::Pending)
+            {
                 cx.store.put(&r.key, Resource::new("secret", region, &f.arn, Status::Adopted))?;
                 rec.record(Action::Adopt, "secret", &r.name, region, Some(&f.arn), None);
             } else if !f.scheduled_for_deletion {
@@ -116,7 +119,11 @@ async fn up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
                     region,
                     "secretsmanager",
                     "ReplicateSecretToRegions",
-                    reg.secrets.replicate_secret_to_regions().secret_id(&f.arn).add_replica_regions(ReplicaRegionType::builder().region(&dr).build()).send()
+                    reg.secrets
+                        .replicate_secret_to_regions()
+                        .secret_id(&f.arn)
+                        .add_replica_regions(ReplicaRegionType::builder().region(&dr).build())
+                        .send()
                 )?;
             }
             rec.record(Action::Change, "secret", &r.name, region, Some(&f.arn), Some(format!("replicate to {dr}")));
@@ -225,7 +232,12 @@ pub async fn set_connection(cx: &Cx, rec: &Recorder<'_>, host: &str) -> Result<(
         v["host"] = host.into();
         v["port"] = 5432.into();
         v["dbname"] = cx.env.settings.database_name.as_str().into();
-        aws!(region, "secretsmanager", "PutSecretValue", reg.secrets.put_secret_value().secret_id(name(cx)).secret_string(v.to_string()).send())?;
+        aws!(
+            region,
+            "secretsmanager",
+            "PutSecretValue",
+            reg.secrets.put_secret_value().secret_id(name(cx)).secret_string(v.to_string()).send()
+        )?;
         rec.record(Action::Change, "secret", &name(cx), region, None, Some(format!("host {host}")));
     }
     cx.store.update(|s| {
@@ -248,7 +260,11 @@ async fn down(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
         return Ok(());
     };
     let immediate = cx.opts.skip_final_snapshot;
-    let detail = if immediate { "deleted at once".to_owned() } else { "scheduled for deletion in 30 days (it holds the final snapshot's password)".to_owned() };
+    let detail = if immediate {
+        "deleted at once".to_owned()
+    } else {
+        "scheduled for deletion in 30 days (it holds the final snapshot's password)".to_owned()
+    };
     if rec.plan {
         rec.record(Action::Delete, "secret", &r.name, region, Some(&f.arn), Some(detail));
         return Ok(());

@@ -16,14 +16,60 @@ fn wanted() -> BTreeMap<&'static str, Want> {
     let (pid, did) = ("pgdr-dev-us-east-1", "pgdr-dev-eu-west-1");
     let storage = 100.0 * GIB;
     BTreeMap::from([
-        ("pgdr-dev-replica-lag", (d, "ReplicaLag", "DBInstanceIdentifier", did, "Maximum", 60, 2, "GreaterThanThreshold", 60.0, "breaching")),
-        ("pgdr-dev-cpu-primary", (p, "CPUUtilization", "DBInstanceIdentifier", pid, "Average", 300, 2, "GreaterThanThreshold", 80.0, "missing")),
-        ("pgdr-dev-cpu-replica", (d, "CPUUtilization", "DBInstanceIdentifier", did, "Average", 300, 2, "GreaterThanThreshold", 80.0, "missing")),
-        ("pgdr-dev-replication-slot-lag", (p, "OldestReplicationSlotLag", "DBInstanceIdentifier", pid, "Maximum", 300, 2, "GreaterThanThreshold", 10.0 * GIB, "notBreaching")),
-        ("pgdr-dev-transaction-logs-disk", (p, "TransactionLogsDiskUsage", "DBInstanceIdentifier", pid, "Maximum", 300, 2, "GreaterThanThreshold", 0.2 * storage, "missing")),
-        ("pgdr-dev-free-storage-primary", (p, "FreeStorageSpace", "DBInstanceIdentifier", pid, "Minimum", 300, 1, "LessThanThreshold", 0.1 * storage, "missing")),
-        ("pgdr-dev-free-storage-replica", (d, "FreeStorageSpace", "DBInstanceIdentifier", did, "Minimum", 300, 1, "LessThanThreshold", 0.1 * storage, "missing")),
-        ("pgdr-dev-failover-errors", (d, "Errors", "FunctionName", "pgdr-dev-failover", "Sum", 60, 1, "GreaterThanOrEqualToThreshold", 1.0, "notBreaching")),
+        (
+            "pgdr-dev-replica-lag",
+            (d, "ReplicaLag", "DBInstanceIdentifier", did, "Maximum", 60, 2, "GreaterThanThreshold", 60.0, "breaching"),
+        ),
+        (
+            "pgdr-dev-cpu-primary",
+            (p, "CPUUtilization", "DBInstanceIdentifier", pid, "Average", 300, 2, "GreaterThanThreshold", 80.0, "missing"),
+        ),
+        (
+            "pgdr-dev-cpu-replica",
+            (d, "CPUUtilization", "DBInstanceIdentifier", did, "Average", 300, 2, "GreaterThanThreshold", 80.0, "missing"),
+        ),
+        (
+            "pgdr-dev-replication-slot-lag",
+            (
+                p,
+                "OldestReplicationSlotLag",
+                "DBInstanceIdentifier",
+                pid,
+                "Maximum",
+                300,
+                2,
+                "GreaterThanThreshold",
+                10.0 * GIB,
+                "notBreaching",
+            ),
+        ),
+        (
+            "pgdr-dev-transaction-logs-disk",
+            (
+                p,
+                "TransactionLogsDiskUsage",
+                "DBInstanceIdentifier",
+                pid,
+                "Maximum",
+                300,
+                2,
+                "GreaterThanThreshold",
+                0.2 * storage,
+                "missing",
+            ),
+        ),
+        (
+            "pgdr-dev-free-storage-primary",
+            (p, "FreeStorageSpace", "DBInstanceIdentifier", pid, "Minimum", 300, 1, "LessThanThreshold", 0.1 * storage, "missing"),
+        ),
+        (
+            "pgdr-dev-free-storage-replica",
+            (d, "FreeStorageSpace", "DBInstanceIdentifier", did, "Minimum", 300, 1, "LessThanThreshold", 0.1 * storage, "missing"),
+        ),
+        (
+            "pgdr-dev-failover-errors",
+            (d, "Errors", "FunctionName", "pgdr-dev-failover", "Sum", 60, 1, "GreaterThanOrEqualToThreshold", 1.0, "notBreaching"),
+        ),
     ])
 }
 
@@ -60,7 +106,10 @@ async fn up_makes_topics_alarms_and_dashboard_in_the_right_regions_and_down_remo
         let tags = sns.list_tags_for_resource().resource_arn(&arn).send().await.unwrap();
         assert!(tags.tags().iter().any(|t| t.key() == "pgdr:env" && t.value() == "dev"), "{tags:?}");
         let subs = sns.list_subscriptions_by_topic().topic_arn(&arn).send().await.unwrap();
-        assert!(subs.subscriptions().iter().any(|s| s.protocol() == Some("email") && s.endpoint() == Some("oncall@example.com")), "{subs:?}");
+        assert!(
+            subs.subscriptions().iter().any(|s| s.protocol() == Some("email") && s.endpoint() == Some("oncall@example.com")),
+            "{subs:?}"
+        );
         assert!(state["resources"][format!("topics/{region}/topic")]["attrs"]["subscription:oncall@example.com"].is_string());
         topic.insert(region, arn);
     }
@@ -100,7 +149,18 @@ async fn up_makes_topics_alarms_and_dashboard_in_the_right_regions_and_down_remo
     let widgets = body["widgets"].as_array().unwrap();
     assert!(widgets.iter().all(|w| w["properties"]["region"].is_string()), "each widget names its region");
     let text = body.to_string();
-    for needle in ["us-east-1", "eu-west-1", "ReplicaLag", "CPUUtilization", "DatabaseConnections", "FreeStorageSpace", "ReadIOPS", "WriteIOPS", "pgdr-dev-probe", "Invocations"] {
+    for needle in [
+        "us-east-1",
+        "eu-west-1",
+        "ReplicaLag",
+        "CPUUtilization",
+        "DatabaseConnections",
+        "FreeStorageSpace",
+        "ReadIOPS",
+        "WriteIOPS",
+        "pgdr-dev-probe",
+        "Invocations",
+    ] {
         assert!(text.contains(needle), "dashboard lacks {needle}: {text}");
     }
     assert_eq!(state["resources"]["alarms/us-east-1/dashboard"]["id"], "pgdr-dev");

@@ -31,7 +31,8 @@ async fn up_builds_the_data_tier_and_down_skip_snapshot_leaves_nothing() {
     let d = sm.describe_secret().secret_id("pgdr/dev/master").send().await.unwrap();
     assert!(d.replication_status().iter().any(|r| r.region() == Some("eu-west-1")), "replicated: {d:?}");
     assert!(d.tags().iter().any(|t| t.key() == Some("pgdr:env") && t.value() == Some("dev")));
-    let v: serde_json::Value = serde_json::from_str(sm.get_secret_value().secret_id("pgdr/dev/master").send().await.unwrap().secret_string().unwrap()).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(sm.get_secret_value().secret_id("pgdr/dev/master").send().await.unwrap().secret_string().unwrap()).unwrap();
     assert_eq!(v["username"], "postgres");
     assert_eq!(v["host"], "postgres.db-dev.internal");
     let password = v["password"].as_str().unwrap().to_owned();
@@ -46,7 +47,9 @@ async fn up_builds_the_data_tier_and_down_skip_snapshot_leaves_nothing() {
         let sg = rds.describe_db_subnet_groups().db_subnet_group_name("pgdr-dev").send().await.unwrap();
         assert_eq!(sg.db_subnet_groups()[0].subnets().len(), 2, "{region}");
         let params = rds.describe_db_parameters().db_parameter_group_name("pgdr-dev-postgres15").source("user").send().await.unwrap();
-        let get = |n: &str| params.parameters().iter().find(|p| p.parameter_name() == Some(n)).and_then(|p| p.parameter_value().map(str::to_owned));
+        let get = |n: &str| {
+            params.parameters().iter().find(|p| p.parameter_name() == Some(n)).and_then(|p| p.parameter_value().map(str::to_owned))
+        };
         assert_eq!(get("log_statement").as_deref(), Some("all"), "{region}");
         assert_eq!(get("rds.force_ssl").as_deref(), Some("1"), "{region}");
     }
@@ -117,8 +120,22 @@ async fn up_builds_the_data_tier_and_down_skip_snapshot_leaves_nothing() {
         let rds = aws_sdk_rds::Client::new(&emu.sdk(region).await);
         assert!(rds.describe_db_instances().send().await.unwrap().db_instances().is_empty(), "{region}");
         assert!(rds.describe_db_snapshots().send().await.unwrap().db_snapshots().is_empty(), "{region}");
-        assert!(!rds.describe_db_subnet_groups().send().await.unwrap().db_subnet_groups().iter().any(|g| g.db_subnet_group_name() == Some("pgdr-dev")));
-        assert!(!rds.describe_db_parameter_groups().send().await.unwrap().db_parameter_groups().iter().any(|g| g.db_parameter_group_name() == Some("pgdr-dev-postgres15")));
+        assert!(!rds
+            .describe_db_subnet_groups()
+            .send()
+            .await
+            .unwrap()
+            .db_subnet_groups()
+            .iter()
+            .any(|g| g.db_subnet_group_name() == Some("pgdr-dev")));
+        assert!(!rds
+            .describe_db_parameter_groups()
+            .send()
+            .await
+            .unwrap()
+            .db_parameter_groups()
+            .iter()
+            .any(|g| g.db_parameter_group_name() == Some("pgdr-dev-postgres15")));
     }
     assert!(sm.describe_secret().secret_id("pgdr/dev/master").send().await.is_err(), "secret deleted at once");
     // Deleted without a recovery window: the name is free again.
@@ -139,7 +156,10 @@ async fn down_keeps_one_final_snapshot_and_up_restores_the_secret() {
     assert_eq!(names.len(), 1, "{names:?}");
     assert!(names[0].starts_with("pgdr-dev-final-"), "{names:?}");
     let rds_dr = aws_sdk_rds::Client::new(&emu.sdk("eu-west-1").await);
-    assert!(rds_dr.describe_db_snapshots().snapshot_type("manual").send().await.unwrap().db_snapshots().is_empty(), "no snapshot of the replica");
+    assert!(
+        rds_dr.describe_db_snapshots().snapshot_type("manual").send().await.unwrap().db_snapshots().is_empty(),
+        "no snapshot of the replica"
+    );
 
     // The secret is scheduled for deletion (it holds the snapshot's password); up takes it back.
     let sm = aws_sdk_secretsmanager::Client::new(&emu.sdk("us-east-1").await);

@@ -36,7 +36,10 @@ async fn up_wires_detection_and_failover_in_the_dr_region() {
     let r = writer.iter().find(|r| r.set_identifier() == Some("eu-west-1")).unwrap();
     assert_eq!(r.weight(), Some(0));
     assert_eq!(r.resource_records()[0].value(), replica_ep);
-    assert!(rrs.resource_record_sets().iter().any(|r| r.name() == "replica.db-dev.internal." && r.resource_records()[0].value() == replica_ep));
+    assert!(rrs
+        .resource_record_sets()
+        .iter()
+        .any(|r| r.name() == "replica.db-dev.internal." && r.resource_records()[0].value() == replica_ep));
     let check = r53.get_health_check().health_check_id(&hc).send().await.unwrap();
     assert_eq!(check.health_check().unwrap().health_check_config().unwrap().r#type().as_str(), "CLOUDWATCH_METRIC");
 
@@ -64,7 +67,10 @@ async fn up_wires_detection_and_failover_in_the_dr_region() {
     let mut want = vec![id("network/eu-west-1/subnet-a"), id("network/eu-west-1/subnet-b")];
     want.sort();
     assert_eq!(subnets, want);
-    assert_eq!(probe.configuration().unwrap().environment().unwrap().variables().unwrap().get("TARGET_HOST").map(String::as_str), Some(primary_ep));
+    assert_eq!(
+        probe.configuration().unwrap().environment().unwrap().variables().unwrap().get("TARGET_HOST").map(String::as_str),
+        Some(primary_ep)
+    );
     let events = aws_sdk_eventbridge::Client::new(&emu.sdk("eu-west-1").await);
     let rule = events.describe_rule().name("pgdr-dev-probe-every-minute").send().await.unwrap();
     assert_eq!(rule.schedule_expression(), Some("rate(1 minute)"));

@@ -39,14 +39,20 @@ impl Emu {
         let stdout = child.stdout.take().expect("proxy stdout");
         let mut line = String::new();
         BufReader::new(stdout).read_line(&mut line).expect("read the proxy's endpoint");
-        let endpoint = line.trim().strip_prefix("PGDR_EMULATOR_ENDPOINT=").unwrap_or_else(|| panic!("unexpected proxy output {line:?}")).to_owned();
+        let endpoint =
+            line.trim().strip_prefix("PGDR_EMULATOR_ENDPOINT=").unwrap_or_else(|| panic!("unexpected proxy output {line:?}")).to_owned();
         let port = endpoint.rsplit(':').next().and_then(|p| p.parse().ok()).expect("port");
         Emu { child, endpoint, port }
     }
 
     fn http(&self, method: &str, path: &str, body: &str) -> String {
         let mut s = TcpStream::connect(("127.0.0.1", self.port)).expect("connect proxy");
-        write!(s, "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).expect("send");
+        write!(
+            s,
+            "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .expect("send");
         let mut out = String::new();
         s.read_to_string(&mut out).expect("read");
         out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default()
@@ -64,7 +70,8 @@ impl Emu {
     /// How many round trips deep the recorded calls were: the longest chain of calls each sent
     /// after the previous one's answer had come back (the proxy's `t` and `t_end`).
     pub fn depth(&self) -> usize {
-        let mut calls: Vec<(f64, f64)> = self.calls().iter().map(|c| (c["t"].as_f64().expect("t"), c["t_end"].as_f64().expect("t_end"))).collect();
+        let mut calls: Vec<(f64, f64)> =
+            self.calls().iter().map(|c| (c["t"].as_f64().expect("t"), c["t_end"].as_f64().expect("t_end"))).collect();
         calls.sort_by(|a, b| a.0.total_cmp(&b.0));
         let mut best = vec![1usize; calls.len()];
         for i in 0..calls.len() {
@@ -81,7 +88,14 @@ impl Emu {
         self.calls()
             .into_iter()
             .filter(|c| c["mutating"].as_bool().unwrap_or(true))
-            .map(|c| format!("{} {} {}", c["service"].as_str().unwrap_or("?"), c["region"].as_str().unwrap_or("?"), c["op"].as_str().unwrap_or("?")))
+            .map(|c| {
+                format!(
+                    "{} {} {}",
+                    c["service"].as_str().unwrap_or("?"),
+                    c["region"].as_str().unwrap_or("?"),
+                    c["op"].as_str().unwrap_or("?")
+                )
+            })
             .collect()
     }
 
@@ -174,7 +188,11 @@ impl Run {
 
     pub fn pgdr(&self, args: &[&str]) -> Out {
         let o: Output = self.cmd(args).output().expect("run pgdr");
-        Out { code: o.status.code().unwrap_or(-1), stdout: String::from_utf8_lossy(&o.stdout).into(), stderr: String::from_utf8_lossy(&o.stderr).into() }
+        Out {
+            code: o.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&o.stdout).into(),
+            stderr: String::from_utf8_lossy(&o.stderr).into(),
+        }
     }
 
     /// Runs pgdr, killing it after `secs` (a hang is a failure, not a stuck test run).

@@ -1,9 +1,9 @@
 //! Integration tests: the pgdr binary against a private emulator per test.
 
-mod harness;
 mod alarms;
 mod data;
 mod dr;
+mod harness;
 mod inputs;
 mod network;
 mod ops;

@@ -30,10 +30,14 @@ async fn check_region(emu: &Emu, region: &str, cidr: &str, peer: &str) {
     assert_eq!(rt.associations().iter().filter(|a| a.subnet_id().is_some()).count(), 2);
     let peer_route = rt.routes().iter().find(|r| r.destination_cidr_block() == Some(peer)).expect("route to the peer CIDR");
     assert!(peer_route.vpc_peering_connection_id().is_some_and(|p| p.starts_with("pcx-")));
-    assert!(!rt.routes().iter().any(|r| r.gateway_id().is_some_and(|g| g.starts_with("igw-")) || r.nat_gateway_id().is_some()), "no internet route");
+    assert!(
+        !rt.routes().iter().any(|r| r.gateway_id().is_some_and(|g| g.starts_with("igw-")) || r.nat_gateway_id().is_some()),
+        "no internet route"
+    );
 
     let db_sg = Filter::builder().name("tag:pgdr:resource").values("db-sg").build();
-    let sgs = ec2.describe_security_groups().filters(env_filter("dev")).filters(db_sg).send().await.unwrap().security_groups.unwrap_or_default();
+    let sgs =
+        ec2.describe_security_groups().filters(env_filter("dev")).filters(db_sg).send().await.unwrap().security_groups.unwrap_or_default();
     assert_eq!(sgs.len(), 1);
     let mut cidrs: Vec<String> = sgs[0]
         .ip_permissions()
@@ -92,7 +96,8 @@ async fn up_builds_the_network_then_converges_and_down_removes_it() {
     check_region(&emu, "us-east-1", "10.0.0.0/16", "10.1.0.0/16").await;
     check_region(&emu, "eu-west-1", "10.1.0.0/16", "10.0.0.0/16").await;
     let ec2 = aws_sdk_ec2::Client::new(&emu.sdk("us-east-1").await);
-    let pcx = ec2.describe_vpc_peering_connections().filters(env_filter("dev")).send().await.unwrap().vpc_peering_connections.unwrap_or_default();
+    let pcx =
+        ec2.describe_vpc_peering_connections().filters(env_filter("dev")).send().await.unwrap().vpc_peering_connections.unwrap_or_default();
     assert_eq!(pcx.len(), 1);
     assert_eq!(pcx[0].status().and_then(|s| s.code()).map(|c| c.as_str()), Some("active"));
     assert_eq!(pcx[0].accepter_vpc_info().and_then(|a| a.region()), Some("eu-west-1"));

@@ -85,17 +85,24 @@ async fn failover_then_reprotect_then_down() {
     assert_eq!(refused.code, 1, "{refused:?}");
     run.ok(&["reprotect", "--env", "dev", "--yes"]);
     let rds_dr = aws_sdk_rds::Client::new(&emu.sdk("eu-west-1").await);
-    let new_primary_arn = rds_dr.describe_db_instances().db_instance_identifier("pgdr-dev-eu-west-1").send().await.unwrap().db_instances()[0]
-        .db_instance_arn()
-        .unwrap()
-        .to_owned();
+    let new_primary_arn = rds_dr.describe_db_instances().db_instance_identifier("pgdr-dev-eu-west-1").send().await.unwrap().db_instances()
+        [0]
+    .db_instance_arn()
+    .unwrap()
+    .to_owned();
     let replica = rds.describe_db_instances().db_instance_identifier("pgdr-dev-us-east-1").send().await.unwrap();
-    assert_eq!(replica.db_instances()[0].read_replica_source_db_instance_identifier(), Some(new_primary_arn.as_str()), "new replica of the new primary");
+    assert_eq!(
+        replica.db_instances()[0].read_replica_source_db_instance_identifier(),
+        Some(new_primary_arn.as_str()),
+        "new replica of the new primary"
+    );
     assert_eq!(weights(&emu, &run).await, vec![("eu-west-1".into(), 100), ("us-east-1".into(), 0)]);
     // Detection moved to the new DR side.
     let lambda_us = aws_sdk_lambda::Client::new(&emu.sdk("us-east-1").await);
     let lambda_eu = aws_sdk_lambda::Client::new(&emu.sdk("eu-west-1").await);
-    let names = |l: aws_sdk_lambda::operation::list_functions::ListFunctionsOutput| l.functions().iter().filter_map(|f| f.function_name().map(str::to_owned)).collect::<Vec<_>>();
+    let names = |l: aws_sdk_lambda::operation::list_functions::ListFunctionsOutput| {
+        l.functions().iter().filter_map(|f| f.function_name().map(str::to_owned)).collect::<Vec<_>>()
+    };
     let mut us = names(lambda_us.list_functions().send().await.unwrap());
     us.sort();
     assert_eq!(us, vec!["pgdr-dev-failover", "pgdr-dev-probe"]);
@@ -139,7 +146,9 @@ async fn failover_refuses_a_lagging_replica_unless_forced() {
         .metric_data(
             aws_sdk_cloudwatch::types::MetricDatum::builder()
                 .metric_name("ReplicaLag")
-                .dimensions(aws_sdk_cloudwatch::types::Dimension::builder().name("DBInstanceIdentifier").value("pgdr-dev-eu-west-1").build())
+                .dimensions(
+                    aws_sdk_cloudwatch::types::Dimension::builder().name("DBInstanceIdentifier").value("pgdr-dev-eu-west-1").build(),
+                )
                 .value(600.0)
                 .timestamp((std::time::SystemTime::now() - std::time::Duration::from_secs(30)).into())
                 .build(),
@@ -170,7 +179,13 @@ async fn up_and_failover_follow_an_automatic_failover() {
     let rds_dr = aws_sdk_rds::Client::new(&emu.sdk("eu-west-1").await);
     let r = rds_dr.promote_read_replica().db_instance_identifier("pgdr-dev-eu-west-1").send().await.unwrap();
     let arn = r.db_instance().unwrap().db_instance_arn().unwrap().to_owned();
-    rds_dr.add_tags_to_resource().resource_name(arn).tags(aws_sdk_rds::types::Tag::builder().key("pgdr:role").value("primary").build()).send().await.unwrap();
+    rds_dr
+        .add_tags_to_resource()
+        .resource_name(arn)
+        .tags(aws_sdk_rds::types::Tag::builder().key("pgdr:role").value("primary").build())
+        .send()
+        .await
+        .unwrap();
     let state: serde_json::Value = serde_json::from_slice(&std::fs::read(run.state_file("dev")).unwrap()).unwrap();
     let zone = state["resources"]["dns/global/zone"]["id"].as_str().unwrap().to_owned();
     let r53 = aws_sdk_route53::Client::new(&emu.sdk("us-east-1").await);
@@ -179,7 +194,13 @@ async fn up_and_failover_follow_an_automatic_failover() {
     for rr in rrs.resource_record_sets().iter().filter(|r| r.name() == "postgres.db-dev.internal.") {
         let mut rr = rr.clone();
         rr.weight = Some(if rr.set_identifier() == Some("eu-west-1") { 100 } else { 0 });
-        changes.push(aws_sdk_route53::types::Change::builder().action(aws_sdk_route53::types::ChangeAction::Upsert).resource_record_set(rr).build().unwrap());
+        changes.push(
+            aws_sdk_route53::types::Change::builder()
+                .action(aws_sdk_route53::types::ChangeAction::Upsert)
+                .resource_record_set(rr)
+                .build()
+                .unwrap(),
+        );
     }
     r53.change_resource_record_sets()
         .hosted_zone_id(&zone)

@@ -20,7 +20,11 @@ pub async fn inventory(emu: &Emu, env: &str) -> Vec<String> {
             out.push(format!("{region} route-table {} assoc={}", tag(t.tags()), t.associations().len()));
         }
         for g in ec2.describe_security_groups().filters(f()).send().await.unwrap().security_groups() {
-            out.push(format!("{region} sg {} rules={}", tag(g.tags()), g.ip_permissions().iter().map(|p| p.ip_ranges().len()).sum::<usize>()));
+            out.push(format!(
+                "{region} sg {} rules={}",
+                tag(g.tags()),
+                g.ip_permissions().iter().map(|p| p.ip_ranges().len()).sum::<usize>()
+            ));
         }
         for e in ec2.describe_vpc_endpoints().filters(f()).send().await.unwrap().vpc_endpoints() {
             if !e.state().is_some_and(|s| s.as_str().eq_ignore_ascii_case("deleted")) {
@@ -175,7 +179,8 @@ async fn faults_on_the_wire_never_leave_duplicates_or_leftovers() {
         // Not CreateVpcEndpoint: AWS makes it idempotent through the ClientToken pgdr sends, the
         // emulator ignores the token and then cannot delete the second gateway endpoint of a
         // route table (deleting the first removes the route both share).
-        let faults = |seed: u64| format!(r#"{{"fail_rate": 0.10, "drop_rate": 0.05, "seed": {seed}, "fault_skip_ops": ["CreateVpcEndpoint"]}}"#);
+        let faults =
+            |seed: u64| format!(r#"{{"fail_rate": 0.10, "drop_rate": 0.05, "seed": {seed}, "fault_skip_ops": ["CreateVpcEndpoint"]}}"#);
         emu.config(&faults(seed));
         let runs = until_ok(&run, &["up", "--env", "dev"], 6);
         eprintln!("seed {seed}: up converged in {runs} run(s), {} calls", emu.calls().len());
@@ -204,7 +209,8 @@ async fn kill_9_anywhere_then_rerun_converges_to_exactly_one_of_each() {
     points.insert(0, 2);
     let mut report = Vec::new();
     for n in points {
-        let child = run.cmd(&["up", "--env", "dev"]).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+        let child =
+            run.cmd(&["up", "--env", "dev"]).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
         emu.config(&format!(r#"{{"kill_after": {{"pid": {}, "calls": {n}}}}}"#, child.id()));
         let status = child.wait_with_output().unwrap().status;
         emu.config(r#"{"kill_after": null}"#);
