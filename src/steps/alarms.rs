@@ -290,6 +290,7 @@ struct AlarmDef {
 }
 
 /// The alarms, in one table that drives both creation and comparison.
+#[rustfmt::skip] // One alarm a line: a table.
 fn alarm_defs(cx: &Cx) -> Vec<AlarmDef> {
     use ComparisonOperator::{GreaterThanOrEqualToThreshold as Ge, GreaterThanThreshold as Gt, LessThanThreshold as Lt};
     use Side::{Dr, Primary};
@@ -317,110 +318,22 @@ fn alarm_defs(cx: &Cx) -> Vec<AlarmDef> {
     vec![
         // ReplicaLag is published for the replica only. A lag that is not reported (-1, or no
         // data) means replication is not running: the replica is broken, so missing = breaching.
-        def(
-            "replica-lag",
-            Dr,
-            "ReplicaLag",
-            Maximum,
-            60,
-            2,
-            Gt,
-            lag,
-            "breaching",
-            format!("The DR replica is more than {lag} s behind the primary, or replication stopped: a failover now would lose data."),
-        ),
+        def("replica-lag", Dr, "ReplicaLag", Maximum, 60, 2, Gt, lag, "breaching", format!("The DR replica is more than {lag} s behind the primary, or replication stopped: a failover now would lose data.")),
         // CPU: an idle or stopped instance reports nothing; other alarms cover that (missing).
-        def(
-            "cpu-primary",
-            Primary,
-            "CPUUtilization",
-            Average,
-            300,
-            2,
-            Gt,
-            80.0,
-            "missing",
-            "The primary's CPU is above 80% for 10 minutes.".into(),
-        ),
-        def(
-            "cpu-replica",
-            Dr,
-            "CPUUtilization",
-            Average,
-            300,
-            2,
-            Gt,
-            80.0,
-            "missing",
-            "The DR replica's CPU is above 80% for 10 minutes: it may fall behind.".into(),
-        ),
+        def("cpu-primary", Primary, "CPUUtilization", Average, 300, 2, Gt, 80.0, "missing", "The primary's CPU is above 80% for 10 minutes.".into()),
+        def("cpu-replica", Dr, "CPUUtilization", Average, 300, 2, Gt, 80.0, "missing", "The DR replica's CPU is above 80% for 10 minutes: it may fall behind.".into()),
         // No slot reports no slot lag, and then no slot holds WAL back (notBreaching); a replica
         // that is gone is the replica-lag alarm's business.
-        def(
-            "replication-slot-lag",
-            Primary,
-            "OldestReplicationSlotLag",
-            Maximum,
-            300,
-            2,
-            Gt,
-            SLOT_LAG_BYTES,
-            "notBreaching",
-            "A replication slot on the primary holds more than 10 GiB of WAL: the DR replica is about to be lost.".into(),
-        ),
+        def("replication-slot-lag", Primary, "OldestReplicationSlotLag", Maximum, 300, 2, Gt, SLOT_LAG_BYTES, "notBreaching", "A replication slot on the primary holds more than 10 GiB of WAL: the DR replica is about to be lost.".into()),
         // WAL on disk above 20% of the allocated storage: a slot or archiving is stuck.
-        def(
-            "transaction-logs-disk",
-            Primary,
-            "TransactionLogsDiskUsage",
-            Maximum,
-            300,
-            2,
-            Gt,
-            storage * 0.2,
-            "missing",
-            "WAL uses more than 20% of the primary's storage: a replication slot or archiving is stuck.".into(),
-        ),
-        def(
-            "free-storage-primary",
-            Primary,
-            "FreeStorageSpace",
-            Minimum,
-            300,
-            1,
-            Lt,
-            storage * 0.1,
-            "missing",
-            "The primary has less than 10% of its storage free.".into(),
-        ),
-        def(
-            "free-storage-replica",
-            Dr,
-            "FreeStorageSpace",
-            Minimum,
-            300,
-            1,
-            Lt,
-            storage * 0.1,
-            "missing",
-            "The DR replica has less than 10% of its storage free.".into(),
-        ),
+        def("transaction-logs-disk", Primary, "TransactionLogsDiskUsage", Maximum, 300, 2, Gt, storage * 0.2, "missing", "WAL uses more than 20% of the primary's storage: a replication slot or archiving is stuck.".into()),
+        def("free-storage-primary", Primary, "FreeStorageSpace", Minimum, 300, 1, Lt, storage * 0.1, "missing", "The primary has less than 10% of its storage free.".into()),
+        def("free-storage-replica", Dr, "FreeStorageSpace", Minimum, 300, 1, Lt, storage * 0.1, "missing", "The DR replica has less than 10% of its storage free.".into()),
         // No invocation means no error: missing = notBreaching.
         AlarmDef {
             namespace: "AWS/Lambda",
             dimension: ("FunctionName", format!("pgdr-{}-failover", cx.name())),
-            ..def(
-                "failover-errors",
-                Dr,
-                "Errors",
-                Sum,
-                60,
-                1,
-                Ge,
-                1.0,
-                "notBreaching",
-                "The failover function failed: check its logs, a failover may be half done.".into(),
-            )
+            ..def("failover-errors", Dr, "Errors", Sum, 60, 1, Ge, 1.0, "notBreaching", "The failover function failed: check its logs, a failover may be half done.".into())
         },
     ]
 }

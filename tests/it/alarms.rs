@@ -11,65 +11,20 @@ const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 /// (region, metric, dimension name, dimension value, statistic, period, periods, comparison, threshold, missing data)
 type Want = (&'static str, &'static str, &'static str, &'static str, &'static str, i32, i32, &'static str, f64, &'static str);
 
+#[rustfmt::skip] // One alarm a line: a table.
 fn wanted() -> BTreeMap<&'static str, Want> {
     let (p, d) = ("us-east-1", "eu-west-1");
     let (pid, did) = ("pgdr-dev-us-east-1", "pgdr-dev-eu-west-1");
     let storage = 100.0 * GIB;
     BTreeMap::from([
-        (
-            "pgdr-dev-replica-lag",
-            (d, "ReplicaLag", "DBInstanceIdentifier", did, "Maximum", 60, 2, "GreaterThanThreshold", 60.0, "breaching"),
-        ),
-        (
-            "pgdr-dev-cpu-primary",
-            (p, "CPUUtilization", "DBInstanceIdentifier", pid, "Average", 300, 2, "GreaterThanThreshold", 80.0, "missing"),
-        ),
-        (
-            "pgdr-dev-cpu-replica",
-            (d, "CPUUtilization", "DBInstanceIdentifier", did, "Average", 300, 2, "GreaterThanThreshold", 80.0, "missing"),
-        ),
-        (
-            "pgdr-dev-replication-slot-lag",
-            (
-                p,
-                "OldestReplicationSlotLag",
-                "DBInstanceIdentifier",
-                pid,
-                "Maximum",
-                300,
-                2,
-                "GreaterThanThreshold",
-                10.0 * GIB,
-                "notBreaching",
-            ),
-        ),
-        (
-            "pgdr-dev-transaction-logs-disk",
-            (
-                p,
-                "TransactionLogsDiskUsage",
-                "DBInstanceIdentifier",
-                pid,
-                "Maximum",
-                300,
-                2,
-                "GreaterThanThreshold",
-                0.2 * storage,
-                "missing",
-            ),
-        ),
-        (
-            "pgdr-dev-free-storage-primary",
-            (p, "FreeStorageSpace", "DBInstanceIdentifier", pid, "Minimum", 300, 1, "LessThanThreshold", 0.1 * storage, "missing"),
-        ),
-        (
-            "pgdr-dev-free-storage-replica",
-            (d, "FreeStorageSpace", "DBInstanceIdentifier", did, "Minimum", 300, 1, "LessThanThreshold", 0.1 * storage, "missing"),
-        ),
-        (
-            "pgdr-dev-failover-errors",
-            (d, "Errors", "FunctionName", "pgdr-dev-failover", "Sum", 60, 1, "GreaterThanOrEqualToThreshold", 1.0, "notBreaching"),
-        ),
+        ("pgdr-dev-replica-lag", (d, "ReplicaLag", "DBInstanceIdentifier", did, "Maximum", 60, 2, "GreaterThanThreshold", 60.0, "breaching")),
+        ("pgdr-dev-cpu-primary", (p, "CPUUtilization", "DBInstanceIdentifier", pid, "Average", 300, 2, "GreaterThanThreshold", 80.0, "missing")),
+        ("pgdr-dev-cpu-replica", (d, "CPUUtilization", "DBInstanceIdentifier", did, "Average", 300, 2, "GreaterThanThreshold", 80.0, "missing")),
+        ("pgdr-dev-replication-slot-lag", (p, "OldestReplicationSlotLag", "DBInstanceIdentifier", pid, "Maximum", 300, 2, "GreaterThanThreshold", 10.0 * GIB, "notBreaching")),
+        ("pgdr-dev-transaction-logs-disk", (p, "TransactionLogsDiskUsage", "DBInstanceIdentifier", pid, "Maximum", 300, 2, "GreaterThanThreshold", 0.2 * storage, "missing")),
+        ("pgdr-dev-free-storage-primary", (p, "FreeStorageSpace", "DBInstanceIdentifier", pid, "Minimum", 300, 1, "LessThanThreshold", 0.1 * storage, "missing")),
+        ("pgdr-dev-free-storage-replica", (d, "FreeStorageSpace", "DBInstanceIdentifier", did, "Minimum", 300, 1, "LessThanThreshold", 0.1 * storage, "missing")),
+        ("pgdr-dev-failover-errors", (d, "Errors", "FunctionName", "pgdr-dev-failover", "Sum", 60, 1, "GreaterThanOrEqualToThreshold", 1.0, "notBreaching")),
     ])
 }
 
