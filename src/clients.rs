@@ -104,8 +104,7 @@ pub async fn build(conn: &Connection, primary_region: &str, dr_region: &str) -> 
     }
     // Route 53 and IAM are global services, signed in us-east-1 (the settings admit only regions
     // of the aws partition: see config::validate).
-    let global_region = "us-east-1";
-    let global = base.to_builder().region(Region::new(global_region)).build();
+    let global = base.to_builder().region(Region::from_static("us-east-1")).build();
     let reads = Reads::new();
     Ok(Clients {
         primary: Arc::new(regional(&base, primary_region, &reads)),

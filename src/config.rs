@@ -9,47 +9,17 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
-/// AWS regions pgdr knows. A region outside this list is refused unless the config sets
-/// `allow_unlisted_regions = true` (for regions newer than this release).
+/// AWS regions pgdr knows, all of the `aws` partition (see `partition`). A region outside this
+/// list is refused unless the config sets `allow_unlisted_regions = true` (for regions newer
+/// than this release).
+#[rustfmt::skip]
 pub const KNOWN_REGIONS: &[&str] = &[
-    "af-south-1",
-    "ap-east-1",
-    "ap-east-2",
-    "ap-northeast-1",
-    "ap-northeast-2",
-    "ap-northeast-3",
-    "ap-south-1",
-    "ap-south-2",
-    "ap-southeast-1",
-    "ap-southeast-2",
-    "ap-southeast-3",
-    "ap-southeast-4",
-    "ap-southeast-5",
-    "ap-southeast-6",
-    "ap-southeast-7",
-    "ca-central-1",
-    "ca-west-1",
-    "eu-central-1",
-    "eu-central-2",
-    "eu-north-1",
-    "eu-south-1",
-    "eu-south-2",
-    "eu-west-1",
-    "eu-west-2",
-    "eu-west-3",
-    "il-central-1",
-    "me-central-1",
-    "me-south-1",
-    "mx-central-1",
-    "sa-east-1",
-    "us-east-1",
-    "us-east-2",
-    "us-west-1",
-    "us-west-2",
-    "us-gov-east-1",
-    "us-gov-west-1",
-    "cn-north-1",
-    "cn-northwest-1",
+    "af-south-1", "ap-east-1", "ap-east-2", "ap-northeast-1", "ap-northeast-2", "ap-northeast-3",
+    "ap-south-1", "ap-south-2", "ap-southeast-1", "ap-southeast-2", "ap-southeast-3",
+    "ap-southeast-4", "ap-southeast-5", "ap-southeast-6", "ap-southeast-7", "ca-central-1",
+    "ca-west-1", "eu-central-1", "eu-central-2", "eu-north-1", "eu-south-1", "eu-south-2",
+    "eu-west-1", "eu-west-2", "eu-west-3", "il-central-1", "me-central-1", "me-south-1",
+    "mx-central-1", "sa-east-1", "us-east-1", "us-east-2", "us-west-1", "us-west-2",
 ];
 
 /// An IPv4 network in CIDR notation.
@@ -258,7 +228,7 @@ fn looks_like_region(r: &str) -> bool {
 }
 
 /// The AWS partition a region name belongs to.
-pub fn partition(region: &str) -> &'static str {
+fn partition(region: &str) -> &'static str {
     if region.starts_with("us-gov-") {
         "aws-us-gov"
     } else if region.starts_with("cn-") {
@@ -278,20 +248,18 @@ pub fn validate(name: &str, s: &Settings) -> Result<()> {
         if !looks_like_region(r) {
             return bad(format!("{what} {r:?} is not an AWS region name; use a name like us-east-1"));
         }
-        if !s.allow_unlisted_regions && !KNOWN_REGIONS.contains(&r.as_str()) {
-            return bad(format!(
-                "{what} {r:?} is not a known AWS region; check the spelling, or set allow_unlisted_regions = true for a region newer than pgdr"
-            ));
-        }
-    }
-    // GovCloud and China: an encrypted replica from another region needs a presigned
-    // CreateDBInstanceReadReplica request there (PreSignedUrl; the AWS partition ignores it),
-    // which pgdr does not build. Refused before anything is made, not when the replica fails.
-    for (what, r) in [("primary_region", &s.primary_region), ("dr_region", &s.dr_region)] {
+        // GovCloud and China: an encrypted replica from another region needs a presigned
+        // CreateDBInstanceReadReplica request there (PreSignedUrl; the aws partition ignores it),
+        // which pgdr does not build. Refused before anything is made, not when the replica fails.
         let p = partition(r);
         if p != "aws" {
             return bad(format!(
                 "{what} {r} is in the {p} partition, which pgdr does not support: its encrypted cross-region replicas need a presigned request pgdr does not build; use two regions of the aws partition"
+            ));
+        }
+        if !s.allow_unlisted_regions && !KNOWN_REGIONS.contains(&r.as_str()) {
+            return bad(format!(
+                "{what} {r:?} is not a known AWS region; check the spelling, or set allow_unlisted_regions = true for a region newer than pgdr"
             ));
         }
     }

@@ -531,28 +531,12 @@ async fn detection_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
     // The health check following the alarm (Route 53 cannot reach a private endpoint itself).
     let hc_res = Res::new(health_check_key(), "health-check", format!("{alarm} ({region})"), "global");
     let r53 = &cx.clients.route53;
-    let prefix = format!("pgdr-{}-health-", cx.name());
+    let prefix = health_check_prefix(cx);
     super::ensure(
         cx,
         rec,
         &hc_res,
-        async |known| {
-            // A create retried after a lost answer can make a second check: keep one.
-            let ids: Vec<String> = list_health_checks(cx)
-                .await?
-                .into_iter()
-                .filter(|h| h.caller_reference.starts_with(&prefix) || Some(&h.id) == known.as_ref())
-                .map(|h| h.id)
-                .collect();
-            super::keep_one(rec, &hc_res, known.as_deref(), ids, async |id| {
-                match aws!("global", "route53", "DeleteHealthCheck", r53.delete_health_check().health_check_id(&id).send()) {
-                    Ok(_) => Ok(()),
-                    Err(e) if e.is_code(&["NoSuchHealthCheck"]) => Ok(()),
-                    Err(e) => Err(e.into()),
-                }
-            })
-            .await
-        },
+        async |known| the_health_check(cx, rec, &hc_res, known).await,
         async |token| {
             let cfg = HealthCheckConfig::builder()
                 .r#type(HealthCheckType::CloudwatchMetric)
@@ -587,39 +571,38 @@ async fn detection_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
     Ok(())
 }
 
+/// The environment's health check: the one in state, or one whose caller reference is pgdr's.
+/// A create retried after a lost answer can make a second check: one is kept, the others deleted.
+async fn the_health_check(cx: &Cx, rec: &Recorder<'_>, r: &Res<'_>, known: Option<String>) -> Result<Option<String>> {
+    let prefix = health_check_prefix(cx);
+    let ids: Vec<String> = list_health_checks(cx)
+        .await?
+        .into_iter()
+        .filter(|h| Some(&h.id) == known.as_ref() || h.caller_reference.starts_with(&prefix))
+        .map(|h| h.id)
+        .collect();
+    super::keep_one(rec, r, known.as_deref(), ids, async |id| delete_health_check(cx, &id).await).await
+}
+
+async fn delete_health_check(cx: &Cx, id: &str) -> Result<()> {
+    let r53 = &cx.clients.route53;
+    match aws!("global", "route53", "DeleteHealthCheck", r53.delete_health_check().health_check_id(id).send()) {
+        Ok(_) => Ok(()),
+        Err(e) if e.is_code(&["NoSuchHealthCheck"]) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn health_check_prefix(cx: &Cx) -> String {
+    format!("pgdr-{}-health-", cx.name())
+}
+
 async fn detection_down(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
     let dr = cx.regional(Side::Dr);
     let region = dr.region.as_str();
-    let r53 = &cx.clients.route53;
     let hc = Res::new(health_check_key(), "health-check", alarm_name(cx), "global");
-    super::remove(
-        cx,
-        rec,
-        &hc,
-        async |known| {
-            let prefix = format!("pgdr-{}-health-", cx.name());
-            let ids: Vec<String> = list_health_checks(cx)
-                .await?
-                .into_iter()
-                .filter(|h| Some(&h.id) == known.as_ref() || h.caller_reference.starts_with(&prefix))
-                .map(|h| h.id)
-                .collect();
-            super::keep_one(rec, &hc, known.as_deref(), ids, async |id| {
-                match aws!("global", "route53", "DeleteHealthCheck", r53.delete_health_check().health_check_id(&id).send()) {
-                    Ok(_) => Ok(()),
-                    Err(e) if e.is_code(&["NoSuchHealthCheck"]) => Ok(()),
-                    Err(e) => Err(e.into()),
-                }
-            })
-            .await
-        },
-        async |id| match aws!("global", "route53", "DeleteHealthCheck", r53.delete_health_check().health_check_id(&id).send()) {
-            Ok(_) => Ok(()),
-            Err(e) if e.is_code(&["NoSuchHealthCheck"]) => Ok(()),
-            Err(e) => Err(e.into()),
-        },
-    )
-    .await?;
+    super::remove(cx, rec, &hc, async |known| the_health_check(cx, rec, &hc, known).await, async |id| delete_health_check(cx, &id).await)
+        .await?;
 
     let alarm = alarm_name(cx);
     let a = Res::new(key(cx, DETECTION, "alarm"), "cloudwatch-alarm", alarm.clone(), region);

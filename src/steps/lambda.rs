@@ -251,6 +251,10 @@ pub async fn ensure_log_group(cx: &Cx, rec: &Recorder<'_>, reg: &Regional, key: 
     let found = out.log_groups.unwrap_or_default().into_iter().find(|g| g.log_group_name.as_deref() == Some(name));
     let retention = found.as_ref().and_then(|g| g.retention_in_days);
     let exists = found.is_some();
+    let keep_7_days = async || -> Result<()> {
+        aws!(&reg.region, "logs", "PutRetentionPolicy", reg.logs.put_retention_policy().log_group_name(name).retention_in_days(7).send())?;
+        Ok(())
+    };
     super::ensure(
         cx,
         rec,
@@ -264,24 +268,14 @@ pub async fn ensure_log_group(cx: &Cx, rec: &Recorder<'_>, reg: &Regional, key: 
                 Err(e) if e.is_code(&["ResourceAlreadyExistsException"]) => {}
                 Err(e) => return Err(e.into()),
             }
-            aws!(
-                &reg.region,
-                "logs",
-                "PutRetentionPolicy",
-                reg.logs.put_retention_policy().log_group_name(name).retention_in_days(7).send()
-            )?;
+            keep_7_days().await?;
             Ok(name.to_owned())
         },
     )
     .await?;
     if exists && retention != Some(7) {
         if !rec.plan {
-            aws!(
-                &reg.region,
-                "logs",
-                "PutRetentionPolicy",
-                reg.logs.put_retention_policy().log_group_name(name).retention_in_days(7).send()
-            )?;
+            keep_7_days().await?;
         }
         rec.record(Action::Change, "log-group", name, &reg.region, None, Some(format!("retention {retention:?} -> 7 days")));
     }

@@ -167,26 +167,13 @@ async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
         if let Some(vpc_id) = &vpc {
             let attr = dns_hostnames(cx, side, vpc_id).await?;
             if !attr.enable_dns_hostnames.and_then(|a| a.value).unwrap_or(false) {
-                if rec.plan {
-                    rec.record(
-                        crate::exec::Action::Change,
-                        "vpc",
-                        &vpc_res.name,
-                        region,
-                        Some(vpc_id),
-                        Some("enable DNS hostnames".into()),
-                    );
+                let done = if rec.plan {
+                    "enable DNS hostnames"
                 } else {
                     enable_dns_hostnames(cx, side, vpc_id).await?;
-                    rec.record(
-                        crate::exec::Action::Change,
-                        "vpc",
-                        &vpc_res.name,
-                        region,
-                        Some(vpc_id),
-                        Some("enabled DNS hostnames".into()),
-                    );
-                }
+                    "enabled DNS hostnames"
+                };
+                rec.record(crate::exec::Action::Change, "vpc", &vpc_res.name, region, Some(vpc_id), Some(done.into()));
             }
         }
         Ok::<_, Error>(())

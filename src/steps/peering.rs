@@ -7,7 +7,7 @@ use aws_sdk_ec2::types::ResourceType;
 use futures::future::LocalBoxFuture;
 
 use super::network::{self, find_vpc};
-use super::{ec2_filter, ec2_tag_filters, ec2_tag_spec, ensure, remove, Res};
+use super::{ec2_tag_filters, ec2_tag_spec, ensure, remove, Res};
 use crate::cx::{Cx, Side};
 use crate::error::{Error, Result};
 use crate::exec::{Action, Recorder, Step, StepResult};
@@ -193,12 +193,9 @@ async fn up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
     }
 
     // Routes to the peer's CIDR in both route tables.
-    for side in [Side::Primary, Side::Dr] {
-        let reg = cx.regional(side);
-        let peer = cx.cidr(side.other()).to_string();
-        let rt = cx.store.id(&network::key(cx, side, "route-table")).unwrap_or_default();
-        let pcx_id = pcx.clone().unwrap_or_default();
-        let rr = Res::new(route_key(cx, side), "route", format!("{peer} via peering"), &reg.region);
+    let pcx_id = pcx.unwrap_or_default();
+    let route_up = async |side: Side| -> Result<()> {
+        let (reg, rt, peer, rr) = route(cx, side);
         ensure(
             cx,
             rec,
@@ -214,9 +211,21 @@ async fn up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
                 Ok(format!("{rt}:{peer}"))
             },
         )
-        .await?;
-    }
-    Ok(())
+        .await
+        .map(|_| ())
+    };
+    let (a, b) = futures::join!(route_up(Side::Primary), route_up(Side::Dr));
+    a.and(b)
+}
+
+/// A side's route to the peer's CIDR: its region's clients, its route table (from state), the
+/// peer's CIDR and the resource as recorded.
+fn route(cx: &Cx, side: Side) -> (&crate::clients::Regional, String, String, Res<'_>) {
+    let reg = cx.regional(side);
+    let peer = cx.cidr(side.other()).to_string();
+    let rt = cx.store.id(&network::key(cx, side, "route-table")).unwrap_or_default();
+    let rr = Res::new(route_key(cx, side), "route", format!("{peer} via peering"), &reg.region);
+    (reg, rt, peer, rr)
 }
 
 async fn find_route(cx: &Cx, side: Side, rt: &str, cidr: &str, pcx: &str) -> Result<Option<String>> {
@@ -237,11 +246,8 @@ async fn find_route(cx: &Cx, side: Side, rt: &str, cidr: &str, pcx: &str) -> Res
 
 async fn down(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
     let pcx = find(cx, cx.home(), cx.store.id(&key(cx))).await?.map(|p| p.0).unwrap_or_default();
-    for side in [Side::Primary, Side::Dr] {
-        let reg = cx.regional(side);
-        let peer = cx.cidr(side.other()).to_string();
-        let rt = cx.store.id(&network::key(cx, side, "route-table")).unwrap_or_default();
-        let rr = Res::new(route_key(cx, side), "route", format!("{peer} via peering"), &reg.region);
+    let route_down = async |side: Side| -> Result<()> {
+        let (reg, rt, peer, rr) = route(cx, side);
         remove(
             cx,
             rec,
@@ -258,8 +264,10 @@ async fn down(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
                 Err(e) => Err(e.into()),
             },
         )
-        .await?;
-    }
+        .await
+    };
+    let (a, b) = futures::join!(route_down(Side::Primary), route_down(Side::Dr));
+    a.and(b)?;
     let primary = cx.regional(cx.home());
     let r = Res::new(key(cx), "vpc-peering", format!("pgdr-{}", cx.name()), &primary.region);
     remove(
@@ -297,6 +305,5 @@ async fn down(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
         },
     )
     .await?;
-    let _ = ec2_filter;
     Ok(())
 }
