@@ -9,6 +9,8 @@ use aws_smithy_runtime_api::client::result::SdkError;
 use aws_smithy_types::error::metadata::ProvideErrorMetadata;
 use aws_types::request_id::RequestId;
 
+pub use crate::aws::Kind;
+
 /// Exit codes of the `pgdr` binary.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Exit {
@@ -32,11 +34,12 @@ pub struct AwsError {
     pub code: Option<String>,
     pub message: Option<String>,
     pub request_id: Option<String>,
-    pub kind: AwsErrorKind,
+    pub transport: Transport,
 }
 
+/// How a call failed: AWS answered with an error, or no answer came.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AwsErrorKind {
+pub enum Transport {
     /// AWS answered with an error.
     Service,
     /// No answer: endpoint unreachable, connection reset, DNS failure.
@@ -54,28 +57,60 @@ impl AwsError {
         R: fmt::Debug + 'static,
         SdkError<E, R>: RequestId,
     {
-        let kind = match err {
-            SdkError::ServiceError(_) => AwsErrorKind::Service,
-            SdkError::TimeoutError(_) => AwsErrorKind::Timeout,
-            SdkError::DispatchFailure(d) if d.is_timeout() => AwsErrorKind::Timeout,
-            SdkError::DispatchFailure(d) if d.is_io() => AwsErrorKind::Unreachable,
-            SdkError::DispatchFailure(_) => AwsErrorKind::Unreachable,
-            _ => AwsErrorKind::Other,
+        let transport = match err {
+            SdkError::ServiceError(_) => Transport::Service,
+            SdkError::TimeoutError(_) => Transport::Timeout,
+            SdkError::DispatchFailure(d) if d.is_timeout() => Transport::Timeout,
+            SdkError::DispatchFailure(_) => Transport::Unreachable,
+            _ => Transport::Other,
         };
         let (code, message) = match err {
             SdkError::ServiceError(_) => (err.code().map(str::to_owned), err.message().map(str::to_owned)),
             other => (None, Some(root_cause(other))),
         };
-        AwsError { service, operation, region: region.to_owned(), code, message, request_id: err.request_id().map(str::to_owned), kind }
+        AwsError { service, operation, region: region.to_owned(), code, message, request_id: err.request_id().map(str::to_owned), transport }
     }
 
-    pub fn code(&self) -> &str {
-        self.code.as_deref().unwrap_or("")
+    /// What the error means (decided in [`crate::aws`], nowhere else).
+    pub fn kind(&self) -> Kind {
+        crate::aws::classify(self.service, self.transport, self.code.as_deref(), self.message.as_deref())
     }
+    pub fn is_not_found(&self) -> bool {
+        self.kind() == Kind::NotFound
+    }
+    pub fn is_already_exists(&self) -> bool {
+        self.kind() == Kind::AlreadyExists
+    }
+    pub fn is_in_use(&self) -> bool {
+        self.kind() == Kind::InUse
+    }
+    pub fn is_invalid_state(&self) -> bool {
+        self.kind() == Kind::InvalidState
+    }
+    pub fn is_propagation(&self) -> bool {
+        self.kind() == Kind::Propagation
+    }
+    pub fn is_unreachable(&self) -> bool {
+        self.kind() == Kind::Unreachable
+    }
+    /// Worth asking again later: throttled, busy, or no answer.
+    pub fn is_transient(&self) -> bool {
+        matches!(self.kind(), Kind::Throttled | Kind::Unreachable)
+    }
+}
 
-    pub fn is_code(&self, codes: &[&str]) -> bool {
-        self.code.as_deref().is_some_and(|c| codes.contains(&c))
+/// Treats "not found" as `None`.
+pub fn absent<T>(r: Result<T, AwsError>) -> Result<Option<T>, AwsError> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if e.is_not_found() => Ok(None),
+        Err(e) => Err(e),
     }
+}
+
+/// Treats "not found" as done (for deletes).
+pub fn gone<T>(r: Result<T, AwsError>) -> Result<(), AwsError> {
+    absent(r).map(|_| ())
 }
 
 /// The innermost error's text: the SDK's outer layers only say "dispatch failure".
@@ -92,11 +127,11 @@ fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
 impl fmt::Display for AwsError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} {} in {}", self.service, self.operation, self.region)?;
-        match self.kind {
-            AwsErrorKind::Service => write!(f, " failed: {}", self.code.as_deref().unwrap_or("unknown error"))?,
-            AwsErrorKind::Unreachable => write!(f, " could not reach the endpoint")?,
-            AwsErrorKind::Timeout => write!(f, " timed out")?,
-            AwsErrorKind::Other => write!(f, " failed")?,
+        match self.transport {
+            Transport::Service => write!(f, " failed: {}", self.code.as_deref().unwrap_or("unknown error"))?,
+            Transport::Unreachable => write!(f, " could not reach the endpoint")?,
+            Transport::Timeout => write!(f, " timed out")?,
+            Transport::Other => write!(f, " failed")?,
         }
         if let Some(m) = self.message.as_deref().filter(|m| !m.is_empty()) {
             write!(f, ": {}", one_line(m))?;
@@ -104,9 +139,9 @@ impl fmt::Display for AwsError {
         if let Some(id) = &self.request_id {
             write!(f, " (request id {id})")?;
         }
-        match self.kind {
-            AwsErrorKind::Unreachable => write!(f, "; check your network, --endpoint-url and AWS_ENDPOINT_URL"),
-            AwsErrorKind::Timeout => write!(f, "; rerun the command, it resumes where it stopped"),
+        match self.transport {
+            Transport::Unreachable => write!(f, "; check your network, --endpoint-url and AWS_ENDPOINT_URL"),
+            Transport::Timeout => write!(f, "; rerun the command, it resumes where it stopped"),
             _ => Ok(()),
         }
     }
@@ -167,21 +202,3 @@ impl From<std::io::Error> for Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
-
-/// Calls an SDK operation and turns its error into [`AwsError`] with the operation's name.
-///
-/// `aws!(region, "ec2", "CreateVpc", client.create_vpc()....send())`
-#[macro_export]
-macro_rules! aws {
-    ($region:expr, $svc:literal, $op:literal, $call:expr) => {{
-        let res = $call.await;
-        match res {
-            Ok(out) => Ok(out),
-            Err(e) => {
-                let err = $crate::error::AwsError::from_sdk($svc, $op, $region, &e);
-                ::tracing::debug!(service = $svc, op = $op, error = ?e, "aws call failed");
-                Err::<_, $crate::error::AwsError>(err)
-            }
-        }
-    }};
-}

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use aws_sdk_ec2::types::Filter;
 use serde::Serialize;
 
-use crate::aws;
+use crate::aws::Call;
 use crate::cx::{Cx, Side};
 use crate::error::{Error, Result};
 use crate::exec::{Progress, Recorder};
@@ -129,7 +129,7 @@ pub async fn plan(cx: &Cx) -> Result<Plan> {
 
 /// An error that says the service did not answer (rather than refused).
 fn unreachable(e: &crate::error::AwsError) -> bool {
-    wait::is_transient(e) || e.kind != crate::error::AwsErrorKind::Service
+    e.is_transient() || e.transport != crate::error::Transport::Service
 }
 
 fn ms(t: Instant) -> u64 {
@@ -155,16 +155,11 @@ pub async fn execute(cx: &Cx, plan: Plan, progress: &dyn Progress) -> Result<Out
                 plan.replica, plan.replica_status
             )));
         }
-        aws!(
-            region,
-            "rds",
-            "PromoteReadReplica",
-            dr.rds
+        dr.rds
                 .promote_read_replica()
                 .db_instance_identifier(&plan.replica)
                 .backup_retention_period(cx.env.settings.backup_retention_days)
-                .send()
-        )?;
+                .send().aws(region).await?;
         rec.status(&format!("promotion of {} requested", plan.replica));
         wait_promoted(cx, &rec, &plan.replica).await?;
     }
@@ -286,16 +281,11 @@ async fn tag(cx: &Cx, side: Side, role: &str) -> Result<()> {
     if db.tag("pgdr:role") == Some(role) {
         return Ok(());
     }
-    aws!(
-        &reg.region,
-        "rds",
-        "AddTagsToResource",
-        reg.rds
+    reg.rds
             .add_tags_to_resource()
             .resource_name(&db.arn)
             .tags(aws_sdk_rds::types::Tag::builder().key("pgdr:role").value(role).build())
-            .send()
-    )?;
+            .send().aws(&reg.region).await?;
     Ok(())
 }
 
@@ -308,12 +298,7 @@ async fn fence(cx: &Cx, rec: &Recorder<'_>) -> Result<Vec<String>> {
     let sg = cx.store.id(&network::key(cx, side, "db-sg")).unwrap_or_default();
     let mut revoked = Vec::new();
     if !sg.is_empty() {
-        let out = aws!(
-            region,
-            "ec2",
-            "DescribeSecurityGroupRules",
-            reg.ec2.describe_security_group_rules().filters(Filter::builder().name("group-id").values(&sg).build()).send()
-        )?;
+        let out = reg.ec2.describe_security_group_rules().filters(Filter::builder().name("group-id").values(&sg).build()).send().aws(region).await?;
         let rules: Vec<_> = out
             .security_group_rules
             .unwrap_or_default()
@@ -322,12 +307,7 @@ async fn fence(cx: &Cx, rec: &Recorder<'_>) -> Result<Vec<String>> {
             .collect();
         let ids: Vec<String> = rules.iter().filter_map(|r| r.security_group_rule_id.clone()).collect();
         if !ids.is_empty() {
-            aws!(
-                region,
-                "ec2",
-                "RevokeSecurityGroupIngress",
-                reg.ec2.revoke_security_group_ingress().group_id(&sg).set_security_group_rule_ids(Some(ids)).send()
-            )?;
+            reg.ec2.revoke_security_group_ingress().group_id(&sg).set_security_group_rule_ids(Some(ids)).send().aws(region).await?;
         }
         revoked = rules
             .iter()

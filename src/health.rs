@@ -5,7 +5,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
-use crate::aws;
+use crate::aws::Call;
 use crate::cx::{Cx, Side};
 use crate::error::Result;
 use crate::steps::{database, dns, failover};
@@ -76,11 +76,7 @@ pub async fn replica_lag(cx: &Cx) -> Result<Option<f64>> {
 async fn latest_lag(cx: &Cx) -> std::result::Result<Option<f64>, crate::error::AwsError> {
     let reg = cx.regional(Side::Dr);
     let now = SystemTime::now();
-    let out = aws!(
-        &reg.region,
-        "cloudwatch",
-        "GetMetricStatistics",
-        reg.cloudwatch
+    let out = reg.cloudwatch
             .get_metric_statistics()
             .namespace("AWS/RDS")
             .metric_name("ReplicaLag")
@@ -94,8 +90,7 @@ async fn latest_lag(cx: &Cx) -> std::result::Result<Option<f64>, crate::error::A
             .end_time((now + Duration::from_secs(60)).into())
             .period(60)
             .statistics(aws_sdk_cloudwatch::types::Statistic::Maximum)
-            .send()
-    )?;
+            .send().aws(&reg.region).await?;
     let mut points: Vec<_> = out.datapoints.unwrap_or_default().into_iter().filter_map(|d| Some((d.timestamp?, d.maximum?))).collect();
     points.sort_by_key(|p| p.0);
     Ok(points.last().map(|p| p.1))
@@ -218,7 +213,7 @@ async fn function_exists(cx: &Cx) -> Result<bool> {
     let reg = cx.regional(Side::Dr);
     match crate::steps::lambda::get_function(reg, &failover::failover_name(cx)).await {
         Ok(_) => Ok(true),
-        Err(e) if e.is_code(&["ResourceNotFoundException"]) => Ok(false),
+        Err(e) if e.is_not_found() => Ok(false),
         Err(e) => Err(e.into()),
     }
 }

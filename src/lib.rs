@@ -3,6 +3,7 @@
 //! The library holds the steps, the executor, the state file and the AWS clients; it returns
 //! data and never prints. The `pgdr` binary (`src/main.rs`, `src/cli.rs`) renders it.
 
+pub mod aws;
 pub mod clients;
 pub mod config;
 pub mod cx;

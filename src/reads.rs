@@ -8,7 +8,7 @@
 //! An answer is reused only while nothing has changed. Any call that is not a read (an
 //! operation not named `Describe*`, `Get*` or `List*`, seen by an SDK interceptor on every
 //! client) drops every kept answer, and so does each look of a wait after its first
-//! ([`crate::wait::until`]): a poll always asks AWS. Code that must see AWS as it is now,
+//! ([`crate::wait::Wait`]): a poll always asks AWS. Code that must see AWS as it is now,
 //! whatever this run read before, calls the SDK directly (`database::describe`).
 
 use std::any::Any;
@@ -118,19 +118,6 @@ impl Intercept for WatchChanges {
         }
         Ok(())
     }
-}
-
-/// A read through the read phase: `read!(reads, region, "ec2", "DescribeVpcs", builder)`.
-/// The key is the operation's full input, so two reads share an answer only when they ask
-/// exactly the same thing. Returns what [`crate::aws!`] returns.
-#[macro_export]
-macro_rules! read {
-    ($reads:expr, $region:expr, $svc:literal, $op:literal, $builder:expr) => {{
-        let b = $builder;
-        let region: &str = $region;
-        let key = format!("{}/{}/{}/{:?}", region, $svc, $op, b.as_input());
-        $reads.read(key, async move { $crate::aws!(region, $svc, $op, b.send()) }).await
-    }};
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::error::{AwsError, Error, Result};
+use crate::error::{Error, Result};
 use crate::exec::Cancel;
 use crate::reads::Reads;
 
@@ -31,23 +31,6 @@ impl Pace {
     pub const SLOW: Pace = Pace { first: Duration::from_secs(1), max: Duration::from_secs(3) };
     /// For things that settle in seconds.
     pub const FAST: Pace = Pace { first: Duration::from_millis(250), max: Duration::from_secs(3) };
-}
-
-/// Error codes that mean "ask again later", not "broken".
-pub fn is_transient(e: &AwsError) -> bool {
-    use crate::error::AwsErrorKind::*;
-    matches!(e.kind, Timeout | Unreachable)
-        || e.is_code(&[
-            "Throttling",
-            "ThrottlingException",
-            "RequestLimitExceeded",
-            "TooManyRequestsException",
-            "PriorRequestNotComplete",
-            "RequestThrottled",
-            "ServiceUnavailable",
-            "InternalFailure",
-            "InternalError",
-        ])
 }
 
 /// Polls `look` until it is ready, failed, cancelled or out of `budget`. `what` names the
@@ -91,7 +74,7 @@ where
                 on_status(&status, start.elapsed());
                 last = status;
             }
-            Err(Error::Aws(e)) if is_transient(&e) => {
+            Err(Error::Aws(e)) if e.is_transient() => {
                 tracing::warn!(what, error = %e, "transient error while waiting; will look again");
             }
             Err(e) => return Err(e),
@@ -151,14 +134,14 @@ mod tests {
     use std::cell::Cell;
 
     fn aws_err(code: &str) -> Error {
-        Error::Aws(Box::new(AwsError {
+        Error::Aws(Box::new(crate::error::AwsError {
             service: "rds",
             operation: "DescribeDBInstances",
             region: "us-east-1".into(),
             code: Some(code.into()),
             message: None,
             request_id: Some("req-1".into()),
-            kind: crate::error::AwsErrorKind::Service,
+            transport: crate::error::Transport::Service,
         }))
     }
 

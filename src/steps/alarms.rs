@@ -14,7 +14,8 @@ use crate::clients::Regional;
 use crate::cx::{Cx, Side};
 use crate::error::{Error, Result};
 use crate::exec::{Action, Recorder, Step, StepResult};
-use crate::{aws, read};
+use crate::aws::Call;
+use crate::read;
 
 pub struct Topics;
 pub struct Alarms;
@@ -122,16 +123,16 @@ async fn find_topic(cx: &Cx, side: Side, known: Option<String>) -> Result<Option
     let reg = cx.regional(side);
     let region = reg.region.as_str();
     if let Some(arn) = known {
-        match read!(reg.reads, region, "sns", "GetTopicAttributes", reg.sns.get_topic_attributes().topic_arn(&arn)) {
+        match read!(reg.reads, region, reg.sns.get_topic_attributes().topic_arn(&arn)) {
             Ok(_) => return Ok(Some(arn)),
-            Err(e) if e.is_code(&["NotFound"]) => {}
+            Err(e) if e.is_not_found() => {}
             Err(e) => return Err(e.into()),
         }
     }
     let suffix = format!(":{}", topic_name(cx));
     let mut next = None;
     loop {
-        let out = aws!(region, "sns", "ListTopics", reg.sns.list_topics().set_next_token(next).send())?;
+        let out = reg.sns.list_topics().set_next_token(next).send().aws(region).await?;
         if let Some(arn) = out.topics().iter().filter_map(|t| t.topic_arn()).find(|a| a.ends_with(&suffix)) {
             return Ok(Some(arn.to_owned()));
         }
@@ -157,7 +158,7 @@ async fn topics_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
                 let tags =
                     cx.tags("alarms").into_iter().filter_map(|(k, v)| aws_sdk_sns::types::Tag::builder().key(k).value(v).build().ok());
                 let out =
-                    aws!(region, "sns", "CreateTopic", reg.sns.create_topic().name(topic_name(cx)).set_tags(Some(tags.collect())).send())?;
+                    reg.sns.create_topic().name(topic_name(cx)).set_tags(Some(tags.collect())).send().aws(region).await?;
                 out.topic_arn.ok_or_else(|| Error::Other(format!("SNS CreateTopic in {region} returned no topic ARN")))
             },
         )
@@ -189,9 +190,9 @@ async fn subscribe_emails(cx: &Cx, rec: &Recorder<'_>, side: Side, topic: Option
             Some((_, sub)) if sub.starts_with("arn:") => {
                 if !rec.plan {
                     cx.cancel.check()?;
-                    match aws!(region, "sns", "Unsubscribe", reg.sns.unsubscribe().subscription_arn(sub).send()) {
+                    match reg.sns.unsubscribe().subscription_arn(sub).send().aws(region).await {
                         Ok(_) => {}
-                        Err(e) if e.is_code(&["NotFound"]) => {}
+                        Err(e) if e.is_not_found() => {}
                         Err(e) => return Err(e.into()),
                     }
                 }
@@ -227,7 +228,7 @@ async fn subscribe_emails(cx: &Cx, rec: &Recorder<'_>, side: Side, topic: Option
                 Some(topic) => {
                     cx.cancel.check()?;
                     let out =
-                        aws!(region, "sns", "Subscribe", reg.sns.subscribe().topic_arn(topic).protocol("email").endpoint(email).send())?;
+                        reg.sns.subscribe().topic_arn(topic).protocol("email").endpoint(email).send().aws(region).await?;
                     (Action::Create, out.subscription_arn.unwrap_or_default())
                 }
             },
@@ -258,9 +259,9 @@ async fn topics_down(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
             rec,
             &r,
             async |known| find_topic(cx, side, known).await,
-            async |arn| match aws!(region, "sns", "DeleteTopic", reg.sns.delete_topic().topic_arn(arn).send()) {
+            async |arn| match reg.sns.delete_topic().topic_arn(arn).send().aws(region).await {
                 Ok(_) => Ok(()),
-                Err(e) if e.is_code(&["NotFound"]) => Ok(()),
+                Err(e) if e.is_not_found() => Ok(()),
                 Err(e) => Err(e.into()),
             },
         )
@@ -409,13 +410,7 @@ async fn subscriptions(cx: &Cx, side: Side, topic: &str) -> Result<Vec<(String, 
     let mut have = Vec::new();
     let mut next = None;
     loop {
-        let out = read!(
-            reg.reads,
-            &reg.region,
-            "sns",
-            "ListSubscriptionsByTopic",
-            reg.sns.list_subscriptions_by_topic().topic_arn(topic).set_next_token(next)
-        )?;
+        let out = read!(reg.reads, &reg.region, reg.sns.list_subscriptions_by_topic().topic_arn(topic).set_next_token(next))?;
         have.extend(
             out.subscriptions()
                 .iter()
@@ -445,7 +440,7 @@ async fn describe_alarms(reg: &Regional, names: &[String]) -> Result<BTreeMap<St
         return Ok(BTreeMap::new());
     }
     let req = reg.cloudwatch.describe_alarms().set_alarm_names(Some(names.to_vec())).max_records(100);
-    let out = read!(reg.reads, &reg.region, "cloudwatch", "DescribeAlarms", req)?;
+    let out = read!(reg.reads, &reg.region, req)?;
     Ok(out.metric_alarms.unwrap_or_default().into_iter().filter_map(|a| Some((a.alarm_name.clone()?, a))).collect())
 }
 
@@ -472,7 +467,7 @@ async fn put_alarm(cx: &Cx, reg: &Regional, what: &str, w: &MetricAlarm) -> Resu
         .set_ok_actions(w.ok_actions.clone())
         // Applied at creation only; AWS ignores tags when an alarm is updated.
         .set_tags(Some(tags.collect()));
-    aws!(&reg.region, "cloudwatch", "PutMetricAlarm", req.send())?;
+    req.send().aws(&reg.region).await?;
     Ok(())
 }
 
@@ -528,9 +523,9 @@ async fn alarms_down(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
         rec,
         &r,
         async |_| Ok(get_dashboard(cx).await?.map(|_| dashboard_name(cx))),
-        async |name| match aws!(region, "cloudwatch", "DeleteDashboards", reg.cloudwatch.delete_dashboards().dashboard_names(name).send()) {
+        async |name| match reg.cloudwatch.delete_dashboards().dashboard_names(name).send().aws(region).await {
             Ok(_) => Ok(()),
-            Err(e) if e.is_code(&["ResourceNotFound"]) => Ok(()),
+            Err(e) if e.is_not_found() => Ok(()),
             Err(e) => Err(e.into()),
         },
     )
@@ -555,10 +550,10 @@ async fn alarms_down(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
         if !existing.is_empty() && !rec.plan {
             cx.cancel.check()?;
             rec.status(&format!("deleting {} alarms in {region}", existing.len()));
-            match aws!(region, "cloudwatch", "DeleteAlarms", reg.cloudwatch.delete_alarms().set_alarm_names(Some(existing.clone())).send())
+            match reg.cloudwatch.delete_alarms().set_alarm_names(Some(existing.clone())).send().aws(region).await
             {
                 Ok(_) => {}
-                Err(e) if e.is_code(&["ResourceNotFound"]) => {}
+                Err(e) if e.is_not_found() => {}
                 Err(e) => return Err(e.into()),
             }
         }
@@ -616,9 +611,9 @@ fn dashboard_body(cx: &Cx) -> Value {
 /// The dashboard's body, if it exists (`Value::Null` when it is not JSON).
 async fn get_dashboard(cx: &Cx) -> Result<Option<Value>> {
     let reg = cx.regional(Side::Primary);
-    match read!(reg.reads, &reg.region, "cloudwatch", "GetDashboard", reg.cloudwatch.get_dashboard().dashboard_name(dashboard_name(cx))) {
+    match read!(reg.reads, &reg.region, reg.cloudwatch.get_dashboard().dashboard_name(dashboard_name(cx))) {
         Ok(o) => Ok(Some(o.dashboard_body().and_then(|b| serde_json::from_str(b).ok()).unwrap_or(Value::Null))),
-        Err(e) if e.is_code(&["ResourceNotFound"]) => Ok(None),
+        Err(e) if e.is_not_found() => Ok(None),
         Err(e) => Err(e.into()),
     }
 }
@@ -629,12 +624,7 @@ async fn ensure_dashboard(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
     let name = dashboard_name(cx);
     let want = dashboard_body(cx);
     let put = async || -> Result<()> {
-        aws!(
-            region,
-            "cloudwatch",
-            "PutDashboard",
-            reg.cloudwatch.put_dashboard().dashboard_name(&name).dashboard_body(want.to_string()).send()
-        )?;
+        reg.cloudwatch.put_dashboard().dashboard_name(&name).dashboard_body(want.to_string()).send().aws(region).await?;
         Ok(())
     };
     let have = get_dashboard(cx).await?;

@@ -11,7 +11,8 @@ use crate::cx::{Cx, Side};
 use crate::error::{AwsError, Error, Result};
 use crate::exec::{Action, Recorder, Step, StepResult};
 use crate::wait::{self, Look, Pace};
-use crate::{aws, read};
+use crate::aws::Call;
+use crate::read;
 
 pub const PRIMARY: &str = "primary";
 pub const REPLICA: &str = "replica";
@@ -73,12 +74,12 @@ pub fn log_group_name(id: &str) -> String {
 
 /// Describes one instance by identifier (`None` when it does not exist), asking AWS.
 pub async fn describe(reg: &crate::clients::Regional, id: &str) -> std::result::Result<Option<Db>, AwsError> {
-    db_of(aws!(&reg.region, "rds", "DescribeDBInstances", reg.rds.describe_db_instances().db_instance_identifier(id).send()))
+    db_of(reg.rds.describe_db_instances().db_instance_identifier(id).send().aws(&reg.region).await)
 }
 
 /// As [`describe`], through this run's reads (see [`crate::reads`]).
 pub async fn lookup(reg: &crate::clients::Regional, id: &str) -> std::result::Result<Option<Db>, AwsError> {
-    db_of(read!(reg.reads, &reg.region, "rds", "DescribeDBInstances", reg.rds.describe_db_instances().db_instance_identifier(id)))
+    db_of(read!(reg.reads, &reg.region, reg.rds.describe_db_instances().db_instance_identifier(id)))
 }
 
 // The error is the crate's `AwsError`, large by design (code, message, request ID, region).
@@ -102,7 +103,7 @@ fn db_of(
             engine_version: d.engine_version.clone().unwrap_or_default(),
             tags: d.tag_list().iter().filter_map(|t| Some((t.key.clone()?, t.value.clone().unwrap_or_default()))).collect(),
         })),
-        Err(e) if e.is_code(&["DBInstanceNotFound", "DBInstanceNotFoundFault"]) => Ok(None),
+        Err(e) if e.is_not_found() => Ok(None),
         Err(e) => Err(e),
     }
 }
@@ -225,11 +226,7 @@ async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
                         Some(c) => c?,
                         None => secrets::read_credentials(cx).await?,
                     };
-                    aws!(
-                        region,
-                        "rds",
-                        "CreateDBInstance",
-                        reg.rds
+                    reg.rds
                             .create_db_instance()
                             .db_instance_identifier(&id)
                             .engine("postgres")
@@ -253,18 +250,13 @@ async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
                             .db_name(&s.database_name)
                             .port(5432)
                             .set_tags(tags)
-                            .send()
-                    )?;
+                            .send().aws(region).await?;
                 }
                 Side::Dr => {
                     if primary_arn.is_empty() {
                         return Err(Error::failed("the primary's ARN is not known yet; rerun `pgdr up`"));
                     }
-                    aws!(
-                        region,
-                        "rds",
-                        "CreateDBInstanceReadReplica",
-                        reg.rds
+                    reg.rds
                             .create_db_instance_read_replica()
                             .db_instance_identifier(&id)
                             .source_db_instance_identifier(&primary_arn)
@@ -281,8 +273,7 @@ async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
                             .copy_tags_to_snapshot(true)
                             .deletion_protection(cx.env.deletion_protection())
                             .set_tags(tags)
-                            .send()
-                    )?;
+                            .send().aws(region).await?;
                 }
             }
             Ok(id.clone())
@@ -361,7 +352,7 @@ async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
     if !changes.is_empty() {
         let detail = changes.join(", ");
         if !rec.plan {
-            aws!(region, "rds", "ModifyDBInstance", m.send())?;
+            m.send().aws(region).await?;
             wait_available(cx, rec, side, &id, budget).await?;
         }
         rec.record(Action::Change, "db-instance", &id, region, Some(&id), Some(detail));
@@ -399,7 +390,7 @@ pub async fn tagged(cx: &Cx, side: Side) -> Result<Vec<Db>> {
     let mut all = Vec::new();
     let mut marker = None;
     loop {
-        let out = aws!(&reg.region, "rds", "DescribeDBInstances", reg.rds.describe_db_instances().set_marker(marker).send())?;
+        let out = reg.rds.describe_db_instances().set_marker(marker).send().aws(&reg.region).await?;
         marker = out.marker.clone();
         let page = out.db_instances.unwrap_or_default();
         for d in page {
@@ -477,12 +468,7 @@ pub async fn delete_instance(
     let region = reg.region.as_str();
     let Some(db) = describe(reg, id).await? else { return Ok(()) };
     if db.deletion_protection {
-        aws!(
-            region,
-            "rds",
-            "ModifyDBInstance",
-            reg.rds.modify_db_instance().db_instance_identifier(id).deletion_protection(false).apply_immediately(true).send()
-        )?;
+        reg.rds.modify_db_instance().db_instance_identifier(id).deletion_protection(false).apply_immediately(true).send().aws(region).await?;
     }
     if let Some(snap) = &how.snapshot {
         rec.status(&format!("deleting {id} (final snapshot {snap})"));
@@ -494,9 +480,9 @@ pub async fn delete_instance(
         .skip_final_snapshot(how.snapshot.is_none())
         .set_final_db_snapshot_identifier(how.snapshot.clone())
         .delete_automated_backups(!how.keep_backups);
-    match aws!(region, "rds", "DeleteDBInstance", req.send()) {
+    match req.send().aws(region).await {
         Ok(_) => {}
-        Err(e) if e.is_code(&["DBInstanceNotFound", "DBInstanceNotFoundFault"]) => return Ok(()),
+        Err(e) if e.is_not_found() => return Ok(()),
         Err(e) => return Err(e.into()),
     }
     wait::until(

@@ -8,7 +8,8 @@ use super::{database, network, Res};
 use crate::cx::{Cx, Side};
 use crate::error::{AwsError, Error, Result};
 use crate::exec::{Action, Recorder, Step, StepResult};
-use crate::{aws, read};
+use crate::aws::Call;
+use crate::read;
 
 /// The DB subnet group (needs the network's subnets).
 pub struct DbGroups(pub Side);
@@ -102,35 +103,17 @@ async fn parameters(
     group: &str,
 ) -> std::result::Result<aws_sdk_rds::operation::describe_db_parameters::DescribeDbParametersOutput, AwsError> {
     let reg = cx.regional(side);
-    read!(
-        reg.reads,
-        &reg.region,
-        "rds",
-        "DescribeDBParameters",
-        reg.rds.describe_db_parameters().db_parameter_group_name(group).source("user")
-    )
+    read!(reg.reads, &reg.region, reg.rds.describe_db_parameters().db_parameter_group_name(group).source("user"))
 }
 
-fn missing<T>(r: std::result::Result<T, AwsError>, codes: &[&str]) -> Result<Option<T>> {
-    match r {
-        Ok(v) => Ok(Some(v)),
-        Err(e) if e.is_code(codes) => Ok(None),
-        Err(e) => Err(e.into()),
-    }
+fn missing<T>(r: std::result::Result<T, AwsError>) -> Result<Option<T>> {
+    Ok(crate::error::absent(r)?)
 }
 
 async fn find_subnet_group(cx: &Cx, side: Side) -> Result<Option<(String, Vec<String>)>> {
     let reg = cx.regional(side);
     let out = missing(
-        read!(
-            reg.reads,
-            &reg.region,
-            "rds",
-            "DescribeDBSubnetGroups",
-            reg.rds.describe_db_subnet_groups().db_subnet_group_name(subnet_group_name(cx))
-        ),
-        &["DBSubnetGroupNotFoundFault"],
-    )?;
+        read!(reg.reads, &reg.region, reg.rds.describe_db_subnet_groups().db_subnet_group_name(subnet_group_name(cx))))?;
     Ok(out.and_then(|o| o.db_subnet_groups.unwrap_or_default().into_iter().next()).map(|g| {
         let subnets = g.subnets().iter().filter_map(|s| s.subnet_identifier().map(str::to_owned)).collect();
         (g.db_subnet_group_name.unwrap_or_default(), subnets)
@@ -140,15 +123,7 @@ async fn find_subnet_group(cx: &Cx, side: Side) -> Result<Option<(String, Vec<St
 async fn find_parameter_group(cx: &Cx, side: Side) -> Result<Option<String>> {
     let reg = cx.regional(side);
     let out = missing(
-        read!(
-            reg.reads,
-            &reg.region,
-            "rds",
-            "DescribeDBParameterGroups",
-            reg.rds.describe_db_parameter_groups().db_parameter_group_name(parameter_group_name(cx))
-        ),
-        &["DBParameterGroupNotFound", "DBParameterGroupNotFoundFault"],
-    )?;
+        read!(reg.reads, &reg.region, reg.rds.describe_db_parameter_groups().db_parameter_group_name(parameter_group_name(cx))))?;
     Ok(out.and_then(|o| o.db_parameter_groups.unwrap_or_default().into_iter().next()).and_then(|g| g.db_parameter_group_name))
 }
 
@@ -171,18 +146,13 @@ async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
         &sg_res,
         async |_| Ok(found.as_ref().map(|f| f.0.clone())),
         async |_| {
-            aws!(
-                region,
-                "rds",
-                "CreateDBSubnetGroup",
-                reg.rds
+            reg.rds
                     .create_db_subnet_group()
                     .db_subnet_group_name(subnet_group_name(cx))
                     .db_subnet_group_description(format!("pgdr {}: private subnets", cx.name()))
                     .set_subnet_ids(Some(subnets.clone()))
                     .set_tags(Some(rds_tags(cx, "db-subnet-group")))
-                    .send()
-            )?;
+                    .send().aws(region).await?;
             Ok(subnet_group_name(cx))
         },
     )
@@ -190,12 +160,7 @@ async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
     if let Some(have) = existing.filter(|h| !subnets.is_empty() && *h != subnets) {
         let detail = format!("subnets {} -> {}", have.join(","), subnets.join(","));
         if !rec.plan {
-            aws!(
-                region,
-                "rds",
-                "ModifyDBSubnetGroup",
-                reg.rds.modify_db_subnet_group().db_subnet_group_name(subnet_group_name(cx)).set_subnet_ids(Some(subnets.clone())).send()
-            )?;
+            reg.rds.modify_db_subnet_group().db_subnet_group_name(subnet_group_name(cx)).set_subnet_ids(Some(subnets.clone())).send().aws(region).await?;
         }
         rec.record(Action::Change, "db-subnet-group", &sg_res.name, region, None, Some(detail));
     }
@@ -220,18 +185,13 @@ async fn parameter_group_up(cx: &Cx, rec: &Recorder<'_>, side: Side, reg: &crate
         &pg_res,
         async |_| find_parameter_group(cx, side).await,
         async |_| {
-            aws!(
-                region,
-                "rds",
-                "CreateDBParameterGroup",
-                reg.rds
+            reg.rds
                     .create_db_parameter_group()
                     .db_parameter_group_name(parameter_group_name(cx))
                     .db_parameter_group_family(format!("postgres{}", cx.env.engine_major()))
                     .description(format!("pgdr {}: audit logging and TLS", cx.name()))
                     .set_tags(Some(rds_tags(cx, "db-parameter-group")))
-                    .send()
-            )?;
+                    .send().aws(region).await?;
             Ok(parameter_group_name(cx))
         },
     )
@@ -269,12 +229,7 @@ async fn parameter_group_up(cx: &Cx, rec: &Recorder<'_>, side: Side, reg: &crate
                     Parameter::builder().parameter_name(*k).parameter_value(want).apply_method(ApplyMethod::Immediate).build()
                 })
                 .collect();
-            aws!(
-                region,
-                "rds",
-                "ModifyDBParameterGroup",
-                reg.rds.modify_db_parameter_group().db_parameter_group_name(parameter_group_name(cx)).set_parameters(Some(params)).send()
-            )?;
+            reg.rds.modify_db_parameter_group().db_parameter_group_name(parameter_group_name(cx)).set_parameters(Some(params)).send().aws(region).await?;
         }
         rec.record(Action::Change, "db-parameter-group", &pg_res.name, region, None, Some(detail));
     }
@@ -292,9 +247,7 @@ async fn down(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
         async |_| Ok(find_subnet_group(cx, side).await?.map(|g| g.0)),
         async |name| {
             missing(
-                aws!(region, "rds", "DeleteDBSubnetGroup", reg.rds.delete_db_subnet_group().db_subnet_group_name(name).send()),
-                &["DBSubnetGroupNotFoundFault"],
-            )
+                reg.rds.delete_db_subnet_group().db_subnet_group_name(name).send().aws(region).await)
             .map(|_| ())
         },
     )
@@ -314,9 +267,7 @@ async fn params_down(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
         async |_| find_parameter_group(cx, side).await,
         async |name| {
             missing(
-                aws!(region, "rds", "DeleteDBParameterGroup", reg.rds.delete_db_parameter_group().db_parameter_group_name(name).send()),
-                &["DBParameterGroupNotFound", "DBParameterGroupNotFoundFault"],
-            )
+                reg.rds.delete_db_parameter_group().db_parameter_group_name(name).send().aws(region).await)
             .map(|_| ())
         },
     )

@@ -17,7 +17,8 @@ use crate::cx::{Cx, Side};
 use crate::error::{Error, Result};
 use crate::exec::{Action, Recorder, Step, StepResult};
 use crate::wait::{self, Look, Pace};
-use crate::{aws, read};
+use crate::aws::Call;
+use crate::read;
 
 pub struct Zone;
 pub struct Records;
@@ -106,20 +107,20 @@ async fn find_zone(cx: &Cx) -> Result<Option<(String, Vec<(String, String)>)>> {
         }
     };
     let Some(id) = id else { return Ok(None) };
-    match read!(cx.clients.reads, "global", "route53", "GetHostedZone", r53.get_hosted_zone().id(&id)) {
+    match read!(cx.clients.reads, "global", r53.get_hosted_zone().id(&id)) {
         Ok(o) => {
             let vpcs =
                 o.vpcs.unwrap_or_default().into_iter().filter_map(|v| Some((v.vpc_id?, v.vpc_region?.as_str().to_owned()))).collect();
             Ok(Some((short_id(&id), vpcs)))
         }
-        Err(e) if e.is_code(&["NoSuchHostedZone"]) => {
+        Err(e) if e.is_not_found() => {
             if cx.store.id(&zone_key()).is_some() {
                 // Recorded but gone: look for it by name (it may have been recreated).
                 let name = fqdn(&cx.env.zone_name());
-                let out = aws!("global", "route53", "ListHostedZonesByName", r53.list_hosted_zones_by_name().dns_name(&name).send())?;
+                let out = r53.list_hosted_zones_by_name().dns_name(&name).send().aws("global").await?;
                 if let Some(z) = out.hosted_zones.into_iter().find(|z| z.name == name && z.caller_reference.starts_with(&caller_prefix(cx)))
                 {
-                    let o = aws!("global", "route53", "GetHostedZone", r53.get_hosted_zone().id(&z.id).send())?;
+                    let o = r53.get_hosted_zone().id(&z.id).send().aws("global").await?;
                     let vpcs = o
                         .vpcs
                         .unwrap_or_default()
@@ -157,17 +158,12 @@ async fn zone_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
         Ok(find_zone(cx).await?.map(|f| f.0))
     };
     let id = super::ensure(cx, rec, &r, find, async |token| {
-        let out = aws!(
-            "global",
-            "route53",
-            "CreateHostedZone",
-            r53.create_hosted_zone()
+        let out = r53.create_hosted_zone()
                 .name(&name)
                 .caller_reference(format!("{}{}", caller_prefix(cx), &token[token.len().saturating_sub(16)..]))
                 .hosted_zone_config(HostedZoneConfig::builder().comment(format!("pgdr {}", cx.name())).private_zone(true).build())
                 .vpc(Vpc::builder().vpc_id(&primary_vpc).vpc_region(VpcRegion::from(cx.region(Side::Primary))).build())
-                .send()
-        )?;
+                .send().aws("global").await?;
         let id = out.hosted_zone.map(|z| short_id(&z.id)).ok_or_else(|| Error::Other("CreateHostedZone returned no zone".into()))?;
         // Route 53 takes no tags at creation: record the ID first, then tag.
         cx.store.put(&zone_key(), crate::state::Resource::new("hosted-zone", "global", &id, crate::state::Status::Created))?;
@@ -186,15 +182,10 @@ async fn zone_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
             continue;
         }
         if !rec.plan {
-            let out = aws!(
-                "global",
-                "route53",
-                "AssociateVPCWithHostedZone",
-                r53.associate_vpc_with_hosted_zone()
+            let out = r53.associate_vpc_with_hosted_zone()
                     .hosted_zone_id(&id)
                     .vpc(Vpc::builder().vpc_id(&vpc).vpc_region(VpcRegion::from(cx.region(side))).build())
-                    .send()
-            )?;
+                    .send().aws("global").await?;
             if let Some(info) = out.change_info {
                 wait_insync(cx, rec, &info.id).await?;
             }
@@ -218,7 +209,7 @@ async fn zones_named(
     cx: &Cx,
 ) -> std::result::Result<aws_sdk_route53::operation::list_hosted_zones_by_name::ListHostedZonesByNameOutput, crate::error::AwsError> {
     let name = fqdn(&cx.env.zone_name());
-    read!(cx.clients.reads, "global", "route53", "ListHostedZonesByName", cx.clients.route53.list_hosted_zones_by_name().dns_name(&name))
+    read!(cx.clients.reads, "global", cx.clients.route53.list_hosted_zones_by_name().dns_name(&name))
 }
 
 async fn remove_duplicate_zones(cx: &Cx, rec: &Recorder<'_>, r: &Res<'_>) -> Result<()> {
@@ -234,9 +225,9 @@ async fn remove_duplicate_zones(cx: &Cx, rec: &Recorder<'_>, r: &Res<'_>) -> Res
     if ids.len() > 1 {
         let known = cx.store.id(&zone_key());
         let kept = super::keep_one(rec, r, known.as_deref(), ids, async |id| {
-            match aws!("global", "route53", "DeleteHostedZone", r53.delete_hosted_zone().id(&id).send()) {
+            match r53.delete_hosted_zone().id(&id).send().aws("global").await {
                 Ok(_) => Ok(()),
-                Err(e) if e.is_code(&["NoSuchHostedZone"]) => Ok(()),
+                Err(e) if e.is_not_found() => Ok(()),
                 Err(e) => Err(e.into()),
             }
         })
@@ -252,12 +243,7 @@ async fn remove_duplicate_zones(cx: &Cx, rec: &Recorder<'_>, r: &Res<'_>) -> Res
 
 pub async fn tag(cx: &Cx, kind: TagResourceType, id: &str, resource: &str) -> Result<()> {
     let tags: Vec<Tag> = cx.tags(resource).into_iter().map(|(k, v)| Tag::builder().key(k).value(v).build()).collect();
-    aws!(
-        "global",
-        "route53",
-        "ChangeTagsForResource",
-        cx.clients.route53.change_tags_for_resource().resource_type(kind).resource_id(id).set_add_tags(Some(tags)).send()
-    )?;
+    cx.clients.route53.change_tags_for_resource().resource_type(kind).resource_id(id).set_add_tags(Some(tags)).send().aws("global").await?;
     Ok(())
 }
 
@@ -272,7 +258,7 @@ pub async fn wait_insync(cx: &Cx, rec: &Recorder<'_>, change_id: &str) -> Result
         |s, t| rec.status(&format!("DNS change {s} ({})", wait::human(t))),
         "rerun the command",
         async || {
-            let out = aws!("global", "route53", "GetChange", r53.get_change().id(change_id).send())?;
+            let out = r53.get_change().id(change_id).send().aws("global").await?;
             Ok(match out.change_info.map(|c| c.status.as_str().to_owned()).as_deref() {
                 Some("INSYNC") => Look::Ready(()),
                 Some(s) => Look::Pending(s.to_owned()),
@@ -295,10 +281,10 @@ async fn zone_down(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
         async |_| Ok(found.as_ref().map(|f| f.0.clone())),
         async |id| {
             // Records other than SOA/NS block deletion; records_down removed pgdr's.
-            match aws!("global", "route53", "DeleteHostedZone", r53.delete_hosted_zone().id(&id).send()) {
+            match r53.delete_hosted_zone().id(&id).send().aws("global").await {
                 Ok(_) => Ok(()),
-                Err(e) if e.is_code(&["NoSuchHostedZone"]) => Ok(()),
-                Err(e) if e.is_code(&["HostedZoneNotEmpty"]) => Err(Error::failed(format!(
+                Err(e) if e.is_not_found() => Ok(()),
+                Err(e) if e.is_in_use() => Err(Error::failed(format!(
                     "hosted zone {id} still holds records pgdr did not create; delete them, then rerun `pgdr down`"
                 ))),
                 Err(e) => Err(e.into()),
@@ -360,13 +346,7 @@ fn same(a: &ResourceRecordSet, b: &ResourceRecordSet) -> bool {
 
 /// pgdr's records in the zone now.
 pub async fn current_records(cx: &Cx, zone: &str) -> Result<Vec<ResourceRecordSet>> {
-    let out = read!(
-        cx.clients.reads,
-        "global",
-        "route53",
-        "ListResourceRecordSets",
-        cx.clients.route53.list_resource_record_sets().hosted_zone_id(zone)
-    )?;
+    let out = read!(cx.clients.reads, "global", cx.clients.route53.list_resource_record_sets().hosted_zone_id(zone))?;
     let names = [writer_record(cx), reader_record(cx)];
     Ok(out
         .resource_record_sets
@@ -418,12 +398,7 @@ pub async fn records_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
         ))
         .build()
         .map_err(|e| Error::Other(e.to_string()))?;
-    let out = aws!(
-        "global",
-        "route53",
-        "ChangeResourceRecordSets",
-        cx.clients.route53.change_resource_record_sets().hosted_zone_id(&zone).change_batch(batch).send()
-    )?;
+    let out = cx.clients.route53.change_resource_record_sets().hosted_zone_id(&zone).change_batch(batch).send().aws("global").await?;
     if let Some(info) = out.change_info {
         wait_insync(cx, rec, &info.id).await?;
     }
@@ -464,18 +439,13 @@ async fn records_down(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
         ))
         .build()
         .map_err(|e| Error::Other(e.to_string()))?;
-    match aws!(
-        "global",
-        "route53",
-        "ChangeResourceRecordSets",
-        cx.clients.route53.change_resource_record_sets().hosted_zone_id(&zone).change_batch(batch).send()
-    ) {
+    match cx.clients.route53.change_resource_record_sets().hosted_zone_id(&zone).change_batch(batch).send().aws("global").await {
         Ok(out) => {
             if let Some(info) = out.change_info {
                 wait_insync(cx, rec, &info.id).await?;
             }
         }
-        Err(e) if e.is_code(&["InvalidChangeBatch"]) && e.message.as_deref().is_some_and(|m| m.contains("not found")) => {}
+        Err(e) if e.is_not_found() => {}
         Err(e) => return Err(e.into()),
     }
     cx.store.remove("dns/global/records")?;

@@ -21,7 +21,8 @@ use super::{database, dns, ec2_tag_filters, ec2_tag_spec, network, Res};
 use crate::cx::{Cx, Side};
 use crate::error::{AwsError, Error, Result};
 use crate::exec::{Action, Recorder, Step, StepResult};
-use crate::{aws, read};
+use crate::aws::Call;
+use crate::read;
 
 pub const FAILOVER: &str = "failover";
 pub const DETECTION: &str = "detection";
@@ -116,7 +117,7 @@ async fn describe_rule(
     rule: &str,
 ) -> std::result::Result<aws_sdk_eventbridge::operation::describe_rule::DescribeRuleOutput, AwsError> {
     let dr = cx.regional(Side::Dr);
-    read!(dr.reads, &dr.region, "events", "DescribeRule", dr.events.describe_rule().name(rule))
+    read!(dr.reads, &dr.region, dr.events.describe_rule().name(rule))
 }
 
 async fn list_targets(
@@ -124,7 +125,7 @@ async fn list_targets(
     rule: &str,
 ) -> std::result::Result<aws_sdk_eventbridge::operation::list_targets_by_rule::ListTargetsByRuleOutput, AwsError> {
     let dr = cx.regional(Side::Dr);
-    read!(dr.reads, &dr.region, "events", "ListTargetsByRule", dr.events.list_targets_by_rule().rule(rule))
+    read!(dr.reads, &dr.region, dr.events.list_targets_by_rule().rule(rule))
 }
 
 /// An EventBridge schedule (every minute) that invokes one of pgdr's functions.
@@ -183,7 +184,7 @@ async fn ensure_schedule(cx: &Cx, rec: &Recorder<'_>, s: &Schedule, function: &s
         &rule_res,
         async |_| match describe_rule(cx, rule).await {
             Ok(o) => Ok(o.arn),
-            Err(e) if e.is_code(&["ResourceNotFoundException"]) => Ok(None),
+            Err(e) if e.is_not_found() => Ok(None),
             Err(e) => Err(e.into()),
         },
         async |_| {
@@ -192,19 +193,14 @@ async fn ensure_schedule(cx: &Cx, rec: &Recorder<'_>, s: &Schedule, function: &s
                 .into_iter()
                 .filter_map(|(k, v)| aws_sdk_eventbridge::types::Tag::builder().key(k).value(v).build().ok())
                 .collect();
-            let out = aws!(
-                region,
-                "events",
-                "PutRule",
-                dr.events
+            let out = dr.events
                     .put_rule()
                     .name(rule)
                     .schedule_expression("rate(1 minute)")
                     .state(aws_sdk_eventbridge::types::RuleState::Enabled)
                     .description(format!("pgdr {}: {}", cx.name(), s.purpose))
                     .set_tags(Some(tags))
-                    .send()
-            )?;
+                    .send().aws(region).await?;
             out.rule_arn.ok_or_else(|| Error::Other("PutRule returned no ARN".into()))
         },
     )
@@ -222,7 +218,7 @@ async fn ensure_schedule(cx: &Cx, rec: &Recorder<'_>, s: &Schedule, function: &s
                 .set_input(s.input.map(str::to_owned))
                 .build()
                 .map_err(|e| Error::Other(e.to_string()))?;
-            aws!(region, "events", "PutTargets", dr.events.put_targets().rule(rule).targets(t).send())?;
+            dr.events.put_targets().rule(rule).targets(t).send().aws(region).await?;
         }
         rec.record(Action::Create, "eventbridge-target", &format!("{rule} -> {function}"), region, None, None);
     }
@@ -238,18 +234,18 @@ async fn delete_schedule(cx: &Cx, rec: &Recorder<'_>, s: &Schedule) -> Result<()
         cx,
         rec,
         &r,
-        async |_| match aws!(region, "events", "DescribeRule", dr.events.describe_rule().name(&s.rule).send()) {
+        async |_| match dr.events.describe_rule().name(&s.rule).send().aws(region).await {
             Ok(o) => Ok(o.name),
-            Err(e) if e.is_code(&["ResourceNotFoundException"]) => Ok(None),
+            Err(e) if e.is_not_found() => Ok(None),
             Err(e) => Err(e.into()),
         },
         async |name| {
-            let targets = aws!(region, "events", "ListTargetsByRule", dr.events.list_targets_by_rule().rule(&name).send())?;
+            let targets = dr.events.list_targets_by_rule().rule(&name).send().aws(region).await?;
             let ids: Vec<String> = targets.targets().iter().map(|t| t.id().to_owned()).collect();
             if !ids.is_empty() {
-                aws!(region, "events", "RemoveTargets", dr.events.remove_targets().rule(&name).set_ids(Some(ids)).send())?;
+                dr.events.remove_targets().rule(&name).set_ids(Some(ids)).send().aws(region).await?;
             }
-            aws!(region, "events", "DeleteRule", dr.events.delete_rule().name(&name).send())?;
+            dr.events.delete_rule().name(&name).send().aws(region).await?;
             Ok(())
         },
     )
@@ -260,7 +256,7 @@ pub async fn describe_alarm(
     cx: &Cx,
 ) -> std::result::Result<aws_sdk_cloudwatch::operation::describe_alarms::DescribeAlarmsOutput, AwsError> {
     let dr = cx.regional(Side::Dr);
-    read!(dr.reads, &dr.region, "cloudwatch", "DescribeAlarms", dr.cloudwatch.describe_alarms().alarm_names(alarm_name(cx)))
+    read!(dr.reads, &dr.region, dr.cloudwatch.describe_alarms().alarm_names(alarm_name(cx)))
 }
 
 /// Every health check of the account, page by page (100 a page: an account with more must
@@ -270,7 +266,7 @@ async fn list_health_checks(cx: &Cx) -> std::result::Result<Vec<aws_sdk_route53:
     let mut marker = None;
     loop {
         let page =
-            read!(cx.clients.reads, "global", "route53", "ListHealthChecks", cx.clients.route53.list_health_checks().set_marker(marker))?;
+            read!(cx.clients.reads, "global", cx.clients.route53.list_health_checks().set_marker(marker))?;
         all.extend(page.health_checks);
         marker = page.next_marker.filter(|_| page.is_truncated);
         if marker.is_none() {
@@ -408,13 +404,7 @@ async fn find_probe_sg(cx: &Cx, vpc: &str) -> Result<Option<String>> {
         return Ok(None);
     }
     let dr = cx.regional(Side::Dr);
-    let out = read!(
-        dr.reads,
-        &dr.region,
-        "ec2",
-        "DescribeSecurityGroups",
-        dr.ec2.describe_security_groups().set_filters(Some(ec2_tag_filters(cx, "probe-sg"))).filters(super::ec2_filter("vpc-id", vpc))
-    )?;
+    let out = read!(dr.reads, &dr.region, dr.ec2.describe_security_groups().set_filters(Some(ec2_tag_filters(cx, "probe-sg"))).filters(super::ec2_filter("vpc-id", vpc)))?;
     Ok(out.security_groups.unwrap_or_default().into_iter().find_map(|g| g.group_id))
 }
 
@@ -438,18 +428,13 @@ async fn detection_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
         &sg_res,
         async |_| find_probe_sg(cx, &vpc).await,
         async |_| {
-            let out = aws!(
-                region,
-                "ec2",
-                "CreateSecurityGroup",
-                dr.ec2
+            let out = dr.ec2
                     .create_security_group()
                     .group_name(format!("pgdr-{}-probe", cx.name()))
                     .description("pgdr: the primary-health probe")
                     .vpc_id(&vpc)
                     .tag_specifications(ec2_tag_spec(cx, ResourceType::SecurityGroup, "probe-sg"))
-                    .send()
-            )?;
+                    .send().aws(region).await?;
             out.group_id.ok_or_else(|| Error::Other("CreateSecurityGroup returned no id".into()))
         },
     )
@@ -490,11 +475,7 @@ async fn detection_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
     });
     let put = async || {
         let tags = cx.tags("alarm").into_iter().map(|(k, v)| aws_sdk_cloudwatch::types::Tag::builder().key(k).value(v).build()).collect();
-        aws!(
-            region,
-            "cloudwatch",
-            "PutMetricAlarm",
-            dr.cloudwatch
+        dr.cloudwatch
                 .put_metric_alarm()
                 .alarm_name(&alarm)
                 .alarm_description(format!(
@@ -515,8 +496,7 @@ async fn detection_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
                 .treat_missing_data("breaching")
                 .set_alarm_actions(Some(actions.clone()))
                 .set_tags(Some(tags))
-                .send()
-        )?;
+                .send().aws(region).await?;
         Ok::<_, Error>(alarm.clone())
     };
     let exists = current.is_some();
@@ -551,15 +531,10 @@ async fn detection_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
                 .insufficient_data_health_status(InsufficientDataHealthStatus::Healthy)
                 .build()
                 .map_err(|e| Error::Other(e.to_string()))?;
-            let out = aws!(
-                "global",
-                "route53",
-                "CreateHealthCheck",
-                r53.create_health_check()
+            let out = r53.create_health_check()
                     .caller_reference(format!("{prefix}{}", &token[token.len().saturating_sub(16)..]))
                     .health_check_config(cfg)
-                    .send()
-            )?;
+                    .send().aws("global").await?;
             let id = out.health_check.map(|h| h.id).ok_or_else(|| Error::Other("CreateHealthCheck returned no id".into()))?;
             // No tags at creation in Route 53: record the ID first, then tag.
             cx.store.put(&health_check_key(), crate::state::Resource::new("health-check", "global", &id, crate::state::Status::Created))?;
@@ -586,9 +561,9 @@ async fn the_health_check(cx: &Cx, rec: &Recorder<'_>, r: &Res<'_>, known: Optio
 
 async fn delete_health_check(cx: &Cx, id: &str) -> Result<()> {
     let r53 = &cx.clients.route53;
-    match aws!("global", "route53", "DeleteHealthCheck", r53.delete_health_check().health_check_id(id).send()) {
+    match r53.delete_health_check().health_check_id(id).send().aws("global").await {
         Ok(_) => Ok(()),
-        Err(e) if e.is_code(&["NoSuchHealthCheck"]) => Ok(()),
+        Err(e) if e.is_not_found() => Ok(()),
         Err(e) => Err(e.into()),
     }
 }
@@ -611,11 +586,11 @@ async fn detection_down(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
         rec,
         &a,
         async |_| {
-            let out = aws!(region, "cloudwatch", "DescribeAlarms", dr.cloudwatch.describe_alarms().alarm_names(&alarm).send())?;
+            let out = dr.cloudwatch.describe_alarms().alarm_names(&alarm).send().aws(region).await?;
             Ok(out.metric_alarms.unwrap_or_default().into_iter().find_map(|a| a.alarm_name))
         },
         async |name| {
-            aws!(region, "cloudwatch", "DeleteAlarms", dr.cloudwatch.delete_alarms().alarm_names(name).send())?;
+            dr.cloudwatch.delete_alarms().alarm_names(name).send().aws(region).await?;
             Ok(())
         },
     )
@@ -638,9 +613,9 @@ async fn detection_down(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
         async |_| find_probe_sg(cx, &vpc).await,
         async |id| {
             network::retry_dependency(cx, rec, &format!("security group {id}"), async || {
-                match aws!(region, "ec2", "DeleteSecurityGroup", dr.ec2.delete_security_group().group_id(&id).send()) {
+                match dr.ec2.delete_security_group().group_id(&id).send().aws(region).await {
                     Ok(_) => Ok(()),
-                    Err(e) if e.code().ends_with("NotFound") => Ok(()),
+                    Err(e) if e.is_not_found() => Ok(()),
                     Err(e) => Err(e.into()),
                 }
             })

@@ -15,7 +15,8 @@ use crate::cx::Cx;
 use crate::error::{Error, Result};
 use crate::exec::{Action, Recorder};
 use crate::wait::{self, Look, Pace};
-use crate::{aws, read};
+use crate::aws::Call;
+use crate::read;
 
 pub const FAILOVER_SOURCE: &str = include_str!("../lambda/failover.py");
 pub const PROBE_SOURCE: &str = include_str!("../lambda/probe.py");
@@ -60,12 +61,12 @@ const TRUST: &str =
 pub async fn role_reads(cx: &Cx, name: &str, managed: bool) {
     let iam = &cx.clients.iam;
     let _ = futures::join!(
-        async { read!(cx.clients.reads, "global", "iam", "GetRole", iam.get_role().role_name(name)) },
-        async { read!(cx.clients.reads, "global", "iam", "GetRolePolicy", iam.get_role_policy().role_name(name).policy_name("pgdr")) },
+        async { read!(cx.clients.reads, "global", iam.get_role().role_name(name)) },
+        async { read!(cx.clients.reads, "global", iam.get_role_policy().role_name(name).policy_name("pgdr")) },
         async {
             if managed {
                 let _ =
-                    read!(cx.clients.reads, "global", "iam", "ListAttachedRolePolicies", iam.list_attached_role_policies().role_name(name));
+                    read!(cx.clients.reads, "global", iam.list_attached_role_policies().role_name(name));
             }
         },
     );
@@ -76,7 +77,7 @@ pub async fn role_reads(cx: &Cx, name: &str, managed: bool) {
 pub async fn function_reads(reg: &Regional, name: &str, log_group: &str, permission: bool) {
     let _ = futures::join!(get_function(reg, name), log_groups(reg, log_group), async {
         if permission {
-            let _ = read!(reg.reads, &reg.region, "lambda", "GetPolicy", reg.lambda.get_policy().function_name(name));
+            let _ = read!(reg.reads, &reg.region, reg.lambda.get_policy().function_name(name));
         }
     });
 }
@@ -86,7 +87,7 @@ pub async fn get_function(
     reg: &Regional,
     name: &str,
 ) -> std::result::Result<aws_sdk_lambda::operation::get_function::GetFunctionOutput, crate::error::AwsError> {
-    read!(reg.reads, &reg.region, "lambda", "GetFunction", reg.lambda.get_function().function_name(name))
+    read!(reg.reads, &reg.region, reg.lambda.get_function().function_name(name))
 }
 
 /// Log groups whose name starts with `name`.
@@ -94,7 +95,7 @@ pub async fn log_groups(
     reg: &Regional,
     name: &str,
 ) -> std::result::Result<aws_sdk_cloudwatchlogs::operation::describe_log_groups::DescribeLogGroupsOutput, crate::error::AwsError> {
-    read!(reg.reads, &reg.region, "logs", "DescribeLogGroups", reg.logs.describe_log_groups().log_group_name_prefix(name))
+    read!(reg.reads, &reg.region, reg.logs.describe_log_groups().log_group_name_prefix(name))
 }
 
 /// The function's role: trust `lambda.amazonaws.com`, one inline policy, optional managed policies.
@@ -108,9 +109,9 @@ pub async fn ensure_role(
 ) -> Result<Option<String>> {
     let iam = &cx.clients.iam;
     let r = Res::new(key.to_owned(), "iam-role", name.to_owned(), "global");
-    let found = match read!(cx.clients.reads, "global", "iam", "GetRole", iam.get_role().role_name(name)) {
+    let found = match read!(cx.clients.reads, "global", iam.get_role().role_name(name)) {
         Ok(o) => o.role.map(|r| r.arn),
-        Err(e) if e.is_code(&["NoSuchEntity"]) => None,
+        Err(e) if e.is_not_found() => None,
         Err(e) => return Err(e.into()),
     };
     let exists = found.is_some();
@@ -125,17 +126,12 @@ pub async fn ensure_role(
                 .into_iter()
                 .map(|(k, v)| aws_sdk_iam::types::Tag::builder().key(k).value(v).build().map_err(|e| Error::Other(e.to_string())))
                 .collect::<Result<Vec<_>>>()?;
-            let out = aws!(
-                "global",
-                "iam",
-                "CreateRole",
-                iam.create_role()
+            let out = iam.create_role()
                     .role_name(name)
                     .assume_role_policy_document(TRUST)
                     .description(format!("pgdr {}: {name}", cx.name()))
                     .set_tags(Some(tags))
-                    .send()
-            )?;
+                    .send().aws("global").await?;
             out.role.map(|r| r.arn).ok_or_else(|| Error::Other("CreateRole returned no role".into()))
         },
     )
@@ -143,12 +139,12 @@ pub async fn ensure_role(
     // The inline policy: compare documents as JSON, write only when different.
     let want = policy.to_string();
     let have = if exists {
-        match read!(cx.clients.reads, "global", "iam", "GetRolePolicy", iam.get_role_policy().role_name(name).policy_name("pgdr")) {
+        match read!(cx.clients.reads, "global", iam.get_role_policy().role_name(name).policy_name("pgdr")) {
             Ok(o) => {
                 let doc = percent_decode(&o.policy_document);
                 serde_json::from_str::<serde_json::Value>(&doc).ok()
             }
-            Err(e) if e.is_code(&["NoSuchEntity"]) => None,
+            Err(e) if e.is_not_found() => None,
             Err(e) => return Err(e.into()),
         }
     } else {
@@ -156,12 +152,7 @@ pub async fn ensure_role(
     };
     if have.as_ref() != Some(policy) {
         if !rec.plan {
-            aws!(
-                "global",
-                "iam",
-                "PutRolePolicy",
-                iam.put_role_policy().role_name(name).policy_name("pgdr").policy_document(&want).send()
-            )?;
+            iam.put_role_policy().role_name(name).policy_name("pgdr").policy_document(&want).send().aws("global").await?;
         }
         if exists {
             rec.record(Action::Change, "iam-role", name, "global", None, Some("inline policy".into()));
@@ -170,14 +161,14 @@ pub async fn ensure_role(
     if !managed.is_empty() {
         let attached: Vec<String> = if exists {
             let out =
-                read!(cx.clients.reads, "global", "iam", "ListAttachedRolePolicies", iam.list_attached_role_policies().role_name(name))?;
+                read!(cx.clients.reads, "global", iam.list_attached_role_policies().role_name(name))?;
             out.attached_policies.unwrap_or_default().into_iter().filter_map(|p| p.policy_arn).collect()
         } else {
             vec![]
         };
         for m in managed.iter().filter(|m| !attached.contains(m)) {
             if !rec.plan {
-                aws!("global", "iam", "AttachRolePolicy", iam.attach_role_policy().role_name(name).policy_arn(m).send())?;
+                iam.attach_role_policy().role_name(name).policy_arn(m).send().aws("global").await?;
             }
             if exists {
                 rec.record(Action::Change, "iam-role", name, "global", None, Some(format!("attach {m}")));
@@ -213,28 +204,28 @@ pub async fn delete_role(cx: &Cx, rec: &Recorder<'_>, key: &str, name: &str, man
         cx,
         rec,
         &r,
-        async |_| match aws!("global", "iam", "GetRole", iam.get_role().role_name(name).send()) {
+        async |_| match iam.get_role().role_name(name).send().aws("global").await {
             Ok(o) => Ok(o.role.map(|r| r.role_name)),
-            Err(e) if e.is_code(&["NoSuchEntity"]) => Ok(None),
+            Err(e) if e.is_not_found() => Ok(None),
             Err(e) => Err(e.into()),
         },
         async |name| {
             // A role with policies cannot be deleted: remove them first.
-            let gone = |e: &crate::error::AwsError| e.is_code(&["NoSuchEntity"]);
-            if let Err(e) = aws!("global", "iam", "DeleteRolePolicy", iam.delete_role_policy().role_name(&name).policy_name("pgdr").send())
+            let gone = |e: &crate::error::AwsError| e.is_not_found();
+            if let Err(e) = iam.delete_role_policy().role_name(&name).policy_name("pgdr").send().aws("global").await
             {
                 if !gone(&e) {
                     return Err(e.into());
                 }
             }
             for m in managed {
-                if let Err(e) = aws!("global", "iam", "DetachRolePolicy", iam.detach_role_policy().role_name(&name).policy_arn(m).send()) {
+                if let Err(e) = iam.detach_role_policy().role_name(&name).policy_arn(m).send().aws("global").await {
                     if !gone(&e) {
                         return Err(e.into());
                     }
                 }
             }
-            match aws!("global", "iam", "DeleteRole", iam.delete_role().role_name(&name).send()) {
+            match iam.delete_role().role_name(&name).send().aws("global").await {
                 Ok(_) => Ok(()),
                 Err(e) if gone(&e) => Ok(()),
                 Err(e) => Err(e.into()),
@@ -252,7 +243,7 @@ pub async fn ensure_log_group(cx: &Cx, rec: &Recorder<'_>, reg: &Regional, key: 
     let retention = found.as_ref().and_then(|g| g.retention_in_days);
     let exists = found.is_some();
     let keep_7_days = async || -> Result<()> {
-        aws!(&reg.region, "logs", "PutRetentionPolicy", reg.logs.put_retention_policy().log_group_name(name).retention_in_days(7).send())?;
+        reg.logs.put_retention_policy().log_group_name(name).retention_in_days(7).send().aws(&reg.region).await?;
         Ok(())
     };
     super::ensure(
@@ -262,10 +253,10 @@ pub async fn ensure_log_group(cx: &Cx, rec: &Recorder<'_>, reg: &Regional, key: 
         async |_| Ok(exists.then(|| name.to_owned())),
         async |_| {
             let tags = cx.tags("log-group").into_iter().collect();
-            match aws!(&reg.region, "logs", "CreateLogGroup", reg.logs.create_log_group().log_group_name(name).set_tags(Some(tags)).send())
+            match reg.logs.create_log_group().log_group_name(name).set_tags(Some(tags)).send().aws(&reg.region).await
             {
                 Ok(_) => {}
-                Err(e) if e.is_code(&["ResourceAlreadyExistsException"]) => {}
+                Err(e) if e.is_already_exists() => {}
                 Err(e) => return Err(e.into()),
             }
             keep_7_days().await?;
@@ -289,12 +280,12 @@ pub async fn delete_log_group(cx: &Cx, rec: &Recorder<'_>, reg: &Regional, key: 
         rec,
         &r,
         async |_| {
-            let out = aws!(&reg.region, "logs", "DescribeLogGroups", reg.logs.describe_log_groups().log_group_name_prefix(name).send())?;
+            let out = reg.logs.describe_log_groups().log_group_name_prefix(name).send().aws(&reg.region).await?;
             Ok(out.log_groups.unwrap_or_default().into_iter().find_map(|g| g.log_group_name.filter(|n| n == name)))
         },
-        async |name| match aws!(&reg.region, "logs", "DeleteLogGroup", reg.logs.delete_log_group().log_group_name(name).send()) {
+        async |name| match reg.logs.delete_log_group().log_group_name(name).send().aws(&reg.region).await {
             Ok(_) => Ok(()),
-            Err(e) if e.is_code(&["ResourceNotFoundException"]) => Ok(()),
+            Err(e) if e.is_not_found() => Ok(()),
             Err(e) => Err(e.into()),
         },
     )
@@ -322,7 +313,7 @@ pub async fn ensure_function(cx: &Cx, rec: &Recorder<'_>, reg: &Regional, key: &
     let r = Res::new(key.to_owned(), "lambda-function", spec.name.clone(), region);
     let found = match get_function(reg, &spec.name).await {
         Ok(o) => o.configuration,
-        Err(e) if e.is_code(&["ResourceNotFoundException"]) => None,
+        Err(e) if e.is_not_found() => None,
         Err(e) => return Err(e.into()),
     };
     let env = || Environment::builder().set_variables(Some(spec.env.iter().cloned().collect())).build();
@@ -346,11 +337,7 @@ pub async fn ensure_function(cx: &Cx, rec: &Recorder<'_>, reg: &Regional, key: &
                 |s, _| rec.status(s),
                 "rerun `pgdr up`",
                 async || {
-                    let res = aws!(
-                        region,
-                        "lambda",
-                        "CreateFunction",
-                        reg.lambda
+                    let res = reg.lambda
                             .create_function()
                             .function_name(&spec.name)
                             .runtime(Runtime::Python312)
@@ -363,14 +350,10 @@ pub async fn ensure_function(cx: &Cx, rec: &Recorder<'_>, reg: &Regional, key: &
                             .set_vpc_config(vpc())
                             .code(FunctionCode::builder().zip_file(Blob::new(zip.clone())).build())
                             .set_tags(Some(tags.clone()))
-                            .send()
-                    );
+                            .send().aws(region).await;
                     match res {
                         Ok(o) => Ok(Look::Ready(o.function_arn.unwrap_or_default())),
-                        Err(e)
-                            if e.is_code(&["InvalidParameterValueException"])
-                                && e.message.as_deref().is_some_and(|m| m.contains("assume")) =>
-                        {
+                        Err(e) if e.is_propagation() => {
                             Ok(Look::Pending("waiting for the IAM role to propagate".into()))
                         }
                         Err(e) => Err(e.into()),
@@ -386,12 +369,7 @@ pub async fn ensure_function(cx: &Cx, rec: &Recorder<'_>, reg: &Regional, key: &
     // Bring an existing function up to date: code (by fingerprint), then configuration.
     if f.description.as_deref() != Some(description.as_str()) {
         if !rec.plan {
-            aws!(
-                region,
-                "lambda",
-                "UpdateFunctionCode",
-                reg.lambda.update_function_code().function_name(&spec.name).zip_file(Blob::new(zip.clone())).send()
-            )?;
+            reg.lambda.update_function_code().function_name(&spec.name).zip_file(Blob::new(zip.clone())).send().aws(region).await?;
             wait_updated(cx, rec, reg, &spec.name).await?;
         }
         rec.record(Action::Change, "lambda-function", &spec.name, region, None, Some("code".into()));
@@ -417,11 +395,7 @@ pub async fn ensure_function(cx: &Cx, rec: &Recorder<'_>, reg: &Regional, key: &
     }
     if !diff.is_empty() {
         if !rec.plan {
-            aws!(
-                region,
-                "lambda",
-                "UpdateFunctionConfiguration",
-                reg.lambda
+            reg.lambda
                     .update_function_configuration()
                     .function_name(&spec.name)
                     .role(&spec.role_arn)
@@ -429,8 +403,7 @@ pub async fn ensure_function(cx: &Cx, rec: &Recorder<'_>, reg: &Regional, key: &
                     .timeout(spec.timeout_s)
                     .description(&description)
                     .environment(env())
-                    .send()
-            )?;
+                    .send().aws(region).await?;
             wait_updated(cx, rec, reg, &spec.name).await?;
         }
         rec.record(Action::Change, "lambda-function", &spec.name, region, None, Some(diff.join(", ")));
@@ -449,12 +422,7 @@ async fn wait_updated(cx: &Cx, rec: &Recorder<'_>, reg: &Regional, name: &str) -
         |s, _| rec.status(&format!("{name}: {s}")),
         "rerun `pgdr up`",
         async || {
-            let out = aws!(
-                &reg.region,
-                "lambda",
-                "GetFunctionConfiguration",
-                reg.lambda.get_function_configuration().function_name(name).send()
-            )?;
+            let out = reg.lambda.get_function_configuration().function_name(name).send().aws(&reg.region).await?;
             Ok(match out.last_update_status.as_ref().map(|s| s.as_str().to_owned()).as_deref() {
                 None | Some("Successful") => Look::Ready(()),
                 Some("Failed") => Look::Failed(out.last_update_status_reason.unwrap_or_else(|| "Failed".into())),
@@ -471,14 +439,14 @@ pub async fn delete_function(cx: &Cx, rec: &Recorder<'_>, reg: &Regional, key: &
         cx,
         rec,
         &r,
-        async |_| match aws!(&reg.region, "lambda", "GetFunction", reg.lambda.get_function().function_name(name).send()) {
+        async |_| match reg.lambda.get_function().function_name(name).send().aws(&reg.region).await {
             Ok(o) => Ok(o.configuration.and_then(|c| c.function_name)),
-            Err(e) if e.is_code(&["ResourceNotFoundException"]) => Ok(None),
+            Err(e) if e.is_not_found() => Ok(None),
             Err(e) => Err(e.into()),
         },
-        async |name| match aws!(&reg.region, "lambda", "DeleteFunction", reg.lambda.delete_function().function_name(name).send()) {
+        async |name| match reg.lambda.delete_function().function_name(name).send().aws(&reg.region).await {
             Ok(_) => Ok(()),
-            Err(e) if e.is_code(&["ResourceNotFoundException"]) => Ok(()),
+            Err(e) if e.is_not_found() => Ok(()),
             Err(e) => Err(e.into()),
         },
     )
@@ -496,9 +464,9 @@ pub async fn ensure_permission(
     source_arn: &str,
 ) -> Result<()> {
     let region = reg.region.as_str();
-    let policy = match read!(reg.reads, region, "lambda", "GetPolicy", reg.lambda.get_policy().function_name(function)) {
+    let policy = match read!(reg.reads, region, reg.lambda.get_policy().function_name(function)) {
         Ok(o) => o.policy.unwrap_or_default(),
-        Err(e) if e.is_code(&["ResourceNotFoundException"]) => String::new(),
+        Err(e) if e.is_not_found() => String::new(),
         Err(e) => return Err(e.into()),
     };
     let doc: serde_json::Value = serde_json::from_str(&policy).unwrap_or_default();
@@ -507,19 +475,14 @@ pub async fn ensure_permission(
         return Ok(());
     }
     if !rec.plan {
-        aws!(
-            region,
-            "lambda",
-            "AddPermission",
-            reg.lambda
+        reg.lambda
                 .add_permission()
                 .function_name(function)
                 .statement_id(sid)
                 .action("lambda:InvokeFunction")
                 .principal(principal)
                 .source_arn(source_arn)
-                .send()
-        )?;
+                .send().aws(region).await?;
     }
     rec.record(Action::Create, "lambda-permission", &format!("{function}/{sid}"), region, None, Some(format!("{principal} may invoke")));
     Ok(())

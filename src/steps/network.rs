@@ -10,7 +10,8 @@ use crate::cx::{Cx, Side};
 use crate::error::{AwsError, Error, Result};
 use crate::exec::{Recorder, Step, StepResult};
 use crate::wait::{self, Look, Pace};
-use crate::{aws, read};
+use crate::aws::Call;
+use crate::read;
 
 pub struct Network(pub Side);
 
@@ -24,17 +25,9 @@ pub fn key(cx: &Cx, side: Side, what: &str) -> String {
     format!("network/{}/{}", cx.region(side), what)
 }
 
-fn not_found(e: &AwsError) -> bool {
-    e.code().ends_with(".NotFound") || e.code().ends_with("NotFound")
-}
-
 /// Treats "not found" as `None`.
 fn absent<T>(r: std::result::Result<T, AwsError>) -> Result<Option<T>> {
-    match r {
-        Ok(v) => Ok(Some(v)),
-        Err(e) if not_found(&e) => Ok(None),
-        Err(e) => Err(e.into()),
-    }
+    Ok(crate::error::absent(r)?)
 }
 
 impl Step<Cx> for Network {
@@ -89,13 +82,7 @@ async fn dns_hostnames(
     vpc_id: &str,
 ) -> std::result::Result<aws_sdk_ec2::operation::describe_vpc_attribute::DescribeVpcAttributeOutput, AwsError> {
     let reg = cx.regional(side);
-    read!(
-        reg.reads,
-        &reg.region,
-        "ec2",
-        "DescribeVpcAttribute",
-        reg.ec2.describe_vpc_attribute().vpc_id(vpc_id).attribute(aws_sdk_ec2::types::VpcAttributeName::EnableDnsHostnames)
-    )
+    read!(reg.reads, &reg.region, reg.ec2.describe_vpc_attribute().vpc_id(vpc_id).attribute(aws_sdk_ec2::types::VpcAttributeName::EnableDnsHostnames))
 }
 
 /// The VPC by its ID (when known and the tags are gone) or by tags.
@@ -106,11 +93,11 @@ pub async fn find_vpc(cx: &Cx, side: Side, known: Option<String>) -> Result<Opti
 /// Every VPC carrying this environment's VPC tags (more than one only after a lost answer).
 async fn vpcs(cx: &Cx, side: Side, known: Option<String>) -> Result<Vec<String>> {
     let reg = cx.regional(side);
-    let out = read!(reg.reads, &reg.region, "ec2", "DescribeVpcs", reg.ec2.describe_vpcs().set_filters(Some(ec2_tag_filters(cx, "vpc"))))?;
+    let out = read!(reg.reads, &reg.region, reg.ec2.describe_vpcs().set_filters(Some(ec2_tag_filters(cx, "vpc"))))?;
     let ids: Vec<String> = out.vpcs.unwrap_or_default().into_iter().filter_map(|v| v.vpc_id).collect();
     match known {
         Some(id) if ids.is_empty() => {
-            let out = absent(read!(reg.reads, &reg.region, "ec2", "DescribeVpcs", reg.ec2.describe_vpcs().vpc_ids(id)))?;
+            let out = absent(read!(reg.reads, &reg.region, reg.ec2.describe_vpcs().vpc_ids(id)))?;
             Ok(out.map(|o| o.vpcs.unwrap_or_default().into_iter().filter_map(|v| v.vpc_id).collect()).unwrap_or_default())
         }
         _ => Ok(ids),
@@ -122,7 +109,7 @@ async fn the_vpc(cx: &Cx, rec: &Recorder<'_>, r: &Res<'_>, side: Side, known: Op
     let reg = cx.regional(side);
     let ids = vpcs(cx, side, known.clone()).await?;
     keep_one(rec, r, known.as_deref(), ids, async |id| {
-        absent(aws!(&reg.region, "ec2", "DeleteVpc", reg.ec2.delete_vpc().vpc_id(&id).send())).map(|_| ())
+        absent(reg.ec2.delete_vpc().vpc_id(&id).send().aws(&reg.region).await).map(|_| ())
     })
     .await
 }
@@ -143,12 +130,7 @@ async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
         async |known| the_vpc(cx, rec, &vpc_res, side, known).await,
         async |token| {
             let _ = token; // CreateVpc takes no client token; the intent in state covers it.
-            let out = aws!(
-                region,
-                "ec2",
-                "CreateVpc",
-                ec2.create_vpc().cidr_block(cidr.to_string()).tag_specifications(ec2_tag_spec(cx, ResourceType::Vpc, "vpc")).send()
-            )?;
+            let out = ec2.create_vpc().cidr_block(cidr.to_string()).tag_specifications(ec2_tag_spec(cx, ResourceType::Vpc, "vpc")).send().aws(region).await?;
             let id = out.vpc.and_then(|v| v.vpc_id).ok_or_else(|| Error::Other("CreateVpc returned no VPC id".into()))?;
             // Part of creating it: a private hosted zone needs DNS hostnames on.
             enable_dns_hostnames(cx, side, &id).await?;
@@ -191,17 +173,12 @@ async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
             &r,
             async |known| find_one_subnet(cx, rec, &r, side, name, known, vpc_id).await,
             async |_token| {
-                let out = aws!(
-                    region,
-                    "ec2",
-                    "CreateSubnet",
-                    ec2.create_subnet()
+                let out = ec2.create_subnet()
                         .vpc_id(vpc_id)
                         .cidr_block(sub_cidr.to_string())
                         .availability_zone(&az)
                         .tag_specifications(ec2_tag_spec(cx, ResourceType::Subnet, name))
-                        .send()
-                )?;
+                        .send().aws(region).await?;
                 out.subnet.and_then(|s| s.subnet_id).ok_or_else(|| Error::Other("CreateSubnet returned no id".into()))
             },
         )
@@ -216,15 +193,10 @@ async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
             &rt_res,
             async |known| find_route_table(cx, rec, &rt_res, side, known, vpc_id).await,
             async |_| {
-                let out = aws!(
-                    region,
-                    "ec2",
-                    "CreateRouteTable",
-                    ec2.create_route_table()
+                let out = ec2.create_route_table()
                         .vpc_id(vpc_id)
                         .tag_specifications(ec2_tag_spec(cx, ResourceType::RouteTable, "route-table"))
-                        .send()
-                )?;
+                        .send().aws(region).await?;
                 out.route_table.and_then(|r| r.route_table_id).ok_or_else(|| Error::Other("CreateRouteTable returned no id".into()))
             },
         )
@@ -246,7 +218,7 @@ async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
         futures::future::try_join_all(SUBNETS.iter().zip(&subnet_ids).filter(|(_, s)| !associated.contains(s)).map(
             |(name, sub)| async move {
                 if !rec.plan {
-                    aws!(region, "ec2", "AssociateRouteTable", ec2.associate_route_table().route_table_id(rt).subnet_id(sub).send())?;
+                    ec2.associate_route_table().route_table_id(rt).subnet_id(sub).send().aws(region).await?;
                 }
                 rec.record(crate::exec::Action::Create, "route-table-association", name, region, None, Some(format!("{sub} -> {rt}")));
                 Ok::<_, Error>(())
@@ -283,17 +255,12 @@ async fn security_group(
         &sg_res,
         async |known| find_sg(cx, side, known, vpc_id).await,
         async |_| {
-            let out = aws!(
-                region,
-                "ec2",
-                "CreateSecurityGroup",
-                ec2.create_security_group()
+            let out = ec2.create_security_group()
                     .group_name(format!("pgdr-{}-db", cx.name()))
                     .description("pgdr: PostgreSQL from the two pgdr VPCs")
                     .vpc_id(vpc_id)
                     .tag_specifications(ec2_tag_spec(cx, ResourceType::SecurityGroup, "db-sg"))
-                    .send()
-            )?;
+                    .send().aws(region).await?;
             out.group_id.ok_or_else(|| Error::Other("CreateSecurityGroup returned no id".into()))
         },
     )
@@ -322,11 +289,7 @@ async fn security_group(
                 &r,
                 async |_known| find_rule(cx, side, sg_id, &rule_cidr.to_string()).await,
                 async |_| {
-                    let out = aws!(
-                        region,
-                        "ec2",
-                        "AuthorizeSecurityGroupIngress",
-                        ec2.authorize_security_group_ingress()
+                    let out = ec2.authorize_security_group_ingress()
                             .group_id(sg_id)
                             .ip_permissions(
                                 IpPermission::builder()
@@ -339,8 +302,7 @@ async fn security_group(
                                     .build()
                             )
                             .tag_specifications(ec2_tag_spec(cx, ResourceType::SecurityGroupRule, rule))
-                            .send()
-                    )?;
+                            .send().aws(region).await?;
                     out.security_group_rules
                         .unwrap_or_default()
                         .into_iter()
@@ -369,19 +331,14 @@ async fn endpoint(cx: &Cx, rec: &Recorder<'_>, side: Side, vpc_id: &str, rt: Opt
         &ep_res,
         async |known| find_endpoint(cx, rec, &ep_res, side, known).await,
         async |token| {
-            let out = aws!(
-                region,
-                "ec2",
-                "CreateVpcEndpoint",
-                ec2.create_vpc_endpoint()
+            let out = ec2.create_vpc_endpoint()
                     .vpc_id(vpc_id)
                     .vpc_endpoint_type(aws_sdk_ec2::types::VpcEndpointType::Gateway)
                     .service_name(format!("com.amazonaws.{region}.s3"))
                     .route_table_ids(&rt_id)
                     .client_token(token)
                     .tag_specifications(ec2_tag_spec(cx, ResourceType::VpcEndpoint, "s3-endpoint"))
-                    .send()
-            )?;
+                    .send().aws(region).await?;
             out.vpc_endpoint.and_then(|e| e.vpc_endpoint_id).ok_or_else(|| Error::Other("CreateVpcEndpoint returned no id".into()))
         },
     )
@@ -391,28 +348,17 @@ async fn endpoint(cx: &Cx, rec: &Recorder<'_>, side: Side, vpc_id: &str, rt: Opt
 
 async fn enable_dns_hostnames(cx: &Cx, side: Side, vpc_id: &str) -> Result<()> {
     let reg = cx.regional(side);
-    aws!(
-        &reg.region,
-        "ec2",
-        "ModifyVpcAttribute",
-        reg.ec2.modify_vpc_attribute().vpc_id(vpc_id).enable_dns_hostnames(AttributeBooleanValue::builder().value(true).build()).send()
-    )?;
+    reg.ec2.modify_vpc_attribute().vpc_id(vpc_id).enable_dns_hostnames(AttributeBooleanValue::builder().value(true).build()).send().aws(&reg.region).await?;
     Ok(())
 }
 
 /// The first two available availability zones by name; zones of existing subnets win.
 async fn zones(cx: &Cx, side: Side) -> Result<Vec<String>> {
     let reg = cx.regional(side);
-    let out = read!(
-        reg.reads,
-        &reg.region,
-        "ec2",
-        "DescribeAvailabilityZones",
-        reg.ec2
+    let out = read!(reg.reads, &reg.region, reg.ec2
             .describe_availability_zones()
             .filters(ec2_filter("state", "available"))
-            .filters(ec2_filter("zone-type", "availability-zone"))
-    )?;
+            .filters(ec2_filter("zone-type", "availability-zone")))?;
     let mut names: Vec<String> = out.availability_zones.unwrap_or_default().into_iter().filter_map(|z| z.zone_name).collect();
     names.sort();
     Ok(names)
@@ -426,10 +372,10 @@ async fn subnets(cx: &Cx, side: Side, name: &str, known: Option<&str>, vpc_id: &
     let reg = cx.regional(side);
     let mut filters = ec2_tag_filters(cx, name);
     filters.push(ec2_filter("vpc-id", vpc_id));
-    let out = read!(reg.reads, &reg.region, "ec2", "DescribeSubnets", reg.ec2.describe_subnets().set_filters(Some(filters)))?;
+    let out = read!(reg.reads, &reg.region, reg.ec2.describe_subnets().set_filters(Some(filters)))?;
     let mut ids: Vec<String> = out.subnets.unwrap_or_default().into_iter().filter_map(|s| s.subnet_id).collect();
     if let (true, Some(id)) = (ids.is_empty(), known) {
-        let out = absent(read!(reg.reads, &reg.region, "ec2", "DescribeSubnets", reg.ec2.describe_subnets().subnet_ids(id)))?;
+        let out = absent(read!(reg.reads, &reg.region, reg.ec2.describe_subnets().subnet_ids(id)))?;
         ids = out.map(|o| o.subnets.unwrap_or_default().into_iter().filter_map(|s| s.subnet_id).collect()).unwrap_or_default();
     }
     Ok(ids)
@@ -447,7 +393,7 @@ async fn find_one_subnet(
     let reg = cx.regional(side);
     let ids = subnets(cx, side, name, known.as_deref(), vpc_id).await?;
     keep_one(rec, r, known.as_deref(), ids, async |id| {
-        absent(aws!(&reg.region, "ec2", "DeleteSubnet", reg.ec2.delete_subnet().subnet_id(&id).send())).map(|_| ())
+        absent(reg.ec2.delete_subnet().subnet_id(&id).send().aws(&reg.region).await).map(|_| ())
     })
     .await
 }
@@ -463,7 +409,7 @@ async fn route_tables(cx: &Cx, side: Side, known: Option<&str>, vpc_id: &str) ->
     }
     let reg = cx.regional(side);
     let req = reg.ec2.describe_route_tables().set_filters(Some(ec2_tag_filters(cx, "route-table"))).filters(ec2_filter("vpc-id", vpc_id));
-    let out = read!(reg.reads, &reg.region, "ec2", "DescribeRouteTables", req)?;
+    let out = read!(reg.reads, &reg.region, req)?;
     let mut ids: Vec<String> = out.route_tables.unwrap_or_default().into_iter().filter_map(|t| t.route_table_id).collect();
     if let (true, Some(id)) = (ids.is_empty(), known) {
         let out = absent(route_table(cx, side, id).await)?;
@@ -475,7 +421,7 @@ async fn route_tables(cx: &Cx, side: Side, known: Option<&str>, vpc_id: &str) ->
 /// One route table by ID, with its routes and associations.
 pub async fn route_table(cx: &Cx, side: Side, id: &str) -> std::result::Result<Vec<aws_sdk_ec2::types::RouteTable>, AwsError> {
     let reg = cx.regional(side);
-    read!(reg.reads, &reg.region, "ec2", "DescribeRouteTables", reg.ec2.describe_route_tables().route_table_ids(id))
+    read!(reg.reads, &reg.region, reg.ec2.describe_route_tables().route_table_ids(id))
         .map(|o| o.route_tables.unwrap_or_default())
 }
 
@@ -490,7 +436,7 @@ async fn find_route_table(
     let reg = cx.regional(side);
     let ids = route_tables(cx, side, known.as_deref(), vpc_id).await?;
     keep_one(rec, r, known.as_deref(), ids, async |id| {
-        absent(aws!(&reg.region, "ec2", "DeleteRouteTable", reg.ec2.delete_route_table().route_table_id(&id).send())).map(|_| ())
+        absent(reg.ec2.delete_route_table().route_table_id(&id).send().aws(&reg.region).await).map(|_| ())
     })
     .await
 }
@@ -504,7 +450,7 @@ async fn find_sg(cx: &Cx, side: Side, known: Option<String>, vpc_id: &str) -> Re
         Some(id) => reg.ec2.describe_security_groups().group_ids(id),
         None => reg.ec2.describe_security_groups().set_filters(Some(ec2_tag_filters(cx, "db-sg"))).filters(ec2_filter("vpc-id", vpc_id)),
     };
-    let out = absent(read!(reg.reads, &reg.region, "ec2", "DescribeSecurityGroups", req))?;
+    let out = absent(read!(reg.reads, &reg.region, req))?;
     Ok(out.and_then(|o| o.security_groups.unwrap_or_default().into_iter().find_map(|g| g.group_id)))
 }
 
@@ -514,13 +460,7 @@ pub async fn find_rule(cx: &Cx, side: Side, sg: &str, cidr: &str) -> Result<Opti
         return Ok(None);
     }
     let reg = cx.regional(side);
-    let out = absent(read!(
-        reg.reads,
-        &reg.region,
-        "ec2",
-        "DescribeSecurityGroupRules",
-        reg.ec2.describe_security_group_rules().filters(ec2_filter("group-id", sg))
-    ))?;
+    let out = absent(read!(reg.reads, &reg.region, reg.ec2.describe_security_group_rules().filters(ec2_filter("group-id", sg))))?;
     Ok(out.and_then(|o| {
         o.security_group_rules.unwrap_or_default().into_iter().find_map(|r| {
             (r.is_egress == Some(false) && r.from_port == Some(5432) && r.to_port == Some(5432) && r.cidr_ipv4.as_deref() == Some(cidr))
@@ -545,17 +485,11 @@ async fn endpoints(cx: &Cx, side: Side, known: Option<String>) -> Result<Vec<Str
             })
             .collect()
     };
-    let out = read!(
-        reg.reads,
-        &reg.region,
-        "ec2",
-        "DescribeVpcEndpoints",
-        reg.ec2.describe_vpc_endpoints().set_filters(Some(ec2_tag_filters(cx, "s3-endpoint")))
-    )?;
+    let out = read!(reg.reads, &reg.region, reg.ec2.describe_vpc_endpoints().set_filters(Some(ec2_tag_filters(cx, "s3-endpoint"))))?;
     let ids = live(out);
     match known {
         Some(id) if ids.is_empty() => {
-            Ok(absent(read!(reg.reads, &reg.region, "ec2", "DescribeVpcEndpoints", reg.ec2.describe_vpc_endpoints().vpc_endpoint_ids(id)))?
+            Ok(absent(read!(reg.reads, &reg.region, reg.ec2.describe_vpc_endpoints().vpc_endpoint_ids(id)))?
                 .map(live)
                 .unwrap_or_default())
         }
@@ -571,14 +505,14 @@ async fn find_endpoint(cx: &Cx, rec: &Recorder<'_>, r: &Res<'_>, side: Side, kno
 /// Deletes an endpoint; only its own not-found counts as done (a route error is an error).
 async fn delete_endpoint(cx: &Cx, side: Side, id: &str) -> Result<()> {
     let reg = cx.regional(side);
-    match aws!(&reg.region, "ec2", "DeleteVpcEndpoints", reg.ec2.delete_vpc_endpoints().vpc_endpoint_ids(id).send()) {
+    match reg.ec2.delete_vpc_endpoints().vpc_endpoint_ids(id).send().aws(&reg.region).await {
         Ok(out) => match out.unsuccessful().iter().find(|u| u.resource_id() == Some(id)) {
-            Some(u) if !u.error().and_then(|e| e.code()).is_some_and(|c| c.ends_with("VpcEndpointId.NotFound")) => Err(Error::failed(
+            Some(u) if !u.error().is_some_and(|e| crate::aws::is_not_found("ec2", e.code(), e.message())) => Err(Error::failed(
                 format!("DeleteVpcEndpoints refused {id}: {}", u.error().and_then(|e| e.message()).unwrap_or("no reason given")),
             )),
             _ => Ok(()),
         },
-        Err(e) if e.is_code(&["InvalidVpcEndpointId.NotFound"]) => Ok(()),
+        Err(e) if e.is_not_found() => Ok(()),
         Err(e) => Err(e.into()),
     }
 }
@@ -635,7 +569,7 @@ async fn down(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
         async |id| {
             // Lambda ENIs can hold a group for minutes after their function is gone.
             retry_dependency(cx, rec, &format!("security group {id}"), async || {
-                absent(aws!(region, "ec2", "DeleteSecurityGroup", ec2.delete_security_group().group_id(&id).send())).map(|_| ())
+                absent(ec2.delete_security_group().group_id(&id).send().aws(region).await).map(|_| ())
             })
             .await
         },
@@ -651,7 +585,7 @@ async fn down(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
             async |known| find_one_subnet(cx, rec, &r, side, name, known, &vpc_id).await,
             async |id| {
                 retry_dependency(cx, rec, &format!("subnet {id}"), async || {
-                    absent(aws!(region, "ec2", "DeleteSubnet", ec2.delete_subnet().subnet_id(&id).send())).map(|_| ())
+                    absent(ec2.delete_subnet().subnet_id(&id).send().aws(region).await).map(|_| ())
                 })
                 .await
             },
@@ -667,14 +601,14 @@ async fn down(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
         async |known| find_route_table(cx, rec, &rt, side, known, &vpc_id).await,
         async |id| {
             // Associations of deleted subnets are gone; remove any that remain.
-            if let Some(t) = absent(aws!(region, "ec2", "DescribeRouteTables", ec2.describe_route_tables().route_table_ids(&id).send()))? {
+            if let Some(t) = absent(ec2.describe_route_tables().route_table_ids(&id).send().aws(region).await)? {
                 for a in t.route_tables.unwrap_or_default().into_iter().flat_map(|t| t.associations.unwrap_or_default()) {
                     if let (Some(aid), false) = (a.route_table_association_id, a.main.unwrap_or(false)) {
-                        absent(aws!(region, "ec2", "DisassociateRouteTable", ec2.disassociate_route_table().association_id(aid).send()))?;
+                        absent(ec2.disassociate_route_table().association_id(aid).send().aws(region).await)?;
                     }
                 }
             }
-            absent(aws!(region, "ec2", "DeleteRouteTable", ec2.delete_route_table().route_table_id(&id).send())).map(|_| ())
+            absent(ec2.delete_route_table().route_table_id(&id).send().aws(region).await).map(|_| ())
         },
     )
     .await?;
@@ -687,7 +621,7 @@ async fn down(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
         async |known| the_vpc(cx, rec, &vpc, side, known).await,
         async |id| {
             retry_dependency(cx, rec, &format!("VPC {id}"), async || {
-                absent(aws!(region, "ec2", "DeleteVpc", ec2.delete_vpc().vpc_id(&id).send())).map(|_| ())
+                absent(ec2.delete_vpc().vpc_id(&id).send().aws(region).await).map(|_| ())
             })
             .await
         },
@@ -709,7 +643,7 @@ pub async fn retry_dependency(cx: &Cx, rec: &Recorder<'_>, what: &str, mut del: 
         "find what still uses it in the EC2 console, then rerun `pgdr down`",
         async || match del().await {
             Ok(()) => Ok(Look::Ready(())),
-            Err(Error::Aws(e)) if e.is_code(&["DependencyViolation", "InvalidGroup.InUse"]) => Ok(Look::Pending("in use".into())),
+            Err(Error::Aws(e)) if e.is_in_use() => Ok(Look::Pending("in use".into())),
             Err(e) => Err(e),
         },
     )

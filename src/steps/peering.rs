@@ -12,7 +12,8 @@ use crate::cx::{Cx, Side};
 use crate::error::{Error, Result};
 use crate::exec::{Action, Recorder, Step, StepResult};
 use crate::wait::{self, Look, Pace};
-use crate::{aws, read};
+use crate::aws::Call;
+use crate::read;
 
 pub struct Peering;
 
@@ -61,14 +62,9 @@ async fn the_one(cx: &Cx, rec: &Recorder<'_>, r: &Res<'_>, known: Option<String>
         ids = all(cx, cx.home(), known.clone()).await?.into_iter().map(|p| p.0).collect();
     }
     super::keep_one(rec, r, known.as_deref(), ids, async |id| {
-        match aws!(
-            &reg.region,
-            "ec2",
-            "DeleteVpcPeeringConnection",
-            reg.ec2.delete_vpc_peering_connection().vpc_peering_connection_id(&id).send()
-        ) {
+        match reg.ec2.delete_vpc_peering_connection().vpc_peering_connection_id(&id).send().aws(&reg.region).await {
             Ok(_) => Ok(()),
-            Err(e) if e.code().ends_with("NotFound") => Ok(()),
+            Err(e) if e.is_not_found() => Ok(()),
             Err(e) => Err(e.into()),
         }
     })
@@ -87,9 +83,9 @@ async fn all(cx: &Cx, side: Side, known: Option<String>) -> Result<Vec<(String, 
         Some(id) => req.vpc_peering_connection_ids(id),
         None => req.set_filters(Some(ec2_tag_filters(cx, "peering"))),
     };
-    let out = match read!(reg.reads, &reg.region, "ec2", "DescribeVpcPeeringConnections", req) {
+    let out = match read!(reg.reads, &reg.region, req) {
         Ok(o) => o,
-        Err(e) if e.code().ends_with("NotFound") => return Ok(vec![]),
+        Err(e) if e.is_not_found() => return Ok(vec![]),
         Err(e) => return Err(e.into()),
     };
     Ok(out
@@ -116,19 +112,14 @@ async fn up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
         &r,
         async |known| the_one(cx, rec, &r, known).await,
         async |_| {
-            let out = aws!(
-                region,
-                "ec2",
-                "CreateVpcPeeringConnection",
-                primary
+            let out = primary
                     .ec2
                     .create_vpc_peering_connection()
                     .vpc_id(&vpc)
                     .peer_vpc_id(&peer_vpc)
                     .peer_region(cx.region(cx.home().other()))
                     .tag_specifications(ec2_tag_spec(cx, ResourceType::VpcPeeringConnection, "peering"))
-                    .send()
-            )?;
+                    .send().aws(region).await?;
             out.vpc_peering_connection
                 .and_then(|p| p.vpc_peering_connection_id)
                 .ok_or_else(|| Error::Other("CreateVpcPeeringConnection returned no id".into()))
@@ -160,12 +151,7 @@ async fn up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
             if rec.plan {
                 rec.record(Action::Change, "vpc-peering", &r.name, &dr.region, Some(pcx), Some("accept".into()));
             } else {
-                aws!(
-                    &dr.region,
-                    "ec2",
-                    "AcceptVpcPeeringConnection",
-                    dr.ec2.accept_vpc_peering_connection().vpc_peering_connection_id(pcx).send()
-                )?;
+                dr.ec2.accept_vpc_peering_connection().vpc_peering_connection_id(pcx).send().aws(&dr.region).await?;
                 rec.record(Action::Change, "vpc-peering", &r.name, &dr.region, Some(pcx), Some("accepted".into()));
             }
         }
@@ -202,12 +188,7 @@ async fn up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
             &rr,
             async |_| find_route(cx, side, &rt, &peer, &pcx_id).await,
             async |_| {
-                aws!(
-                    &reg.region,
-                    "ec2",
-                    "CreateRoute",
-                    reg.ec2.create_route().route_table_id(&rt).destination_cidr_block(&peer).vpc_peering_connection_id(&pcx_id).send()
-                )?;
+                reg.ec2.create_route().route_table_id(&rt).destination_cidr_block(&peer).vpc_peering_connection_id(&pcx_id).send().aws(&reg.region).await?;
                 Ok(format!("{rt}:{peer}"))
             },
         )
@@ -234,7 +215,7 @@ async fn find_route(cx: &Cx, side: Side, rt: &str, cidr: &str, pcx: &str) -> Res
     }
     let tables = match network::route_table(cx, side, rt).await {
         Ok(t) => t,
-        Err(e) if e.code().ends_with("NotFound") => return Ok(None),
+        Err(e) if e.is_not_found() => return Ok(None),
         Err(e) => return Err(e.into()),
     };
     let found = tables
@@ -253,14 +234,9 @@ async fn down(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
             rec,
             &rr,
             async |_| find_route(cx, side, &rt, &peer, &pcx).await,
-            async |_| match aws!(
-                &reg.region,
-                "ec2",
-                "DeleteRoute",
-                reg.ec2.delete_route().route_table_id(&rt).destination_cidr_block(&peer).send()
-            ) {
+            async |_| match reg.ec2.delete_route().route_table_id(&rt).destination_cidr_block(&peer).send().aws(&reg.region).await {
                 Ok(_) => Ok(()),
-                Err(e) if e.code().ends_with("NotFound") => Ok(()),
+                Err(e) if e.is_not_found() => Ok(()),
                 Err(e) => Err(e.into()),
             },
         )
@@ -276,14 +252,9 @@ async fn down(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
         &r,
         async |known| the_one(cx, rec, &r, known).await,
         async |id| {
-            match aws!(
-                &primary.region,
-                "ec2",
-                "DeleteVpcPeeringConnection",
-                primary.ec2.delete_vpc_peering_connection().vpc_peering_connection_id(&id).send()
-            ) {
+            match primary.ec2.delete_vpc_peering_connection().vpc_peering_connection_id(&id).send().aws(&primary.region).await {
                 Ok(_) => {}
-                Err(e) if e.code().ends_with("NotFound") => return Ok(()),
+                Err(e) if e.is_not_found() => return Ok(()),
                 Err(e) => return Err(e.into()),
             }
             wait::until(

@@ -12,7 +12,8 @@ use crate::cx::Cx;
 use crate::error::{AwsError, Error, Result};
 use crate::exec::{Action, Recorder, Step, StepResult};
 use crate::state::{Resource, Status};
-use crate::{aws, read};
+use crate::aws::Call;
+use crate::read;
 
 pub struct Secrets;
 
@@ -60,14 +61,14 @@ struct Found {
 
 async fn describe(cx: &Cx) -> Result<Option<Found>> {
     let reg = cx.regional(cx.home());
-    match read!(reg.reads, &reg.region, "secretsmanager", "DescribeSecret", reg.secrets.describe_secret().secret_id(name(cx))) {
+    match read!(reg.reads, &reg.region, reg.secrets.describe_secret().secret_id(name(cx))) {
         Ok(o) => Ok(Some(Found {
             arn: o.arn.clone().unwrap_or_default(),
             ours: o.tags().iter().any(|t| t.key() == Some("pgdr:env") && t.value() == Some(cx.name())),
             scheduled_for_deletion: o.deleted_date.is_some(),
             replicated_to_dr: o.replication_status().iter().any(|r| r.region() == Some(cx.region(cx.home().other()))),
         })),
-        Err(e) if e.is_code(&["ResourceNotFoundException"]) => Ok(None),
+        Err(e) if e.is_not_found() => Ok(None),
         Err(e) => Err(e.into()),
     }
 }
@@ -96,7 +97,7 @@ async fn up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
                 // An earlier `down` scheduled it for deletion: take it back rather than fight the
                 // name reservation. Its password is the final snapshot's password.
                 if !rec.plan {
-                    aws!(region, "secretsmanager", "RestoreSecret", reg.secrets.restore_secret().secret_id(&f.arn).send())?;
+                    reg.secrets.restore_secret().secret_id(&f.arn).send().aws(region).await?;
                 }
                 rec.record(Action::Change, "secret", &r.name, region, Some(&f.arn), Some("restore (was scheduled for deletion)".into()));
             }
@@ -115,16 +116,11 @@ async fn up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
     match found {
         Some(f) if !f.replicated_to_dr => {
             if !rec.plan {
-                aws!(
-                    region,
-                    "secretsmanager",
-                    "ReplicateSecretToRegions",
-                    reg.secrets
+                reg.secrets
                         .replicate_secret_to_regions()
                         .secret_id(&f.arn)
                         .add_replica_regions(ReplicaRegionType::builder().region(&dr).build())
-                        .send()
-                )?;
+                        .send().aws(region).await?;
             }
             rec.record(Action::Change, "secret", &r.name, region, Some(&f.arn), Some(format!("replicate to {dr}")));
         }
@@ -151,12 +147,7 @@ pub fn connection_host(cx: &Cx) -> String {
 async fn create(cx: &Cx, token: &str) -> Result<String> {
     let reg = cx.regional(cx.home());
     let region = reg.region.as_str();
-    let pw = aws!(
-        region,
-        "secretsmanager",
-        "GetRandomPassword",
-        reg.secrets.get_random_password().password_length(32).exclude_characters(EXCLUDE).require_each_included_type(true).send()
-    )?;
+    let pw = reg.secrets.get_random_password().password_length(32).exclude_characters(EXCLUDE).require_each_included_type(true).send().aws(region).await?;
     let password = Password(pw.random_password.ok_or_else(|| Error::Other("GetRandomPassword returned no password".into()))?);
     let s = &cx.env.settings;
     let body = serde_json::json!({
@@ -168,11 +159,7 @@ async fn create(cx: &Cx, token: &str) -> Result<String> {
         "dbname": s.database_name,
     })
     .to_string();
-    let out = aws!(
-        region,
-        "secretsmanager",
-        "CreateSecret",
-        reg.secrets
+    let out = reg.secrets
             .create_secret()
             .name(name(cx))
             .description(format!("pgdr {}: PostgreSQL master credentials", cx.name()))
@@ -180,8 +167,7 @@ async fn create(cx: &Cx, token: &str) -> Result<String> {
             .client_request_token(token)
             .set_tags(Some(tags(cx)))
             .add_replica_regions(ReplicaRegionType::builder().region(cx.region(cx.home().other())).build())
-            .send()
-    )?;
+            .send().aws(region).await?;
     out.arn.ok_or_else(|| Error::Other("CreateSecret returned no ARN".into()))
 }
 
@@ -203,7 +189,7 @@ struct Credentials {
 /// Reads the master credentials from the secret (for creating the database).
 pub async fn read_credentials(cx: &Cx) -> Result<(String, Password)> {
     let reg = cx.regional(cx.home());
-    let out = aws!(&reg.region, "secretsmanager", "GetSecretValue", reg.secrets.get_secret_value().secret_id(name(cx)).send())?;
+    let out = reg.secrets.get_secret_value().secret_id(name(cx)).send().aws(&reg.region).await?;
     let text = out.secret_string.ok_or_else(|| Error::failed(format!("secret {} holds no string", name(cx))))?;
     let c: Credentials = serde_json::from_str(&text)
         .map_err(|_| Error::failed(format!("secret {} is not the JSON pgdr wrote (username, password); fix or delete it", name(cx))))?;
@@ -222,7 +208,7 @@ pub async fn set_connection(cx: &Cx, rec: &Recorder<'_>, host: &str) -> Result<(
         rec.record(Action::Change, "secret", &name(cx), region, None, Some(format!("host {host}")));
         return Ok(());
     }
-    let out = aws!(region, "secretsmanager", "GetSecretValue", reg.secrets.get_secret_value().secret_id(name(cx)).send())?;
+    let out = reg.secrets.get_secret_value().secret_id(name(cx)).send().aws(region).await?;
     let mut v: serde_json::Value = out
         .secret_string
         .as_deref()
@@ -232,12 +218,7 @@ pub async fn set_connection(cx: &Cx, rec: &Recorder<'_>, host: &str) -> Result<(
         v["host"] = host.into();
         v["port"] = 5432.into();
         v["dbname"] = cx.env.settings.database_name.as_str().into();
-        aws!(
-            region,
-            "secretsmanager",
-            "PutSecretValue",
-            reg.secrets.put_secret_value().secret_id(name(cx)).secret_string(v.to_string()).send()
-        )?;
+        reg.secrets.put_secret_value().secret_id(name(cx)).secret_string(v.to_string()).send().aws(region).await?;
         rec.record(Action::Change, "secret", &name(cx), region, None, Some(format!("host {host}")));
     }
     cx.store.update(|s| {
@@ -271,26 +252,17 @@ async fn down(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
     }
     // A secret with replicas cannot be deleted: remove the replica region first.
     if f.replicated_to_dr {
-        let res = aws!(
-            region,
-            "secretsmanager",
-            "RemoveRegionsFromReplication",
-            reg.secrets.remove_regions_from_replication().secret_id(&f.arn).remove_replica_regions(cx.region(cx.home().other())).send()
-        );
+        let res = reg.secrets.remove_regions_from_replication().secret_id(&f.arn).remove_replica_regions(cx.region(cx.home().other())).send().aws(region).await;
         ignore_missing(res)?;
     }
     let req = reg.secrets.delete_secret().secret_id(&f.arn);
     let req = if immediate { req.force_delete_without_recovery(true) } else { req.recovery_window_in_days(30) };
-    ignore_missing(aws!(region, "secretsmanager", "DeleteSecret", req.send()))?;
+    ignore_missing(req.send().aws(region).await)?;
     cx.store.remove(&r.key)?;
     rec.record(Action::Delete, "secret", &r.name, region, Some(&f.arn), Some(detail));
     Ok(())
 }
 
 fn ignore_missing<T>(r: std::result::Result<T, AwsError>) -> Result<()> {
-    match r {
-        Ok(_) => Ok(()),
-        Err(e) if e.is_code(&["ResourceNotFoundException"]) => Ok(()),
-        Err(e) => Err(e.into()),
-    }
+    Ok(crate::error::gone(r)?)
 }
