@@ -3,8 +3,10 @@
 
 Starts moto_server as a child, forwards every request to it unchanged, and adds what moto
 lacks: a call record, latency, injected faults (503 before forwarding, dropped answers after
-forwarding), a one-shot SIGKILL of a given pid after N calls, and RDS status holds (rewrites
-DBInstanceStatus in RDS answers for a while). Control API under /__proxy/ (JSON in and out):
+forwarding), a one-shot SIGKILL of a given pid after N calls, RDS status holds (rewrites
+DBInstanceStatus in RDS answers for a while), and AWS rules (scripts/awsrules.py: answers as real
+AWS gives them where moto is lenient; all on by default, docs/aws-behaviour.md lists them).
+Control API under /__proxy/ (JSON in and out):
 
   GET  /__proxy/config          current config (JSON)
   POST /__proxy/config          merge a JSON object of any config keys; returns the new config
@@ -17,31 +19,35 @@ DBInstanceStatus in RDS answers for a while). Control API under /__proxy/ (JSON 
   POST /__proxy/calls/reset     clear the in-memory list (the record file is append-only)
   GET  /__proxy/rds_status      active RDS status overrides
   POST /__proxy/rds_status      {"region","id","status","for_s"[,"account"]}; status null clears
+  GET  /__proxy/rules           the AWS rules: name, on, summary, citations, durations, state
+  POST /__proxy/rules/reset     forget what the rules track (also done by POST /moto-api/reset)
+
+Rule config keys: rules_off (["name", ...] or ["all"]), rules_time_scale (float, multiplies every
+rule duration), rules_params ({"rule": {"param": seconds}}), throttle (list; rule `throttling`).
+A call a rule answered itself is recorded with "rule": its name.
 
 Usage: emuproxy.py --moto-bin PATH/moto_server [--port 0] [--ready-file F] [--record F]
                    [--exit-with-parent]   (stop when the launching process dies, e.g. a test)
+                   [--rules-off NAME,NAME|all] [--rules-time-scale F]
 """
 import argparse, ctypes, http.client, http.server, json, os, random, re, signal, socket
 import struct, subprocess, sys, threading, time, urllib.parse, uuid
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import awsrules  # noqa: E402
+
 CRED_RE = re.compile(r"Credential=[^/,\s]+/\d{8}/([^/]+)/([^/]+)/aws4_request")
 RPCV2_RE = re.compile(r"^/service/[^/]+/operation/([A-Za-z0-9]+)$")  # Smithy RPCv2 (CBOR)
-DBI_RE = re.compile(rb"<DBInstance>.*?</DBInstance>", re.S)
-DBI_ID_RE = re.compile(rb"<DBInstanceIdentifier>([^<]*)</DBInstanceIdentifier>")
-DBI_STATUS_RE = re.compile(rb"<DBInstanceStatus>([^<]*)</DBInstanceStatus>")
 HOP = {"connection", "keep-alive", "proxy-connection", "proxy-authorization", "te", "trailer",
        "transfer-encoding", "upgrade", "expect", "content-length"}
-RDS_OPS_WITH_STATUS = {"DescribeDBInstances", "CreateDBInstance", "CreateDBInstanceReadReplica",
-                       "ModifyDBInstance", "PromoteReadReplica"}
 
 lock = threading.RLock()
 answered = threading.Condition(lock)  # notified when a recorded call gets its t_end
 CONFIG = {"record": None, "latency_ms": 0.0, "fail_rate": 0.0, "drop_rate": 0.0, "seed": None,
-          "fault_ops": None, "fault_skip_ops": None, "fault_services": None, "fault_mutating_only": False, "kill_after": None, "rds_hold": None}
+          "fault_ops": None, "fault_skip_ops": None, "fault_services": None, "fault_mutating_only": False, "kill_after": None, "rds_hold": None,
+          "rules_off": [], "rules_time_scale": 1.0, "rules_params": {}, "throttle": None}
 STATE = {"calls": [], "seq": 0, "kill_count": 0, "rng": random.Random(),
          "moto_port": None, "stopping": False}
-# (account, region, id) -> {"status", "until" (epoch or None), "only_available" (bool)}
-RDS_HOLDS = {}
 
 
 def log(msg):
@@ -51,9 +57,15 @@ def log(msg):
 def set_config(new):
     """Merge a dict of config keys (validated loosely); returns the current config."""
     with lock:
-        for k, v in new.items():
+        for k in new:
             if k not in CONFIG:
                 raise ValueError(f"unknown config key {k!r}")
+        rules = {k: v for k, v in new.items() if k in awsrules.Engine.KEYS}
+        if "rds_hold" in rules and rules["rds_hold"] is not None:
+            v = rules["rds_hold"]
+            rules["rds_hold"] = {"create_s": float(v.get("create_s", 0)), "modify_s": float(v.get("modify_s", 0))}
+        ENGINE.configure(rules)  # validates the rule keys before anything changes
+        for k, v in new.items():
             if k in ("latency_ms", "fail_rate", "drop_rate"):
                 v = float(v or 0)
             elif k == "seed":
@@ -68,7 +80,13 @@ def set_config(new):
                 v = {"pid": int(v["pid"]), "calls": int(v["calls"])}
                 STATE["kill_count"] = 0
             elif k == "rds_hold" and v is not None:
-                v = {"create_s": float(v.get("create_s", 0)), "modify_s": float(v.get("modify_s", 0))}
+                v = rules["rds_hold"]
+            elif k == "rules_off":
+                v = sorted(ENGINE.off)
+            elif k == "rules_time_scale":
+                v = ENGINE.scale
+            elif k == "rules_params":
+                v = ENGINE.overrides
             CONFIG[k] = v
         return dict(CONFIG)
 
@@ -98,49 +116,6 @@ def classify(method, path, headers, body):
         return service, region, f"{method} {url.path}", method not in ("GET", "HEAD"), is_json, form
     mutating = not op.startswith(("Describe", "Get", "List"))
     return service, region, op, mutating, is_json, form
-
-
-def rds_rewrite(body, account, region):
-    """Rewrites each <DBInstance>'s status per the active holds for (account, region)."""
-    now = time.time()
-    with lock:
-        for key in [k for k, h in RDS_HOLDS.items() if h["until"] is not None and h["until"] <= now]:
-            del RDS_HOLDS[key]
-        holds = {k[2]: h for k, h in RDS_HOLDS.items() if k[0] == account and k[1] == region}
-    if not holds:
-        return body
-
-    def one(m):
-        elem = m.group(0)
-        idm = DBI_ID_RE.search(elem)
-        h = holds.get(idm.group(1).decode()) if idm else None
-        if not h:
-            return elem
-
-        def status(sm):
-            if h["only_available"] and sm.group(1) != b"available":
-                return sm.group(0)
-            return b"<DBInstanceStatus>" + h["status"].encode() + b"</DBInstanceStatus>"
-        return DBI_STATUS_RE.sub(status, elem, count=1)
-    return DBI_RE.sub(one, body)
-
-
-def rds_note(op, form, account, region, ok):
-    """Starts holds after successful create / modify / promote; ends them on delete."""
-    ident = (form.get("DBInstanceIdentifier") or [None])[0]
-    if not ok or not ident:
-        return
-    key = (account, region, ident)
-    with lock:
-        hold = CONFIG["rds_hold"] or {}
-        if op in ("CreateDBInstance", "CreateDBInstanceReadReplica") and hold.get("create_s", 0) > 0:
-            RDS_HOLDS[key] = {"status": "creating", "until": time.time() + hold["create_s"],
-                              "only_available": True}
-        elif op in ("ModifyDBInstance", "PromoteReadReplica") and hold.get("modify_s", 0) > 0:
-            RDS_HOLDS[key] = {"status": "modifying", "until": time.time() + hold["modify_s"],
-                              "only_available": True}
-        elif op == "DeleteDBInstance":
-            RDS_HOLDS.pop(key, None)
 
 
 def error_body(is_json):
@@ -182,6 +157,35 @@ def calls_answered(timeout=5.0):
         return [dict(c) for c in STATE["calls"]]
 
 
+def moto_request(method, path, headers, body):
+    """One request to moto (headers: (name, value) pairs, hop-by-hop ones dropped); returns
+    (status, reason, headers, body)."""
+    conn = http.client.HTTPConnection("127.0.0.1", STATE["moto_port"], timeout=300)
+    try:
+        conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+        for k, v in headers:
+            if k.lower() not in HOP:
+                conn.putheader(k, v)
+        conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders(body)
+        resp = conn.getresponse()
+        data = resp.read()
+        out = [(k, v) for k, v in resp.getheaders() if k.lower() not in HOP]
+        return resp.status, resp.reason, out, data
+    finally:
+        conn.close()
+
+
+def moto_send(method, path, headers, body):
+    """The AWS rules' own calls to moto (no record, no faults, no rules)."""
+    headers = {"Host": f"127.0.0.1:{STATE['moto_port']}", **headers}
+    status, _reason, out, data = moto_request(method, path, headers.items(), body)
+    return status, out, data
+
+
+ENGINE = awsrules.Engine(moto_send, log=log)
+
+
 class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True  # else delayed ACKs add ~40 ms per call
@@ -217,20 +221,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def forward(self, body):
         """Sends the request to moto unchanged; returns (status, reason, headers, body)."""
-        conn = http.client.HTTPConnection("127.0.0.1", STATE["moto_port"], timeout=300)
-        try:
-            conn.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
-            for k, v in self.headers.items():
-                if k.lower() not in HOP:
-                    conn.putheader(k, v)
-            conn.putheader("Content-Length", str(len(body)))
-            conn.endheaders(body)
-            resp = conn.getresponse()
-            data = resp.read()
-            headers = [(k, v) for k, v in resp.getheaders() if k.lower() not in HOP]
-            return resp.status, resp.reason, headers, data
-        finally:
-            conn.close()
+        return moto_request(self.command, self.path, self.headers.items(), body)
 
     def control(self, body):
         path = urllib.parse.urlsplit(self.path).path
@@ -248,18 +239,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
                     STATE["calls"].clear()
                 return self.reply_json({"ok": True})
             if path == "/__proxy/rds_status" and self.command == "GET":
-                with lock:
-                    return self.reply_json([{"account": k[0], "region": k[1], "id": k[2], **h}
-                                            for k, h in RDS_HOLDS.items()])
+                return self.reply_json(ENGINE.rds.holds())
             if path == "/__proxy/rds_status" and self.command == "POST":
-                key = (req.get("account", ""), req["region"], req["id"])
-                with lock:
-                    if req.get("status") is None:
-                        RDS_HOLDS.pop(key, None)
-                    else:
-                        for_s = req.get("for_s")
-                        RDS_HOLDS[key] = {"status": req["status"], "only_available": False,
-                                          "until": None if for_s is None else time.time() + float(for_s)}
+                ENGINE.rds.force((req.get("account", ""), req["region"], req["id"]), req.get("status"),
+                                 req.get("for_s"))
+                return self.reply_json({"ok": True})
+            if path == "/__proxy/rules" and self.command == "GET":
+                ENGINE.sweep()
+                return self.reply_json(ENGINE.describe())
+            if path == "/__proxy/rules/reset" and self.command == "POST":
+                ENGINE.reset()
                 return self.reply_json({"ok": True})
             return self.reply_json({"error": f"no such control endpoint {self.command} {path}"}, 404)
         except (ValueError, KeyError, TypeError, AttributeError) as e:
@@ -270,10 +259,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if self.path.startswith("/__proxy/"):
             return self.control(body)
         if self.path.startswith("/moto-api"):  # moto's own API: plain pass-through
-            return self.reply(*self.pass_through(body))
+            answer = self.pass_through(body)
+            if self.path.startswith("/moto-api/reset") and answer[0] == 200:
+                ENGINE.reset()  # moto forgot everything: so do the rules
+            return self.reply(*answer)
         t = time.time()
-        service, region, op, mutating, is_json, form = classify(self.command, self.path, self.headers, body)
-        account = self.headers.get("x-moto-account-id", "")
+        service, region, op, mutating, is_json, _form = classify(self.command, self.path, self.headers, body)
         with lock:
             cfg = dict(CONFIG)
             eligible = ((not cfg["fault_ops"] or op in cfg["fault_ops"])
@@ -288,12 +279,33 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 fault = "drop"
         if cfg["latency_ms"] > 0:
             time.sleep(cfg["latency_ms"] / 1000.0)
-        entry = {"t": t, "service": service, "region": region, "op": op, "mutating": mutating}
+        entry = {"t": t, "service": service, "region": region, "op": op, "mutating": mutating, "rule": None}
         if fault == "503":
             err, headers = error_body(is_json)
             rec = record({**entry, "status": 503, "fault": "503"})
             try:
                 return self.reply(503, err, headers)
+            finally:
+                finish(rec)
+        call = awsrules.Call(self.command, self.path, self.headers, body, service, region, op,
+                             self.headers.get("x-moto-account-id"))
+        try:
+            self.answer(call, entry, body, fault)
+        finally:
+            ENGINE.done(call)
+
+    def answer(self, call, entry, body, fault):
+        """Lets the AWS rules answer, or forwards to moto and lets the rules rewrite the answer."""
+        try:
+            ruled = ENGINE.before(call)
+        except Exception as e:  # noqa: BLE001 (a broken rule must not break the proxy)
+            log(f"rules: before {call.op} failed: {e!r}")
+            ruled = None
+        if ruled:
+            name, ans = ruled
+            rec = record({**entry, "status": ans.status, "fault": None, "rule": name})
+            try:
+                return self.reply(ans.status, ans.body, ans.headers, ans.reason)
             finally:
                 finish(rec)
         try:
@@ -304,18 +316,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 return self.reply_json({"error": f"emuproxy: moto did not answer: {e!r}"}, 502)
             finally:
                 finish(rec)
-        if service == "rds" and op in RDS_OPS_WITH_STATUS | {"DeleteDBInstance"}:
-            rds_note(op, form, account, region, 200 <= status < 300)
-            if not any(k.lower() == "content-encoding" for k, _ in headers):
-                data = rds_rewrite(data, account, region)
-        rec = record({**entry, "status": status, "fault": fault})
+        ans = awsrules.Answer(status, headers, data, reason)
+        try:
+            ans = ENGINE.after(call, ans)  # also when the answer is then dropped: moto did the work
+        except Exception as e:  # noqa: BLE001
+            log(f"rules: after {call.op} failed: {e!r}")
+        rec = record({**entry, "status": ans.status, "fault": fault})
         try:
             if fault == "drop":  # moto did the work; the client gets a reset and no answer
                 self.close_connection = True
                 self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 self.connection.close()
                 return
-            self.reply(status, data, headers, reason)
+            self.reply(ans.status, ans.body, ans.headers, ans.reason)
         finally:
             finish(rec)
         self.after_answer()
@@ -393,10 +406,21 @@ def main():
     ap.add_argument("--ready-file")
     ap.add_argument("--record")
     ap.add_argument("--exit-with-parent", action="store_true")
+    ap.add_argument("--rules-off", default="", metavar="NAME,NAME|all",
+                    help=f"AWS rules to switch off (all are on by default): {', '.join(ENGINE.names)}, or all")
+    ap.add_argument("--rules-time-scale", type=float, default=None, metavar="F",
+                    help="multiply every AWS rule duration by F (default 1)")
     args = ap.parse_args()
     parent = os.getppid()
     if args.record:
         set_config({"record": os.path.abspath(args.record)})
+    try:
+        rules = {"rules_off": [x.strip() for x in args.rules_off.split(",") if x.strip()]}
+        if args.rules_time_scale is not None:
+            rules["rules_time_scale"] = args.rules_time_scale
+        set_config(rules)
+    except ValueError as e:
+        ap.error(str(e))
 
     child, STATE["moto_port"] = start_moto(args.moto_bin)
 

@@ -247,10 +247,7 @@ mod tests {
     #[test]
     fn names_come_from_the_call_types() {
         assert_eq!(names_of::<aws_sdk_ec2::operation::create_vpc::CreateVpcError>(), ("ec2", "CreateVpc"));
-        assert_eq!(
-            names_of::<aws_sdk_rds::operation::describe_db_instances::DescribeDBInstancesError>(),
-            ("rds", "DescribeDBInstances")
-        );
+        assert_eq!(names_of::<aws_sdk_rds::operation::describe_db_instances::DescribeDBInstancesError>(), ("rds", "DescribeDBInstances"));
         assert_eq!(names_of::<aws_sdk_cloudwatchlogs::operation::create_log_group::CreateLogGroupError>(), ("logs", "CreateLogGroup"));
         assert_eq!(names_of::<aws_sdk_eventbridge::operation::put_rule::PutRuleError>(), ("events", "PutRule"));
     }
@@ -277,7 +274,10 @@ mod tests {
         let del = "Tried to delete resource record set [name='postgres.x.', type='CNAME', set-identifier='a'] but it was not found";
         assert_eq!(kind("route53", "InvalidChangeBatch", del), NotFound);
         assert_eq!(kind("route53", "InvalidChangeBatch", "RRSet with DNS name x is not permitted in zone y"), Other);
-        assert_eq!(kind("lambda", "InvalidParameterValueException", "The role defined for the function cannot be assumed by Lambda."), Propagation);
+        assert_eq!(
+            kind("lambda", "InvalidParameterValueException", "The role defined for the function cannot be assumed by Lambda."),
+            Propagation
+        );
         assert_eq!(
             kind(
                 "lambda",

@@ -50,30 +50,31 @@ pub struct Clients {
 
 /// A service client whose calls are watched for changes (see [`crate::reads`]).
 macro_rules! client {
-    ($krate:ident, $conf:expr, $reads:expr) => {
-        $krate::Client::from_conf($krate::config::Builder::from($conf).interceptor(WatchChanges($reads.clone())).build())
+    ($krate:ident, $conf:expr, $watch:expr) => {
+        $krate::Client::from_conf($krate::config::Builder::from($conf).interceptor($watch.clone()).build())
     };
 }
 
-fn regional(base: &SdkConfig, region: &str, reads: &Arc<Reads>) -> Regional {
+fn regional(base: &SdkConfig, region: &str, watch: &WatchChanges) -> Regional {
     let conf = base.to_builder().region(Region::new(region.to_owned())).build();
     Regional {
         region: region.to_owned(),
-        ec2: client!(aws_sdk_ec2, &conf, reads),
-        rds: client!(aws_sdk_rds, &conf, reads),
-        secrets: client!(aws_sdk_secretsmanager, &conf, reads),
-        cloudwatch: client!(aws_sdk_cloudwatch, &conf, reads),
-        logs: client!(aws_sdk_cloudwatchlogs, &conf, reads),
-        lambda: client!(aws_sdk_lambda, &conf, reads),
-        sns: client!(aws_sdk_sns, &conf, reads),
-        events: client!(aws_sdk_eventbridge, &conf, reads),
-        reads: reads.clone(),
+        ec2: client!(aws_sdk_ec2, &conf, watch),
+        rds: client!(aws_sdk_rds, &conf, watch),
+        secrets: client!(aws_sdk_secretsmanager, &conf, watch),
+        cloudwatch: client!(aws_sdk_cloudwatch, &conf, watch),
+        logs: client!(aws_sdk_cloudwatchlogs, &conf, watch),
+        lambda: client!(aws_sdk_lambda, &conf, watch),
+        sns: client!(aws_sdk_sns, &conf, watch),
+        events: client!(aws_sdk_eventbridge, &conf, watch),
+        reads: watch.reads.clone(),
     }
 }
 
 /// Loads the shared config (profiles, env vars, SSO, `AWS_ENDPOINT_URL`) and builds the clients.
 /// Credentials are resolved here, before any call, so a missing credential is one clear line.
-pub async fn build(conn: &Connection, primary_region: &str, dr_region: &str) -> Result<Clients> {
+/// Unless `writes_allowed`, the clients refuse every call that is not a read.
+pub async fn build(conn: &Connection, primary_region: &str, dr_region: &str, writes_allowed: bool) -> Result<Clients> {
     let mut loader = aws_config::defaults(BehaviorVersion::latest())
         .region(Region::new(primary_region.to_owned()))
         .retry_config(
@@ -106,11 +107,12 @@ pub async fn build(conn: &Connection, primary_region: &str, dr_region: &str) -> 
     // of the aws partition: see config::validate).
     let global = base.to_builder().region(Region::from_static("us-east-1")).build();
     let reads = Reads::new();
+    let watch = WatchChanges { reads: reads.clone(), writes_allowed };
     Ok(Clients {
-        primary: Arc::new(regional(&base, primary_region, &reads)),
-        dr: Arc::new(regional(&base, dr_region, &reads)),
-        route53: client!(aws_sdk_route53, &global, reads),
-        iam: client!(aws_sdk_iam, &global, reads),
+        primary: Arc::new(regional(&base, primary_region, &watch)),
+        dr: Arc::new(regional(&base, dr_region, &watch)),
+        route53: client!(aws_sdk_route53, &global, watch),
+        iam: client!(aws_sdk_iam, &global, watch),
         sts: aws_sdk_sts::Client::new(&base),
         endpoint,
         reads,

@@ -20,12 +20,14 @@ pub struct Cx {
     pub env: Env,
     pub clients: Clients,
     pub store: Store,
+    /// What this run may do (plan, apply, adopt, status).
+    pub mode: crate::exec::Mode,
     pub opts: Options,
     pub cancel: Cancel,
 }
 
 /// Which side of the pair a region plays in the initial deployment.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Side {
     Primary,
     Dr,

@@ -68,7 +68,15 @@ impl AwsError {
             SdkError::ServiceError(_) => (err.code().map(str::to_owned), err.message().map(str::to_owned)),
             other => (None, Some(root_cause(other))),
         };
-        AwsError { service, operation, region: region.to_owned(), code, message, request_id: err.request_id().map(str::to_owned), transport }
+        AwsError {
+            service,
+            operation,
+            region: region.to_owned(),
+            code,
+            message,
+            request_id: err.request_id().map(str::to_owned),
+            transport,
+        }
     }
 
     /// What the error means (decided in [`crate::aws`], nowhere else).

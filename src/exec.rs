@@ -5,7 +5,7 @@
 //! Steps run as futures on one task (I/O-bound AWS calls), so nothing here needs `Send`.
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -44,6 +44,31 @@ impl Action {
     }
 }
 
+/// What a run may do: the one place that says whether AWS may change and state is saved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Say what would change; change nothing, save nothing.
+    Plan,
+    /// Change AWS and record every change in state.
+    Apply,
+    /// Change nothing in AWS; record what is found in state.
+    Adopt,
+    /// Change nothing, save nothing: report what is there.
+    Status,
+}
+
+impl Mode {
+    /// Whether this run may send a call that changes AWS.
+    pub fn changes_aws(self) -> bool {
+        self == Mode::Apply
+    }
+    /// Whether what this run finds or makes is saved to the state file.
+    pub fn saves_state(self) -> bool {
+        matches!(self, Mode::Apply | Mode::Adopt)
+    }
+}
+
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 pub struct Change {
     pub action: Action,
@@ -54,6 +79,28 @@ pub struct Change {
     pub id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+}
+
+impl Change {
+    pub fn new(action: Action, kind: &str, name: &str, region: &str) -> Change {
+        Change { action, kind: kind.into(), name: name.into(), region: region.into(), id: None, detail: None }
+    }
+    pub fn id(mut self, id: impl Into<String>) -> Change {
+        self.id = Some(id.into());
+        self
+    }
+    pub fn maybe_id(mut self, id: Option<&str>) -> Change {
+        self.id = id.map(Into::into);
+        self
+    }
+    pub fn detail(mut self, detail: impl Into<String>) -> Change {
+        self.detail = Some(detail.into());
+        self
+    }
+    pub fn maybe_detail(mut self, detail: Option<String>) -> Change {
+        self.detail = detail;
+        self
+    }
 }
 
 /// Progress events; the CLI renders them on stderr. Library code never prints.
@@ -89,21 +136,58 @@ impl Cancel {
 /// Handed to a running step: it records changes and reports progress through it.
 pub struct Recorder<'a> {
     pub step: String,
-    pub plan: bool,
+    pub mode: Mode,
     changes: Mutex<Vec<Change>>,
     progress: &'a dyn Progress,
     pub cancel: Cancel,
 }
 
 impl<'a> Recorder<'a> {
-    pub fn new(step: &str, plan: bool, progress: &'a dyn Progress, cancel: Cancel) -> Self {
-        Recorder { step: step.to_owned(), plan, changes: Mutex::new(Vec::new()), progress, cancel }
+    pub fn new(step: &str, mode: Mode, progress: &'a dyn Progress, cancel: Cancel) -> Self {
+        Recorder { step: step.to_owned(), mode, changes: Mutex::new(Vec::new()), progress, cancel }
     }
 
-    pub fn record(&self, action: Action, kind: &str, name: &str, region: &str, id: Option<&str>, detail: Option<String>) {
-        let c = Change { action, kind: kind.into(), name: name.into(), region: region.into(), id: id.map(Into::into), detail };
-        tracing::debug!(step = %self.step, action = ?c.action, kind, name, region, id = ?c.id, "change");
+    /// Whether this run only looks (plan, adopt, status): writes are recorded, not sent.
+    pub fn planning(&self) -> bool {
+        !self.mode.changes_aws()
+    }
+
+    /// Records what a step found or decided without changing AWS (keep, adopt, absent).
+    pub fn record(&self, c: Change) {
+        tracing::debug!(step = %self.step, action = ?c.action, kind = %c.kind, name = %c.name, region = %c.region, id = ?c.id, "change");
         self.changes.lock().unwrap_or_else(|p| p.into_inner()).push(c);
+    }
+
+    /// The effect boundary: the one way a step changes AWS. `write` runs only when the mode
+    /// changes AWS (it may complete the change, e.g. with the new ID); the change is recorded
+    /// either way. Returns `None` when the write was not performed.
+    ///
+    /// The clients back this up: in a mode that does not change AWS they refuse every call that
+    /// is not a read before it is sent ([`crate::reads::WatchChanges`]).
+    pub async fn apply<T>(&self, change: Change, write: impl AsyncFnOnce(&mut Change) -> Result<T, Error>) -> Result<Option<T>, Error> {
+        self.apply_part(Some(change), write).await
+    }
+
+    /// As [`Recorder::apply`]; with `None`, the write is part of a change recorded already (a
+    /// new role's policy is part of creating the role) and records nothing of its own.
+    pub async fn apply_part<T>(
+        &self,
+        change: Option<Change>,
+        write: impl AsyncFnOnce(&mut Change) -> Result<T, Error>,
+    ) -> Result<Option<T>, Error> {
+        if self.planning() {
+            if let Some(c) = change {
+                self.record(c);
+            }
+            return Ok(None);
+        }
+        self.cancel.check()?;
+        let mut c = change.clone().unwrap_or_else(|| Change::new(Action::Keep, "", "", ""));
+        let v = write(&mut c).await?;
+        if change.is_some() {
+            self.record(c);
+        }
+        Ok(Some(v))
     }
     pub fn status(&self, msg: &str) {
         self.progress.status(&self.step, msg);
@@ -115,10 +199,10 @@ impl<'a> Recorder<'a> {
 
 pub type StepResult = Result<(), Error>;
 
-/// One node of the graph. `C` is the context (AWS clients, state, settings).
-pub trait Step<C> {
-    fn id(&self) -> String;
-    fn deps(&self) -> Vec<String>;
+/// One node of the graph. `C` is the context (AWS clients, state, settings), `I` the step IDs.
+pub trait Step<C, I> {
+    fn id(&self) -> I;
+    fn deps(&self) -> Vec<I>;
     fn up<'a>(&'a self, cx: &'a C, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult>;
     fn down<'a>(&'a self, cx: &'a C, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult>;
     /// The reads `up` will make when nothing has to change, sent ahead of the walk (see
@@ -128,9 +212,118 @@ pub trait Step<C> {
     }
 }
 
-/// The read phase: every step's reads at once, across both regions.
-pub async fn read_ahead<C>(steps: &[Box<dyn Step<C> + '_>], cx: &C) {
-    futures::future::join_all(steps.iter().map(|s| s.reads(cx))).await;
+/// A step graph that was checked when it was built: IDs unique, every dependency a step of
+/// the graph, no cycle. Steps keep their declaration order.
+pub struct Graph<'s, C, I> {
+    steps: Vec<Box<dyn Step<C, I> + 's>>,
+    /// needs[i] = indexes of the steps step i depends on.
+    needs: Vec<Vec<usize>>,
+}
+
+/// Why a graph is not a graph pgdr can run.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GraphError {
+    #[error("step {0} is declared twice")]
+    Duplicate(String),
+    #[error("step {step} depends on {dep}, which is not in the graph")]
+    UnknownDependency { step: String, dep: String },
+    #[error("steps depend on each other in a cycle: {}", .0.join(" -> "))]
+    Cycle(Vec<String>),
+}
+
+impl<'s, C: 's, I: Copy + Eq + std::fmt::Display + 's> Graph<'s, C, I> {
+    pub fn new(steps: Vec<Box<dyn Step<C, I> + 's>>) -> Result<Self, GraphError> {
+        let ids: Vec<I> = steps.iter().map(|s| s.id()).collect();
+        for (i, id) in ids.iter().enumerate() {
+            if ids[..i].contains(id) {
+                return Err(GraphError::Duplicate(id.to_string()));
+            }
+        }
+        let mut needs = Vec::with_capacity(steps.len());
+        for (i, s) in steps.iter().enumerate() {
+            let mut n = Vec::new();
+            for d in s.deps() {
+                let j = ids
+                    .iter()
+                    .position(|x| *x == d)
+                    .ok_or_else(|| GraphError::UnknownDependency { step: ids[i].to_string(), dep: d.to_string() })?;
+                n.push(j);
+            }
+            needs.push(n);
+        }
+        if let Some(cycle) = find_cycle(&needs) {
+            return Err(GraphError::Cycle(cycle.into_iter().map(|i| ids[i].to_string()).collect()));
+        }
+        Ok(Graph { steps, needs })
+    }
+
+    /// Part of a graph (`reprotect` takes down the detection machinery alone): dependencies on
+    /// steps outside the part are dropped, the rest is checked as [`Graph::new`] checks.
+    pub fn new_partial(steps: Vec<Box<dyn Step<C, I> + 's>>) -> Result<Self, GraphError> {
+        let ids: Vec<I> = steps.iter().map(|s| s.id()).collect();
+        let steps = steps.into_iter().map(|s| Box::new(Within { step: s, ids: ids.clone() }) as Box<dyn Step<C, I> + 's>).collect();
+        Graph::new(steps)
+    }
+
+    pub fn steps(&self) -> impl Iterator<Item = &(dyn Step<C, I> + 's)> {
+        self.steps.iter().map(|s| s.as_ref())
+    }
+
+    /// The read phase: every step's reads at once, across both regions.
+    pub async fn read_ahead(&self, cx: &C) {
+        futures::future::join_all(self.steps.iter().map(|s| s.reads(cx))).await;
+    }
+}
+
+/// A step of a partial graph: its dependencies limited to the part.
+struct Within<'s, C, I> {
+    step: Box<dyn Step<C, I> + 's>,
+    ids: Vec<I>,
+}
+
+impl<C, I: Copy + Eq> Step<C, I> for Within<'_, C, I> {
+    fn id(&self) -> I {
+        self.step.id()
+    }
+    fn deps(&self) -> Vec<I> {
+        self.step.deps().into_iter().filter(|d| self.ids.contains(d)).collect()
+    }
+    fn up<'a>(&'a self, cx: &'a C, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult> {
+        self.step.up(cx, rec)
+    }
+    fn down<'a>(&'a self, cx: &'a C, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult> {
+        self.step.down(cx, rec)
+    }
+    fn reads<'a>(&'a self, cx: &'a C) -> LocalBoxFuture<'a, ()> {
+        self.step.reads(cx)
+    }
+}
+
+/// A cycle in `needs` (as the indexes along it, first repeated at the end), if there is one.
+fn find_cycle(needs: &[Vec<usize>]) -> Option<Vec<usize>> {
+    // 0 = unseen, 1 = on the current path, 2 = done.
+    fn visit(i: usize, needs: &[Vec<usize>], mark: &mut [u8], path: &mut Vec<usize>) -> Option<Vec<usize>> {
+        mark[i] = 1;
+        path.push(i);
+        for &j in &needs[i] {
+            if mark[j] == 1 {
+                let from = path.iter().position(|&p| p == j).unwrap_or(0);
+                let mut c = path[from..].to_vec();
+                c.push(j);
+                return Some(c);
+            }
+            if mark[j] == 0 {
+                if let Some(c) = visit(j, needs, mark, path) {
+                    return Some(c);
+                }
+            }
+        }
+        path.pop();
+        mark[i] = 2;
+        None
+    }
+    let mut mark = vec![0u8; needs.len()];
+    (0..needs.len()).find_map(|i| if mark[i] == 0 { visit(i, needs, &mut mark, &mut Vec::new()) } else { None })
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -200,22 +393,22 @@ impl RunReport {
 
 /// Runs the graph in `dir`. Up: a step starts when all its dependencies are done. Down: a step
 /// starts when every step that depends on it is done (reverse order).
-pub async fn execute<C>(
-    steps: &[Box<dyn Step<C> + '_>],
+pub async fn execute<C, I: Copy + Eq + std::fmt::Display>(
+    graph: &Graph<'_, C, I>,
     cx: &C,
     dir: Direction,
-    plan: bool,
+    mode: Mode,
     progress: &dyn Progress,
     cancel: &Cancel,
 ) -> RunReport {
     let start = Instant::now();
-    let ids: Vec<String> = steps.iter().map(|s| s.id()).collect();
-    let known: BTreeSet<&String> = ids.iter().collect();
+    let steps = &graph.steps;
+    let ids: Vec<String> = steps.iter().map(|s| s.id().to_string()).collect();
     // waits_on[i] = indexes that must finish before step i starts.
     let waits_on: Vec<Vec<usize>> = (0..steps.len())
         .map(|i| match dir {
-            Direction::Up => steps[i].deps().iter().filter(|d| known.contains(d)).filter_map(|d| ids.iter().position(|x| x == d)).collect(),
-            Direction::Down => (0..steps.len()).filter(|&j| steps[j].deps().contains(&ids[i])).collect(),
+            Direction::Up => graph.needs[i].clone(),
+            Direction::Down => (0..steps.len()).filter(|&j| graph.needs[j].contains(&i)).collect(),
         })
         .collect();
     let mut reports: BTreeMap<usize, StepReport> = BTreeMap::new();
@@ -225,7 +418,7 @@ pub async fn execute<C>(
     let mut started = vec![false; steps.len()];
     let recorders: Vec<Recorder> = ids
         .iter()
-        .map(|id| Recorder { step: id.clone(), plan, changes: Mutex::new(Vec::new()), progress, cancel: cancel.clone() })
+        .map(|id| Recorder { step: id.clone(), mode, changes: Mutex::new(Vec::new()), progress, cancel: cancel.clone() })
         .collect();
     let recorders = &recorders;
     let mut running = FuturesUnordered::new();
@@ -316,19 +509,19 @@ mod tests {
         events: RefCell<Vec<(String, &'static str, u128)>>,
     }
 
-    impl Step<Log> for Fake {
-        fn id(&self) -> String {
-            self.id.into()
+    impl Step<Log, &'static str> for Fake {
+        fn id(&self) -> &'static str {
+            self.id
         }
-        fn deps(&self) -> Vec<String> {
-            self.deps.iter().map(|d| d.to_string()).collect()
+        fn deps(&self) -> Vec<&'static str> {
+            self.deps.clone()
         }
         fn up<'a>(&'a self, cx: &'a Log, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult> {
             Box::pin(async move {
                 cx.events.borrow_mut().push((self.id.into(), "start", cx.t0.elapsed().as_millis()));
                 tokio::time::sleep(Duration::from_millis(self.ms)).await;
                 cx.events.borrow_mut().push((self.id.into(), "end", cx.t0.elapsed().as_millis()));
-                rec.record(Action::Create, "fake", self.id, "r", None, None);
+                rec.record(Change::new(Action::Create, "fake", self.id, "r"));
                 if self.fail {
                     Err(Error::failed(format!("{} broke", self.id)))
                 } else {
@@ -342,7 +535,7 @@ mod tests {
     }
     type C2 = Log;
 
-    fn fake(id: &'static str, deps: &[&'static str], ms: u64, fail: bool) -> Box<dyn Step<Log>> {
+    fn fake(id: &'static str, deps: &[&'static str], ms: u64, fail: bool) -> Box<dyn Step<Log, &'static str>> {
         Box::new(Fake { id, deps: deps.to_vec(), ms, fail })
     }
 
@@ -354,20 +547,21 @@ mod tests {
         log.events.borrow().iter().any(|(i, _, _)| i == id)
     }
 
-    fn graph() -> Vec<Box<dyn Step<Log>>> {
-        vec![
+    fn graph() -> Graph<'static, Log, &'static str> {
+        Graph::new(vec![
             fake("net-a", &[], 200, false),
             fake("net-b", &[], 200, false),
             fake("peering", &["net-a", "net-b"], 50, false),
             fake("db", &["net-a"], 50, false),
-        ]
+        ])
+        .unwrap()
     }
 
     #[tokio::test]
     async fn independent_steps_overlap_and_dependents_wait() {
         let log = Log { t0: Instant::now(), events: RefCell::new(vec![]) };
         let steps = graph();
-        let r = execute(&steps, &log, Direction::Up, false, &NoProgress, &Cancel::default()).await;
+        let r = execute(&steps, &log, Direction::Up, Mode::Apply, &NoProgress, &Cancel::default()).await;
         assert_eq!(r.exit(), Exit::Success);
         // Both networks started before either ended: they ran at the same time.
         assert!(at(&log, "net-b", "start") < at(&log, "net-a", "end"));
@@ -381,14 +575,15 @@ mod tests {
     #[tokio::test]
     async fn failure_skips_dependents_but_not_independent_branches() {
         let log = Log { t0: Instant::now(), events: RefCell::new(vec![]) };
-        let steps = vec![
+        let steps = Graph::new(vec![
             fake("net-a", &[], 10, false),
             fake("net-b", &[], 10, true),
             fake("peering", &["net-a", "net-b"], 10, false),
             fake("dns", &["peering"], 10, false),
             fake("db", &["net-a"], 100, false),
-        ];
-        let r = execute(&steps, &log, Direction::Up, false, &NoProgress, &Cancel::default()).await;
+        ])
+        .unwrap();
+        let r = execute(&steps, &log, Direction::Up, Mode::Apply, &NoProgress, &Cancel::default()).await;
         assert!(!ran(&log, "peering") && !ran(&log, "dns"));
         assert!(ran(&log, "db") && at(&log, "db", "end") > 0);
         let by = |id: &str| r.steps.iter().find(|s| s.step == id).unwrap().outcome.clone();
@@ -406,7 +601,7 @@ mod tests {
     async fn down_runs_in_reverse() {
         let log = Log { t0: Instant::now(), events: RefCell::new(vec![]) };
         let steps = graph();
-        let r = execute(&steps, &log, Direction::Down, false, &NoProgress, &Cancel::default()).await;
+        let r = execute(&steps, &log, Direction::Down, Mode::Apply, &NoProgress, &Cancel::default()).await;
         assert_eq!(r.exit(), Exit::Success);
         assert!(at(&log, "net-a", "start") >= at(&log, "peering", "end"));
         assert!(at(&log, "net-a", "start") >= at(&log, "db", "end"));
@@ -415,13 +610,47 @@ mod tests {
         assert!(at(&log, "net-b", "start") < at(&log, "db", "end") + 5);
     }
 
+    #[test]
+    fn unknown_dependencies_and_cycles_are_refused() {
+        let e = Graph::new(vec![fake("a", &[], 0, false), fake("b", &["nope"], 0, false)]).err();
+        assert_eq!(e, Some(GraphError::UnknownDependency { step: "b".into(), dep: "nope".into() }));
+        let e = Graph::new(vec![fake("a", &["c"], 0, false), fake("b", &["a"], 0, false), fake("c", &["b"], 0, false)]).err();
+        assert_eq!(e, Some(GraphError::Cycle(vec!["a".into(), "c".into(), "b".into(), "a".into()])));
+        let e = Graph::new(vec![fake("a", &[], 0, false), fake("a", &[], 0, false)]).err();
+        assert_eq!(e, Some(GraphError::Duplicate("a".into())));
+        let e = Graph::new(vec![fake("a", &["a"], 0, false)]).err();
+        assert_eq!(e, Some(GraphError::Cycle(vec!["a".into(), "a".into()])));
+    }
+
+    #[tokio::test]
+    async fn plan_mode_records_writes_without_performing_them() {
+        let cancel = Cancel::default();
+        for (mode, performed) in [(Mode::Plan, false), (Mode::Adopt, false), (Mode::Status, false), (Mode::Apply, true)] {
+            let rec = Recorder::new("s", mode, &NoProgress, cancel.clone());
+            let ran = std::cell::Cell::new(false);
+            let out = rec
+                .apply(Change::new(Action::Create, "vpc", "v", "r"), async |c| {
+                    ran.set(true);
+                    *c = c.clone().id("vpc-1");
+                    Ok(7)
+                })
+                .await
+                .unwrap();
+            assert_eq!(ran.get(), performed, "{mode:?}");
+            assert_eq!(out, performed.then_some(7));
+            let changes = rec.changes();
+            assert_eq!(changes.len(), 1);
+            assert_eq!(changes[0].id.as_deref(), performed.then_some("vpc-1"));
+        }
+    }
+
     #[tokio::test]
     async fn cancel_stops_new_work() {
         let log = Log { t0: Instant::now(), events: RefCell::new(vec![]) };
         let steps = graph();
         let cancel = Cancel::default();
         cancel.cancel();
-        let r = execute(&steps, &log, Direction::Up, false, &NoProgress, &cancel).await;
+        let r = execute(&steps, &log, Direction::Up, Mode::Apply, &NoProgress, &cancel).await;
         assert!(log.events.borrow().is_empty());
         assert_eq!(r.exit(), Exit::Interrupted);
     }

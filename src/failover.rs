@@ -13,8 +13,8 @@ use crate::error::{Error, Result};
 use crate::exec::{Progress, Recorder};
 use crate::health::{self, promoted};
 use crate::state::{now_rfc3339, TopologyEvent};
-use crate::steps::{database, dns, network};
-use crate::wait::{self, Look, Pace};
+use crate::steps::{dns, instance, network};
+use crate::wait::{self, Look, Pace, Wait};
 
 /// What `failover` found and will do.
 #[derive(Debug, Serialize)]
@@ -77,7 +77,7 @@ pub async fn plan(cx: &Cx) -> Result<Plan> {
     let d = d.map_err(Error::from)?.ok_or_else(|| {
         Error::failed(format!(
             "the replica {} does not exist in {}; nothing to fail over to",
-            database::instance_id(cx, Side::Dr),
+            instance::instance_id(cx, Side::Dr),
             cx.region(Side::Dr)
         ))
     })?;
@@ -107,13 +107,13 @@ pub async fn plan(cx: &Cx) -> Result<Plan> {
         ));
     }
     if !fenced {
-        steps.push(format!("fence {}: revoke its 5432 ingress rules, tag it pgdr:role=fenced", database::instance_id(cx, Side::Primary)));
+        steps.push(format!("fence {}: revoke its 5432 ingress rules, tag it pgdr:role=fenced", instance::instance_id(cx, Side::Primary)));
     }
     Ok(Plan {
         env: cx.name().to_owned(),
         from_region: cx.region(Side::Primary).to_owned(),
         to_region: cx.region(Side::Dr).to_owned(),
-        primary: database::instance_id(cx, Side::Primary),
+        primary: instance::instance_id(cx, Side::Primary),
         primary_status: p.as_ref().map(|p| p.status.clone()).unwrap_or_else(|| "unreachable or missing".into()),
         replica: d.id.clone(),
         replica_status: d.status.clone(),
@@ -137,7 +137,7 @@ fn ms(t: Instant) -> u64 {
 }
 
 pub async fn execute(cx: &Cx, plan: Plan, progress: &dyn Progress) -> Result<Outcome> {
-    let rec = Recorder::new("failover", false, progress, cx.cancel.clone());
+    let rec = Recorder::new("failover", cx.mode, progress, cx.cancel.clone());
     let mut timeline = vec![Phase {
         phase: "checks".into(),
         ms: plan.checks_ms,
@@ -156,10 +156,12 @@ pub async fn execute(cx: &Cx, plan: Plan, progress: &dyn Progress) -> Result<Out
             )));
         }
         dr.rds
-                .promote_read_replica()
-                .db_instance_identifier(&plan.replica)
-                .backup_retention_period(cx.env.settings.backup_retention_days)
-                .send().aws(region).await?;
+            .promote_read_replica()
+            .db_instance_identifier(&plan.replica)
+            .backup_retention_period(cx.env.settings.backup_retention_days)
+            .send()
+            .aws(region)
+            .await?;
         rec.status(&format!("promotion of {} requested", plan.replica));
         wait_promoted(cx, &rec, &plan.replica).await?;
     }
@@ -181,11 +183,11 @@ pub async fn execute(cx: &Cx, plan: Plan, progress: &dyn Progress) -> Result<Out
     let dns = async {
         let t = Instant::now();
         // The endpoint does not change with promotion; read it only if state lacks it.
-        if cx.store.attr(&database::instance_key(cx, Side::Dr), "endpoint").is_none() {
+        if instance::recorded(cx, Side::Dr, crate::state::Attr::Endpoint).is_none() {
             if let Some(e) = health::instance(cx, Side::Dr).await?.and_then(|db| db.endpoint) {
                 cx.store.update(|s| {
-                    if let Some(r) = s.resources.get_mut(&database::instance_key(cx, Side::Dr)) {
-                        r.attrs.insert("endpoint".into(), e.clone());
+                    if let Some(r) = s.resources.get_mut(&instance::instance_key(cx, Side::Dr)) {
+                        r.set(crate::state::Attr::Endpoint, e.clone());
                     }
                 })?;
             }
@@ -246,17 +248,16 @@ async fn wait_promoted(cx: &Cx, rec: &Recorder<'_>, id: &str) -> Result<()> {
     let reg = cx.regional(Side::Dr);
     let mut seen_busy = false;
     let mut calm = 0;
-    wait::until(
-        &format!("promotion of {id}"),
-        Duration::from_secs(60 * cx.env.settings.replica_wait_minutes),
-        // DNS moves the moment the instance is writable: look often.
-        Pace { first: Duration::from_millis(250), max: Duration::from_secs(2) },
-        &cx.cancel,
-        &cx.clients.reads,
-        |s, t| rec.status(&format!("{id}: {s} ({})", wait::human(t))),
-        "rerun `pgdr failover` to finish",
-        async || {
-            let Some(db) = database::describe(reg, id).await? else { return Ok(Look::Failed("deleted".into())) };
+    Wait::new(&format!("promotion of {id}"))
+        .budget(Duration::from_secs(60 * cx.env.settings.replica_wait_minutes))
+        .pace(
+            // DNS moves the moment the instance is writable: look often.
+            Pace { first: Duration::from_millis(250), max: Duration::from_secs(2) },
+        )
+        .hint("rerun `pgdr failover` to finish")
+        .progress(|s, t| rec.status(&format!("{id}: {s} ({})", wait::human(t))))
+        .until(&cx.cancel, &cx.clients.reads, async || {
+            let Some(db) = instance::describe(reg, id).await? else { return Ok(Look::Failed("deleted".into())) };
             Ok(match wait::rds_status(&db.status) {
                 Look::Ready(()) if db.source.is_none() || seen_busy || calm >= 2 => Look::Ready(()),
                 Look::Ready(()) => {
@@ -270,22 +271,23 @@ async fn wait_promoted(cx: &Cx, rec: &Recorder<'_>, id: &str) -> Result<()> {
                 }
                 Look::Failed(s) => Look::Failed(s),
             })
-        },
-    )
-    .await
+        })
+        .await
 }
 
 async fn tag(cx: &Cx, side: Side, role: &str) -> Result<()> {
     let reg = cx.regional(side);
-    let Some(db) = database::describe(reg, &database::instance_id(cx, side)).await? else { return Ok(()) };
+    let Some(db) = instance::describe(reg, &instance::instance_id(cx, side)).await? else { return Ok(()) };
     if db.tag("pgdr:role") == Some(role) {
         return Ok(());
     }
     reg.rds
-            .add_tags_to_resource()
-            .resource_name(&db.arn)
-            .tags(aws_sdk_rds::types::Tag::builder().key("pgdr:role").value(role).build())
-            .send().aws(&reg.region).await?;
+        .add_tags_to_resource()
+        .resource_name(&db.arn)
+        .tags(aws_sdk_rds::types::Tag::builder().key("pgdr:role").value(role).build())
+        .send()
+        .aws(&reg.region)
+        .await?;
     Ok(())
 }
 
@@ -298,7 +300,13 @@ async fn fence(cx: &Cx, rec: &Recorder<'_>) -> Result<Vec<String>> {
     let sg = cx.store.id(&network::key(cx, side, "db-sg")).unwrap_or_default();
     let mut revoked = Vec::new();
     if !sg.is_empty() {
-        let out = reg.ec2.describe_security_group_rules().filters(Filter::builder().name("group-id").values(&sg).build()).send().aws(region).await?;
+        let out = reg
+            .ec2
+            .describe_security_group_rules()
+            .filters(Filter::builder().name("group-id").values(&sg).build())
+            .send()
+            .aws(region)
+            .await?;
         let rules: Vec<_> = out
             .security_group_rules
             .unwrap_or_default()
@@ -318,8 +326,8 @@ async fn fence(cx: &Cx, rec: &Recorder<'_>) -> Result<Vec<String>> {
     }
     tag(cx, side, "fenced").await?;
     let list = revoked.clone();
-    let fenced_id = database::instance_id(cx, side);
-    let rule_keys: Vec<String> = ["db-sg-rule-local", "db-sg-rule-peer"].iter().map(|r| network::key(cx, side, r)).collect();
+    let fenced_id = instance::instance_id(cx, side);
+    let rule_keys: Vec<crate::state::Key> = ["db-sg-rule-local", "db-sg-rule-peer"].iter().map(|r| network::key(cx, side, r)).collect();
     // Compute everything first: the closure runs under the state lock.
     cx.store.update(|s| {
         s.topology.fenced.insert(region.to_owned(), list);
@@ -328,6 +336,6 @@ async fn fence(cx: &Cx, rec: &Recorder<'_>) -> Result<Vec<String>> {
         }
         s.topology.events.push(TopologyEvent { at: now_rfc3339(), what: format!("fenced {fenced_id} in {region}") });
     })?;
-    rec.status(&format!("fenced {}", database::instance_id(cx, side)));
+    rec.status(&format!("fenced {}", instance::instance_id(cx, side)));
     Ok(revoked)
 }

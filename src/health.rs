@@ -8,7 +8,7 @@ use serde::Serialize;
 use crate::aws::Call;
 use crate::cx::{Cx, Side};
 use crate::error::Result;
-use crate::steps::{database, dns, failover};
+use crate::steps::{dns, failover, instance};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Instance {
@@ -58,39 +58,39 @@ pub struct Health {
 
 /// Whether the DR-side instance has been promoted (the emulator keeps the source field after
 /// promotion, hence the tag that pgdr and the failover function set).
-pub fn promoted(db: &database::Db) -> bool {
+pub fn promoted(db: &instance::Db) -> bool {
     db.source.is_none() || db.tag("pgdr:role") == Some("primary")
 }
 
-pub async fn instance(cx: &Cx, side: Side) -> std::result::Result<Option<database::Db>, crate::error::AwsError> {
-    database::lookup(cx.regional(side), &database::instance_id(cx, side)).await
+pub async fn instance(cx: &Cx, side: Side) -> std::result::Result<Option<instance::Db>, crate::error::AwsError> {
+    instance::lookup(cx.regional(side), &instance::instance_id(cx, side)).await
 }
 
 /// Latest `ReplicaLag` datapoint of the DR-side instance (read once per run: the request's
 /// time window differs on every call, so it is kept under a key of its own).
 pub async fn replica_lag(cx: &Cx) -> Result<Option<f64>> {
-    let key = format!("{}/replica-lag/{}", cx.region(Side::Dr), database::instance_id(cx, Side::Dr));
+    let key = format!("{}/replica-lag/{}", cx.region(Side::Dr), instance::instance_id(cx, Side::Dr));
     cx.clients.reads.read(key, latest_lag(cx)).await.map_err(Into::into)
 }
 
 async fn latest_lag(cx: &Cx) -> std::result::Result<Option<f64>, crate::error::AwsError> {
     let reg = cx.regional(Side::Dr);
     let now = SystemTime::now();
-    let out = reg.cloudwatch
-            .get_metric_statistics()
-            .namespace("AWS/RDS")
-            .metric_name("ReplicaLag")
-            .dimensions(
-                aws_sdk_cloudwatch::types::Dimension::builder()
-                    .name("DBInstanceIdentifier")
-                    .value(database::instance_id(cx, Side::Dr))
-                    .build()
-            )
-            .start_time((now - Duration::from_secs(600)).into())
-            .end_time((now + Duration::from_secs(60)).into())
-            .period(60)
-            .statistics(aws_sdk_cloudwatch::types::Statistic::Maximum)
-            .send().aws(&reg.region).await?;
+    let out = reg
+        .cloudwatch
+        .get_metric_statistics()
+        .namespace("AWS/RDS")
+        .metric_name("ReplicaLag")
+        .dimensions(
+            aws_sdk_cloudwatch::types::Dimension::builder().name("DBInstanceIdentifier").value(instance::instance_id(cx, Side::Dr)).build(),
+        )
+        .start_time((now - Duration::from_secs(600)).into())
+        .end_time((now + Duration::from_secs(60)).into())
+        .period(60)
+        .statistics(aws_sdk_cloudwatch::types::Statistic::Maximum)
+        .send()
+        .aws(&reg.region)
+        .await?;
     let mut points: Vec<_> = out.datapoints.unwrap_or_default().into_iter().filter_map(|d| Some((d.timestamp?, d.maximum?))).collect();
     points.sort_by_key(|p| p.0);
     Ok(points.last().map(|p| p.1))
@@ -135,7 +135,7 @@ pub async fn gather(cx: &Cx) -> Health {
         };
         instances.push(Instance {
             region: cx.region(side).to_owned(),
-            id: db.as_ref().map(|d| d.id.clone()).unwrap_or_else(|| database::instance_id(cx, side)),
+            id: db.as_ref().map(|d| d.id.clone()).unwrap_or_else(|| instance::instance_id(cx, side)),
             role: role.into(),
             status: db.as_ref().map(|d| d.status.clone()).unwrap_or_else(|| "-".into()),
             endpoint: db.as_ref().and_then(|d| d.endpoint.clone()),

@@ -8,8 +8,9 @@ use crate::clients::{self, Connection};
 use crate::config::{self, Env, Overrides};
 use crate::cx::{Cx, Options};
 use crate::error::{Error, Exit, Result};
-use crate::exec::{self, Action, Cancel, Direction, Progress, RunReport};
+use crate::exec::{self, Action, Cancel, Direction, Mode, Progress, RunReport};
 use crate::state::{self, Lock, Store};
+use crate::steps::instance;
 
 /// Everything a command needs to know before touching AWS.
 #[derive(Clone, Debug)]
@@ -58,10 +59,10 @@ pub struct Connect {
 
 fn connect_info(cx: &Cx) -> Option<Connect> {
     use crate::cx::Side;
-    use crate::steps::{database, dns, secrets};
+    use crate::steps::{dns, instance, secrets};
     let endpoints: Vec<String> = [Side::Primary, Side::Dr]
         .into_iter()
-        .filter_map(|s| cx.store.attr(&database::instance_key(cx, s), "endpoint").map(|e| format!("{e} ({})", cx.region(s))))
+        .filter_map(|s| instance::recorded(cx, s, crate::state::Attr::Endpoint).map(|e| format!("{e} ({})", cx.region(s))))
         .collect();
     (!endpoints.is_empty()).then(|| Connect {
         writer: dns::writer_record(cx).trim_end_matches('.').to_owned(),
@@ -111,23 +112,29 @@ pub(crate) enum Ahead {
     WalkAndHealth,
 }
 
-/// Opens the context for a command. `mutating` commands take the lock and persist state.
-pub(crate) async fn open(t: &Target, command: &str, mutating: bool, ahead: Ahead, cancel: &Cancel) -> Result<(Cx, Option<Lock>)> {
+/// The checked step graph.
+fn graph() -> Result<exec::Graph<'static, Cx, crate::steps::StepId>> {
+    crate::steps::graph().map_err(|e| Error::Other(format!("internal error: {e}")))
+}
+
+/// Opens the context for a command. A mode that saves state takes the lock.
+pub(crate) async fn open(t: &Target, command: &str, mode: Mode, ahead: Ahead, cancel: &Cancel) -> Result<(Cx, Option<Lock>)> {
+    let mutating = mode.saves_state();
     let env = t.load_env()?;
     // Read (and so validate) the state before taking the lock or calling AWS.
     let existing = state::read(&t.state_dir, &env.name)?;
     let lock = if mutating { Some(Lock::acquire(&t.state_dir, &env.name, command)?) } else { None };
     // Re-read under the lock: another run may have finished in between.
     let existing = if mutating { state::read(&t.state_dir, &env.name)? } else { existing };
-    let cx = context(t, env, existing, mutating, cancel).await?;
-    let steps = crate::steps::graph();
+    let cx = context(t, env, existing, mode, cancel).await?;
+    let steps = graph()?;
     // A new environment has nothing to read ahead: its first change would drop the answers.
     let ahead = if cx.store.snapshot().resources.is_empty() { Ahead::Instances } else { ahead };
     match ahead {
         Ahead::Instances => {}
-        Ahead::Walk => exec::read_ahead(&steps, &cx).await,
+        Ahead::Walk => steps.read_ahead(&cx).await,
         Ahead::WalkAndHealth => {
-            tokio::join!(exec::read_ahead(&steps, &cx), crate::health::reads(&cx));
+            tokio::join!(steps.read_ahead(&cx), crate::health::reads(&cx));
         }
     }
     // Nothing recorded yet: no topology to check (`adopt` reads the roles itself).
@@ -139,23 +146,23 @@ pub(crate) async fn open(t: &Target, command: &str, mutating: bool, ahead: Ahead
 
 /// Builds the context of an environment from its state: the roles swapped after `reprotect`
 /// (the DR region then holds the primary), clients for the two regions, the store.
-async fn context(t: &Target, env: Env, existing: Option<state::State>, persist: bool, cancel: &Cancel) -> Result<Cx> {
+async fn context(t: &Target, env: Env, existing: Option<state::State>, mode: Mode, cancel: &Cancel) -> Result<Cx> {
     let swapped =
         existing.as_ref().is_some_and(|s| !s.topology.primary_region.is_empty() && s.topology.primary_region == env.settings.dr_region);
     let env = if swapped { env.swap_roles() } else { env };
     check_regions(&env, existing.as_ref())?;
     let mut conn = t.connection.clone();
     conn.retry_max_attempts = env.settings.retry_max_attempts;
-    let clients = clients::build(&conn, &env.settings.primary_region, &env.settings.dr_region).await?;
-    let store = Store::new(&t.state_dir, &env.name, existing, persist);
-    Ok(Cx { env, clients, store, opts: Options::default(), cancel: cancel.clone() })
+    let clients = clients::build(&conn, &env.settings.primary_region, &env.settings.dr_region, mode.changes_aws()).await?;
+    let store = Store::new(&t.state_dir, &env.name, existing, mode);
+    Ok(Cx { env, clients, store, mode, opts: Options::default(), cancel: cancel.clone() })
 }
 
 /// Reopens a context after a command changed the state's topology (the lock stays held).
-async fn reopen(t: &Target, cancel: &Cancel) -> Result<Cx> {
+async fn reopen(t: &Target, mode: Mode, cancel: &Cancel) -> Result<Cx> {
     let env = t.load_env()?;
     let existing = state::read(&t.state_dir, &env.name)?;
-    context(t, env, existing, true, cancel).await
+    context(t, env, existing, mode, cancel).await
 }
 
 /// A state file belongs to one pair of regions: other regions (a changed config or flag) would
@@ -219,21 +226,20 @@ fn result(command: &'static str, cx: &Cx, dry_run: bool, report: RunReport) -> R
 
 /// `plan` and `up --dry-run`: walk the graph without changing anything.
 pub async fn plan(t: &Target, progress: &dyn Progress, cancel: &Cancel) -> Result<RunResult> {
-    let (cx, _) = open(t, "pgdr plan", false, Ahead::Walk, cancel).await?;
-    let steps = crate::steps::graph();
-    let report = exec::execute(&steps, &cx, Direction::Up, true, progress, cancel).await;
+    let (cx, _) = open(t, "pgdr plan", Mode::Plan, Ahead::Walk, cancel).await?;
+    let report = exec::execute(&graph()?, &cx, Direction::Up, cx.mode, progress, cancel).await;
     Ok(result("plan", &cx, true, report))
 }
 
 pub async fn up(t: &Target, progress: &dyn Progress, cancel: &Cancel) -> Result<RunResult> {
-    let (cx, _lock) = open(t, "pgdr up", true, Ahead::Walk, cancel).await?;
-    let steps = crate::steps::graph();
-    let report = exec::execute(&steps, &cx, Direction::Up, false, progress, cancel).await;
+    let (cx, _lock) = open(t, "pgdr up", Mode::Apply, Ahead::Walk, cancel).await?;
+    let report = exec::execute(&graph()?, &cx, Direction::Up, cx.mode, progress, cancel).await;
     Ok(result("up", &cx, false, report))
 }
 
 pub async fn down(t: &Target, opts: Options, dry_run: bool, progress: &dyn Progress, cancel: &Cancel) -> Result<RunResult> {
-    let (mut cx, _lock) = open(t, "pgdr down", !dry_run, Ahead::Walk, cancel).await?;
+    let mode = if dry_run { Mode::Plan } else { Mode::Apply };
+    let (mut cx, _lock) = open(t, "pgdr down", mode, Ahead::Walk, cancel).await?;
     cx.opts = opts;
     // A protected database stops `down` before anything is deleted.
     if !cx.opts.force {
@@ -245,8 +251,7 @@ pub async fn down(t: &Target, opts: Options, dry_run: bool, progress: &dyn Progr
             )));
         }
     }
-    let steps = crate::steps::graph();
-    let report = exec::execute(&steps, &cx, Direction::Down, dry_run, progress, cancel).await;
+    let report = exec::execute(&graph()?, &cx, Direction::Down, cx.mode, progress, cancel).await;
     let res = result("down", &cx, dry_run, report);
     if !dry_run && res.exit == Exit::Success {
         cx.store.delete_file()?;
@@ -285,10 +290,10 @@ pub struct StatusResult {
 
 /// `status --env E`: every resource, read from AWS (a read-only walk of the graph).
 pub async fn status(t: &Target, cancel: &Cancel) -> Result<StatusResult> {
-    let (cx, _) = open(t, "pgdr status", false, Ahead::WalkAndHealth, cancel).await?;
-    let steps = crate::steps::graph();
+    let (cx, _) = open(t, "pgdr status", Mode::Status, Ahead::WalkAndHealth, cancel).await?;
+    let steps = graph()?;
     let (report, health) =
-        tokio::join!(exec::execute(&steps, &cx, Direction::Up, true, &exec::NoProgress, cancel), crate::health::gather(&cx));
+        tokio::join!(exec::execute(&steps, &cx, Direction::Up, cx.mode, &exec::NoProgress, cancel), crate::health::gather(&cx));
     let mut resources = Vec::new();
     let mut problems: Vec<String> = report
         .failures()
@@ -438,7 +443,7 @@ fn health_problems(cx: &Cx, h: &crate::health::Health) -> Vec<String> {
 
 /// `failover`: opens the environment (locked unless dry-run) and reads what AWS says.
 pub async fn failover_plan(t: &Target, dry_run: bool, cancel: &Cancel) -> Result<(Cx, Option<Lock>, crate::failover::Plan)> {
-    let (cx, lock) = open(t, "pgdr failover", !dry_run, Ahead::Instances, cancel).await?;
+    let (cx, lock) = open(t, "pgdr failover", if dry_run { Mode::Plan } else { Mode::Apply }, Ahead::Instances, cancel).await?;
     let plan = crate::failover::plan(&cx).await?;
     Ok((cx, lock, plan))
 }
@@ -469,7 +474,7 @@ pub async fn reprotect_plan(
     dry_run: bool,
     cancel: &Cancel,
 ) -> Result<(Cx, Option<Lock>, crate::reprotect::Plan)> {
-    let (cx, lock) = open(t, "pgdr reprotect", !dry_run, Ahead::Instances, cancel).await?;
+    let (cx, lock) = open(t, "pgdr reprotect", if dry_run { Mode::Plan } else { Mode::Apply }, Ahead::Instances, cancel).await?;
     let plan = crate::reprotect::plan(&cx, keep_old_primary).await?;
     Ok((cx, lock, plan))
 }
@@ -487,9 +492,8 @@ pub async fn reprotect(
     crate::reprotect::prepare(&cx, plan, progress).await?;
     drop(cx);
     // The roles are swapped now; the lock stays held.
-    let cx = reopen(t, cancel).await?;
-    let steps = crate::steps::graph();
-    let report = exec::execute(&steps, &cx, Direction::Up, false, progress, cancel).await;
+    let cx = reopen(t, Mode::Apply, cancel).await?;
+    let report = exec::execute(&graph()?, &cx, Direction::Up, cx.mode, progress, cancel).await;
     drop(lock);
     Ok(result("reprotect", &cx, false, report))
 }
@@ -499,13 +503,13 @@ pub async fn reprotect(
 /// remove everything.
 pub async fn adopt(t: &Target, progress: &dyn Progress, cancel: &Cancel) -> Result<RunResult> {
     use crate::cx::Side;
-    let (cx, lock) = open(t, "pgdr adopt", true, Ahead::Walk, cancel).await?;
+    let (cx, lock) = open(t, "pgdr adopt", Mode::Adopt, Ahead::Walk, cancel).await?;
     // The topology, from the instances' roles in AWS. After `reprotect --keep-old-primary` a
     // region holds the new replica (`<name>-2`) beside the old primary (fenced, kept): every
     // instance tagged for the environment is looked at, the live one plays the region's role.
-    let (p, d) = tokio::join!(crate::steps::database::tagged(&cx, Side::Primary), crate::steps::database::tagged(&cx, Side::Dr));
+    let (p, d) = tokio::join!(crate::steps::instance::tagged(&cx, Side::Primary), crate::steps::instance::tagged(&cx, Side::Dr));
     let (mut p, mut d) = (p?, d?);
-    let fenced = |db: &crate::steps::database::Db| db.tag("pgdr:role") == Some("fenced");
+    let fenced = |db: &crate::steps::instance::Db| db.tag("pgdr:role") == Some("fenced");
     let mut retired: Vec<(String, String)> = Vec::new();
     for (side, found) in [(Side::Primary, &mut p), (Side::Dr, &mut d)] {
         if found.iter().any(|db| !fenced(db)) && found.iter().any(fenced) {
@@ -531,26 +535,25 @@ pub async fn adopt(t: &Target, progress: &dyn Progress, cancel: &Cancel) -> Resu
             s.topology.fenced.entry(primary_region.clone()).or_insert_with(|| vec!["rules revoked by failover (found by adopt)".into()]);
         }
         for (region, id) in &retired {
-            s.resources
-                .insert(format!("retired/{region}/instance"), state::Resource::new("db-instance", region, id, state::Status::Adopted));
+            s.resources.insert(instance::retired_key(region), state::Resource::new("db-instance", region, id, state::Status::Adopted));
         }
         // Instances not at their default names (a `-2` replica): recorded so the walk finds them.
         for (db, region, primary_role) in [(&p, &primary_region, !swapped), (&d, &dr_region, swapped)] {
             if let Some(db) = db.as_ref().filter(|db| db.id != format!("pgdr-{}-{region}", env_name)) {
-                let key = format!("{}/{region}/instance", if primary_role { "primary" } else { "replica" });
+                let side = if primary_role { Side::Primary } else { Side::Dr };
+                let key = state::Key::new(instance::owner(side), region, "instance");
                 s.resources.insert(key, state::Resource::new("db-instance", region, &db.id, state::Status::Adopted));
             }
         }
     })?;
     let cx = if swapped {
         drop(cx);
-        reopen(t, cancel).await?
+        reopen(t, Mode::Adopt, cancel).await?
     } else {
         cx
     };
-    // A read-only walk whose finds are recorded: plan mode, with state persisted.
-    let steps = crate::steps::graph();
-    let report = exec::execute(&steps, &cx, Direction::Up, true, progress, cancel).await;
+    // A walk that changes nothing in AWS and records what it finds.
+    let report = exec::execute(&graph()?, &cx, Direction::Up, cx.mode, progress, cancel).await;
     drop(lock);
     Ok(result("adopt", &cx, true, report))
 }

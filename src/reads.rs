@@ -9,7 +9,7 @@
 //! operation not named `Describe*`, `Get*` or `List*`, seen by an SDK interceptor on every
 //! client) drops every kept answer, and so does each look of a wait after its first
 //! ([`crate::wait::Wait`]): a poll always asks AWS. Code that must see AWS as it is now,
-//! whatever this run read before, calls the SDK directly (`database::describe`).
+//! whatever this run read before, calls the SDK directly (`instance::describe`).
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -94,9 +94,14 @@ pub fn is_read(operation: &str) -> bool {
     ["Describe", "Get", "List"].iter().any(|p| operation.starts_with(p))
 }
 
-/// Sees every call of a client: any operation that is not a read invalidates [`Reads`].
+/// Sees every call of a client: any operation that is not a read invalidates [`Reads`]; in a run
+/// that must not change AWS (plan, adopt, status: [`crate::exec::Mode`]) it is refused before it
+/// is sent, whatever step sent it.
 #[derive(Debug, Clone)]
-pub struct WatchChanges(pub Arc<Reads>);
+pub struct WatchChanges {
+    pub reads: Arc<Reads>,
+    pub writes_allowed: bool,
+}
 
 impl Intercept for WatchChanges {
     fn name(&self) -> &'static str {
@@ -112,11 +117,20 @@ impl Intercept for WatchChanges {
         cfg: &mut ConfigBag,
     ) -> Result<(), BoxError> {
         match cfg.load::<Metadata>() {
-            Some(m) if is_read(m.name()) => {}
+            Some(m) if is_read(m.name()) => Ok(()),
+            other if !self.writes_allowed => {
+                let op = other.map(|m| format!("{} {}", m.service(), m.name())).unwrap_or_else(|| "an unnamed operation".into());
+                Err(format!(
+                    "pgdr refused to send {op}: this command does not change AWS (internal error: a write outside Recorder::apply)"
+                )
+                .into())
+            }
             // Unknown operations count as changes: reusing a stale answer is worse than a call.
-            _ => self.0.changed(),
+            _ => {
+                self.reads.changed();
+                Ok(())
+            }
         }
-        Ok(())
     }
 }
 

@@ -13,8 +13,8 @@ use crate::cx::{Cx, Side};
 use crate::error::{Error, Result};
 use crate::exec::{self, Direction, Progress, Recorder, Step};
 use crate::health;
-use crate::state::{now_rfc3339, Resource, Status, TopologyEvent};
-use crate::steps::{alarms, database, failover};
+use crate::state::{now_rfc3339, Key, Resource, Status, TopologyEvent};
+use crate::steps::{alarms, database, failover, instance, StepId};
 
 #[derive(Debug, Serialize)]
 pub struct Plan {
@@ -73,8 +73,10 @@ pub async fn plan(cx: &Cx, keep_old_primary: bool) -> Result<Plan> {
 /// Steps 1-3; the caller then reopens the environment (roles swapped) and runs `up`.
 pub async fn prepare(cx: &Cx, plan: &Plan, progress: &dyn Progress) -> Result<()> {
     // 1. The machinery that watched the old pair.
-    let old: Vec<Box<dyn Step<Cx>>> = vec![Box::new(alarms::Alarms), Box::new(failover::Detection), Box::new(failover::Failover)];
-    let report = exec::execute(&old, cx, Direction::Down, false, progress, &cx.cancel).await;
+    let old: Vec<Box<dyn Step<Cx, StepId>>> = vec![Box::new(alarms::Alarms), Box::new(failover::Detection), Box::new(failover::Failover)];
+    // Their dependencies outside this part of the graph are left alone.
+    let old = exec::Graph::new_partial(old).map_err(|e| Error::Other(format!("internal error: {e}")))?;
+    let report = exec::execute(&old, cx, Direction::Down, cx.mode, progress, &cx.cancel).await;
     if let Some(f) = report.failures().next() {
         return Err(Error::failed(format!(
             "reprotect stopped while removing the old detection: {}: {}",
@@ -89,17 +91,16 @@ pub async fn prepare(cx: &Cx, plan: &Plan, progress: &dyn Progress) -> Result<()
     // 2. The old primary.
     let old_region = cx.region(Side::Primary).to_owned();
     let new_region = cx.region(Side::Dr).to_owned();
-    let old_key = database::instance_key(cx, Side::Primary);
+    let old_key = instance::instance_key(cx, Side::Primary);
     if let Some(id) = &plan.old_primary {
         if plan.keep_old_primary {
             let id = id.clone();
             cx.store.update(|s| {
                 s.resources.remove(&old_key);
-                s.resources
-                    .insert(format!("retired/{old_region}/instance"), Resource::new("db-instance", &old_region, &id, Status::Adopted));
+                s.resources.insert(instance::retired_key(&old_region), Resource::new("db-instance", &old_region, &id, Status::Adopted));
             })?;
         } else {
-            let rec = Recorder::new("reprotect", false, progress, cx.cancel.clone());
+            let rec = Recorder::new("reprotect", cx.mode, progress, cx.cancel.clone());
             delete_old_primary(cx, &rec, id).await?;
             cx.store.remove(&old_key)?;
         }
@@ -108,24 +109,20 @@ pub async fn prepare(cx: &Cx, plan: &Plan, progress: &dyn Progress) -> Result<()
     // 3. Swap the roles: keys follow the roles, the fence is lifted, the new replica's name set.
     let new_replica = plan.new_replica.clone();
     cx.store.update(|s| {
-        let moved: Vec<(String, Resource)> = s
+        let (primary, replica) = (instance::owner(Side::Primary), instance::owner(Side::Dr));
+        let moved: Vec<(Key, Resource)> = s
             .resources
             .iter()
-            .filter(|(k, _)| k.starts_with(&format!("primary/{old_region}/")) || k.starts_with(&format!("replica/{new_region}/")))
+            .filter(|(k, _)| (k.owner() == primary && k.region() == old_region) || (k.owner() == replica && k.region() == new_region))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         for (k, v) in moved {
             s.resources.remove(&k);
-            let nk = if let Some(rest) = k.strip_prefix("primary/") {
-                format!("replica/{rest}")
-            } else {
-                format!("primary/{}", &k["replica/".len()..])
-            };
-            s.resources.insert(nk, v);
+            s.resources.insert(k.with_owner(if k.owner() == primary { replica } else { primary }), v);
         }
-        s.resources.entry(format!("replica/{old_region}/instance")).or_insert_with(|| {
+        s.resources.entry(Key::new(replica, &old_region, "instance")).or_insert_with(|| {
             let mut r = Resource::pending("db-instance", &old_region);
-            r.attrs.insert("identifier".into(), new_replica.clone());
+            r.set(crate::state::Attr::Identifier, new_replica.clone());
             r
         });
         s.topology.fenced.remove(&old_region);

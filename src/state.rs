@@ -24,9 +24,9 @@ pub struct State {
     pub env: String,
     #[serde(default)]
     pub updated_at: String,
-    /// Every resource, keyed `<step>/<region>/<what>` (e.g. `network/us-east-1/vpc`).
+    /// Every resource, keyed `<owner>/<region>/<what>` (e.g. `network/us-east-1/vpc`).
     #[serde(default)]
-    pub resources: BTreeMap<String, Resource>,
+    pub resources: BTreeMap<Key, Resource>,
     /// Which region holds the writer now, and what happened to get there.
     #[serde(default)]
     pub topology: Topology,
@@ -65,6 +65,73 @@ pub enum Status {
     Adopted,
 }
 
+/// A resource's key in the state file: `<owner>/<region>/<what>`. Each key is spelled by the
+/// module that owns the resource (`steps::network::Net::key`, …), nowhere else.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Key(String);
+
+impl Key {
+    pub fn new(owner: &str, region: &str, what: &str) -> Key {
+        Key(format!("{owner}/{region}/{what}"))
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+    /// The owner part (`network`, `primary`, `retired`, …).
+    pub fn owner(&self) -> &str {
+        self.0.split('/').next().unwrap_or("")
+    }
+    /// The region part.
+    pub fn region(&self) -> &str {
+        self.0.split('/').nth(1).unwrap_or("")
+    }
+    /// The same resource under another owner (`reprotect` swaps `primary` and `replica`).
+    pub fn with_owner(&self, owner: &str) -> Key {
+        Key::new(owner, self.region(), self.what())
+    }
+    /// What follows `<owner>/<region>/`.
+    pub fn what(&self) -> &str {
+        self.0.splitn(3, '/').nth(2).unwrap_or("")
+    }
+}
+
+impl std::fmt::Display for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The facts kept beside a resource's ID. Never a secret.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attr {
+    /// The resource's ARN.
+    Arn,
+    /// An instance's endpoint address.
+    Endpoint,
+    /// An instance's allocated storage, as the alarms' thresholds follow it.
+    StorageGib,
+    /// The idempotency token of a pending create.
+    Token,
+    /// The identifier an instance will have (before it has an ID in state).
+    Identifier,
+    /// The connection facts written into the secret (`host:port/db`).
+    Connection,
+}
+
+impl Attr {
+    pub fn name(self) -> &'static str {
+        match self {
+            Attr::Arn => "arn",
+            Attr::Endpoint => "endpoint",
+            Attr::StorageGib => "storage_gib",
+            Attr::Token => "token",
+            Attr::Identifier => "identifier",
+            Attr::Connection => "connection",
+        }
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Resource {
     pub kind: String,
@@ -86,9 +153,15 @@ impl Resource {
     pub fn pending(kind: &str, region: &str) -> Self {
         Resource { kind: kind.to_owned(), region: region.to_owned(), id: None, status: Status::Pending, attrs: BTreeMap::new() }
     }
-    pub fn attr(mut self, k: &str, v: impl Into<String>) -> Self {
-        self.attrs.insert(k.to_owned(), v.into());
+    pub fn with(mut self, a: Attr, v: impl Into<String>) -> Self {
+        self.attrs.insert(a.name().to_owned(), v.into());
         self
+    }
+    pub fn attr(&self, a: Attr) -> Option<&str> {
+        self.attrs.get(a.name()).map(String::as_str)
+    }
+    pub fn set(&mut self, a: Attr, v: impl Into<String>) {
+        self.attrs.insert(a.name().to_owned(), v.into());
     }
 }
 
@@ -185,9 +258,10 @@ pub struct Store {
 }
 
 impl Store {
-    pub fn new(dir: &Path, env: &str, existing: Option<State>, persist: bool) -> Store {
+    /// The store of a run in `mode`: saved after every change only when the mode saves state.
+    pub fn new(dir: &Path, env: &str, existing: Option<State>, mode: crate::exec::Mode) -> Store {
         let state = existing.unwrap_or_else(|| State { schema: SCHEMA, env: env.to_owned(), ..Default::default() });
-        Store { dir: dir.to_owned(), state: Mutex::new(state), persist }
+        Store { dir: dir.to_owned(), state: Mutex::new(state), persist: mode.saves_state() }
     }
 
     fn with<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
@@ -195,29 +269,39 @@ impl Store {
         f(&mut g)
     }
 
-    pub fn get(&self, key: &str) -> Option<Resource> {
+    pub fn get(&self, key: &Key) -> Option<Resource> {
         self.with(|s| s.resources.get(key).cloned())
     }
 
-    pub fn id(&self, key: &str) -> Option<String> {
+    pub fn id(&self, key: &Key) -> Option<String> {
         self.get(key).and_then(|r| r.id)
     }
 
-    pub fn attr(&self, key: &str, attr: &str) -> Option<String> {
-        self.get(key).and_then(|r| r.attrs.get(attr).cloned())
+    pub fn attr(&self, key: &Key, attr: Attr) -> Option<String> {
+        self.get(key).and_then(|r| r.attr(attr).map(str::to_owned))
+    }
+
+    /// Sets an attribute of a recorded resource (nothing when the resource is not recorded).
+    pub fn set_attr(&self, key: &Key, attr: Attr, value: impl Into<String>) -> Result<()> {
+        let value = value.into();
+        self.update(|s| {
+            if let Some(r) = s.resources.get_mut(key) {
+                r.set(attr, value);
+            }
+        })
     }
 
     pub fn snapshot(&self) -> State {
         self.with(|s| s.clone())
     }
 
-    pub fn put(&self, key: &str, res: Resource) -> Result<()> {
+    pub fn put(&self, key: &Key, res: Resource) -> Result<()> {
         self.update(|s| {
-            s.resources.insert(key.to_owned(), res);
+            s.resources.insert(key.clone(), res);
         })
     }
 
-    pub fn remove(&self, key: &str) -> Result<()> {
+    pub fn remove(&self, key: &Key) -> Result<()> {
         self.update(|s| {
             s.resources.remove(key);
         })
@@ -409,9 +493,9 @@ mod tests {
     #[test]
     fn atomic_write_keeps_backup_and_mode() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::new(dir.path(), "dev", None, true);
-        store.put("network/us-east-1/vpc", Resource::new("vpc", "us-east-1", "vpc-1", Status::Created)).unwrap();
-        store.put("network/eu-west-1/vpc", Resource::new("vpc", "eu-west-1", "vpc-2", Status::Created)).unwrap();
+        let store = Store::new(dir.path(), "dev", None, crate::exec::Mode::Apply);
+        store.put(&Key::new("network", "us-east-1", "vpc"), Resource::new("vpc", "us-east-1", "vpc-1", Status::Created)).unwrap();
+        store.put(&Key::new("network", "eu-west-1", "vpc"), Resource::new("vpc", "eu-west-1", "vpc-2", Status::Created)).unwrap();
         let path = state_path(dir.path(), "dev");
         let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);

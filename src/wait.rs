@@ -33,24 +33,66 @@ impl Pace {
     pub const FAST: Pace = Pace { first: Duration::from_millis(250), max: Duration::from_secs(3) };
 }
 
-/// Polls `look` until it is ready, failed, cancelled or out of `budget`. `what` names the
-/// resource in messages; `hint` tells the operator what to do when the budget runs out.
-/// A wait expects something to change: every look after the first reads afresh (`reads` is
-/// emptied before it), so no answer kept from before the wait is seen twice.
-#[allow(clippy::too_many_arguments)]
-pub async fn until<T, F>(
+/// A wait for AWS: `Wait::new("RDS instance x").budget(d).pace(Pace::SLOW).hint("rerun …")
+/// .progress(|status, elapsed| …).until(cancel, reads, look)`.
+pub struct Wait<'a> {
+    what: String,
+    budget: Duration,
+    pace: Pace,
+    hint: &'a str,
+    progress: Box<dyn FnMut(&str, Duration) + 'a>,
+}
+
+impl<'a> Wait<'a> {
+    /// A wait named `what` in messages: ten minutes, fast pace, "rerun the command" when it runs out.
+    pub fn new(what: impl Into<String>) -> Wait<'a> {
+        Wait {
+            what: what.into(),
+            budget: Duration::from_secs(600),
+            pace: Pace::FAST,
+            hint: "rerun the command",
+            progress: Box::new(|_, _| {}),
+        }
+    }
+    pub fn budget(mut self, budget: Duration) -> Self {
+        self.budget = budget;
+        self
+    }
+    pub fn pace(mut self, pace: Pace) -> Self {
+        self.pace = pace;
+        self
+    }
+    /// What the operator should do when the budget runs out.
+    pub fn hint(mut self, hint: &'a str) -> Self {
+        self.hint = hint;
+        self
+    }
+    /// Called with each status seen and the time waited so far.
+    pub fn progress(mut self, f: impl FnMut(&str, Duration) + 'a) -> Self {
+        self.progress = Box::new(f);
+        self
+    }
+
+    /// Polls `look` until it is ready, failed, cancelled or out of budget. A wait expects
+    /// something to change: every look after the first reads afresh (`reads` is emptied before
+    /// it), so no answer kept from before the wait is seen twice.
+    pub async fn until<T>(self, cancel: &Cancel, reads: &Reads, look: impl AsyncFnMut() -> Result<Look<T>>) -> Result<T> {
+        let Wait { what, budget, pace, hint, progress } = self;
+        poll(&what, budget, pace, cancel, reads, progress, hint, look).await
+    }
+}
+
+#[allow(clippy::too_many_arguments)] // private: the builder above is the interface
+async fn poll<T>(
     what: &str,
     budget: Duration,
     pace: Pace,
     cancel: &Cancel,
     reads: &Reads,
-    mut on_status: impl FnMut(&str, Duration),
+    mut on_status: Box<dyn FnMut(&str, Duration) + '_>,
     hint: &str,
-    mut look: F,
-) -> Result<T>
-where
-    F: AsyncFnMut() -> Result<Look<T>>,
-{
+    mut look: impl AsyncFnMut() -> Result<Look<T>>,
+) -> Result<T> {
     let start = Instant::now();
     let mut delay = pace.first;
     let mut last = String::new();
@@ -149,24 +191,19 @@ mod tests {
 
     async fn run(seq: Vec<Result<&'static str, &'static str>>, budget_ms: u64) -> (Result<()>, usize) {
         let calls = Cell::new(0usize);
-        let r = until(
-            "db pgdr-dev",
-            Duration::from_millis(budget_ms),
-            QUICK,
-            &Cancel::default(),
-            &Reads::default(),
-            |_, _| {},
-            "rerun `pgdr up`",
-            async || {
+        let r = Wait::new("db pgdr-dev")
+            .budget(Duration::from_millis(budget_ms))
+            .pace(QUICK)
+            .hint("rerun `pgdr up`")
+            .until(&Cancel::default(), &Reads::default(), async || {
                 let i = calls.get();
                 calls.set(i + 1);
                 match seq.get(i).or(seq.last()).cloned().unwrap() {
                     Ok(s) => Ok(rds_status(s)),
                     Err(code) => Err(aws_err(code)),
                 }
-            },
-        )
-        .await;
+            })
+            .await;
         (r, calls.get())
     }
 

@@ -9,19 +9,18 @@ use aws_sdk_cloudwatch::types::{ComparisonOperator, Dimension, MetricAlarm, Stat
 use futures::future::LocalBoxFuture;
 use serde_json::{json, Value};
 
-use super::{database, Res};
+use super::instance;
+use super::{Res, StepId};
+use crate::aws::Call;
 use crate::clients::Regional;
 use crate::cx::{Cx, Side};
 use crate::error::{Error, Result};
-use crate::exec::{Action, Recorder, Step, StepResult};
-use crate::aws::Call;
+use crate::exec::{Action, Change, Recorder, Step, StepResult};
 use crate::read;
+use crate::state::{Attr, Key};
 
 pub struct Topics;
 pub struct Alarms;
-
-pub const TOPICS: &str = "topics";
-pub const ALARMS: &str = "alarms";
 
 /// Resource kinds, as state and the reports show them.
 const ALARM: &str = "cloudwatch-alarm";
@@ -36,8 +35,8 @@ pub fn topic_name(cx: &Cx) -> String {
     format!("pgdr-{}-alarms", cx.name())
 }
 
-fn topic_key(cx: &Cx, side: Side) -> String {
-    format!("topics/{}/topic", cx.region(side))
+fn topic_key(cx: &Cx, side: Side) -> Key {
+    Key::new("topics", cx.region(side), "topic")
 }
 
 /// The ARN of a region's alarm topic, as state knows it.
@@ -49,23 +48,29 @@ pub fn alarm_name(cx: &Cx, what: &str) -> String {
     format!("pgdr-{}-{what}", cx.name())
 }
 
-fn alarm_key(region: &str, name: &str) -> String {
-    format!("alarms/{region}/{name}")
+fn alarm_key(region: &str, name: &str) -> Key {
+    Key::new("alarms", region, name)
 }
 
 pub fn dashboard_name(cx: &Cx) -> String {
     format!("pgdr-{}", cx.name())
 }
 
-fn dashboard_key(cx: &Cx) -> String {
-    format!("alarms/{}/dashboard", cx.region(Side::Primary))
+fn dashboard_key(cx: &Cx) -> Key {
+    Key::new("alarms", cx.region(Side::Primary), "dashboard")
 }
 
-impl Step<Cx> for Topics {
-    fn id(&self) -> String {
-        TOPICS.into()
+/// The topic's record of an email pgdr subscribed (its subscription ARN, or "pending
+/// confirmation"), kept beside the topic so that a removed address can be unsubscribed.
+fn subscription_attr(email: &str) -> String {
+    format!("subscription:{email}")
+}
+
+impl Step<Cx, StepId> for Topics {
+    fn id(&self) -> StepId {
+        StepId::Topics
     }
-    fn deps(&self) -> Vec<String> {
+    fn deps(&self) -> Vec<StepId> {
         vec![]
     }
     fn up<'a>(&'a self, cx: &'a Cx, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult> {
@@ -88,13 +93,13 @@ impl Step<Cx> for Topics {
     }
 }
 
-impl Step<Cx> for Alarms {
-    fn id(&self) -> String {
-        ALARMS.into()
+impl Step<Cx, StepId> for Alarms {
+    fn id(&self) -> StepId {
+        StepId::Alarms
     }
-    fn deps(&self) -> Vec<String> {
+    fn deps(&self) -> Vec<StepId> {
         // Alarms name instances by identifier: no need to wait for the replica to be available.
-        vec![TOPICS.into(), database::PRIMARY.into()]
+        vec![StepId::Topics, StepId::Primary]
     }
     fn up<'a>(&'a self, cx: &'a Cx, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult> {
         Box::pin(alarms_up(cx, rec))
@@ -157,8 +162,7 @@ async fn topics_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
                 // Tagged at creation. CreateTopic is idempotent by name (with the same tags).
                 let tags =
                     cx.tags("alarms").into_iter().filter_map(|(k, v)| aws_sdk_sns::types::Tag::builder().key(k).value(v).build().ok());
-                let out =
-                    reg.sns.create_topic().name(topic_name(cx)).set_tags(Some(tags.collect())).send().aws(region).await?;
+                let out = reg.sns.create_topic().name(topic_name(cx)).set_tags(Some(tags.collect())).send().aws(region).await?;
                 out.topic_arn.ok_or_else(|| Error::Other(format!("SNS CreateTopic in {region} returned no topic ARN")))
             },
         )
@@ -188,31 +192,21 @@ async fn subscribe_emails(cx: &Cx, rec: &Recorder<'_>, side: Side, topic: Option
     for email in dropped {
         match have.iter().find(|(e, _)| e.eq_ignore_ascii_case(&email)) {
             Some((_, sub)) if sub.starts_with("arn:") => {
-                if !rec.plan {
-                    cx.cancel.check()?;
-                    match reg.sns.unsubscribe().subscription_arn(sub).send().aws(region).await {
-                        Ok(_) => {}
-                        Err(e) if e.is_not_found() => {}
-                        Err(e) => return Err(e.into()),
-                    }
-                }
-                rec.record(Action::Delete, "sns-subscription", &email, region, Some(sub), None);
+                let change = Change::new(Action::Delete, "sns-subscription", &email, region).id(sub);
+                rec.apply(change, async |_| Ok(crate::error::gone(reg.sns.unsubscribe().subscription_arn(sub).send().aws(region).await)?))
+                    .await?;
             }
             // Unconfirmed: AWS gives it no ARN to remove it by and drops it after three days.
             Some(_) => rec.record(
-                Action::Keep,
-                "sns-subscription",
-                &email,
-                region,
-                None,
-                Some("no longer configured; unconfirmed, AWS drops it after 3 days".into()),
+                Change::new(Action::Keep, "sns-subscription", &email, region)
+                    .detail("no longer configured; unconfirmed, AWS drops it after 3 days"),
             ),
             None => {}
         }
-        if !rec.plan {
+        if !rec.planning() {
             cx.store.update(|st| {
                 if let Some(res) = st.resources.get_mut(&topic_key(cx, side)) {
-                    res.attrs.remove(&format!("subscription:{email}"));
+                    res.attrs.remove(&subscription_attr(&email));
                 }
             })?;
         }
@@ -220,30 +214,40 @@ async fn subscribe_emails(cx: &Cx, rec: &Recorder<'_>, side: Side, topic: Option
     for email in emails {
         let (action, sub) = match have.iter().find(|(e, _)| e.eq_ignore_ascii_case(email)) {
             Some((_, sub)) => (Action::Keep, sub.clone()),
-            None => match topic.filter(|_| !rec.plan) {
-                None => {
-                    rec.record(Action::Create, "sns-subscription", email, region, None, None);
-                    continue;
+            None => {
+                let subscribe = async |_: &mut Change| {
+                    let topic = topic.unwrap_or_default();
+                    Ok(reg.sns.subscribe().topic_arn(topic).protocol("email").endpoint(email).send().aws(region).await?)
+                };
+                // Recorded below, with the subscription's ARN or its pending state.
+                match topic.is_some().then_some(()) {
+                    Some(()) => match rec.apply_part(None, subscribe).await? {
+                        Some(out) => (Action::Create, out.subscription_arn.unwrap_or_default()),
+                        None => {
+                            rec.record(Change::new(Action::Create, "sns-subscription", email, region));
+                            continue;
+                        }
+                    },
+                    None => {
+                        rec.record(Change::new(Action::Create, "sns-subscription", email, region));
+                        continue;
+                    }
                 }
-                Some(topic) => {
-                    cx.cancel.check()?;
-                    let out =
-                        reg.sns.subscribe().topic_arn(topic).protocol("email").endpoint(email).send().aws(region).await?;
-                    (Action::Create, out.subscription_arn.unwrap_or_default())
-                }
-            },
+            }
         };
         let pending = !sub.starts_with("arn:");
         let shown = if pending { "pending confirmation".to_owned() } else { sub };
-        if !rec.plan {
+        if !rec.planning() {
             cx.store.update(|st| {
                 if let Some(res) = st.resources.get_mut(&topic_key(cx, side)) {
-                    res.attrs.insert(format!("subscription:{email}"), shown.clone());
+                    res.attrs.insert(subscription_attr(email), shown.clone());
                 }
             })?;
         }
         let detail = pending.then(|| "pending confirmation: the recipient must follow the link in AWS's email".to_owned());
-        rec.record(action, "sns-subscription", email, region, (!pending).then_some(shown.as_str()), detail);
+        rec.record(
+            Change::new(action, "sns-subscription", email, region).maybe_id((!pending).then_some(shown.as_str())).maybe_detail(detail),
+        );
     }
     Ok(())
 }
@@ -298,9 +302,9 @@ fn alarm_defs(cx: &Cx) -> Vec<AlarmDef> {
     use Statistic::{Average, Maximum, Minimum, Sum};
     let s = &cx.env.settings;
     // The primary's real size when it is larger than the setting (RDS cannot shrink a volume).
-    let real = cx.store.attr(&database::instance_key(cx, Side::Primary), "storage_gib").and_then(|v| v.parse::<i32>().ok());
+    let real = instance::recorded(cx, Side::Primary, Attr::StorageGib).and_then(|v| v.parse::<i32>().ok());
     let storage = f64::from(real.map_or(s.allocated_storage_gib, |r| r.max(s.allocated_storage_gib))) * GIB;
-    let db = |side| ("DBInstanceIdentifier", database::instance_id(cx, side));
+    let db = |side| ("DBInstanceIdentifier", instance::instance_id(cx, side));
     let lag = s.max_failover_lag_seconds;
     let def = |what, side, metric, stat, period, periods, cmp, threshold, missing, about: String| AlarmDef {
         what,
@@ -397,7 +401,7 @@ fn dropped_emails(cx: &Cx, side: Side) -> Vec<String> {
     let wanted = &cx.env.settings.alarm_emails;
     cx.store
         .get(&topic_key(cx, side))
-        .map(|r| r.attrs.into_keys().filter_map(|k| k.strip_prefix("subscription:").map(str::to_owned)).collect::<Vec<_>>())
+        .map(|r| r.attrs.into_keys().filter_map(|k| k.strip_prefix(&subscription_attr("")).map(str::to_owned)).collect::<Vec<_>>())
         .unwrap_or_default()
         .into_iter()
         .filter(|e| !wanted.iter().any(|w| w.eq_ignore_ascii_case(e)))
@@ -479,7 +483,7 @@ async fn alarms_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
         // In plan mode on a new environment the topic does not exist yet.
         let topic = match topic_arn(cx, side) {
             Some(t) => t,
-            None if rec.plan => "(new topic)".to_owned(),
+            None if rec.planning() => "(new topic)".to_owned(),
             None => return Err(Error::failed(format!("the alarm topic in {region} is not known yet; rerun `pgdr up`"))),
         };
         let mine: Vec<&AlarmDef> = defs.iter().filter(|a| a.side == side).collect();
@@ -503,11 +507,8 @@ async fn alarms_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
             let Some(have) = have else { continue };
             let changes = diff(have, &want);
             if !changes.is_empty() {
-                if !rec.plan {
-                    cx.cancel.check()?;
-                    put_alarm(cx, reg, a.what, &want).await?;
-                }
-                rec.record(Action::Change, ALARM, &name, region, Some(&name), Some(changes.join(", ")));
+                let change = Change::new(Action::Change, ALARM, &name, region).id(&name).detail(changes.join(", "));
+                rec.apply(change, async |_| put_alarm(cx, reg, a.what, &want).await).await?;
             }
         }
     }
@@ -539,7 +540,8 @@ async fn alarms_down(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
         // The table's alarms and any other alarm state knows of in this region.
         let mut names: Vec<String> = defs.iter().filter(|a| a.side == side).map(|a| alarm_name(cx, a.what)).collect();
         for (key, res) in &state.resources {
-            if let (Some(name), ALARM) = (key.strip_prefix(&format!("alarms/{region}/")), res.kind.as_str()) {
+            if let (true, ALARM) = (key.owner() == "alarms" && key.region() == region, res.kind.as_str()) {
+                let name = key.what();
                 if !names.iter().any(|n| n == name) {
                     names.push(name.to_owned());
                 }
@@ -547,25 +549,23 @@ async fn alarms_down(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
         }
         let found = describe_alarms(reg, &names).await?;
         let existing: Vec<String> = found.into_keys().collect();
-        if !existing.is_empty() && !rec.plan {
-            cx.cancel.check()?;
-            rec.status(&format!("deleting {} alarms in {region}", existing.len()));
-            match reg.cloudwatch.delete_alarms().set_alarm_names(Some(existing.clone())).send().aws(region).await
-            {
-                Ok(_) => {}
-                Err(e) if e.is_not_found() => {}
-                Err(e) => return Err(e.into()),
-            }
+        if !existing.is_empty() {
+            // One call deletes them all; each is recorded below.
+            rec.apply_part(None, async |_| {
+                rec.status(&format!("deleting {} alarms in {region}", existing.len()));
+                Ok(crate::error::gone(reg.cloudwatch.delete_alarms().set_alarm_names(Some(existing.clone())).send().aws(region).await)?)
+            })
+            .await?;
         }
         for name in &names {
             let key = alarm_key(region, name);
-            if !rec.plan && cx.store.get(&key).is_some() {
+            if !rec.planning() {
                 cx.store.remove(&key)?;
             }
             if existing.contains(name) {
-                rec.record(Action::Delete, ALARM, name, region, Some(name), None);
+                rec.record(Change::new(Action::Delete, ALARM, name, region).id(name));
             } else {
-                rec.record(Action::Absent, ALARM, name, region, None, None);
+                rec.record(Change::new(Action::Absent, ALARM, name, region));
             }
         }
     }
@@ -577,7 +577,7 @@ async fn alarms_down(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
 /// The dashboard: each metric names its region, so one widget shows both.
 fn dashboard_body(cx: &Cx) -> Value {
     let (p, d) = (cx.region(Side::Primary), cx.region(Side::Dr));
-    let (pid, did) = (database::instance_id(cx, Side::Primary), database::instance_id(cx, Side::Dr));
+    let (pid, did) = (instance::instance_id(cx, Side::Primary), instance::instance_id(cx, Side::Dr));
     let rds = |metric: &str, id: &str, region: &str, label: &str| json!(["AWS/RDS", metric, "DBInstanceIdentifier", id, {"region": region, "label": label}]);
     let both = |metric: &str| vec![rds(metric, &pid, p, &format!("primary ({p})")), rds(metric, &did, d, &format!("replica ({d})"))];
     let probe = format!("pgdr-{}-probe", cx.name());
@@ -641,11 +641,8 @@ async fn ensure_dashboard(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
     )
     .await?;
     if have.as_ref().is_some_and(|h| *h != want) {
-        if !rec.plan {
-            cx.cancel.check()?;
-            put().await?;
-        }
-        rec.record(Action::Change, DASHBOARD, &name, region, Some(&name), Some("widgets differ from pgdr's".into()));
+        let change = Change::new(Action::Change, DASHBOARD, &name, region).id(&name).detail("widgets differ from pgdr's");
+        rec.apply(change, async |_| put().await).await?;
     }
     Ok(())
 }

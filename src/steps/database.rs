@@ -6,107 +6,20 @@ use std::time::Duration;
 
 use futures::future::LocalBoxFuture;
 
-use super::{dbgroups, network, secrets, Res};
-use crate::cx::{Cx, Side};
-use crate::error::{AwsError, Error, Result};
-use crate::exec::{Action, Recorder, Step, StepResult};
-use crate::wait::{self, Look, Pace};
+use super::instance::{describe, instance_id, instance_key, is_fenced_side, lookup, Db};
+use super::{dbgroups, network, secrets, Res, StepId};
 use crate::aws::Call;
-use crate::read;
-
-pub const PRIMARY: &str = "primary";
-pub const REPLICA: &str = "replica";
+use crate::cx::{Cx, Side};
+use crate::error::{Error, Result};
+use crate::exec::{Action, Change, Recorder, Step, StepResult};
+use crate::state::Attr;
+use crate::wait::{self, Look, Pace, Wait};
 
 /// Log exports: the PostgreSQL log (with `log_statement`, the audit trail) and upgrade logs.
 const LOG_EXPORTS: [&str; 2] = ["postgresql", "upgrade"];
 
 pub struct Primary;
 pub struct Replica;
-
-/// What pgdr reads of an instance.
-#[derive(Clone, Debug, Default)]
-pub struct Db {
-    pub id: String,
-    pub arn: String,
-    pub status: String,
-    pub endpoint: Option<String>,
-    pub source: Option<String>,
-    pub multi_az: bool,
-    pub class: String,
-    pub storage_gib: i32,
-    pub backup_retention: i32,
-    pub deletion_protection: bool,
-    pub encrypted: bool,
-    pub engine_version: String,
-    pub tags: Vec<(String, String)>,
-}
-
-impl Db {
-    pub fn tag(&self, k: &str) -> Option<&str> {
-        self.tags.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str())
-    }
-}
-
-/// The instance of a side: as recorded in state, else `pgdr-<env>-<region>`.
-pub fn instance_id(cx: &Cx, side: Side) -> String {
-    cx.store
-        .get(&instance_key(cx, side))
-        .and_then(|r| r.id.or_else(|| r.attrs.get("identifier").cloned()))
-        .unwrap_or_else(|| format!("pgdr-{}-{}", cx.name(), cx.region(side)))
-}
-
-/// The old primary after a failover: kept as it is (never recreated, never waited on).
-pub fn is_fenced_side(cx: &Cx, side: Side) -> bool {
-    side == Side::Primary && cx.writer() == Side::Dr
-}
-
-pub fn instance_key(cx: &Cx, side: Side) -> String {
-    format!("{}/{}/instance", if side == Side::Primary { PRIMARY } else { REPLICA }, cx.region(side))
-}
-
-fn log_group_key(cx: &Cx, side: Side) -> String {
-    format!("{}/{}/log-group", if side == Side::Primary { PRIMARY } else { REPLICA }, cx.region(side))
-}
-
-pub fn log_group_name(id: &str) -> String {
-    format!("/aws/rds/instance/{id}/postgresql")
-}
-
-/// Describes one instance by identifier (`None` when it does not exist), asking AWS.
-pub async fn describe(reg: &crate::clients::Regional, id: &str) -> std::result::Result<Option<Db>, AwsError> {
-    db_of(reg.rds.describe_db_instances().db_instance_identifier(id).send().aws(&reg.region).await)
-}
-
-/// As [`describe`], through this run's reads (see [`crate::reads`]).
-pub async fn lookup(reg: &crate::clients::Regional, id: &str) -> std::result::Result<Option<Db>, AwsError> {
-    db_of(read!(reg.reads, &reg.region, reg.rds.describe_db_instances().db_instance_identifier(id)))
-}
-
-// The error is the crate's `AwsError`, large by design (code, message, request ID, region).
-#[allow(clippy::result_large_err)]
-fn db_of(
-    answer: std::result::Result<aws_sdk_rds::operation::describe_db_instances::DescribeDbInstancesOutput, AwsError>,
-) -> std::result::Result<Option<Db>, AwsError> {
-    match answer {
-        Ok(out) => Ok(out.db_instances.unwrap_or_default().into_iter().next().map(|d| Db {
-            id: d.db_instance_identifier.clone().unwrap_or_default(),
-            arn: d.db_instance_arn.clone().unwrap_or_default(),
-            status: d.db_instance_status.clone().unwrap_or_default(),
-            endpoint: d.endpoint.as_ref().and_then(|e| e.address.clone()),
-            source: d.read_replica_source_db_instance_identifier.clone(),
-            multi_az: d.multi_az.unwrap_or(false),
-            class: d.db_instance_class.clone().unwrap_or_default(),
-            storage_gib: d.allocated_storage.unwrap_or(0),
-            backup_retention: d.backup_retention_period.unwrap_or(0),
-            deletion_protection: d.deletion_protection.unwrap_or(false),
-            encrypted: d.storage_encrypted.unwrap_or(false),
-            engine_version: d.engine_version.clone().unwrap_or_default(),
-            tags: d.tag_list().iter().filter_map(|t| Some((t.key.clone()?, t.value.clone().unwrap_or_default()))).collect(),
-        })),
-        Err(e) if e.is_not_found() => Ok(None),
-        Err(e) => Err(e),
-    }
-}
 
 /// Finds the instance of `side`, refusing one with the same name that is not this environment's.
 async fn find(cx: &Cx, side: Side) -> Result<Option<Db>> {
@@ -121,17 +34,12 @@ async fn find(cx: &Cx, side: Side) -> Result<Option<Db>> {
     }
 }
 
-impl Step<Cx> for Primary {
-    fn id(&self) -> String {
-        PRIMARY.into()
+impl Step<Cx, StepId> for Primary {
+    fn id(&self) -> StepId {
+        StepId::Primary
     }
-    fn deps(&self) -> Vec<String> {
-        vec![
-            network::step_id(Side::Primary),
-            dbgroups::step_id(Side::Primary),
-            dbgroups::params_step_id(Side::Primary),
-            secrets::STEP.into(),
-        ]
+    fn deps(&self) -> Vec<StepId> {
+        vec![StepId::Network(Side::Primary), StepId::DbGroups(Side::Primary), StepId::DbParams(Side::Primary), StepId::Secrets]
     }
     fn up<'a>(&'a self, cx: &'a Cx, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult> {
         Box::pin(up(cx, rec, Side::Primary))
@@ -144,12 +52,12 @@ impl Step<Cx> for Primary {
     }
 }
 
-impl Step<Cx> for Replica {
-    fn id(&self) -> String {
-        REPLICA.into()
+impl Step<Cx, StepId> for Replica {
+    fn id(&self) -> StepId {
+        StepId::Replica
     }
-    fn deps(&self) -> Vec<String> {
-        vec![PRIMARY.into(), network::step_id(Side::Dr), dbgroups::step_id(Side::Dr), dbgroups::params_step_id(Side::Dr)]
+    fn deps(&self) -> Vec<StepId> {
+        vec![StepId::Primary, StepId::Network(Side::Dr), StepId::DbGroups(Side::Dr), StepId::DbParams(Side::Dr)]
     }
     fn up<'a>(&'a self, cx: &'a Cx, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult> {
         Box::pin(up(cx, rec, Side::Dr))
@@ -167,25 +75,6 @@ async fn reads(cx: &Cx, side: Side) {
     let _ = lookup(cx.regional(side), &instance_id(cx, side)).await;
 }
 
-/// The instance's PostgreSQL log group, created by pgdr with 7-day retention (RDS would create
-/// it without retention) so that `down` removes it.
-pub async fn ensure_log_group(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
-    super::lambda::ensure_log_group(cx, rec, cx.regional(side), &log_group_key(cx, side), &log_group_name(&instance_id(cx, side))).await
-}
-
-/// Removes the instance's log group (after the instance: RDS would write it again).
-/// The name recorded in state wins: the instance (and so its identifier) may be gone already.
-pub async fn delete_log_group(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
-    let key = log_group_key(cx, side);
-    let name = cx.store.id(&key).unwrap_or_else(|| log_group_name(&instance_id(cx, side)));
-    super::lambda::delete_log_group(cx, rec, cx.regional(side), &key, &name).await
-}
-
-/// What [`ensure_log_group`] reads, for the read phase.
-pub async fn log_group_reads(cx: &Cx, side: Side) {
-    let _ = super::lambda::log_groups(cx.regional(side), &log_group_name(&instance_id(cx, side))).await;
-}
-
 async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
     let reg = cx.regional(side);
     let region = reg.region.as_str();
@@ -197,7 +86,7 @@ async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
     let unknown = cx.store.get(&instance_key(cx, side)).is_none_or(|r| r.status == crate::state::Status::Pending);
     let credentials = async {
         match side {
-            Side::Primary if unknown && !rec.plan => Some(secrets::read_credentials(cx).await),
+            Side::Primary if unknown && !rec.planning() => Some(secrets::read_credentials(cx).await),
             _ => None,
         }
     };
@@ -205,11 +94,11 @@ async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
     let found = found?;
     let credentials = std::cell::RefCell::new(credentials);
     let r = Res::new(instance_key(cx, side), "db-instance", id.clone(), region);
-    let sg = cx.store.id(&network::key(cx, side, "db-sg")).unwrap_or_default();
+    let sg = network::db_sg_id(cx, side).unwrap_or_default();
     let exists = found.clone();
     let primary_arn = match side {
         Side::Primary => String::new(),
-        Side::Dr => cx.store.attr(&instance_key(cx, Side::Primary), "arn").unwrap_or_default(),
+        Side::Dr => cx.store.attr(&instance_key(cx, Side::Primary), Attr::Arn).unwrap_or_default(),
     };
     let created = super::ensure(
         cx,
@@ -227,53 +116,57 @@ async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
                         None => secrets::read_credentials(cx).await?,
                     };
                     reg.rds
-                            .create_db_instance()
-                            .db_instance_identifier(&id)
-                            .engine("postgres")
-                            .engine_version(&s.engine_version)
-                            .db_instance_class(&s.instance_class)
-                            .allocated_storage(s.allocated_storage_gib)
-                            .storage_type("gp3")
-                            .multi_az(true)
-                            .storage_encrypted(true)
-                            .backup_retention_period(s.backup_retention_days)
-                            .set_enable_cloudwatch_logs_exports(logs)
-                            .publicly_accessible(false)
-                            .db_subnet_group_name(dbgroups::subnet_group_name(cx))
-                            .vpc_security_group_ids(&sg)
-                            .db_parameter_group_name(dbgroups::parameter_group_name(cx))
-                            .auto_minor_version_upgrade(false)
-                            .copy_tags_to_snapshot(true)
-                            .deletion_protection(cx.env.deletion_protection())
-                            .master_username(user)
-                            .master_user_password(password.0)
-                            .db_name(&s.database_name)
-                            .port(5432)
-                            .set_tags(tags)
-                            .send().aws(region).await?;
+                        .create_db_instance()
+                        .db_instance_identifier(&id)
+                        .engine("postgres")
+                        .engine_version(&s.engine_version)
+                        .db_instance_class(&s.instance_class)
+                        .allocated_storage(s.allocated_storage_gib)
+                        .storage_type("gp3")
+                        .multi_az(true)
+                        .storage_encrypted(true)
+                        .backup_retention_period(s.backup_retention_days)
+                        .set_enable_cloudwatch_logs_exports(logs)
+                        .publicly_accessible(false)
+                        .db_subnet_group_name(dbgroups::subnet_group_name(cx))
+                        .vpc_security_group_ids(&sg)
+                        .db_parameter_group_name(dbgroups::parameter_group_name(cx))
+                        .auto_minor_version_upgrade(false)
+                        .copy_tags_to_snapshot(true)
+                        .deletion_protection(cx.env.deletion_protection())
+                        .master_username(user)
+                        .master_user_password(password.0)
+                        .db_name(&s.database_name)
+                        .port(5432)
+                        .set_tags(tags)
+                        .send()
+                        .aws(region)
+                        .await?;
                 }
                 Side::Dr => {
                     if primary_arn.is_empty() {
                         return Err(Error::failed("the primary's ARN is not known yet; rerun `pgdr up`"));
                     }
                     reg.rds
-                            .create_db_instance_read_replica()
-                            .db_instance_identifier(&id)
-                            .source_db_instance_identifier(&primary_arn)
-                            .db_instance_class(&s.instance_class)
-                            // An encrypted source needs a key of this region.
-                            .kms_key_id("alias/aws/rds")
-                            .storage_type("gp3")
-                            .set_enable_cloudwatch_logs_exports(logs)
-                            .publicly_accessible(false)
-                            .db_subnet_group_name(dbgroups::subnet_group_name(cx))
-                            .vpc_security_group_ids(&sg)
-                            .db_parameter_group_name(dbgroups::parameter_group_name(cx))
-                            .auto_minor_version_upgrade(false)
-                            .copy_tags_to_snapshot(true)
-                            .deletion_protection(cx.env.deletion_protection())
-                            .set_tags(tags)
-                            .send().aws(region).await?;
+                        .create_db_instance_read_replica()
+                        .db_instance_identifier(&id)
+                        .source_db_instance_identifier(&primary_arn)
+                        .db_instance_class(&s.instance_class)
+                        // An encrypted source needs a key of this region.
+                        .kms_key_id("alias/aws/rds")
+                        .storage_type("gp3")
+                        .set_enable_cloudwatch_logs_exports(logs)
+                        .publicly_accessible(false)
+                        .db_subnet_group_name(dbgroups::subnet_group_name(cx))
+                        .vpc_security_group_ids(&sg)
+                        .db_parameter_group_name(dbgroups::parameter_group_name(cx))
+                        .auto_minor_version_upgrade(false)
+                        .copy_tags_to_snapshot(true)
+                        .deletion_protection(cx.env.deletion_protection())
+                        .set_tags(tags)
+                        .send()
+                        .aws(region)
+                        .await?;
                 }
             }
             Ok(id.clone())
@@ -281,7 +174,7 @@ async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
     )
     .await?;
     let Some(_) = created else { return Ok(()) };
-    if rec.plan && found.is_none() {
+    if rec.planning() && found.is_none() {
         return Ok(());
     }
     if is_fenced_side(cx, side) {
@@ -291,10 +184,10 @@ async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
 
     // Wait for `available` before anything depends on it (plan only looks).
     let budget = Duration::from_secs(60 * if side == Side::Primary { s.primary_wait_minutes } else { s.replica_wait_minutes });
-    let db = match (&found, rec.plan) {
+    let db = match (&found, rec.planning()) {
         (Some(db), true) => {
             if db.status != "available" {
-                rec.record(Action::Keep, "db-instance", &id, region, Some(&id), Some(format!("status {}", db.status)));
+                rec.record(Change::new(Action::Keep, "db-instance", &id, region).id(&id).detail(format!("status {}", db.status)));
             }
             db.clone()
         }
@@ -304,12 +197,12 @@ async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
     };
     cx.store.update(|st| {
         if let Some(res) = st.resources.get_mut(&instance_key(cx, side)) {
-            res.attrs.insert("arn".into(), db.arn.clone());
+            res.set(Attr::Arn, db.arn.clone());
             if let Some(e) = &db.endpoint {
-                res.attrs.insert("endpoint".into(), e.clone());
+                res.set(Attr::Endpoint, e.clone());
             }
             // What the alarms' thresholds follow: the setting, or more if the volume is larger.
-            res.attrs.insert("storage_gib".into(), db.storage_gib.max(s.allocated_storage_gib).to_string());
+            res.set(Attr::StorageGib, db.storage_gib.max(s.allocated_storage_gib).to_string());
         }
         if side == Side::Primary && st.topology.writer_region.is_empty() {
             st.topology.writer_region = region.to_owned();
@@ -337,12 +230,9 @@ async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
         m = m.allocated_storage(s.allocated_storage_gib);
     } else if db.storage_gib > s.allocated_storage_gib {
         rec.record(
-            Action::Keep,
-            "db-instance",
-            &id,
-            region,
-            Some(&id),
-            Some(format!("storage stays {} GiB: RDS cannot shrink it to {}", db.storage_gib, s.allocated_storage_gib)),
+            Change::new(Action::Keep, "db-instance", &id, region)
+                .id(&id)
+                .detail(format!("storage stays {} GiB: RDS cannot shrink it to {}", db.storage_gib, s.allocated_storage_gib)),
         );
     }
     if side == Side::Primary && !db.multi_az {
@@ -351,26 +241,23 @@ async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
     }
     if !changes.is_empty() {
         let detail = changes.join(", ");
-        if !rec.plan {
+        rec.apply(Change::new(Action::Change, "db-instance", &id, region).id(&id).detail(detail), async |_| {
             m.send().aws(region).await?;
-            wait_available(cx, rec, side, &id, budget).await?;
-        }
-        rec.record(Action::Change, "db-instance", &id, region, Some(&id), Some(detail));
+            wait_available(cx, rec, side, &id, budget).await
+        })
+        .await?;
     }
     Ok(())
 }
 
 pub async fn wait_available(cx: &Cx, rec: &Recorder<'_>, side: Side, id: &str, budget: Duration) -> Result<Db> {
     let reg = cx.regional(side);
-    wait::until(
-        &format!("RDS instance {id} in {}", reg.region),
-        budget,
-        Pace::SLOW,
-        &cx.cancel,
-        &cx.clients.reads,
-        |status, t| rec.status(&format!("{id}: {status} ({})", wait::human(t))),
-        "rerun `pgdr up` to keep waiting",
-        async || {
+    Wait::new(&format!("RDS instance {id} in {}", reg.region))
+        .budget(budget)
+        .pace(Pace::SLOW)
+        .hint("rerun `pgdr up` to keep waiting")
+        .progress(|status, t| rec.status(&format!("{id}: {status} ({})", wait::human(t))))
+        .until(&cx.cancel, &cx.clients.reads, async || {
             Ok(match describe(reg, id).await? {
                 Some(db) => match wait::rds_status(&db.status) {
                     Look::Ready(()) => Look::Ready(db),
@@ -379,53 +266,8 @@ pub async fn wait_available(cx: &Cx, rec: &Recorder<'_>, side: Side, id: &str, b
                 },
                 None => Look::Failed("deleted".into()),
             })
-        },
-    )
-    .await
-}
-
-/// Every instance in a side's region tagged for this environment, the default name first.
-pub async fn tagged(cx: &Cx, side: Side) -> Result<Vec<Db>> {
-    let reg = cx.regional(side);
-    let mut all = Vec::new();
-    let mut marker = None;
-    loop {
-        let out = reg.rds.describe_db_instances().set_marker(marker).send().aws(&reg.region).await?;
-        marker = out.marker.clone();
-        let page = out.db_instances.unwrap_or_default();
-        for d in page {
-            let one = aws_sdk_rds::operation::describe_db_instances::DescribeDbInstancesOutput::builder().db_instances(d).build();
-            if let Some(db) = db_of(Ok(one))? {
-                if db.tag("pgdr:env") == Some(cx.name()) {
-                    all.push(db);
-                }
-            }
-        }
-        if marker.is_none() {
-            break;
-        }
-    }
-    let default = format!("pgdr-{}-{}", cx.name(), cx.region(side));
-    all.sort_by_key(|db| (db.id != default, db.id.clone()));
-    Ok(all)
-}
-
-/// pgdr does not upgrade PostgreSQL's major version: it reboots the instance, cannot be undone
-/// and needs a parameter group of the new family. A settings change asking for one is refused
-/// before anything is made for the new version.
-pub async fn check_major_version(cx: &Cx, side: Side) -> Result<()> {
-    let id = instance_id(cx, side);
-    let Some(db) = lookup(cx.regional(side), &id).await? else { return Ok(()) };
-    let running = db.engine_version.split('.').next().unwrap_or("");
-    if db.tag("pgdr:env") != Some(cx.name()) || running.is_empty() || running == cx.env.engine_major() {
-        return Ok(());
-    }
-    Err(Error::user(format!(
-        "{id} in {} runs PostgreSQL {}, but engine_version asks for {}: pgdr does not upgrade major versions; set engine_version = \"{running}\", or upgrade by hand (RDS console, or aws rds modify-db-instance --allow-major-version-upgrade) and then set it",
-        cx.region(side),
-        db.engine_version,
-        cx.env.settings.engine_version
-    )))
+        })
+        .await
 }
 
 /// Instances of the environment with deletion protection on (checked before `down` deletes anything).
@@ -433,7 +275,7 @@ pub async fn check_major_version(cx: &Cx, side: Side) -> Result<()> {
 pub async fn protected(cx: &Cx) -> Result<Vec<String>> {
     let mut all: Vec<(std::sync::Arc<crate::clients::Regional>, String)> =
         [Side::Primary, Side::Dr].into_iter().map(|side| (cx.regional(side).clone(), instance_id(cx, side))).collect();
-    for (_, r) in cx.store.snapshot().resources.into_iter().filter(|(k, _)| k.starts_with("retired/")) {
+    for (_, r) in cx.store.snapshot().resources.into_iter().filter(|(k, _)| k.owner() == "retired") {
         if let (Some(reg), Some(id)) = (cx.clients.region(&r.region), r.id) {
             all.push((reg.clone(), id));
         }
@@ -468,7 +310,14 @@ pub async fn delete_instance(
     let region = reg.region.as_str();
     let Some(db) = describe(reg, id).await? else { return Ok(()) };
     if db.deletion_protection {
-        reg.rds.modify_db_instance().db_instance_identifier(id).deletion_protection(false).apply_immediately(true).send().aws(region).await?;
+        reg.rds
+            .modify_db_instance()
+            .db_instance_identifier(id)
+            .deletion_protection(false)
+            .apply_immediately(true)
+            .send()
+            .aws(region)
+            .await?;
     }
     if let Some(snap) = &how.snapshot {
         rec.status(&format!("deleting {id} (final snapshot {snap})"));
@@ -485,22 +334,18 @@ pub async fn delete_instance(
         Err(e) if e.is_not_found() => return Ok(()),
         Err(e) => return Err(e.into()),
     }
-    wait::until(
-        &format!("deletion of {id}"),
-        Duration::from_secs(3600),
-        Pace::SLOW,
-        &cx.cancel,
-        &cx.clients.reads,
-        |s, t| rec.status(&format!("{id}: {s} ({})", wait::human(t))),
-        hint,
-        async || {
+    Wait::new(&format!("deletion of {id}"))
+        .budget(Duration::from_secs(3600))
+        .pace(Pace::SLOW)
+        .hint(hint)
+        .progress(|s, t| rec.status(&format!("{id}: {s} ({})", wait::human(t))))
+        .until(&cx.cancel, &cx.clients.reads, async || {
             Ok(match describe(reg, id).await? {
                 None => Look::Ready(()),
                 Some(d) => Look::Pending(d.status),
             })
-        },
-    )
-    .await
+        })
+        .await
 }
 
 /// A final snapshot name unique to the second: `pgdr-<env>-final-<UTC timestamp>`.
@@ -533,8 +378,8 @@ async fn down(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
         },
     )
     .await?;
-    if let (Some(snap), false) = (&snapshot, rec.plan || found.is_none()) {
-        rec.record(Action::Keep, "db-snapshot", snap, region, Some(snap), Some("final snapshot of the primary".into()));
+    if let (Some(snap), false) = (&snapshot, rec.planning() || found.is_none()) {
+        rec.record(Change::new(Action::Keep, "db-snapshot", snap, region).id(snap).detail("final snapshot of the primary"));
     }
     Ok(())
 }
@@ -543,27 +388,21 @@ async fn down(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
 /// final snapshot unless `--skip-final-snapshot`) by `down`.
 pub struct Retired;
 
-impl Step<Cx> for Retired {
-    fn id(&self) -> String {
-        "retired".into()
+impl Step<Cx, StepId> for Retired {
+    fn id(&self) -> StepId {
+        StepId::Retired
     }
-    fn deps(&self) -> Vec<String> {
+    fn deps(&self) -> Vec<StepId> {
         // On `down` it goes before the groups and networks it uses.
-        [Side::Primary, Side::Dr]
-            .into_iter()
-            .flat_map(|s| [dbgroups::step_id(s), dbgroups::params_step_id(s), network::step_id(s)])
-            .collect()
+        [Side::Primary, Side::Dr].into_iter().flat_map(|s| [StepId::DbGroups(s), StepId::DbParams(s), StepId::Network(s)]).collect()
     }
     fn up<'a>(&'a self, cx: &'a Cx, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult> {
         Box::pin(async move {
-            for (_, r) in cx.store.snapshot().resources.into_iter().filter(|(k, _)| k.starts_with("retired/")) {
+            for (_, r) in cx.store.snapshot().resources.into_iter().filter(|(k, _)| k.owner() == "retired") {
                 rec.record(
-                    Action::Keep,
-                    "db-instance",
-                    r.id.as_deref().unwrap_or("?"),
-                    &r.region,
-                    r.id.as_deref(),
-                    Some("retired old primary".into()),
+                    Change::new(Action::Keep, "db-instance", r.id.as_deref().unwrap_or("?"), &r.region)
+                        .maybe_id(r.id.as_deref())
+                        .detail("retired old primary"),
                 );
             }
             Ok(())
@@ -571,13 +410,13 @@ impl Step<Cx> for Retired {
     }
     fn down<'a>(&'a self, cx: &'a Cx, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult> {
         Box::pin(async move {
-            let retired: Vec<(String, crate::state::Resource)> =
-                cx.store.snapshot().resources.into_iter().filter(|(k, _)| k.starts_with("retired/")).collect();
+            let retired: Vec<(crate::state::Key, crate::state::Resource)> =
+                cx.store.snapshot().resources.into_iter().filter(|(k, _)| k.owner() == "retired").collect();
             for (key, r) in retired {
                 let Some(reg) = cx.clients.region(&r.region).cloned() else { continue };
                 let id = r.id.clone().unwrap_or_default();
                 let found = lookup(&reg, &id).await?.filter(|d| d.status != "deleting");
-                if found.as_ref().is_some_and(|d| d.deletion_protection) && !cx.opts.force && !rec.plan {
+                if found.as_ref().is_some_and(|d| d.deletion_protection) && !cx.opts.force && !rec.planning() {
                     return Err(Error::user(format!("{id} has deletion protection on; rerun with --force to turn it off and delete")));
                 }
                 let snapshot = (!cx.opts.skip_final_snapshot).then(|| snapshot_name(cx));

@@ -4,26 +4,20 @@
 use aws_sdk_rds::types::{ApplyMethod, Parameter, Tag};
 use futures::future::LocalBoxFuture;
 
-use super::{database, network, Res};
-use crate::cx::{Cx, Side};
-use crate::error::{AwsError, Error, Result};
-use crate::exec::{Action, Recorder, Step, StepResult};
+use super::instance::{self, instance_id};
+use super::{network, Res, StepId};
 use crate::aws::Call;
+use crate::cx::{Cx, Side};
+use crate::error::{AwsError, Result};
+use crate::exec::{Action, Recorder, Step, StepResult};
 use crate::read;
+use crate::state::Key;
 
 /// The DB subnet group (needs the network's subnets).
 pub struct DbGroups(pub Side);
 
 /// The DB parameter group and the instance's log group (need nothing: they go first).
 pub struct DbParams(pub Side);
-
-pub fn step_id(side: Side) -> String {
-    format!("dbgroups:{}", side.label())
-}
-
-pub fn params_step_id(side: Side) -> String {
-    format!("dbparams:{}", side.label())
-}
 
 pub fn subnet_group_name(cx: &Cx) -> String {
     format!("pgdr-{}", cx.name())
@@ -33,8 +27,8 @@ pub fn parameter_group_name(cx: &Cx) -> String {
     format!("pgdr-{}-postgres{}", cx.name(), cx.env.engine_major())
 }
 
-fn key(cx: &Cx, side: Side, what: &str) -> String {
-    format!("dbgroups/{}/{}", cx.region(side), what)
+fn key(cx: &Cx, side: Side, what: &str) -> Key {
+    Key::new("dbgroups", cx.region(side), what)
 }
 
 pub fn rds_tags(cx: &Cx, resource: &str) -> Vec<Tag> {
@@ -49,12 +43,12 @@ pub fn wanted_parameters(cx: &Cx) -> Vec<(&'static str, String)> {
     ]
 }
 
-impl Step<Cx> for DbGroups {
-    fn id(&self) -> String {
-        step_id(self.0)
+impl Step<Cx, StepId> for DbGroups {
+    fn id(&self) -> StepId {
+        StepId::DbGroups(self.0)
     }
-    fn deps(&self) -> Vec<String> {
-        vec![network::step_id(self.0)]
+    fn deps(&self) -> Vec<StepId> {
+        vec![StepId::Network(self.0)]
     }
     fn up<'a>(&'a self, cx: &'a Cx, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult> {
         Box::pin(up(cx, rec, self.0))
@@ -69,11 +63,11 @@ impl Step<Cx> for DbGroups {
     }
 }
 
-impl Step<Cx> for DbParams {
-    fn id(&self) -> String {
-        params_step_id(self.0)
+impl Step<Cx, StepId> for DbParams {
+    fn id(&self) -> StepId {
+        StepId::DbParams(self.0)
     }
-    fn deps(&self) -> Vec<String> {
+    fn deps(&self) -> Vec<StepId> {
         vec![]
     }
     fn up<'a>(&'a self, cx: &'a Cx, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult> {
@@ -89,8 +83,8 @@ impl Step<Cx> for DbParams {
             let _ = futures::join!(
                 find_parameter_group(cx, side),
                 parameters(cx, side, &group),
-                database::log_group_reads(cx, side),
-                database::check_major_version(cx, side)
+                log_group_reads(cx, side),
+                instance::check_major_version(cx, side)
             );
         })
     }
@@ -112,8 +106,7 @@ fn missing<T>(r: std::result::Result<T, AwsError>) -> Result<Option<T>> {
 
 async fn find_subnet_group(cx: &Cx, side: Side) -> Result<Option<(String, Vec<String>)>> {
     let reg = cx.regional(side);
-    let out = missing(
-        read!(reg.reads, &reg.region, reg.rds.describe_db_subnet_groups().db_subnet_group_name(subnet_group_name(cx))))?;
+    let out = missing(read!(reg.reads, &reg.region, reg.rds.describe_db_subnet_groups().db_subnet_group_name(subnet_group_name(cx))))?;
     Ok(out.and_then(|o| o.db_subnet_groups.unwrap_or_default().into_iter().next()).map(|g| {
         let subnets = g.subnets().iter().filter_map(|s| s.subnet_identifier().map(str::to_owned)).collect();
         (g.db_subnet_group_name.unwrap_or_default(), subnets)
@@ -122,8 +115,8 @@ async fn find_subnet_group(cx: &Cx, side: Side) -> Result<Option<(String, Vec<St
 
 async fn find_parameter_group(cx: &Cx, side: Side) -> Result<Option<String>> {
     let reg = cx.regional(side);
-    let out = missing(
-        read!(reg.reads, &reg.region, reg.rds.describe_db_parameter_groups().db_parameter_group_name(parameter_group_name(cx))))?;
+    let out =
+        missing(read!(reg.reads, &reg.region, reg.rds.describe_db_parameter_groups().db_parameter_group_name(parameter_group_name(cx))))?;
     Ok(out.and_then(|o| o.db_parameter_groups.unwrap_or_default().into_iter().next()).and_then(|g| g.db_parameter_group_name))
 }
 
@@ -147,22 +140,22 @@ async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
         async |_| Ok(found.as_ref().map(|f| f.0.clone())),
         async |_| {
             reg.rds
-                    .create_db_subnet_group()
-                    .db_subnet_group_name(subnet_group_name(cx))
-                    .db_subnet_group_description(format!("pgdr {}: private subnets", cx.name()))
-                    .set_subnet_ids(Some(subnets.clone()))
-                    .set_tags(Some(rds_tags(cx, "db-subnet-group")))
-                    .send().aws(region).await?;
+                .create_db_subnet_group()
+                .db_subnet_group_name(subnet_group_name(cx))
+                .db_subnet_group_description(format!("pgdr {}: private subnets", cx.name()))
+                .set_subnet_ids(Some(subnets.clone()))
+                .set_tags(Some(rds_tags(cx, "db-subnet-group")))
+                .send()
+                .aws(region)
+                .await?;
             Ok(subnet_group_name(cx))
         },
     )
     .await?;
     if let Some(have) = existing.filter(|h| !subnets.is_empty() && *h != subnets) {
         let detail = format!("subnets {} -> {}", have.join(","), subnets.join(","));
-        if !rec.plan {
-            reg.rds.modify_db_subnet_group().db_subnet_group_name(subnet_group_name(cx)).set_subnet_ids(Some(subnets.clone())).send().aws(region).await?;
-        }
-        rec.record(Action::Change, "db-subnet-group", &sg_res.name, region, None, Some(detail));
+        let modify = reg.rds.modify_db_subnet_group().db_subnet_group_name(subnet_group_name(cx)).set_subnet_ids(Some(subnets.clone()));
+        rec.apply(sg_res.change(Action::Change).detail(detail), async |_| Ok(modify.send().aws(region).await?)).await?;
     }
     Ok(())
 }
@@ -171,8 +164,8 @@ async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
 async fn params_up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
     let reg = cx.regional(side);
     let region = reg.region.as_str();
-    database::check_major_version(cx, side).await?;
-    let (pg, logs) = futures::join!(parameter_group_up(cx, rec, side, reg, region), database::ensure_log_group(cx, rec, side));
+    instance::check_major_version(cx, side).await?;
+    let (pg, logs) = futures::join!(parameter_group_up(cx, rec, side, reg, region), ensure_log_group(cx, rec, side));
     pg?;
     logs
 }
@@ -186,12 +179,14 @@ async fn parameter_group_up(cx: &Cx, rec: &Recorder<'_>, side: Side, reg: &crate
         async |_| find_parameter_group(cx, side).await,
         async |_| {
             reg.rds
-                    .create_db_parameter_group()
-                    .db_parameter_group_name(parameter_group_name(cx))
-                    .db_parameter_group_family(format!("postgres{}", cx.env.engine_major()))
-                    .description(format!("pgdr {}: audit logging and TLS", cx.name()))
-                    .set_tags(Some(rds_tags(cx, "db-parameter-group")))
-                    .send().aws(region).await?;
+                .create_db_parameter_group()
+                .db_parameter_group_name(parameter_group_name(cx))
+                .db_parameter_group_family(format!("postgres{}", cx.env.engine_major()))
+                .description(format!("pgdr {}: audit logging and TLS", cx.name()))
+                .set_tags(Some(rds_tags(cx, "db-parameter-group")))
+                .send()
+                .aws(region)
+                .await?;
             Ok(parameter_group_name(cx))
         },
     )
@@ -222,16 +217,12 @@ async fn parameter_group_up(cx: &Cx, rec: &Recorder<'_>, side: Side, reg: &crate
             .map(|(k, have, want)| format!("{k}: {} -> {want}", if have.is_empty() { "default" } else { have }))
             .collect::<Vec<_>>()
             .join(", ");
-        if !rec.plan {
-            let params = diff
-                .iter()
-                .map(|(k, _, want)| {
-                    Parameter::builder().parameter_name(*k).parameter_value(want).apply_method(ApplyMethod::Immediate).build()
-                })
-                .collect();
-            reg.rds.modify_db_parameter_group().db_parameter_group_name(parameter_group_name(cx)).set_parameters(Some(params)).send().aws(region).await?;
-        }
-        rec.record(Action::Change, "db-parameter-group", &pg_res.name, region, None, Some(detail));
+        let params = diff
+            .iter()
+            .map(|(k, _, want)| Parameter::builder().parameter_name(*k).parameter_value(want).apply_method(ApplyMethod::Immediate).build())
+            .collect();
+        let modify = reg.rds.modify_db_parameter_group().db_parameter_group_name(parameter_group_name(cx)).set_parameters(Some(params));
+        rec.apply(pg_res.change(Action::Change).detail(detail), async |_| Ok(modify.send().aws(region).await?)).await?;
     }
     Ok(())
 }
@@ -245,14 +236,9 @@ async fn down(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
         rec,
         &sg,
         async |_| Ok(find_subnet_group(cx, side).await?.map(|g| g.0)),
-        async |name| {
-            missing(
-                reg.rds.delete_db_subnet_group().db_subnet_group_name(name).send().aws(region).await)
-            .map(|_| ())
-        },
+        async |name| missing(reg.rds.delete_db_subnet_group().db_subnet_group_name(name).send().aws(region).await).map(|_| ()),
     )
     .await?;
-    let _ = Error::Interrupted;
     Ok(())
 }
 
@@ -265,12 +251,35 @@ async fn params_down(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
         rec,
         &pg,
         async |_| find_parameter_group(cx, side).await,
-        async |name| {
-            missing(
-                reg.rds.delete_db_parameter_group().db_parameter_group_name(name).send().aws(region).await)
-            .map(|_| ())
-        },
+        async |name| missing(reg.rds.delete_db_parameter_group().db_parameter_group_name(name).send().aws(region).await).map(|_| ()),
     )
     .await?;
-    database::delete_log_group(cx, rec, side).await
+    delete_log_group(cx, rec, side).await
+}
+
+fn log_group_key(cx: &Cx, side: Side) -> Key {
+    Key::new(instance::owner(side), cx.region(side), "log-group")
+}
+
+pub fn log_group_name(id: &str) -> String {
+    format!("/aws/rds/instance/{id}/postgresql")
+}
+
+/// The instance's PostgreSQL log group, created by pgdr with 7-day retention (RDS would create
+/// it without retention) so that `down` removes it.
+pub async fn ensure_log_group(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
+    super::lambda::ensure_log_group(cx, rec, cx.regional(side), &log_group_key(cx, side), &log_group_name(&instance_id(cx, side))).await
+}
+
+/// Removes the instance's log group (after the instance: RDS would write it again).
+/// The name recorded in state wins: the instance (and so its identifier) may be gone already.
+pub async fn delete_log_group(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
+    let key = log_group_key(cx, side);
+    let name = cx.store.id(&key).unwrap_or_else(|| log_group_name(&instance_id(cx, side)));
+    super::lambda::delete_log_group(cx, rec, cx.regional(side), &key, &name).await
+}
+
+/// What [`ensure_log_group`] reads, for the read phase.
+pub async fn log_group_reads(cx: &Cx, side: Side) {
+    let _ = super::lambda::log_groups(cx.regional(side), &log_group_name(&instance_id(cx, side))).await;
 }

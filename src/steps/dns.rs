@@ -8,26 +8,36 @@
 use std::time::Duration;
 
 use aws_sdk_route53::types::{
-    Change, ChangeAction, ChangeBatch, HostedZoneConfig, ResourceRecord, ResourceRecordSet, RrType, Tag, TagResourceType, Vpc, VpcRegion,
+    Change as R53Change, ChangeAction, ChangeBatch, HostedZoneConfig, ResourceRecord, ResourceRecordSet, RrType, TagResourceType, Vpc,
+    VpcRegion,
 };
 use futures::future::LocalBoxFuture;
 
-use super::{database, network, Res};
+use super::healthcheck::{self, tag};
+use super::instance;
+use super::{network, Res, StepId};
+use crate::aws::Call;
 use crate::cx::{Cx, Side};
 use crate::error::{Error, Result};
-use crate::exec::{Action, Recorder, Step, StepResult};
-use crate::wait::{self, Look, Pace};
-use crate::aws::Call;
+use crate::exec::{Action, Change, Recorder, Step, StepResult};
 use crate::read;
+use crate::state::{Attr, Key};
+use crate::wait::{self, Look, Pace, Wait};
 
 pub struct Zone;
 pub struct Records;
 
-pub const ZONE: &str = "zone";
-pub const RECORDS: &str = "records";
+pub fn zone_key() -> Key {
+    Key::new("dns", "global", "zone")
+}
 
-pub fn zone_key() -> String {
-    "dns/global/zone".into()
+fn records_key() -> Key {
+    Key::new("dns", "global", "records")
+}
+
+/// The private zone's ID, as recorded.
+pub fn zone_id(cx: &Cx) -> Option<String> {
+    cx.store.id(&zone_key())
 }
 
 fn fqdn(name: &str) -> String {
@@ -46,12 +56,12 @@ fn caller_prefix(cx: &Cx) -> String {
     format!("pgdr-{}-zone-", cx.name())
 }
 
-impl Step<Cx> for Zone {
-    fn id(&self) -> String {
-        ZONE.into()
+impl Step<Cx, StepId> for Zone {
+    fn id(&self) -> StepId {
+        StepId::Zone
     }
-    fn deps(&self) -> Vec<String> {
-        vec![network::step_id(Side::Primary), network::step_id(Side::Dr)]
+    fn deps(&self) -> Vec<StepId> {
+        vec![StepId::Network(Side::Primary), StepId::Network(Side::Dr)]
     }
     fn up<'a>(&'a self, cx: &'a Cx, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult> {
         Box::pin(zone_up(cx, rec))
@@ -66,12 +76,12 @@ impl Step<Cx> for Zone {
     }
 }
 
-impl Step<Cx> for Records {
-    fn id(&self) -> String {
-        RECORDS.into()
+impl Step<Cx, StepId> for Records {
+    fn id(&self) -> StepId {
+        StepId::Records
     }
-    fn deps(&self) -> Vec<String> {
-        vec![ZONE.into(), database::PRIMARY.into(), database::REPLICA.into(), super::failover::DETECTION.into()]
+    fn deps(&self) -> Vec<StepId> {
+        vec![StepId::Zone, StepId::Primary, StepId::Replica, StepId::Detection]
     }
     fn up<'a>(&'a self, cx: &'a Cx, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult> {
         Box::pin(records_up(cx, rec))
@@ -144,7 +154,7 @@ async fn zone_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
     let r53 = &cx.clients.route53;
     let name = cx.env.zone_name();
     let r = Res::new(zone_key(), "hosted-zone", name.clone(), "global");
-    let primary_vpc = cx.store.id(&network::key(cx, Side::Primary, "vpc")).unwrap_or_default();
+    let primary_vpc = network::vpc_id(cx, Side::Primary).unwrap_or_default();
     remove_duplicate_zones(cx, rec, &r).await?;
     let found = find_zone(cx).await?;
     let vpcs = found.as_ref().map(|f| f.1.clone()).unwrap_or_default();
@@ -158,12 +168,15 @@ async fn zone_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
         Ok(find_zone(cx).await?.map(|f| f.0))
     };
     let id = super::ensure(cx, rec, &r, find, async |token| {
-        let out = r53.create_hosted_zone()
-                .name(&name)
-                .caller_reference(format!("{}{}", caller_prefix(cx), &token[token.len().saturating_sub(16)..]))
-                .hosted_zone_config(HostedZoneConfig::builder().comment(format!("pgdr {}", cx.name())).private_zone(true).build())
-                .vpc(Vpc::builder().vpc_id(&primary_vpc).vpc_region(VpcRegion::from(cx.region(Side::Primary))).build())
-                .send().aws("global").await?;
+        let out = r53
+            .create_hosted_zone()
+            .name(&name)
+            .caller_reference(format!("{}{}", caller_prefix(cx), &token[token.len().saturating_sub(16)..]))
+            .hosted_zone_config(HostedZoneConfig::builder().comment(format!("pgdr {}", cx.name())).private_zone(true).build())
+            .vpc(Vpc::builder().vpc_id(&primary_vpc).vpc_region(VpcRegion::from(cx.region(Side::Primary))).build())
+            .send()
+            .aws("global")
+            .await?;
         let id = out.hosted_zone.map(|z| short_id(&z.id)).ok_or_else(|| Error::Other("CreateHostedZone returned no zone".into()))?;
         // Route 53 takes no tags at creation: record the ID first, then tag.
         cx.store.put(&zone_key(), crate::state::Resource::new("hosted-zone", "global", &id, crate::state::Status::Created))?;
@@ -172,32 +185,27 @@ async fn zone_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
     })
     .await?;
     let Some(id) = id else {
-        rec.record(Action::Create, "zone-association", cx.region(Side::Dr), cx.region(Side::Dr), None, None);
+        rec.record(Change::new(Action::Create, "zone-association", cx.region(Side::Dr), cx.region(Side::Dr)));
         return Ok(());
     };
     // Both VPCs resolve the zone: associate the one that is missing.
     for side in [Side::Primary, Side::Dr] {
-        let vpc = cx.store.id(&network::key(cx, side, "vpc")).unwrap_or_default();
+        let vpc = network::vpc_id(cx, side).unwrap_or_default();
         if vpc.is_empty() || vpcs.iter().any(|(v, _)| *v == vpc) || (found.is_none() && side == Side::Primary) {
             continue;
         }
-        if !rec.plan {
-            let out = r53.associate_vpc_with_hosted_zone()
-                    .hosted_zone_id(&id)
-                    .vpc(Vpc::builder().vpc_id(&vpc).vpc_region(VpcRegion::from(cx.region(side))).build())
-                    .send().aws("global").await?;
-            if let Some(info) = out.change_info {
-                wait_insync(cx, rec, &info.id).await?;
+        let change = Change::new(Action::Create, "zone-association", cx.region(side), cx.region(side))
+            .id(&vpc)
+            .detail(format!("{name} visible in {vpc}"));
+        rec.apply(change, async |_| {
+            let vpc_ref = Vpc::builder().vpc_id(&vpc).vpc_region(VpcRegion::from(cx.region(side))).build();
+            let out = r53.associate_vpc_with_hosted_zone().hosted_zone_id(&id).vpc(vpc_ref).send().aws("global").await?;
+            match out.change_info {
+                Some(info) => wait_insync(cx, rec, &info.id).await,
+                None => Ok(()),
             }
-        }
-        rec.record(
-            Action::Create,
-            "zone-association",
-            cx.region(side),
-            cx.region(side),
-            Some(&vpc),
-            Some(format!("{name} visible in {vpc}")),
-        );
+        })
+        .await?;
     }
     Ok(())
 }
@@ -224,15 +232,14 @@ async fn remove_duplicate_zones(cx: &Cx, rec: &Recorder<'_>, r: &Res<'_>) -> Res
         .collect();
     if ids.len() > 1 {
         let known = cx.store.id(&zone_key());
-        let kept = super::keep_one(rec, r, known.as_deref(), ids, async |id| {
-            match r53.delete_hosted_zone().id(&id).send().aws("global").await {
+        let kept =
+            super::keep_one(rec, r, known.as_deref(), ids, async |id| match r53.delete_hosted_zone().id(&id).send().aws("global").await {
                 Ok(_) => Ok(()),
                 Err(e) if e.is_not_found() => Ok(()),
                 Err(e) => Err(e.into()),
-            }
-        })
-        .await?;
-        if let (Some(k), false) = (kept, rec.plan) {
+            })
+            .await?;
+        if let (Some(k), false) = (kept, rec.planning()) {
             if cx.store.id(&zone_key()).as_deref() != Some(k.as_str()) {
                 cx.store.put(&zone_key(), crate::state::Resource::new("hosted-zone", "global", k, crate::state::Status::Adopted))?;
             }
@@ -241,32 +248,22 @@ async fn remove_duplicate_zones(cx: &Cx, rec: &Recorder<'_>, r: &Res<'_>) -> Res
     Ok(())
 }
 
-pub async fn tag(cx: &Cx, kind: TagResourceType, id: &str, resource: &str) -> Result<()> {
-    let tags: Vec<Tag> = cx.tags(resource).into_iter().map(|(k, v)| Tag::builder().key(k).value(v).build()).collect();
-    cx.clients.route53.change_tags_for_resource().resource_type(kind).resource_id(id).set_add_tags(Some(tags)).send().aws("global").await?;
-    Ok(())
-}
-
 pub async fn wait_insync(cx: &Cx, rec: &Recorder<'_>, change_id: &str) -> Result<()> {
     let r53 = &cx.clients.route53;
-    wait::until(
-        &format!("Route 53 change {change_id}"),
-        Duration::from_secs(300),
-        Pace::FAST,
-        &cx.cancel,
-        &cx.clients.reads,
-        |s, t| rec.status(&format!("DNS change {s} ({})", wait::human(t))),
-        "rerun the command",
-        async || {
+    Wait::new(&format!("Route 53 change {change_id}"))
+        .budget(Duration::from_secs(300))
+        .pace(Pace::FAST)
+        .hint("rerun the command")
+        .progress(|s, t| rec.status(&format!("DNS change {s} ({})", wait::human(t))))
+        .until(&cx.cancel, &cx.clients.reads, async || {
             let out = r53.get_change().id(change_id).send().aws("global").await?;
             Ok(match out.change_info.map(|c| c.status.as_str().to_owned()).as_deref() {
                 Some("INSYNC") => Look::Ready(()),
                 Some(s) => Look::Pending(s.to_owned()),
                 None => Look::Pending("unknown".into()),
             })
-        },
-    )
-    .await
+        })
+        .await
 }
 
 async fn zone_down(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
@@ -358,14 +355,12 @@ pub async fn current_records(cx: &Cx, zone: &str) -> Result<Vec<ResourceRecordSe
 /// Makes the records match the topology (writer weight 100); one batch, then INSYNC.
 pub async fn records_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
     let Some(zone) = cx.store.id(&zone_key()) else {
-        rec.record(Action::Create, "dns-record", &writer_record(cx), "global", None, Some("weighted writer and reader records".into()));
+        rec.record(Change::new(Action::Create, "dns-record", &writer_record(cx), "global").detail("weighted writer and reader records"));
         return Ok(());
     };
-    let endpoints: Vec<(Side, String)> = [Side::Primary, Side::Dr]
-        .into_iter()
-        .filter_map(|s| cx.store.attr(&database::instance_key(cx, s), "endpoint").map(|e| (s, e)))
-        .collect();
-    let hc = cx.store.id(&super::failover::health_check_key());
+    let endpoints: Vec<(Side, String)> =
+        [Side::Primary, Side::Dr].into_iter().filter_map(|s| instance::recorded(cx, s, Attr::Endpoint).map(|e| (s, e))).collect();
+    let hc = healthcheck::id(cx);
     let want = wanted_records(cx, cx.writer(), &endpoints, hc.as_deref());
     let have = current_records(cx, &zone).await?;
     let mut changes = Vec::new();
@@ -373,18 +368,18 @@ pub async fn records_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
         let current =
             have.iter().find(|h| h.name.trim_end_matches('.') == w.name.trim_end_matches('.') && h.set_identifier == w.set_identifier);
         match current {
-            Some(h) if same(h, w) => rec.record(Action::Keep, "dns-record", &describe(w), "global", None, None),
+            Some(h) if same(h, w) => rec.record(Change::new(Action::Keep, "dns-record", &describe(w), "global")),
             Some(_) => {
-                rec.record(Action::Change, "dns-record", &describe(w), "global", None, None);
+                rec.record(Change::new(Action::Change, "dns-record", &describe(w), "global"));
                 changes.push(w.clone());
             }
             None => {
-                rec.record(Action::Create, "dns-record", &describe(w), "global", None, None);
+                rec.record(Change::new(Action::Create, "dns-record", &describe(w), "global"));
                 changes.push(w.clone());
             }
         }
     }
-    if changes.is_empty() || rec.plan {
+    if changes.is_empty() {
         return Ok(());
     }
     // One batch: all or nothing.
@@ -393,21 +388,20 @@ pub async fn records_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
         .set_changes(Some(
             changes
                 .into_iter()
-                .filter_map(|r| Change::builder().action(ChangeAction::Upsert).resource_record_set(r).build().ok())
+                .filter_map(|r| R53Change::builder().action(ChangeAction::Upsert).resource_record_set(r).build().ok())
                 .collect(),
         ))
         .build()
         .map_err(|e| Error::Other(e.to_string()))?;
-    let out = cx.clients.route53.change_resource_record_sets().hosted_zone_id(&zone).change_batch(batch).send().aws("global").await?;
-    if let Some(info) = out.change_info {
-        wait_insync(cx, rec, &info.id).await?;
-    }
-    cx.store.update(|s| {
-        s.resources.insert(
-            "dns/global/records".into(),
-            crate::state::Resource::new("dns-records", "global", writer_record(cx), crate::state::Status::Created),
-        );
-    })?;
+    // Each record's change is recorded above; the batch is their one write.
+    rec.apply_part(None, async |_| {
+        let out = cx.clients.route53.change_resource_record_sets().hosted_zone_id(&zone).change_batch(batch).send().aws("global").await?;
+        if let Some(info) = out.change_info {
+            wait_insync(cx, rec, &info.id).await?;
+        }
+        cx.store.put(&records_key(), crate::state::Resource::new("dns-records", "global", writer_record(cx), crate::state::Status::Created))
+    })
+    .await?;
     Ok(())
 }
 
@@ -427,27 +421,32 @@ async fn records_down(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
         return Ok(());
     }
     for h in &have {
-        rec.record(Action::Delete, "dns-record", &describe(h), "global", None, None);
+        rec.record(Change::new(Action::Delete, "dns-record", &describe(h), "global"));
     }
-    if rec.plan {
+    if rec.planning() {
         return Ok(());
     }
     // DELETE must match the stored records exactly: send them back as listed.
     let batch = ChangeBatch::builder()
         .set_changes(Some(
-            have.into_iter().filter_map(|r| Change::builder().action(ChangeAction::Delete).resource_record_set(r).build().ok()).collect(),
+            have.into_iter()
+                .filter_map(|r| R53Change::builder().action(ChangeAction::Delete).resource_record_set(r).build().ok())
+                .collect(),
         ))
         .build()
         .map_err(|e| Error::Other(e.to_string()))?;
-    match cx.clients.route53.change_resource_record_sets().hosted_zone_id(&zone).change_batch(batch).send().aws("global").await {
-        Ok(out) => {
-            if let Some(info) = out.change_info {
-                wait_insync(cx, rec, &info.id).await?;
+    rec.apply_part(None, async |_| {
+        match cx.clients.route53.change_resource_record_sets().hosted_zone_id(&zone).change_batch(batch).send().aws("global").await {
+            Ok(out) => {
+                if let Some(info) = out.change_info {
+                    wait_insync(cx, rec, &info.id).await?;
+                }
             }
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(e.into()),
         }
-        Err(e) if e.is_not_found() => {}
-        Err(e) => return Err(e.into()),
-    }
-    cx.store.remove("dns/global/records")?;
+        cx.store.remove(&records_key())
+    })
+    .await?;
     Ok(())
 }

@@ -16,17 +16,20 @@ use aws_sdk_route53::types::{
 };
 use futures::future::LocalBoxFuture;
 
+use super::healthcheck::{self, delete_health_check, health_check_prefix, list_health_checks, tag, the_health_check};
+use super::instance;
 use super::lambda::{self, FunctionSpec};
-use super::{database, dns, ec2_tag_filters, ec2_tag_spec, network, Res};
+use super::{alarms, dns, ec2_tag_filters, ec2_tag_spec, network, Res, StepId};
+use crate::aws::Call;
 use crate::cx::{Cx, Side};
 use crate::error::{AwsError, Error, Result};
-use crate::exec::{Action, Recorder, Step, StepResult};
-use crate::aws::Call;
+use crate::exec::{Action, Change, Recorder, Step, StepResult};
 use crate::read;
+use crate::state::{Attr, Key};
 
-pub const FAILOVER: &str = "failover";
-pub const DETECTION: &str = "detection";
-const TOPICS: &str = "topics";
+/// State key owners: the failover machinery and the detection machinery.
+const FAILOVER: &str = "failover";
+const DETECTION: &str = "detection";
 
 pub struct Failover;
 pub struct Detection;
@@ -43,23 +46,19 @@ pub fn alarm_name(cx: &Cx) -> String {
     format!("pgdr-{}-primary-down", cx.name())
 }
 
-pub fn health_check_key() -> String {
-    "detection/global/health-check".into()
-}
-
-fn key(cx: &Cx, step: &str, what: &str) -> String {
+fn key(cx: &Cx, owner: &str, what: &str) -> Key {
     let region = if what.starts_with("role") { "global" } else { cx.region(Side::Dr) };
-    format!("{step}/{region}/{what}")
+    Key::new(owner, region, what)
 }
 
-impl Step<Cx> for Failover {
-    fn id(&self) -> String {
-        FAILOVER.into()
+impl Step<Cx, StepId> for Failover {
+    fn id(&self) -> StepId {
+        StepId::Failover
     }
-    fn deps(&self) -> Vec<String> {
+    fn deps(&self) -> Vec<StepId> {
         // Not the replica: its identifier and ARN are known before it is available, and the
         // function, role and alarm can be ready while it is still being created.
-        vec![dns::ZONE.into(), database::PRIMARY.into(), TOPICS.into()]
+        vec![StepId::Zone, StepId::Primary, StepId::Topics]
     }
     fn up<'a>(&'a self, cx: &'a Cx, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult> {
         Box::pin(failover_up(cx, rec))
@@ -81,12 +80,12 @@ impl Step<Cx> for Failover {
     }
 }
 
-impl Step<Cx> for Detection {
-    fn id(&self) -> String {
-        DETECTION.into()
+impl Step<Cx, StepId> for Detection {
+    fn id(&self) -> StepId {
+        StepId::Detection
     }
-    fn deps(&self) -> Vec<String> {
-        vec![FAILOVER.into(), network::step_id(Side::Dr), super::peering::STEP.into(), database::PRIMARY.into()]
+    fn deps(&self) -> Vec<StepId> {
+        vec![StepId::Failover, StepId::Network(Side::Dr), StepId::Peering, StepId::Primary]
     }
     fn up<'a>(&'a self, cx: &'a Cx, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult> {
         Box::pin(detection_up(cx, rec))
@@ -99,7 +98,7 @@ impl Step<Cx> for Detection {
             let probe = probe_name(cx);
             let log_group = format!("/aws/lambda/{probe}");
             let schedule = probe_schedule(cx);
-            let vpc = cx.store.id(&network::key(cx, Side::Dr, "vpc")).unwrap_or_default();
+            let vpc = network::vpc_id(cx, Side::Dr).unwrap_or_default();
             let _ = futures::join!(
                 find_probe_sg(cx, &vpc),
                 lambda::role_reads(cx, &probe, !probe_managed(cx).is_empty()),
@@ -131,7 +130,7 @@ async fn list_targets(
 /// An EventBridge schedule (every minute) that invokes one of pgdr's functions.
 struct Schedule {
     /// State key of the rule.
-    key: String,
+    key: Key,
     rule: String,
     /// What it is for, in the rule's description.
     purpose: &'static str,
@@ -193,34 +192,35 @@ async fn ensure_schedule(cx: &Cx, rec: &Recorder<'_>, s: &Schedule, function: &s
                 .into_iter()
                 .filter_map(|(k, v)| aws_sdk_eventbridge::types::Tag::builder().key(k).value(v).build().ok())
                 .collect();
-            let out = dr.events
-                    .put_rule()
-                    .name(rule)
-                    .schedule_expression("rate(1 minute)")
-                    .state(aws_sdk_eventbridge::types::RuleState::Enabled)
-                    .description(format!("pgdr {}: {}", cx.name(), s.purpose))
-                    .set_tags(Some(tags))
-                    .send().aws(region).await?;
+            let out = dr
+                .events
+                .put_rule()
+                .name(rule)
+                .schedule_expression("rate(1 minute)")
+                .state(aws_sdk_eventbridge::types::RuleState::Enabled)
+                .description(format!("pgdr {}: {}", cx.name(), s.purpose))
+                .set_tags(Some(tags))
+                .send()
+                .aws(region)
+                .await?;
             out.rule_arn.ok_or_else(|| Error::Other("PutRule returned no ARN".into()))
         },
     )
     .await?;
     let (Some(function_arn), Some(rule_arn)) = (function_arn, &rule_arn) else {
-        rec.record(Action::Create, "eventbridge-target", &format!("{rule} -> {function}"), region, None, None);
+        rec.record(Change::new(Action::Create, "eventbridge-target", &format!("{rule} -> {function}"), region));
         return Ok(());
     };
     let targets = list_targets(cx, rule).await?;
     if !targets.targets().iter().any(|t| t.arn() == function_arn && t.input() == s.input) {
-        if !rec.plan {
-            let t = aws_sdk_eventbridge::types::Target::builder()
-                .id(s.target_id)
-                .arn(function_arn)
-                .set_input(s.input.map(str::to_owned))
-                .build()
-                .map_err(|e| Error::Other(e.to_string()))?;
-            dr.events.put_targets().rule(rule).targets(t).send().aws(region).await?;
-        }
-        rec.record(Action::Create, "eventbridge-target", &format!("{rule} -> {function}"), region, None, None);
+        let t = aws_sdk_eventbridge::types::Target::builder()
+            .id(s.target_id)
+            .arn(function_arn)
+            .set_input(s.input.map(str::to_owned))
+            .build()
+            .map_err(|e| Error::Other(e.to_string()))?;
+        let change = Change::new(Action::Create, "eventbridge-target", &format!("{rule} -> {function}"), region);
+        rec.apply(change, async |_| Ok(dr.events.put_targets().rule(rule).targets(t).send().aws(region).await?)).await?;
     }
     lambda::ensure_permission(cx, rec, dr, function, s.sid, "events.amazonaws.com", rule_arn).await
 }
@@ -259,26 +259,10 @@ pub async fn describe_alarm(
     read!(dr.reads, &dr.region, dr.cloudwatch.describe_alarms().alarm_names(alarm_name(cx)))
 }
 
-/// Every health check of the account, page by page (100 a page: an account with more must
-/// not make pgdr miss its own and create another).
-async fn list_health_checks(cx: &Cx) -> std::result::Result<Vec<aws_sdk_route53::types::HealthCheck>, AwsError> {
-    let mut all = Vec::new();
-    let mut marker = None;
-    loop {
-        let page =
-            read!(cx.clients.reads, "global", cx.clients.route53.list_health_checks().set_marker(marker))?;
-        all.extend(page.health_checks);
-        marker = page.next_marker.filter(|_| page.is_truncated);
-        if marker.is_none() {
-            return Ok(all);
-        }
-    }
-}
-
 /// Partition and account, read from the primary's ARN (no extra call).
 fn partition_account(cx: &Cx) -> (String, String) {
     cx.store
-        .attr(&database::instance_key(cx, Side::Primary), "arn")
+        .attr(&instance::instance_key(cx, Side::Primary), Attr::Arn)
         .and_then(|a| lambda::partition_account(&a))
         .unwrap_or_else(|| ("aws".into(), "*".into()))
 }
@@ -289,15 +273,15 @@ fn log_group_arn(cx: &Cx, function: &str) -> String {
 }
 
 fn topic_arn(cx: &Cx) -> String {
-    cx.store.id(&format!("topics/{}/topic", cx.region(Side::Dr))).unwrap_or_default()
+    alarms::topic_arn(cx, Side::Dr).unwrap_or_default()
 }
 
 /// An instance's ARN: recorded, or (for the replica still being created) derived from the
 /// primary's, so that this step need not wait for the replica.
 fn instance_arn(cx: &Cx, side: Side) -> String {
-    cx.store.attr(&database::instance_key(cx, side), "arn").unwrap_or_else(|| {
+    instance::recorded(cx, side, Attr::Arn).unwrap_or_else(|| {
         let (p, a) = partition_account(cx);
-        format!("arn:{p}:rds:{}:{a}:db:{}", cx.region(side), database::instance_id(cx, side))
+        format!("arn:{p}:rds:{}:{a}:db:{}", cx.region(side), instance::instance_id(cx, side))
     })
 }
 
@@ -305,7 +289,7 @@ fn instance_arn(cx: &Cx, side: Side) -> String {
 /// own log group.
 fn failover_policy(cx: &Cx) -> serde_json::Value {
     let (p, _) = partition_account(cx);
-    let zone = cx.store.id(&dns::zone_key()).unwrap_or_default();
+    let zone = dns::zone_id(cx).unwrap_or_default();
     serde_json::json!({
         "Version": "2012-10-17",
         "Statement": [
@@ -347,10 +331,10 @@ fn failover_env(cx: &Cx) -> Vec<(String, String)> {
     vec![
         ("PGDR_ENV".into(), cx.name().into()),
         ("PRIMARY_REGION".into(), cx.region(writer).into()),
-        ("PRIMARY_DB_ID".into(), database::instance_id(cx, writer)),
+        ("PRIMARY_DB_ID".into(), instance::instance_id(cx, writer)),
         ("DR_REGION".into(), cx.region(reader).into()),
-        ("REPLICA_DB_ID".into(), database::instance_id(cx, reader)),
-        ("HOSTED_ZONE_ID".into(), cx.store.id(&dns::zone_key()).unwrap_or_default()),
+        ("REPLICA_DB_ID".into(), instance::instance_id(cx, reader)),
+        ("HOSTED_ZONE_ID".into(), dns::zone_id(cx).unwrap_or_default()),
         ("RECORD_NAME".into(), dns::writer_record(cx)),
         ("PRIMARY_SET_ID".into(), cx.region(writer).into()),
         ("REPLICA_SET_ID".into(), cx.region(reader).into()),
@@ -380,7 +364,7 @@ async fn failover_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
     if let Some(arn) = &arn {
         cx.store.update(|s| {
             if let Some(r) = s.resources.get_mut(&key(cx, FAILOVER, "function")) {
-                r.attrs.insert("arn".into(), arn.clone());
+                r.set(Attr::Arn, arn.clone());
             }
         })?;
         let (p, a) = partition_account(cx);
@@ -404,7 +388,11 @@ async fn find_probe_sg(cx: &Cx, vpc: &str) -> Result<Option<String>> {
         return Ok(None);
     }
     let dr = cx.regional(Side::Dr);
-    let out = read!(dr.reads, &dr.region, dr.ec2.describe_security_groups().set_filters(Some(ec2_tag_filters(cx, "probe-sg"))).filters(super::ec2_filter("vpc-id", vpc)))?;
+    let out = read!(
+        dr.reads,
+        &dr.region,
+        dr.ec2.describe_security_groups().set_filters(Some(ec2_tag_filters(cx, "probe-sg"))).filters(super::ec2_filter("vpc-id", vpc))
+    )?;
     Ok(out.security_groups.unwrap_or_default().into_iter().find_map(|g| g.group_id))
 }
 
@@ -420,7 +408,7 @@ async fn detection_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
 
     // The probe's security group in the DR VPC (outbound only; the primary's group admits the
     // DR VPC's CIDR on 5432 over the peering).
-    let vpc = cx.store.id(&network::key(cx, Side::Dr, "vpc")).unwrap_or_default();
+    let vpc = network::vpc_id(cx, Side::Dr).unwrap_or_default();
     let sg_res = Res::new(key(cx, DETECTION, "probe-sg"), "security-group", format!("pgdr-{}-probe", cx.name()), region);
     let sg = super::ensure(
         cx,
@@ -428,13 +416,16 @@ async fn detection_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
         &sg_res,
         async |_| find_probe_sg(cx, &vpc).await,
         async |_| {
-            let out = dr.ec2
-                    .create_security_group()
-                    .group_name(format!("pgdr-{}-probe", cx.name()))
-                    .description("pgdr: the primary-health probe")
-                    .vpc_id(&vpc)
-                    .tag_specifications(ec2_tag_spec(cx, ResourceType::SecurityGroup, "probe-sg"))
-                    .send().aws(region).await?;
+            let out = dr
+                .ec2
+                .create_security_group()
+                .group_name(format!("pgdr-{}-probe", cx.name()))
+                .description("pgdr: the primary-health probe")
+                .vpc_id(&vpc)
+                .tag_specifications(ec2_tag_spec(cx, ResourceType::SecurityGroup, "probe-sg"))
+                .send()
+                .aws(region)
+                .await?;
             out.group_id.ok_or_else(|| Error::Other("CreateSecurityGroup returned no id".into()))
         },
     )
@@ -442,7 +433,7 @@ async fn detection_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
 
     let role = lambda::ensure_role(cx, rec, &key(cx, DETECTION, "role"), &probe, &probe_policy(cx), &probe_managed(cx)).await?;
     lambda::ensure_log_group(cx, rec, dr, &key(cx, DETECTION, "log-group"), &format!("/aws/lambda/{probe}")).await?;
-    let target = cx.store.attr(&database::instance_key(cx, writer), "endpoint").unwrap_or_default();
+    let target = instance::recorded(cx, writer, Attr::Endpoint).unwrap_or_default();
     let spec = FunctionSpec {
         name: probe.clone(),
         file: "probe.py",
@@ -460,7 +451,7 @@ async fn detection_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
 
     // The alarm: the probe failing for N consecutive minutes (longer than a Multi-AZ failover).
     let minutes = cx.env.settings.failover_after_minutes;
-    let failover_arn = cx.store.attr(&key(cx, FAILOVER, "function"), "arn").unwrap_or_default();
+    let failover_arn = cx.store.attr(&key(cx, FAILOVER, "function"), Attr::Arn).unwrap_or_default();
     let actions = vec![failover_arn, topic_arn(cx)];
     let alarm = alarm_name(cx);
     let a_res = Res::new(key(cx, DETECTION, "alarm"), "cloudwatch-alarm", alarm.clone(), region);
@@ -476,40 +467,39 @@ async fn detection_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
     let put = async || {
         let tags = cx.tags("alarm").into_iter().map(|(k, v)| aws_sdk_cloudwatch::types::Tag::builder().key(k).value(v).build()).collect();
         dr.cloudwatch
-                .put_metric_alarm()
-                .alarm_name(&alarm)
-                .alarm_description(format!(
-                    "pgdr {}: the primary has been unreachable from {region} for {minutes} minutes; invokes {}",
-                    cx.name(),
-                    failover_name(cx)
-                ))
-                .namespace("AWS/Lambda")
-                .metric_name("Errors")
-                .dimensions(Dimension::builder().name("FunctionName").value(&probe).build())
-                .statistic(Statistic::Sum)
-                .period(60)
-                .evaluation_periods(minutes)
-                .datapoints_to_alarm(minutes)
-                .threshold(1.0)
-                .comparison_operator(ComparisonOperator::GreaterThanOrEqualToThreshold)
-                // A probe that stops reporting must not look healthy.
-                .treat_missing_data("breaching")
-                .set_alarm_actions(Some(actions.clone()))
-                .set_tags(Some(tags))
-                .send().aws(region).await?;
+            .put_metric_alarm()
+            .alarm_name(&alarm)
+            .alarm_description(format!(
+                "pgdr {}: the primary has been unreachable from {region} for {minutes} minutes; invokes {}",
+                cx.name(),
+                failover_name(cx)
+            ))
+            .namespace("AWS/Lambda")
+            .metric_name("Errors")
+            .dimensions(Dimension::builder().name("FunctionName").value(&probe).build())
+            .statistic(Statistic::Sum)
+            .period(60)
+            .evaluation_periods(minutes)
+            .datapoints_to_alarm(minutes)
+            .threshold(1.0)
+            .comparison_operator(ComparisonOperator::GreaterThanOrEqualToThreshold)
+            // A probe that stops reporting must not look healthy.
+            .treat_missing_data("breaching")
+            .set_alarm_actions(Some(actions.clone()))
+            .set_tags(Some(tags))
+            .send()
+            .aws(region)
+            .await?;
         Ok::<_, Error>(alarm.clone())
     };
     let exists = current.is_some();
     super::ensure(cx, rec, &a_res, async |_| Ok(exists.then(|| alarm.clone())), async |_| put().await).await?;
     if exists && !matches {
-        if !rec.plan {
-            put().await?;
-        }
-        rec.record(Action::Change, "cloudwatch-alarm", &alarm, region, None, Some("settings".into()));
+        rec.apply(Change::new(Action::Change, "cloudwatch-alarm", &alarm, region).detail("settings"), async |_| put().await).await?;
     }
 
     // The health check following the alarm (Route 53 cannot reach a private endpoint itself).
-    let hc_res = Res::new(health_check_key(), "health-check", format!("{alarm} ({region})"), "global");
+    let hc_res = Res::new(healthcheck::key(), "health-check", format!("{alarm} ({region})"), "global");
     let r53 = &cx.clients.route53;
     let prefix = health_check_prefix(cx);
     super::ensure(
@@ -531,14 +521,17 @@ async fn detection_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
                 .insufficient_data_health_status(InsufficientDataHealthStatus::Healthy)
                 .build()
                 .map_err(|e| Error::Other(e.to_string()))?;
-            let out = r53.create_health_check()
-                    .caller_reference(format!("{prefix}{}", &token[token.len().saturating_sub(16)..]))
-                    .health_check_config(cfg)
-                    .send().aws("global").await?;
+            let out = r53
+                .create_health_check()
+                .caller_reference(format!("{prefix}{}", &token[token.len().saturating_sub(16)..]))
+                .health_check_config(cfg)
+                .send()
+                .aws("global")
+                .await?;
             let id = out.health_check.map(|h| h.id).ok_or_else(|| Error::Other("CreateHealthCheck returned no id".into()))?;
             // No tags at creation in Route 53: record the ID first, then tag.
-            cx.store.put(&health_check_key(), crate::state::Resource::new("health-check", "global", &id, crate::state::Status::Created))?;
-            dns::tag(cx, TagResourceType::Healthcheck, &id, "health-check").await?;
+            cx.store.put(&healthcheck::key(), crate::state::Resource::new("health-check", "global", &id, crate::state::Status::Created))?;
+            tag(cx, TagResourceType::Healthcheck, &id, "health-check").await?;
             Ok(id)
         },
     )
@@ -546,36 +539,10 @@ async fn detection_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
     Ok(())
 }
 
-/// The environment's health check: the one in state, or one whose caller reference is pgdr's.
-/// A create retried after a lost answer can make a second check: one is kept, the others deleted.
-async fn the_health_check(cx: &Cx, rec: &Recorder<'_>, r: &Res<'_>, known: Option<String>) -> Result<Option<String>> {
-    let prefix = health_check_prefix(cx);
-    let ids: Vec<String> = list_health_checks(cx)
-        .await?
-        .into_iter()
-        .filter(|h| Some(&h.id) == known.as_ref() || h.caller_reference.starts_with(&prefix))
-        .map(|h| h.id)
-        .collect();
-    super::keep_one(rec, r, known.as_deref(), ids, async |id| delete_health_check(cx, &id).await).await
-}
-
-async fn delete_health_check(cx: &Cx, id: &str) -> Result<()> {
-    let r53 = &cx.clients.route53;
-    match r53.delete_health_check().health_check_id(id).send().aws("global").await {
-        Ok(_) => Ok(()),
-        Err(e) if e.is_not_found() => Ok(()),
-        Err(e) => Err(e.into()),
-    }
-}
-
-fn health_check_prefix(cx: &Cx) -> String {
-    format!("pgdr-{}-health-", cx.name())
-}
-
 async fn detection_down(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
     let dr = cx.regional(Side::Dr);
     let region = dr.region.as_str();
-    let hc = Res::new(health_check_key(), "health-check", alarm_name(cx), "global");
+    let hc = Res::new(healthcheck::key(), "health-check", alarm_name(cx), "global");
     super::remove(cx, rec, &hc, async |known| the_health_check(cx, rec, &hc, known).await, async |id| delete_health_check(cx, &id).await)
         .await?;
 
@@ -604,7 +571,7 @@ async fn detection_down(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
     lambda::delete_role(cx, rec, &key(cx, DETECTION, "role"), &probe, &probe_managed(cx)).await?;
 
     // The probe's ENIs can hold its security group for minutes after the function is gone.
-    let vpc = cx.store.id(&network::key(cx, Side::Dr, "vpc")).unwrap_or_default();
+    let vpc = network::vpc_id(cx, Side::Dr).unwrap_or_default();
     let sg = Res::new(key(cx, DETECTION, "probe-sg"), "security-group", format!("pgdr-{}-probe", cx.name()), region);
     super::remove(
         cx,

@@ -10,13 +10,14 @@ use aws_sdk_lambda::primitives::Blob;
 use aws_sdk_lambda::types::{Environment, FunctionCode, Runtime, VpcConfig};
 
 use super::Res;
+use crate::aws::Call;
 use crate::clients::Regional;
 use crate::cx::Cx;
 use crate::error::{Error, Result};
-use crate::exec::{Action, Recorder};
-use crate::wait::{self, Look, Pace};
-use crate::aws::Call;
+use crate::exec::{Action, Change, Recorder};
 use crate::read;
+use crate::state::Key;
+use crate::wait::{Look, Pace, Wait};
 
 pub const FAILOVER_SOURCE: &str = include_str!("../lambda/failover.py");
 pub const PROBE_SOURCE: &str = include_str!("../lambda/probe.py");
@@ -65,8 +66,7 @@ pub async fn role_reads(cx: &Cx, name: &str, managed: bool) {
         async { read!(cx.clients.reads, "global", iam.get_role_policy().role_name(name).policy_name("pgdr")) },
         async {
             if managed {
-                let _ =
-                    read!(cx.clients.reads, "global", iam.list_attached_role_policies().role_name(name));
+                let _ = read!(cx.clients.reads, "global", iam.list_attached_role_policies().role_name(name));
             }
         },
     );
@@ -102,13 +102,13 @@ pub async fn log_groups(
 pub async fn ensure_role(
     cx: &Cx,
     rec: &Recorder<'_>,
-    key: &str,
+    key: &Key,
     name: &str,
     policy: &serde_json::Value,
     managed: &[String],
 ) -> Result<Option<String>> {
     let iam = &cx.clients.iam;
-    let r = Res::new(key.to_owned(), "iam-role", name.to_owned(), "global");
+    let r = Res::new(key.clone(), "iam-role", name.to_owned(), "global");
     let found = match read!(cx.clients.reads, "global", iam.get_role().role_name(name)) {
         Ok(o) => o.role.map(|r| r.arn),
         Err(e) if e.is_not_found() => None,
@@ -126,12 +126,15 @@ pub async fn ensure_role(
                 .into_iter()
                 .map(|(k, v)| aws_sdk_iam::types::Tag::builder().key(k).value(v).build().map_err(|e| Error::Other(e.to_string())))
                 .collect::<Result<Vec<_>>>()?;
-            let out = iam.create_role()
-                    .role_name(name)
-                    .assume_role_policy_document(TRUST)
-                    .description(format!("pgdr {}: {name}", cx.name()))
-                    .set_tags(Some(tags))
-                    .send().aws("global").await?;
+            let out = iam
+                .create_role()
+                .role_name(name)
+                .assume_role_policy_document(TRUST)
+                .description(format!("pgdr {}: {name}", cx.name()))
+                .set_tags(Some(tags))
+                .send()
+                .aws("global")
+                .await?;
             out.role.map(|r| r.arn).ok_or_else(|| Error::Other("CreateRole returned no role".into()))
         },
     )
@@ -151,28 +154,21 @@ pub async fn ensure_role(
         None
     };
     if have.as_ref() != Some(policy) {
-        if !rec.plan {
-            iam.put_role_policy().role_name(name).policy_name("pgdr").policy_document(&want).send().aws("global").await?;
-        }
-        if exists {
-            rec.record(Action::Change, "iam-role", name, "global", None, Some("inline policy".into()));
-        }
+        let change = exists.then(|| Change::new(Action::Change, "iam-role", name, "global").detail("inline policy"));
+        let put = iam.put_role_policy().role_name(name).policy_name("pgdr").policy_document(&want);
+        rec.apply_part(change, async |_| Ok(put.send().aws("global").await?)).await?;
     }
     if !managed.is_empty() {
         let attached: Vec<String> = if exists {
-            let out =
-                read!(cx.clients.reads, "global", iam.list_attached_role_policies().role_name(name))?;
+            let out = read!(cx.clients.reads, "global", iam.list_attached_role_policies().role_name(name))?;
             out.attached_policies.unwrap_or_default().into_iter().filter_map(|p| p.policy_arn).collect()
         } else {
             vec![]
         };
         for m in managed.iter().filter(|m| !attached.contains(m)) {
-            if !rec.plan {
-                iam.attach_role_policy().role_name(name).policy_arn(m).send().aws("global").await?;
-            }
-            if exists {
-                rec.record(Action::Change, "iam-role", name, "global", None, Some(format!("attach {m}")));
-            }
+            let change = exists.then(|| Change::new(Action::Change, "iam-role", name, "global").detail(format!("attach {m}")));
+            rec.apply_part(change, async |_| Ok(iam.attach_role_policy().role_name(name).policy_arn(m).send().aws("global").await?))
+                .await?;
         }
     }
     Ok(arn)
@@ -197,9 +193,9 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-pub async fn delete_role(cx: &Cx, rec: &Recorder<'_>, key: &str, name: &str, managed: &[String]) -> Result<()> {
+pub async fn delete_role(cx: &Cx, rec: &Recorder<'_>, key: &Key, name: &str, managed: &[String]) -> Result<()> {
     let iam = &cx.clients.iam;
-    let r = Res::new(key.to_owned(), "iam-role", name.to_owned(), "global");
+    let r = Res::new(key.clone(), "iam-role", name.to_owned(), "global");
     super::remove(
         cx,
         rec,
@@ -212,8 +208,7 @@ pub async fn delete_role(cx: &Cx, rec: &Recorder<'_>, key: &str, name: &str, man
         async |name| {
             // A role with policies cannot be deleted: remove them first.
             let gone = |e: &crate::error::AwsError| e.is_not_found();
-            if let Err(e) = iam.delete_role_policy().role_name(&name).policy_name("pgdr").send().aws("global").await
-            {
+            if let Err(e) = iam.delete_role_policy().role_name(&name).policy_name("pgdr").send().aws("global").await {
                 if !gone(&e) {
                     return Err(e.into());
                 }
@@ -236,8 +231,8 @@ pub async fn delete_role(cx: &Cx, rec: &Recorder<'_>, key: &str, name: &str, man
 }
 
 /// The function's log group, created by pgdr (7-day retention) so that `down` removes it.
-pub async fn ensure_log_group(cx: &Cx, rec: &Recorder<'_>, reg: &Regional, key: &str, name: &str) -> Result<()> {
-    let r = Res::new(key.to_owned(), "log-group", name.to_owned(), &reg.region);
+pub async fn ensure_log_group(cx: &Cx, rec: &Recorder<'_>, reg: &Regional, key: &Key, name: &str) -> Result<()> {
+    let r = Res::new(key.clone(), "log-group", name.to_owned(), &reg.region);
     let out = log_groups(reg, name).await?;
     let found = out.log_groups.unwrap_or_default().into_iter().find(|g| g.log_group_name.as_deref() == Some(name));
     let retention = found.as_ref().and_then(|g| g.retention_in_days);
@@ -253,8 +248,7 @@ pub async fn ensure_log_group(cx: &Cx, rec: &Recorder<'_>, reg: &Regional, key: 
         async |_| Ok(exists.then(|| name.to_owned())),
         async |_| {
             let tags = cx.tags("log-group").into_iter().collect();
-            match reg.logs.create_log_group().log_group_name(name).set_tags(Some(tags)).send().aws(&reg.region).await
-            {
+            match reg.logs.create_log_group().log_group_name(name).set_tags(Some(tags)).send().aws(&reg.region).await {
                 Ok(_) => {}
                 Err(e) if e.is_already_exists() => {}
                 Err(e) => return Err(e.into()),
@@ -265,16 +259,14 @@ pub async fn ensure_log_group(cx: &Cx, rec: &Recorder<'_>, reg: &Regional, key: 
     )
     .await?;
     if exists && retention != Some(7) {
-        if !rec.plan {
-            keep_7_days().await?;
-        }
-        rec.record(Action::Change, "log-group", name, &reg.region, None, Some(format!("retention {retention:?} -> 7 days")));
+        let change = Change::new(Action::Change, "log-group", name, &reg.region).detail(format!("retention {retention:?} -> 7 days"));
+        rec.apply(change, async |_| keep_7_days().await).await?;
     }
     Ok(())
 }
 
-pub async fn delete_log_group(cx: &Cx, rec: &Recorder<'_>, reg: &Regional, key: &str, name: &str) -> Result<()> {
-    let r = Res::new(key.to_owned(), "log-group", name.to_owned(), &reg.region);
+pub async fn delete_log_group(cx: &Cx, rec: &Recorder<'_>, reg: &Regional, key: &Key, name: &str) -> Result<()> {
+    let r = Res::new(key.clone(), "log-group", name.to_owned(), &reg.region);
     super::remove(
         cx,
         rec,
@@ -306,11 +298,11 @@ pub struct FunctionSpec<'a> {
 }
 
 /// Creates the function, or brings its code and configuration up to date. Returns its ARN.
-pub async fn ensure_function(cx: &Cx, rec: &Recorder<'_>, reg: &Regional, key: &str, spec: &FunctionSpec<'_>) -> Result<Option<String>> {
+pub async fn ensure_function(cx: &Cx, rec: &Recorder<'_>, reg: &Regional, key: &Key, spec: &FunctionSpec<'_>) -> Result<Option<String>> {
     let region = reg.region.as_str();
     let zip = zip_source(spec.file, spec.source)?;
     let description = format!("pgdr {}: {} (code {})", cx.name(), spec.name, fingerprint(&zip));
-    let r = Res::new(key.to_owned(), "lambda-function", spec.name.clone(), region);
+    let r = Res::new(key.clone(), "lambda-function", spec.name.clone(), region);
     let found = match get_function(reg, &spec.name).await {
         Ok(o) => o.configuration,
         Err(e) if e.is_not_found() => None,
@@ -328,39 +320,36 @@ pub async fn ensure_function(cx: &Cx, rec: &Recorder<'_>, reg: &Regional, key: &
         async |_| {
             let tags: std::collections::HashMap<String, String> = cx.tags("lambda-function").into_iter().collect();
             // IAM is eventually consistent: a new role may not be assumable for a few seconds.
-            wait::until(
-                &format!("creating function {}", spec.name),
-                Duration::from_secs(120),
-                Pace::FAST,
-                &cx.cancel,
-                &cx.clients.reads,
-                |s, _| rec.status(s),
-                "rerun `pgdr up`",
-                async || {
-                    let res = reg.lambda
-                            .create_function()
-                            .function_name(&spec.name)
-                            .runtime(Runtime::Python312)
-                            .handler(spec.handler)
-                            .role(&spec.role_arn)
-                            .timeout(spec.timeout_s)
-                            .memory_size(256)
-                            .description(&description)
-                            .environment(env())
-                            .set_vpc_config(vpc())
-                            .code(FunctionCode::builder().zip_file(Blob::new(zip.clone())).build())
-                            .set_tags(Some(tags.clone()))
-                            .send().aws(region).await;
+            Wait::new(&format!("creating function {}", spec.name))
+                .budget(Duration::from_secs(120))
+                .pace(Pace::FAST)
+                .hint("rerun `pgdr up`")
+                .progress(|s, _| rec.status(s))
+                .until(&cx.cancel, &cx.clients.reads, async || {
+                    let res = reg
+                        .lambda
+                        .create_function()
+                        .function_name(&spec.name)
+                        .runtime(Runtime::Python312)
+                        .handler(spec.handler)
+                        .role(&spec.role_arn)
+                        .timeout(spec.timeout_s)
+                        .memory_size(256)
+                        .description(&description)
+                        .environment(env())
+                        .set_vpc_config(vpc())
+                        .code(FunctionCode::builder().zip_file(Blob::new(zip.clone())).build())
+                        .set_tags(Some(tags.clone()))
+                        .send()
+                        .aws(region)
+                        .await;
                     match res {
                         Ok(o) => Ok(Look::Ready(o.function_arn.unwrap_or_default())),
-                        Err(e) if e.is_propagation() => {
-                            Ok(Look::Pending("waiting for the IAM role to propagate".into()))
-                        }
+                        Err(e) if e.is_propagation() => Ok(Look::Pending("waiting for the IAM role to propagate".into())),
                         Err(e) => Err(e.into()),
                     }
-                },
-            )
-            .await
+                })
+                .await
         },
     )
     .await?;
@@ -368,11 +357,11 @@ pub async fn ensure_function(cx: &Cx, rec: &Recorder<'_>, reg: &Regional, key: &
 
     // Bring an existing function up to date: code (by fingerprint), then configuration.
     if f.description.as_deref() != Some(description.as_str()) {
-        if !rec.plan {
+        rec.apply(Change::new(Action::Change, "lambda-function", &spec.name, region).detail("code"), async |_| {
             reg.lambda.update_function_code().function_name(&spec.name).zip_file(Blob::new(zip.clone())).send().aws(region).await?;
-            wait_updated(cx, rec, reg, &spec.name).await?;
-        }
-        rec.record(Action::Change, "lambda-function", &spec.name, region, None, Some("code".into()));
+            wait_updated(cx, rec, reg, &spec.name).await
+        })
+        .await?;
     }
     let have_env: std::collections::BTreeMap<String, String> =
         f.environment.and_then(|e| e.variables).unwrap_or_default().into_iter().collect();
@@ -394,47 +383,45 @@ pub async fn ensure_function(cx: &Cx, rec: &Recorder<'_>, reg: &Regional, key: &
         diff.push("description".into());
     }
     if !diff.is_empty() {
-        if !rec.plan {
+        rec.apply(Change::new(Action::Change, "lambda-function", &spec.name, region).detail(diff.join(", ")), async |_| {
             reg.lambda
-                    .update_function_configuration()
-                    .function_name(&spec.name)
-                    .role(&spec.role_arn)
-                    .handler(spec.handler)
-                    .timeout(spec.timeout_s)
-                    .description(&description)
-                    .environment(env())
-                    .send().aws(region).await?;
-            wait_updated(cx, rec, reg, &spec.name).await?;
-        }
-        rec.record(Action::Change, "lambda-function", &spec.name, region, None, Some(diff.join(", ")));
+                .update_function_configuration()
+                .function_name(&spec.name)
+                .role(&spec.role_arn)
+                .handler(spec.handler)
+                .timeout(spec.timeout_s)
+                .description(&description)
+                .environment(env())
+                .send()
+                .aws(region)
+                .await?;
+            wait_updated(cx, rec, reg, &spec.name).await
+        })
+        .await?;
     }
     Ok(arn)
 }
 
 /// Waits until a function's last update finished (AWS refuses a second update meanwhile).
 async fn wait_updated(cx: &Cx, rec: &Recorder<'_>, reg: &Regional, name: &str) -> Result<()> {
-    wait::until(
-        &format!("update of {name}"),
-        Duration::from_secs(300),
-        Pace::FAST,
-        &cx.cancel,
-        &cx.clients.reads,
-        |s, _| rec.status(&format!("{name}: {s}")),
-        "rerun `pgdr up`",
-        async || {
+    Wait::new(&format!("update of {name}"))
+        .budget(Duration::from_secs(300))
+        .pace(Pace::FAST)
+        .hint("rerun `pgdr up`")
+        .progress(|s, _| rec.status(&format!("{name}: {s}")))
+        .until(&cx.cancel, &cx.clients.reads, async || {
             let out = reg.lambda.get_function_configuration().function_name(name).send().aws(&reg.region).await?;
             Ok(match out.last_update_status.as_ref().map(|s| s.as_str().to_owned()).as_deref() {
                 None | Some("Successful") => Look::Ready(()),
                 Some("Failed") => Look::Failed(out.last_update_status_reason.unwrap_or_else(|| "Failed".into())),
                 Some(s) => Look::Pending(s.to_owned()),
             })
-        },
-    )
-    .await
+        })
+        .await
 }
 
-pub async fn delete_function(cx: &Cx, rec: &Recorder<'_>, reg: &Regional, key: &str, name: &str) -> Result<()> {
-    let r = Res::new(key.to_owned(), "lambda-function", name.to_owned(), &reg.region);
+pub async fn delete_function(cx: &Cx, rec: &Recorder<'_>, reg: &Regional, key: &Key, name: &str) -> Result<()> {
+    let r = Res::new(key.clone(), "lambda-function", name.to_owned(), &reg.region);
     super::remove(
         cx,
         rec,
@@ -474,17 +461,17 @@ pub async fn ensure_permission(
     if present {
         return Ok(());
     }
-    if !rec.plan {
-        reg.lambda
-                .add_permission()
-                .function_name(function)
-                .statement_id(sid)
-                .action("lambda:InvokeFunction")
-                .principal(principal)
-                .source_arn(source_arn)
-                .send().aws(region).await?;
-    }
-    rec.record(Action::Create, "lambda-permission", &format!("{function}/{sid}"), region, None, Some(format!("{principal} may invoke")));
+    let change =
+        Change::new(Action::Create, "lambda-permission", &format!("{function}/{sid}"), region).detail(format!("{principal} may invoke"));
+    let add = reg
+        .lambda
+        .add_permission()
+        .function_name(function)
+        .statement_id(sid)
+        .action("lambda:InvokeFunction")
+        .principal(principal)
+        .source_arn(source_arn);
+    rec.apply(change, async |_| Ok(add.send().aws(region).await?)).await?;
     Ok(())
 }
 

@@ -7,28 +7,80 @@ pub mod database;
 pub mod dbgroups;
 pub mod dns;
 pub mod failover;
+pub mod healthcheck;
+pub mod instance;
 pub mod lambda;
 pub mod network;
 pub mod peering;
 pub mod secrets;
 
-use crate::cx::Cx;
+use std::fmt;
+
+use crate::cx::{Cx, Side};
 use crate::error::Result;
-use crate::exec::{Action, Recorder};
-use crate::state::{Resource, Status};
+use crate::exec::{Action, Change, Graph, Recorder};
+use crate::state::{Attr, Key, Resource, Status};
+
+/// Every step of the graph. Adding a step: a variant here, its line in [`graph`], and the
+/// compiler names every `match` that must learn it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum StepId {
+    Network(Side),
+    Peering,
+    Secrets,
+    DbGroups(Side),
+    DbParams(Side),
+    Primary,
+    Replica,
+    Retired,
+    Topics,
+    Alarms,
+    Zone,
+    Failover,
+    Detection,
+    Records,
+}
+
+impl fmt::Display for StepId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StepId::Network(side) => write!(f, "network:{}", side.label()),
+            StepId::DbGroups(side) => write!(f, "dbgroups:{}", side.label()),
+            StepId::DbParams(side) => write!(f, "dbparams:{}", side.label()),
+            StepId::Peering => f.write_str("peering"),
+            StepId::Secrets => f.write_str("secrets"),
+            StepId::Primary => f.write_str("primary"),
+            StepId::Replica => f.write_str("replica"),
+            StepId::Retired => f.write_str("retired"),
+            StepId::Topics => f.write_str("topics"),
+            StepId::Alarms => f.write_str("alarms"),
+            StepId::Zone => f.write_str("zone"),
+            StepId::Failover => f.write_str("failover"),
+            StepId::Detection => f.write_str("detection"),
+            StepId::Records => f.write_str("records"),
+        }
+    }
+}
+
+/// A step of pgdr's graph.
+pub type Step = dyn crate::exec::Step<Cx, StepId>;
 
 /// Names one resource: its state key, its kind and its display name, in a region.
 #[derive(Clone, Debug)]
 pub struct Res<'a> {
-    pub key: String,
+    pub key: Key,
     pub kind: &'a str,
     pub name: String,
     pub region: &'a str,
 }
 
 impl<'a> Res<'a> {
-    pub fn new(key: String, kind: &'a str, name: String, region: &'a str) -> Self {
+    pub fn new(key: Key, kind: &'a str, name: String, region: &'a str) -> Self {
         Res { key, kind, name, region }
+    }
+    /// A change to this resource, for [`Recorder::record`] and [`Recorder::apply`].
+    pub fn change(&self, action: Action) -> Change {
+        Change::new(action, self.kind, &self.name, self.region)
     }
 }
 
@@ -46,34 +98,35 @@ pub async fn ensure(
     let known_id = known.as_ref().and_then(|k| k.id.clone());
     if let Some(id) = find(known_id.clone()).await? {
         if known_id.as_deref() == Some(id.as_str()) && known.as_ref().is_some_and(|k| k.status != Status::Pending) {
-            rec.record(Action::Keep, r.kind, &r.name, r.region, Some(&id), None);
+            rec.record(r.change(Action::Keep).id(&id));
         } else {
             let mut res = Resource::new(r.kind, r.region, &id, Status::Adopted);
             if let Some(k) = known {
                 res.attrs = k.attrs;
             }
             cx.store.put(&r.key, res)?;
-            rec.record(Action::Adopt, r.kind, &r.name, r.region, Some(&id), None);
+            rec.record(r.change(Action::Adopt).id(&id));
         }
         return Ok(Some(id));
     }
-    if rec.plan {
-        rec.record(Action::Create, r.kind, &r.name, r.region, None, None);
-        return Ok(None);
-    }
-    cx.cancel.check()?;
-    // The intent, with the idempotency token the create will use: a rerun after a crash
-    // reuses it, so a create that did happen is not made twice.
-    let token = known
-        .as_ref()
-        .filter(|k| k.status == Status::Pending)
-        .and_then(|k| k.attrs.get("token").cloned())
-        .unwrap_or_else(|| new_token(cx, r));
-    cx.store.put(&r.key, Resource::pending(r.kind, r.region).attr("token", token.clone()))?;
-    rec.status(&format!("creating {} {}", r.kind, r.name));
-    let id = create(token).await?;
-    cx.store.put(&r.key, Resource::new(r.kind, r.region, &id, Status::Created))?;
-    rec.record(Action::Create, r.kind, &r.name, r.region, Some(&id), None);
+    let created = rec
+        .apply(r.change(Action::Create), async |change| {
+            // The intent, with the idempotency token the create will use: a rerun after a crash
+            // reuses it, so a create that did happen is not made twice.
+            let token = known
+                .as_ref()
+                .filter(|k| k.status == Status::Pending)
+                .and_then(|k| k.attr(Attr::Token).map(str::to_owned))
+                .unwrap_or_else(|| new_token(cx, r));
+            cx.store.put(&r.key, Resource::pending(r.kind, r.region).with(Attr::Token, token.clone()))?;
+            rec.status(&format!("creating {} {}", r.kind, r.name));
+            let id = create(token).await?;
+            cx.store.put(&r.key, Resource::new(r.kind, r.region, &id, Status::Created))?;
+            *change = change.clone().id(&id);
+            Ok(id)
+        })
+        .await?;
+    let Some(id) = created else { return Ok(None) };
     // The SDK may have retried the create after losing its answer and made a second one:
     // look again (finds remove duplicates, keeping the one just recorded).
     match find(Some(id.clone())).await {
@@ -97,20 +150,16 @@ pub async fn remove(
 ) -> Result<()> {
     let known_id = cx.store.id(&r.key);
     let Some(id) = find(known_id).await? else {
-        if cx.store.get(&r.key).is_some() {
-            cx.store.remove(&r.key)?;
-        }
-        rec.record(Action::Absent, r.kind, &r.name, r.region, None, None);
+        cx.store.remove(&r.key)?;
+        rec.record(r.change(Action::Absent));
         return Ok(());
     };
-    if rec.plan {
-        rec.record(Action::Delete, r.kind, &r.name, r.region, Some(&id), None);
-        return Ok(());
-    }
-    rec.status(&format!("deleting {} {}", r.kind, r.name));
-    delete(id.clone()).await?;
-    cx.store.remove(&r.key)?;
-    rec.record(Action::Delete, r.kind, &r.name, r.region, Some(&id), None);
+    rec.apply(r.change(Action::Delete).id(&id), async |_| {
+        rec.status(&format!("deleting {} {}", r.kind, r.name));
+        delete(id.clone()).await?;
+        cx.store.remove(&r.key)
+    })
+    .await?;
     Ok(())
 }
 
@@ -130,17 +179,16 @@ pub async fn keep_one(
     }
     let keep = known.filter(|k| ids.iter().any(|i| i == k)).map(str::to_owned).unwrap_or_else(|| ids[0].clone());
     for other in ids.into_iter().filter(|i| *i != keep) {
-        let detail = Some(format!("duplicate of {keep}"));
-        if !rec.plan {
+        rec.apply(r.change(Action::Delete).id(&other).detail(format!("duplicate of {keep}")), async |_| {
             tracing::warn!(kind = r.kind, duplicate = %other, kept = %keep, "removing a duplicate");
             delete(other.clone()).await.map_err(|e| {
                 crate::error::Error::failed(format!(
                     "{} {other} duplicates {keep} and could not be removed ({e}); delete it by hand",
                     r.kind
                 ))
-            })?;
-        }
-        rec.record(Action::Delete, r.kind, &r.name, r.region, Some(&other), detail);
+            })
+        })
+        .await?;
     }
     Ok(Some(keep))
 }
@@ -169,10 +217,9 @@ fn new_token(cx: &Cx, r: &Res<'_>) -> String {
     t
 }
 
-/// The whole graph, in declaration order.
-pub fn graph() -> Vec<Box<dyn crate::exec::Step<Cx>>> {
-    use crate::cx::Side;
-    vec![
+/// The whole graph, in declaration order, checked (see [`Graph::new`]).
+pub fn graph() -> Result<Graph<'static, Cx, StepId>, crate::exec::GraphError> {
+    let steps: Vec<Box<Step>> = vec![
         Box::new(network::Network(Side::Primary)),
         Box::new(network::Network(Side::Dr)),
         Box::new(peering::Peering),
@@ -190,5 +237,25 @@ pub fn graph() -> Vec<Box<dyn crate::exec::Step<Cx>>> {
         Box::new(failover::Failover),
         Box::new(failover::Detection),
         Box::new(dns::Records),
-    ]
+    ];
+    // The graph is code: a bad one is a bug, which the unit test below catches.
+    Graph::new(steps)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_real_graph_is_valid_and_every_step_is_in_it() {
+        let g = graph().unwrap();
+        let ids: Vec<String> = g.steps().map(|s| s.id().to_string()).collect();
+        for want in ["network:primary", "network:dr", "peering", "secrets", "primary", "replica", "detection", "records"] {
+            assert!(ids.iter().any(|i| i == want), "{want} missing from {ids:?}");
+        }
+        // The replica follows the primary; DNS records follow detection (their health check).
+        let deps = |id: StepId| g.steps().find(|s| s.id() == id).map(|s| s.deps()).unwrap_or_default();
+        assert!(deps(StepId::Replica).contains(&StepId::Primary));
+        assert!(deps(StepId::Records).contains(&StepId::Detection));
+    }
 }

@@ -5,24 +5,37 @@
 use aws_sdk_ec2::types::{AttributeBooleanValue, IpPermission, IpRange, ResourceType};
 use futures::future::LocalBoxFuture;
 
-use super::{ec2_filter, ec2_tag_filters, ec2_tag_spec, ensure, keep_one, remove, Res};
+use super::{ec2_filter, ec2_tag_filters, ec2_tag_spec, ensure, keep_one, remove, Res, StepId};
+use crate::aws::Call;
 use crate::cx::{Cx, Side};
 use crate::error::{AwsError, Error, Result};
-use crate::exec::{Recorder, Step, StepResult};
-use crate::wait::{self, Look, Pace};
-use crate::aws::Call;
+use crate::exec::{Action, Change, Recorder, Step, StepResult};
 use crate::read;
+use crate::state::Key;
+use crate::wait::{self, Look, Pace, Wait};
 
 pub struct Network(pub Side);
 
 pub const SUBNETS: [&str; 2] = ["subnet-a", "subnet-b"];
 
-pub fn step_id(side: Side) -> String {
-    format!("network:{}", side.label())
+/// The state key of a side's network resource (`vpc`, `subnet-a`, `route-table`, `db-sg`, …).
+pub fn key(cx: &Cx, side: Side, what: &str) -> Key {
+    Key::new("network", cx.region(side), what)
 }
 
-pub fn key(cx: &Cx, side: Side, what: &str) -> String {
-    format!("network/{}/{}", cx.region(side), what)
+/// The VPC of a side, as recorded.
+pub fn vpc_id(cx: &Cx, side: Side) -> Option<String> {
+    cx.store.id(&key(cx, side, "vpc"))
+}
+
+/// The database security group of a side, as recorded.
+pub fn db_sg_id(cx: &Cx, side: Side) -> Option<String> {
+    cx.store.id(&key(cx, side, "db-sg"))
+}
+
+/// The route table of a side, as recorded.
+pub fn route_table_id(cx: &Cx, side: Side) -> Option<String> {
+    cx.store.id(&key(cx, side, "route-table"))
 }
 
 /// Treats "not found" as `None`.
@@ -30,11 +43,11 @@ fn absent<T>(r: std::result::Result<T, AwsError>) -> Result<Option<T>> {
     Ok(crate::error::absent(r)?)
 }
 
-impl Step<Cx> for Network {
-    fn id(&self) -> String {
-        step_id(self.0)
+impl Step<Cx, StepId> for Network {
+    fn id(&self) -> StepId {
+        StepId::Network(self.0)
     }
-    fn deps(&self) -> Vec<String> {
+    fn deps(&self) -> Vec<StepId> {
         vec![]
     }
     fn up<'a>(&'a self, cx: &'a Cx, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult> {
@@ -82,7 +95,11 @@ async fn dns_hostnames(
     vpc_id: &str,
 ) -> std::result::Result<aws_sdk_ec2::operation::describe_vpc_attribute::DescribeVpcAttributeOutput, AwsError> {
     let reg = cx.regional(side);
-    read!(reg.reads, &reg.region, reg.ec2.describe_vpc_attribute().vpc_id(vpc_id).attribute(aws_sdk_ec2::types::VpcAttributeName::EnableDnsHostnames))
+    read!(
+        reg.reads,
+        &reg.region,
+        reg.ec2.describe_vpc_attribute().vpc_id(vpc_id).attribute(aws_sdk_ec2::types::VpcAttributeName::EnableDnsHostnames)
+    )
 }
 
 /// The VPC by its ID (when known and the tags are gone) or by tags.
@@ -108,10 +125,8 @@ async fn vpcs(cx: &Cx, side: Side, known: Option<String>) -> Result<Vec<String>>
 async fn the_vpc(cx: &Cx, rec: &Recorder<'_>, r: &Res<'_>, side: Side, known: Option<String>) -> Result<Option<String>> {
     let reg = cx.regional(side);
     let ids = vpcs(cx, side, known.clone()).await?;
-    keep_one(rec, r, known.as_deref(), ids, async |id| {
-        absent(reg.ec2.delete_vpc().vpc_id(&id).send().aws(&reg.region).await).map(|_| ())
-    })
-    .await
+    keep_one(rec, r, known.as_deref(), ids, async |id| absent(reg.ec2.delete_vpc().vpc_id(&id).send().aws(&reg.region).await).map(|_| ()))
+        .await
 }
 
 async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
@@ -130,7 +145,13 @@ async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
         async |known| the_vpc(cx, rec, &vpc_res, side, known).await,
         async |token| {
             let _ = token; // CreateVpc takes no client token; the intent in state covers it.
-            let out = ec2.create_vpc().cidr_block(cidr.to_string()).tag_specifications(ec2_tag_spec(cx, ResourceType::Vpc, "vpc")).send().aws(region).await?;
+            let out = ec2
+                .create_vpc()
+                .cidr_block(cidr.to_string())
+                .tag_specifications(ec2_tag_spec(cx, ResourceType::Vpc, "vpc"))
+                .send()
+                .aws(region)
+                .await?;
             let id = out.vpc.and_then(|v| v.vpc_id).ok_or_else(|| Error::Other("CreateVpc returned no VPC id".into()))?;
             // Part of creating it: a private hosted zone needs DNS hostnames on.
             enable_dns_hostnames(cx, side, &id).await?;
@@ -149,13 +170,8 @@ async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
         if let Some(vpc_id) = &vpc {
             let attr = dns_hostnames(cx, side, vpc_id).await?;
             if !attr.enable_dns_hostnames.and_then(|a| a.value).unwrap_or(false) {
-                let done = if rec.plan {
-                    "enable DNS hostnames"
-                } else {
-                    enable_dns_hostnames(cx, side, vpc_id).await?;
-                    "enabled DNS hostnames"
-                };
-                rec.record(crate::exec::Action::Change, "vpc", &vpc_res.name, region, Some(vpc_id), Some(done.into()));
+                let change = vpc_res.change(Action::Change).id(vpc_id).detail("enable DNS hostnames");
+                rec.apply(change, async |_| enable_dns_hostnames(cx, side, vpc_id).await).await?;
             }
         }
         Ok::<_, Error>(())
@@ -173,12 +189,15 @@ async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
             &r,
             async |known| find_one_subnet(cx, rec, &r, side, name, known, vpc_id).await,
             async |_token| {
-                let out = ec2.create_subnet()
-                        .vpc_id(vpc_id)
-                        .cidr_block(sub_cidr.to_string())
-                        .availability_zone(&az)
-                        .tag_specifications(ec2_tag_spec(cx, ResourceType::Subnet, name))
-                        .send().aws(region).await?;
+                let out = ec2
+                    .create_subnet()
+                    .vpc_id(vpc_id)
+                    .cidr_block(sub_cidr.to_string())
+                    .availability_zone(&az)
+                    .tag_specifications(ec2_tag_spec(cx, ResourceType::Subnet, name))
+                    .send()
+                    .aws(region)
+                    .await?;
                 out.subnet.and_then(|s| s.subnet_id).ok_or_else(|| Error::Other("CreateSubnet returned no id".into()))
             },
         )
@@ -193,10 +212,13 @@ async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
             &rt_res,
             async |known| find_route_table(cx, rec, &rt_res, side, known, vpc_id).await,
             async |_| {
-                let out = ec2.create_route_table()
-                        .vpc_id(vpc_id)
-                        .tag_specifications(ec2_tag_spec(cx, ResourceType::RouteTable, "route-table"))
-                        .send().aws(region).await?;
+                let out = ec2
+                    .create_route_table()
+                    .vpc_id(vpc_id)
+                    .tag_specifications(ec2_tag_spec(cx, ResourceType::RouteTable, "route-table"))
+                    .send()
+                    .aws(region)
+                    .await?;
                 out.route_table.and_then(|r| r.route_table_id).ok_or_else(|| Error::Other("CreateRouteTable returned no id".into()))
             },
         )
@@ -217,20 +239,19 @@ async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
             table.into_iter().flat_map(|t| t.associations.unwrap_or_default()).filter_map(|a| a.subnet_id).collect();
         futures::future::try_join_all(SUBNETS.iter().zip(&subnet_ids).filter(|(_, s)| !associated.contains(s)).map(
             |(name, sub)| async move {
-                if !rec.plan {
-                    ec2.associate_route_table().route_table_id(rt).subnet_id(sub).send().aws(region).await?;
-                }
-                rec.record(crate::exec::Action::Create, "route-table-association", name, region, None, Some(format!("{sub} -> {rt}")));
+                let change = Change::new(Action::Create, "route-table-association", name, region).detail(format!("{sub} -> {rt}"));
+                rec.apply(change, async |_| Ok(ec2.associate_route_table().route_table_id(rt).subnet_id(sub).send().aws(region).await?))
+                    .await?;
                 Ok::<_, Error>(())
             },
         ))
         .await?;
         for name in SUBNETS.iter().skip(subnet_ids.len()) {
-            rec.record(crate::exec::Action::Create, "route-table-association", name, region, None, None);
+            rec.record(Change::new(Action::Create, "route-table-association", name, region));
         }
     } else {
         for sub in SUBNETS {
-            rec.record(crate::exec::Action::Create, "route-table-association", sub, region, None, None);
+            rec.record(Change::new(Action::Create, "route-table-association", sub, region));
         }
     }
     Ok(())
@@ -255,12 +276,15 @@ async fn security_group(
         &sg_res,
         async |known| find_sg(cx, side, known, vpc_id).await,
         async |_| {
-            let out = ec2.create_security_group()
-                    .group_name(format!("pgdr-{}-db", cx.name()))
-                    .description("pgdr: PostgreSQL from the two pgdr VPCs")
-                    .vpc_id(vpc_id)
-                    .tag_specifications(ec2_tag_spec(cx, ResourceType::SecurityGroup, "db-sg"))
-                    .send().aws(region).await?;
+            let out = ec2
+                .create_security_group()
+                .group_name(format!("pgdr-{}-db", cx.name()))
+                .description("pgdr: PostgreSQL from the two pgdr VPCs")
+                .vpc_id(vpc_id)
+                .tag_specifications(ec2_tag_spec(cx, ResourceType::SecurityGroup, "db-sg"))
+                .send()
+                .aws(region)
+                .await?;
             out.group_id.ok_or_else(|| Error::Other("CreateSecurityGroup returned no id".into()))
         },
     )
@@ -273,12 +297,8 @@ async fn security_group(
         |(rule, rule_cidr)| async move {
             if fenced {
                 rec.record(
-                    crate::exec::Action::Keep,
-                    "security-group-rule",
-                    &format!("5432 from {rule_cidr}"),
-                    region,
-                    None,
-                    Some("revoked: fenced by failover".into()),
+                    Change::new(Action::Keep, "security-group-rule", &format!("5432 from {rule_cidr}"), region)
+                        .detail("revoked: fenced by failover"),
                 );
                 return Ok(());
             }
@@ -289,20 +309,21 @@ async fn security_group(
                 &r,
                 async |_known| find_rule(cx, side, sg_id, &rule_cidr.to_string()).await,
                 async |_| {
-                    let out = ec2.authorize_security_group_ingress()
-                            .group_id(sg_id)
-                            .ip_permissions(
-                                IpPermission::builder()
-                                    .ip_protocol("tcp")
-                                    .from_port(5432)
-                                    .to_port(5432)
-                                    .ip_ranges(
-                                        IpRange::builder().cidr_ip(rule_cidr.to_string()).description(format!("pgdr {rule}")).build()
-                                    )
-                                    .build()
-                            )
-                            .tag_specifications(ec2_tag_spec(cx, ResourceType::SecurityGroupRule, rule))
-                            .send().aws(region).await?;
+                    let out = ec2
+                        .authorize_security_group_ingress()
+                        .group_id(sg_id)
+                        .ip_permissions(
+                            IpPermission::builder()
+                                .ip_protocol("tcp")
+                                .from_port(5432)
+                                .to_port(5432)
+                                .ip_ranges(IpRange::builder().cidr_ip(rule_cidr.to_string()).description(format!("pgdr {rule}")).build())
+                                .build(),
+                        )
+                        .tag_specifications(ec2_tag_spec(cx, ResourceType::SecurityGroupRule, rule))
+                        .send()
+                        .aws(region)
+                        .await?;
                     out.security_group_rules
                         .unwrap_or_default()
                         .into_iter()
@@ -331,14 +352,17 @@ async fn endpoint(cx: &Cx, rec: &Recorder<'_>, side: Side, vpc_id: &str, rt: Opt
         &ep_res,
         async |known| find_endpoint(cx, rec, &ep_res, side, known).await,
         async |token| {
-            let out = ec2.create_vpc_endpoint()
-                    .vpc_id(vpc_id)
-                    .vpc_endpoint_type(aws_sdk_ec2::types::VpcEndpointType::Gateway)
-                    .service_name(format!("com.amazonaws.{region}.s3"))
-                    .route_table_ids(&rt_id)
-                    .client_token(token)
-                    .tag_specifications(ec2_tag_spec(cx, ResourceType::VpcEndpoint, "s3-endpoint"))
-                    .send().aws(region).await?;
+            let out = ec2
+                .create_vpc_endpoint()
+                .vpc_id(vpc_id)
+                .vpc_endpoint_type(aws_sdk_ec2::types::VpcEndpointType::Gateway)
+                .service_name(format!("com.amazonaws.{region}.s3"))
+                .route_table_ids(&rt_id)
+                .client_token(token)
+                .tag_specifications(ec2_tag_spec(cx, ResourceType::VpcEndpoint, "s3-endpoint"))
+                .send()
+                .aws(region)
+                .await?;
             out.vpc_endpoint.and_then(|e| e.vpc_endpoint_id).ok_or_else(|| Error::Other("CreateVpcEndpoint returned no id".into()))
         },
     )
@@ -348,17 +372,27 @@ async fn endpoint(cx: &Cx, rec: &Recorder<'_>, side: Side, vpc_id: &str, rt: Opt
 
 async fn enable_dns_hostnames(cx: &Cx, side: Side, vpc_id: &str) -> Result<()> {
     let reg = cx.regional(side);
-    reg.ec2.modify_vpc_attribute().vpc_id(vpc_id).enable_dns_hostnames(AttributeBooleanValue::builder().value(true).build()).send().aws(&reg.region).await?;
+    reg.ec2
+        .modify_vpc_attribute()
+        .vpc_id(vpc_id)
+        .enable_dns_hostnames(AttributeBooleanValue::builder().value(true).build())
+        .send()
+        .aws(&reg.region)
+        .await?;
     Ok(())
 }
 
 /// The first two available availability zones by name; zones of existing subnets win.
 async fn zones(cx: &Cx, side: Side) -> Result<Vec<String>> {
     let reg = cx.regional(side);
-    let out = read!(reg.reads, &reg.region, reg.ec2
+    let out = read!(
+        reg.reads,
+        &reg.region,
+        reg.ec2
             .describe_availability_zones()
             .filters(ec2_filter("state", "available"))
-            .filters(ec2_filter("zone-type", "availability-zone")))?;
+            .filters(ec2_filter("zone-type", "availability-zone"))
+    )?;
     let mut names: Vec<String> = out.availability_zones.unwrap_or_default().into_iter().filter_map(|z| z.zone_name).collect();
     names.sort();
     Ok(names)
@@ -421,8 +455,7 @@ async fn route_tables(cx: &Cx, side: Side, known: Option<&str>, vpc_id: &str) ->
 /// One route table by ID, with its routes and associations.
 pub async fn route_table(cx: &Cx, side: Side, id: &str) -> std::result::Result<Vec<aws_sdk_ec2::types::RouteTable>, AwsError> {
     let reg = cx.regional(side);
-    read!(reg.reads, &reg.region, reg.ec2.describe_route_tables().route_table_ids(id))
-        .map(|o| o.route_tables.unwrap_or_default())
+    read!(reg.reads, &reg.region, reg.ec2.describe_route_tables().route_table_ids(id)).map(|o| o.route_tables.unwrap_or_default())
 }
 
 async fn find_route_table(
@@ -489,9 +522,7 @@ async fn endpoints(cx: &Cx, side: Side, known: Option<String>) -> Result<Vec<Str
     let ids = live(out);
     match known {
         Some(id) if ids.is_empty() => {
-            Ok(absent(read!(reg.reads, &reg.region, reg.ec2.describe_vpc_endpoints().vpc_endpoint_ids(id)))?
-                .map(live)
-                .unwrap_or_default())
+            Ok(absent(read!(reg.reads, &reg.region, reg.ec2.describe_vpc_endpoints().vpc_endpoint_ids(id)))?.map(live).unwrap_or_default())
         }
         _ => Ok(ids),
     }
@@ -507,9 +538,10 @@ async fn delete_endpoint(cx: &Cx, side: Side, id: &str) -> Result<()> {
     let reg = cx.regional(side);
     match reg.ec2.delete_vpc_endpoints().vpc_endpoint_ids(id).send().aws(&reg.region).await {
         Ok(out) => match out.unsuccessful().iter().find(|u| u.resource_id() == Some(id)) {
-            Some(u) if !u.error().is_some_and(|e| crate::aws::is_not_found("ec2", e.code(), e.message())) => Err(Error::failed(
-                format!("DeleteVpcEndpoints refused {id}: {}", u.error().and_then(|e| e.message()).unwrap_or("no reason given")),
-            )),
+            Some(u) if !u.error().is_some_and(|e| crate::aws::is_not_found("ec2", e.code(), e.message())) => Err(Error::failed(format!(
+                "DeleteVpcEndpoints refused {id}: {}",
+                u.error().and_then(|e| e.message()).unwrap_or("no reason given")
+            ))),
             _ => Ok(()),
         },
         Err(e) if e.is_not_found() => Ok(()),
@@ -537,26 +569,22 @@ async fn down(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
         async |known| find_endpoint(cx, rec, &ep, side, known).await,
         async |id| {
             delete_endpoint(cx, side, &id).await?;
-            wait::until(
-                &format!("VPC endpoint {id}"),
-                std::time::Duration::from_secs(600),
-                Pace::FAST,
-                &cx.cancel,
-                &cx.clients.reads,
-                |s, _| rec.status(&format!("endpoint {s}")),
-                "rerun `pgdr down`",
-                async || {
+            Wait::new(&format!("VPC endpoint {id}"))
+                .budget(std::time::Duration::from_secs(600))
+                .pace(Pace::FAST)
+                .hint("rerun `pgdr down`")
+                .progress(|s, _| rec.status(&format!("endpoint {s}")))
+                .until(&cx.cancel, &cx.clients.reads, async || {
                     Ok(if endpoints(cx, side, None).await?.contains(&id) { Look::Pending("deleting".into()) } else { Look::Ready(()) })
-                },
-            )
-            .await
+                })
+                .await
         },
     )
     .await?;
 
     // Rules go with their group; forget them first.
     for rule in ["db-sg-rule-local", "db-sg-rule-peer"] {
-        if cx.store.get(&key(cx, side, rule)).is_some() && !rec.plan {
+        if !rec.planning() {
             cx.store.remove(&key(cx, side, rule))?;
         }
     }
@@ -633,19 +661,15 @@ async fn down(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
 /// Retries a delete refused with `DependencyViolation` (something still uses the resource and
 /// is going away, such as a Lambda ENI) for up to 30 minutes.
 pub async fn retry_dependency(cx: &Cx, rec: &Recorder<'_>, what: &str, mut del: impl AsyncFnMut() -> Result<()>) -> Result<()> {
-    wait::until(
-        what,
-        std::time::Duration::from_secs(1800),
-        Pace::SLOW,
-        &cx.cancel,
-        &cx.clients.reads,
-        |s, t| rec.status(&format!("{what}: {s} ({})", wait::human(t))),
-        "find what still uses it in the EC2 console, then rerun `pgdr down`",
-        async || match del().await {
+    Wait::new(what)
+        .budget(std::time::Duration::from_secs(1800))
+        .pace(Pace::SLOW)
+        .hint("find what still uses it in the EC2 console, then rerun `pgdr down`")
+        .progress(|s, t| rec.status(&format!("{what}: {s} ({})", wait::human(t))))
+        .until(&cx.cancel, &cx.clients.reads, async || match del().await {
             Ok(()) => Ok(Look::Ready(())),
             Err(Error::Aws(e)) if e.is_in_use() => Ok(Look::Pending("in use".into())),
             Err(e) => Err(e),
-        },
-    )
-    .await
+        })
+        .await
 }

@@ -7,24 +7,23 @@ use aws_sdk_ec2::types::ResourceType;
 use futures::future::LocalBoxFuture;
 
 use super::network::{self, find_vpc};
-use super::{ec2_tag_filters, ec2_tag_spec, ensure, remove, Res};
+use super::{ec2_tag_filters, ec2_tag_spec, ensure, remove, Res, StepId};
+use crate::aws::Call;
 use crate::cx::{Cx, Side};
 use crate::error::{Error, Result};
-use crate::exec::{Action, Recorder, Step, StepResult};
-use crate::wait::{self, Look, Pace};
-use crate::aws::Call;
+use crate::exec::{Action, Change, Recorder, Step, StepResult};
 use crate::read;
+use crate::state::Key;
+use crate::wait::{Look, Pace, Wait};
 
 pub struct Peering;
 
-pub const STEP: &str = "peering";
-
-impl Step<Cx> for Peering {
-    fn id(&self) -> String {
-        STEP.into()
+impl Step<Cx, StepId> for Peering {
+    fn id(&self) -> StepId {
+        StepId::Peering
     }
-    fn deps(&self) -> Vec<String> {
-        vec![network::step_id(Side::Primary), network::step_id(Side::Dr)]
+    fn deps(&self) -> Vec<StepId> {
+        vec![StepId::Network(Side::Primary), StepId::Network(Side::Dr)]
     }
     fn up<'a>(&'a self, cx: &'a Cx, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult> {
         Box::pin(up(cx, rec))
@@ -46,12 +45,12 @@ impl Step<Cx> for Peering {
     }
 }
 
-fn key(cx: &Cx) -> String {
-    format!("peering/{}/connection", cx.region(cx.home()))
+fn key(cx: &Cx) -> Key {
+    Key::new("peering", cx.region(cx.home()), "connection")
 }
 
-fn route_key(cx: &Cx, side: Side) -> String {
-    format!("peering/{}/route", cx.region(side))
+fn route_key(cx: &Cx, side: Side) -> Key {
+    Key::new("peering", cx.region(side), "route")
 }
 
 /// The live peering connection, duplicates (a create retried after a lost answer) removed.
@@ -103,8 +102,8 @@ async fn all(cx: &Cx, side: Side, known: Option<String>) -> Result<Vec<(String, 
 async fn up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
     let primary = cx.regional(cx.home());
     let region = primary.region.as_str();
-    let vpc = find_vpc(cx, cx.home(), cx.store.id(&network::key(cx, cx.home(), "vpc"))).await?.unwrap_or_default();
-    let peer_vpc = find_vpc(cx, cx.home().other(), cx.store.id(&network::key(cx, cx.home().other(), "vpc"))).await?.unwrap_or_default();
+    let vpc = find_vpc(cx, cx.home(), network::vpc_id(cx, cx.home())).await?.unwrap_or_default();
+    let peer_vpc = find_vpc(cx, cx.home().other(), network::vpc_id(cx, cx.home().other())).await?.unwrap_or_default();
     let r = Res::new(key(cx), "vpc-peering", format!("pgdr-{}", cx.name()), region);
     let pcx = ensure(
         cx,
@@ -113,13 +112,15 @@ async fn up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
         async |known| the_one(cx, rec, &r, known).await,
         async |_| {
             let out = primary
-                    .ec2
-                    .create_vpc_peering_connection()
-                    .vpc_id(&vpc)
-                    .peer_vpc_id(&peer_vpc)
-                    .peer_region(cx.region(cx.home().other()))
-                    .tag_specifications(ec2_tag_spec(cx, ResourceType::VpcPeeringConnection, "peering"))
-                    .send().aws(region).await?;
+                .ec2
+                .create_vpc_peering_connection()
+                .vpc_id(&vpc)
+                .peer_vpc_id(&peer_vpc)
+                .peer_region(cx.region(cx.home().other()))
+                .tag_specifications(ec2_tag_spec(cx, ResourceType::VpcPeeringConnection, "peering"))
+                .send()
+                .aws(region)
+                .await?;
             out.vpc_peering_connection
                 .and_then(|p| p.vpc_peering_connection_id)
                 .ok_or_else(|| Error::Other("CreateVpcPeeringConnection returned no id".into()))
@@ -130,52 +131,43 @@ async fn up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
     // Accept in the DR region (the only place AWS allows it), then wait for `active`.
     if let Some(pcx) = &pcx {
         let dr = cx.regional(cx.home().other());
-        let status = wait::until(
-            &format!("peering {pcx} in {}", dr.region),
-            Duration::from_secs(300),
-            Pace::FAST,
-            &cx.cancel,
-            &cx.clients.reads,
-            |s, _| rec.status(&format!("peering {s}")),
-            "rerun `pgdr up`",
-            async || {
+        let status = Wait::new(&format!("peering {pcx} in {}", dr.region))
+            .budget(Duration::from_secs(300))
+            .pace(Pace::FAST)
+            .hint("rerun `pgdr up`")
+            .progress(|s, _| rec.status(&format!("peering {s}")))
+            .until(&cx.cancel, &cx.clients.reads, async || {
                 Ok(match find(cx, cx.home().other(), Some(pcx.clone())).await? {
                     Some((_, code)) if code == "initiating-request" => Look::Pending(code),
                     Some((_, code)) => Look::Ready(code),
                     None => Look::Pending("not yet visible".into()),
                 })
-            },
-        )
-        .await?;
+            })
+            .await?;
         if status == "pending-acceptance" {
-            if rec.plan {
-                rec.record(Action::Change, "vpc-peering", &r.name, &dr.region, Some(pcx), Some("accept".into()));
-            } else {
-                dr.ec2.accept_vpc_peering_connection().vpc_peering_connection_id(pcx).send().aws(&dr.region).await?;
-                rec.record(Action::Change, "vpc-peering", &r.name, &dr.region, Some(pcx), Some("accepted".into()));
-            }
+            let change = Change::new(Action::Change, "vpc-peering", &r.name, &dr.region).id(pcx).detail("accept");
+            rec.apply(change, async |_| {
+                Ok(dr.ec2.accept_vpc_peering_connection().vpc_peering_connection_id(pcx).send().aws(&dr.region).await?)
+            })
+            .await?;
         }
-        if !rec.plan {
-            wait::until(
-                &format!("peering {pcx}"),
-                Duration::from_secs(600),
-                Pace::FAST,
-                &cx.cancel,
-                &cx.clients.reads,
-                |s, _| rec.status(&format!("peering {s}")),
-                "rerun `pgdr up`",
-                async || {
+        if !rec.planning() {
+            Wait::new(&format!("peering {pcx}"))
+                .budget(Duration::from_secs(600))
+                .pace(Pace::FAST)
+                .hint("rerun `pgdr up`")
+                .progress(|s, _| rec.status(&format!("peering {s}")))
+                .until(&cx.cancel, &cx.clients.reads, async || {
                     Ok(match find(cx, cx.home(), Some(pcx.clone())).await? {
                         Some((_, c)) if c == "active" => Look::Ready(()),
                         Some((_, c)) => Look::Pending(c),
                         None => Look::Failed("deleted or rejected".into()),
                     })
-                },
-            )
-            .await?;
+                })
+                .await?;
         }
     } else {
-        rec.record(Action::Change, "vpc-peering", &r.name, cx.region(cx.home().other()), None, Some("accept".into()));
+        rec.record(Change::new(Action::Change, "vpc-peering", &r.name, cx.region(cx.home().other())).detail("accept"));
     }
 
     // Routes to the peer's CIDR in both route tables.
@@ -188,7 +180,14 @@ async fn up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
             &rr,
             async |_| find_route(cx, side, &rt, &peer, &pcx_id).await,
             async |_| {
-                reg.ec2.create_route().route_table_id(&rt).destination_cidr_block(&peer).vpc_peering_connection_id(&pcx_id).send().aws(&reg.region).await?;
+                reg.ec2
+                    .create_route()
+                    .route_table_id(&rt)
+                    .destination_cidr_block(&peer)
+                    .vpc_peering_connection_id(&pcx_id)
+                    .send()
+                    .aws(&reg.region)
+                    .await?;
                 Ok(format!("{rt}:{peer}"))
             },
         )
@@ -204,7 +203,7 @@ async fn up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
 fn route(cx: &Cx, side: Side) -> (&crate::clients::Regional, String, String, Res<'_>) {
     let reg = cx.regional(side);
     let peer = cx.cidr(side.other()).to_string();
-    let rt = cx.store.id(&network::key(cx, side, "route-table")).unwrap_or_default();
+    let rt = network::route_table_id(cx, side).unwrap_or_default();
     let rr = Res::new(route_key(cx, side), "route", format!("{peer} via peering"), &reg.region);
     (reg, rt, peer, rr)
 }
@@ -257,22 +256,18 @@ async fn down(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
                 Err(e) if e.is_not_found() => return Ok(()),
                 Err(e) => return Err(e.into()),
             }
-            wait::until(
-                &format!("peering {id}"),
-                Duration::from_secs(600),
-                Pace::FAST,
-                &cx.cancel,
-                &cx.clients.reads,
-                |s, _| rec.status(&format!("peering {s}")),
-                "rerun `pgdr down`",
-                async || {
+            Wait::new(&format!("peering {id}"))
+                .budget(Duration::from_secs(600))
+                .pace(Pace::FAST)
+                .hint("rerun `pgdr down`")
+                .progress(|s, _| rec.status(&format!("peering {s}")))
+                .until(&cx.cancel, &cx.clients.reads, async || {
                     Ok(match find(cx, cx.home(), Some(id.clone())).await? {
                         None => Look::Ready(()),
                         Some((_, c)) => Look::Pending(c),
                     })
-                },
-            )
-            .await
+                })
+                .await
         },
     )
     .await?;

@@ -7,17 +7,15 @@ use aws_sdk_secretsmanager::types::{ReplicaRegionType, Tag};
 use futures::future::LocalBoxFuture;
 use serde::Deserialize;
 
-use super::Res;
+use super::{Res, StepId};
+use crate::aws::Call;
 use crate::cx::Cx;
 use crate::error::{AwsError, Error, Result};
-use crate::exec::{Action, Recorder, Step, StepResult};
-use crate::state::{Resource, Status};
-use crate::aws::Call;
+use crate::exec::{Action, Change, Recorder, Step, StepResult};
 use crate::read;
+use crate::state::{Attr, Key, Resource, Status};
 
 pub struct Secrets;
-
-pub const STEP: &str = "secrets";
 
 /// RDS rejects `/`, `@`, `"` and spaces in a master password; quotes and backslashes break
 /// connection strings.
@@ -27,15 +25,15 @@ pub fn name(cx: &Cx) -> String {
     format!("pgdr/{}/master", cx.name())
 }
 
-pub fn key(cx: &Cx) -> String {
-    format!("secrets/{}/master", cx.region(cx.home()))
+pub fn key(cx: &Cx) -> Key {
+    Key::new("secrets", cx.region(cx.home()), "master")
 }
 
-impl Step<Cx> for Secrets {
-    fn id(&self) -> String {
-        STEP.into()
+impl Step<Cx, StepId> for Secrets {
+    fn id(&self) -> StepId {
+        StepId::Secrets
     }
-    fn deps(&self) -> Vec<String> {
+    fn deps(&self) -> Vec<StepId> {
         vec![]
     }
     fn up<'a>(&'a self, cx: &'a Cx, rec: &'a Recorder<'a>) -> LocalBoxFuture<'a, StepResult> {
@@ -96,18 +94,16 @@ async fn up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
             if f.scheduled_for_deletion {
                 // An earlier `down` scheduled it for deletion: take it back rather than fight the
                 // name reservation. Its password is the final snapshot's password.
-                if !rec.plan {
-                    reg.secrets.restore_secret().secret_id(&f.arn).send().aws(region).await?;
-                }
-                rec.record(Action::Change, "secret", &r.name, region, Some(&f.arn), Some("restore (was scheduled for deletion)".into()));
+                let change = r.change(Action::Change).id(&f.arn).detail("restore (was scheduled for deletion)");
+                rec.apply(change, async |_| Ok(reg.secrets.restore_secret().secret_id(&f.arn).send().aws(region).await?)).await?;
             }
             if known.as_ref().and_then(|k| k.id.as_deref()) != Some(f.arn.as_str())
                 || known.as_ref().is_some_and(|k| k.status == Status::Pending)
             {
                 cx.store.put(&r.key, Resource::new("secret", region, &f.arn, Status::Adopted))?;
-                rec.record(Action::Adopt, "secret", &r.name, region, Some(&f.arn), None);
+                rec.record(Change::new(Action::Adopt, "secret", &r.name, region).id(&f.arn));
             } else if !f.scheduled_for_deletion {
-                rec.record(Action::Keep, "secret", &r.name, region, Some(&f.arn), None);
+                rec.record(Change::new(Action::Keep, "secret", &r.name, region).id(&f.arn));
             }
             Some(f)
         }
@@ -115,17 +111,13 @@ async fn up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
     };
     match found {
         Some(f) if !f.replicated_to_dr => {
-            if !rec.plan {
-                reg.secrets
-                        .replicate_secret_to_regions()
-                        .secret_id(&f.arn)
-                        .add_replica_regions(ReplicaRegionType::builder().region(&dr).build())
-                        .send().aws(region).await?;
-            }
-            rec.record(Action::Change, "secret", &r.name, region, Some(&f.arn), Some(format!("replicate to {dr}")));
+            rec.apply(r.change(Action::Change).id(&f.arn).detail(format!("replicate to {dr}")), async |_| {
+                let replica = ReplicaRegionType::builder().region(&dr).build();
+                Ok(reg.secrets.replicate_secret_to_regions().secret_id(&f.arn).add_replica_regions(replica).send().aws(region).await?)
+            })
+            .await?;
         }
         Some(_) => {}
-        None if rec.plan => rec.record(Action::Create, "secret", &r.name, region, None, Some(format!("replicated to {dr}"))),
         None => {
             // ensure() records the intent first; the client request token makes a retried create
             // (first answer lost) return the same secret.
@@ -147,7 +139,15 @@ pub fn connection_host(cx: &Cx) -> String {
 async fn create(cx: &Cx, token: &str) -> Result<String> {
     let reg = cx.regional(cx.home());
     let region = reg.region.as_str();
-    let pw = reg.secrets.get_random_password().password_length(32).exclude_characters(EXCLUDE).require_each_included_type(true).send().aws(region).await?;
+    let pw = reg
+        .secrets
+        .get_random_password()
+        .password_length(32)
+        .exclude_characters(EXCLUDE)
+        .require_each_included_type(true)
+        .send()
+        .aws(region)
+        .await?;
     let password = Password(pw.random_password.ok_or_else(|| Error::Other("GetRandomPassword returned no password".into()))?);
     let s = &cx.env.settings;
     let body = serde_json::json!({
@@ -159,15 +159,18 @@ async fn create(cx: &Cx, token: &str) -> Result<String> {
         "dbname": s.database_name,
     })
     .to_string();
-    let out = reg.secrets
-            .create_secret()
-            .name(name(cx))
-            .description(format!("pgdr {}: PostgreSQL master credentials", cx.name()))
-            .secret_string(body)
-            .client_request_token(token)
-            .set_tags(Some(tags(cx)))
-            .add_replica_regions(ReplicaRegionType::builder().region(cx.region(cx.home().other())).build())
-            .send().aws(region).await?;
+    let out = reg
+        .secrets
+        .create_secret()
+        .name(name(cx))
+        .description(format!("pgdr {}: PostgreSQL master credentials", cx.name()))
+        .secret_string(body)
+        .client_request_token(token)
+        .set_tags(Some(tags(cx)))
+        .add_replica_regions(ReplicaRegionType::builder().region(cx.region(cx.home().other())).build())
+        .send()
+        .aws(region)
+        .await?;
     out.arn.ok_or_else(|| Error::Other("CreateSecret returned no ARN".into()))
 }
 
@@ -199,13 +202,15 @@ pub async fn read_credentials(cx: &Cx) -> Result<(String, Password)> {
 /// Adds the connection facts (host, port, dbname) to the secret, keeping the password.
 pub async fn set_connection(cx: &Cx, rec: &Recorder<'_>, host: &str) -> Result<()> {
     let want = format!("{host}:5432/{}", cx.env.settings.database_name);
-    if cx.store.attr(&key(cx), "connection").as_deref() == Some(want.as_str()) {
+    if cx.store.attr(&key(cx), Attr::Connection).as_deref() == Some(want.as_str()) {
         return Ok(());
     }
     let reg = cx.regional(cx.home());
     let region = reg.region.as_str();
-    if rec.plan {
-        rec.record(Action::Change, "secret", &name(cx), region, None, Some(format!("host {host}")));
+    let change = Change::new(Action::Change, "secret", &name(cx), region).detail(format!("host {host}"));
+    if rec.planning() {
+        // Whether the secret holds the host already is in its value, which a plan does not read.
+        rec.record(change);
         return Ok(());
     }
     let out = reg.secrets.get_secret_value().secret_id(name(cx)).send().aws(region).await?;
@@ -218,14 +223,10 @@ pub async fn set_connection(cx: &Cx, rec: &Recorder<'_>, host: &str) -> Result<(
         v["host"] = host.into();
         v["port"] = 5432.into();
         v["dbname"] = cx.env.settings.database_name.as_str().into();
-        reg.secrets.put_secret_value().secret_id(name(cx)).secret_string(v.to_string()).send().aws(region).await?;
-        rec.record(Action::Change, "secret", &name(cx), region, None, Some(format!("host {host}")));
+        let put = reg.secrets.put_secret_value().secret_id(name(cx)).secret_string(v.to_string());
+        rec.apply(change, async |_| Ok(put.send().aws(region).await?)).await?;
     }
-    cx.store.update(|s| {
-        if let Some(r) = s.resources.get_mut(&key(cx)) {
-            r.attrs.insert("connection".into(), want);
-        }
-    })
+    cx.store.set_attr(&key(cx), Attr::Connection, want)
 }
 
 async fn down(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
@@ -234,10 +235,10 @@ async fn down(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
     let r = Res::new(key(cx), "secret", name(cx), region);
     let found = describe(cx).await?;
     let Some(f) = found.filter(|f| f.ours && !f.scheduled_for_deletion) else {
-        if cx.store.get(&r.key).is_some() && !rec.plan {
+        if !rec.planning() {
             cx.store.remove(&r.key)?;
         }
-        rec.record(Action::Absent, "secret", &r.name, region, None, None);
+        rec.record(r.change(Action::Absent));
         return Ok(());
     };
     let immediate = cx.opts.skip_final_snapshot;
@@ -246,20 +247,20 @@ async fn down(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
     } else {
         "scheduled for deletion in 30 days (it holds the final snapshot's password)".to_owned()
     };
-    if rec.plan {
-        rec.record(Action::Delete, "secret", &r.name, region, Some(&f.arn), Some(detail));
-        return Ok(());
-    }
-    // A secret with replicas cannot be deleted: remove the replica region first.
-    if f.replicated_to_dr {
-        let res = reg.secrets.remove_regions_from_replication().secret_id(&f.arn).remove_replica_regions(cx.region(cx.home().other())).send().aws(region).await;
-        ignore_missing(res)?;
-    }
-    let req = reg.secrets.delete_secret().secret_id(&f.arn);
-    let req = if immediate { req.force_delete_without_recovery(true) } else { req.recovery_window_in_days(30) };
-    ignore_missing(req.send().aws(region).await)?;
-    cx.store.remove(&r.key)?;
-    rec.record(Action::Delete, "secret", &r.name, region, Some(&f.arn), Some(detail));
+    rec.apply(r.change(Action::Delete).id(&f.arn).detail(detail), async |_| {
+        // A secret with replicas cannot be deleted: remove the replica region first.
+        if f.replicated_to_dr {
+            let other = cx.region(cx.home().other());
+            ignore_missing(
+                reg.secrets.remove_regions_from_replication().secret_id(&f.arn).remove_replica_regions(other).send().aws(region).await,
+            )?;
+        }
+        let req = reg.secrets.delete_secret().secret_id(&f.arn);
+        let req = if immediate { req.force_delete_without_recovery(true) } else { req.recovery_window_in_days(30) };
+        ignore_missing(req.send().aws(region).await)?;
+        cx.store.remove(&r.key)
+    })
+    .await?;
     Ok(())
 }
 

@@ -22,10 +22,26 @@ in the pair's temp directory, which only the server's user (and root) can enter.
 asks for the password (scram-sha-256); the Unix socket trusts, so the harness can still act
 on a fenced cluster.
 
-Fence: `pg_hba.conf` rejects every TCP connection (applications and replication), the client
-sessions are terminated, and `default_transaction_read_only` is set (ALTER SYSTEM) as a second
-guard; `unfence()` reverses all three. `freeze()` sends SIGSTOP to the postmaster and every
-child: the kernel still accepts TCP connections on the port, but nothing answers.
+Faults and controls, on a PgCluster (`pair.primary`, `pair.standby`):
+  stop(mode="fast"|"immediate"), start(), restart(), kill()   SIGKILL all: a power loss
+  freeze() / thaw()          SIGSTOP / SIGCONT the postmaster and its children: the kernel
+                             still accepts TCP connections on the port, nothing answers
+  fence(network=False)       pg_hba.conf rejects every TCP login (applications and
+                             replication), client sessions are terminated, and
+                             default_transaction_read_only is set (ALTER SYSTEM) as a second
+                             guard; the server still answers the protocol
+  fence(network=True)        the same, and restarted without a TCP listener: connections are
+                             refused, as with the 5432 ingress rules revoked
+  unfence()                  reverses either
+  block_replication() / unblock_replication()   (primary) WAL senders ended and refused: the
+                             standby falls behind, commits go on (asynchronous replication)
+  pause_replay() / resume_replay() / replay_pause_state()   (standby) pg_wal_replay_pause();
+                             note that a promotion still replays all WAL already received
+  promote(), in_recovery(), current_wal_lsn(), replay_lsn(), receive_lsn(), wait_replayed(lsn)
+  sql(q) / scalar(q)         admin path (Unix socket, trust; works while fenced)
+  connect()                  an application's connection (TCP, password)
+And on the pair: wait_caught_up(), promote(), reprotect() (rebuild the old primary as a
+standby of the promoted one and swap the roles), close().
 
 Tuned for speed, not durability: fsync off, 16 MB shared buffers, initdb --no-sync.
 """
@@ -50,6 +66,9 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 SETUP_POSTGRES = REPO / "scripts" / "setup-postgres"
 OS_USER = "pgdrtest"
 TMP_PREFIX = "pgdr-pg-"
+# Where the pairs' temp directories go. /tmp by default; a tmpfs (PGDR_PG_TMPDIR=/dev/shm) makes
+# initdb and pg_basebackup several times faster where /tmp's file creation is slow.
+BASE_DIR = os.environ.get("PGDR_PG_TMPDIR") or "/tmp"
 _RUNUSER = shutil.which("runuser", path="/usr/sbin:/usr/bin:/sbin:/bin:" + os.environ.get("PATH", "")) or "runuser"
 
 
@@ -111,11 +130,14 @@ def _ensure_os_user():
 
 
 def _pid_alive(pid):
+    """Is there a live (not zombie) process with this pid?"""
     try:
         os.kill(pid, 0)
     except OSError as e:
-        return e.errno == errno.EPERM
-    return True
+        if e.errno != errno.EPERM:
+            return False
+    st = _proc_stat(pid)
+    return st is not None and st[0] not in "ZX"
 
 
 def _proc_stat(pid):
@@ -165,9 +187,9 @@ def free_port(host="127.0.0.1", taken=()):
     raise PgHarnessError("no free port found")
 
 
-def cleanup_stale():
+def cleanup_stale(base_dir=None):
     """Stop and remove the clusters of earlier runs whose process is gone (a killed pytest)."""
-    for root in glob.glob(os.path.join(tempfile.gettempdir(), TMP_PREFIX + "*")):
+    for root in glob.glob(os.path.join(base_dir or BASE_DIR, TMP_PREFIX + "*")):
         try:
             owner = int(pathlib.Path(root, "owner.pid").read_text())
         except (OSError, ValueError):
@@ -207,6 +229,7 @@ class PgCluster:
         self.sockdir = str(self.root)
         self.fenced = False
         self.replication_blocked = False
+        self.network_fenced = False
         self.frozen = False
 
     def __repr__(self):
@@ -240,7 +263,8 @@ class PgCluster:
             pid = int((self.datadir / "postmaster.pid").read_text().split()[0])
         except (OSError, ValueError, IndexError):
             return None
-        return pid if _proc_stat(pid) else None
+        st = _proc_stat(pid)
+        return pid if st and st[0] not in "ZX" else None  # a killed postmaster may stay a zombie
 
     @property
     def running(self):
@@ -249,7 +273,9 @@ class PgCluster:
     def pids(self):
         """The postmaster and its children (backends, walsender/receiver, background workers)."""
         pm = self.postmaster_pid()
-        return [] if pm is None else [pm] + _children(pm)
+        if pm is None:
+            return []
+        return [pm] + [c for c in _children(pm) if (_proc_stat(c) or "Z")[0] not in "ZX"]
 
     def _chown(self, path):
         if self.os_user:
@@ -267,7 +293,7 @@ class PgCluster:
         """Settings of this cluster (its port and address), included last by postgresql.conf."""
         self._write(self.datadir / "pgdr.conf", (
             f"port = {self.port}\n"
-            f"listen_addresses = '{self.host}'\n"
+            f"listen_addresses = '{'' if self.network_fenced else self.host}'\n"
             f"unix_socket_directories = '{self.sockdir}'\n"
             f"cluster_name = 'pgdr-{self.name}'\n"))
 
@@ -320,6 +346,7 @@ class PgCluster:
                    "--no-sync", "--no-manifest", "-d", conninfo], timeout=120)
         self.fenced = False
         self.replication_blocked = False
+        self.network_fenced = False
         self._write_local_conf()
         self._write_hba()
 
@@ -355,6 +382,12 @@ class PgCluster:
         while any(_proc_stat(p) and _proc_stat(p)[0] not in "ZX" for p in pids) and time.monotonic() < deadline:
             time.sleep(0.005)
         self.frozen = False
+        if pids and not any(_proc_stat(p) and _proc_stat(p)[0] not in "ZX" for p in pids):
+            # The dead postmaster may stay a zombie for a while (whoever inherits orphans reaps
+            # it late), and its lock files name it: the next start would take it for a live
+            # server. It is dead, so its lock files go.
+            (self.datadir / "postmaster.pid").unlink(missing_ok=True)
+            pathlib.Path(self.sockdir, f".s.PGSQL.{self.port}.lock").unlink(missing_ok=True)
 
     def freeze(self):
         """SIGSTOP the postmaster, then its children: the port still accepts TCP connections
@@ -479,14 +512,27 @@ class PgCluster:
                         "WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()")
         return int(rows[0][0])
 
-    def fence(self):
-        """Refuse new TCP connections, end the existing sessions, and make new transactions
-        read-only as a second guard. Returns once a TCP login is refused."""
+    def fence(self, network=False):
+        """Refuse new TCP connections, end the existing client sessions, and make new
+        transactions read-only as a second guard. Returns the number of sessions ended.
+
+        network=False: pg_hba.conf rejects every TCP login (the server still answers the
+        protocol, so the probe finds it alive); the server keeps running.
+        network=True: also restarts the server without its TCP listener, so a connection is
+        refused by the kernel, as a revoked security group makes the port unreachable (the
+        probe fails); the restart ends every session, replication included."""
         self.fenced = True
         self._write_hba()
         with self.admin() as conn:
             conn.query("ALTER SYSTEM SET default_transaction_read_only = on")
             conn.query("SELECT pg_reload_conf()")
+        if network:
+            n = int(self.scalar("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' "
+                                "AND pid <> pg_backend_pid()"))
+            self.network_fenced = True
+            self._write_local_conf()
+            self.restart()
+            return n
         self._wait_login("rejected")
         # Sessions that were still authenticating when the reload landed are caught by the
         # second pass.
@@ -494,6 +540,18 @@ class PgCluster:
         time.sleep(0.02)
         n += self.terminate_sessions()
         return n
+
+    def unfence(self):
+        self.fenced = False
+        self._write_hba()
+        with self.admin() as conn:
+            conn.query("ALTER SYSTEM RESET default_transaction_read_only")
+            conn.query("SELECT pg_reload_conf()")
+        if self.network_fenced:
+            self.network_fenced = False
+            self._write_local_conf()
+            self.restart()
+        self._wait_login("ok")
 
     def block_replication(self):
         """On a primary: end the WAL senders and refuse new replication connections, so its
@@ -525,21 +583,14 @@ class PgCluster:
         """Number of WAL senders (standbys streaming from this cluster)."""
         return int(self.scalar("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'walsender'"))
 
-    def unfence(self):
-        self.fenced = False
-        self._write_hba()
-        with self.admin() as conn:
-            conn.query("ALTER SYSTEM RESET default_transaction_read_only")
-            conn.query("SELECT pg_reload_conf()")
-        self._wait_login("ok")
-
 
 class PgPair:
     """A primary and (unless with_standby=False) a streaming standby, in one temp directory
-    under /tmp. Closed by close(), by the context manager, or at interpreter exit."""
+    under /tmp (or base_dir, or $PGDR_PG_TMPDIR). Closed by close(), by the context manager,
+    or at interpreter exit."""
 
     def __init__(self, user="pgdr", password=None, dbname="postgres", host="127.0.0.1",
-                 standby_host=None, with_standby=True, bindir_=None):
+                 standby_host=None, with_standby=True, bindir_=None, base_dir=None):
         self.user = user
         self.password = password or "pgdr-test-" + os.urandom(6).hex()
         self.dbname = dbname
@@ -553,8 +604,9 @@ class PgPair:
         try:
             self._bindir = bindir_ or bindir()
             self.os_user = _ensure_os_user()
-            cleanup_stale()
-            self.root = pathlib.Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir="/tmp"))
+            base_dir = base_dir or BASE_DIR
+            cleanup_stale(base_dir)
+            self.root = pathlib.Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=base_dir))
             (self.root / "owner.pid").write_text(str(os.getpid()))
             if self.os_user:
                 pw = pwd.getpwnam(self.os_user)

@@ -37,7 +37,7 @@ def normalize_target(answer, default_port=5432):
         raise LookupError("empty answer")
     if text.count(":") == 1:
         host, port = text.split(":")
-        return host, int(port)
+        return host.rstrip("."), int(port)
     return text, default_port
 
 

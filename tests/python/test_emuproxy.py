@@ -18,7 +18,8 @@ import pytest
 from botocore.config import Config
 
 REPO = Path(__file__).resolve().parents[2]
-VENV = Path(os.environ.get("PGDR_VENV", REPO / ".venv"))
+# PGDR_VENV, else the project's .venv, else the venv running these tests (it has moto_server too)
+VENV = Path(os.environ.get("PGDR_VENV") or (REPO / ".venv" if (REPO / ".venv").exists() else sys.prefix))
 MOTO_BIN = VENV / "bin" / "moto_server"
 PROXY = REPO / "scripts" / "emuproxy.py"
 
@@ -59,7 +60,8 @@ def emu(proxy):
     ~1 s once EC2 is loaded): tests use distinct names, CIDRs and regions instead."""
     ctl(proxy, "/__proxy/config", {"latency_ms": 0, "fail_rate": 0, "drop_rate": 0, "seed": 0,
                                    "fault_ops": None, "fault_services": None, "fault_mutating_only": False,
-                                   "kill_after": None, "rds_hold": None})
+                                   "kill_after": None, "rds_hold": None, "rules_off": [],
+                                   "rules_time_scale": 1.0, "rules_params": {}, "throttle": None})
     ctl(proxy, "/__proxy/calls/reset", {})
     return proxy
 
@@ -142,6 +144,8 @@ def _statuses(rds):
 
 
 def test_rds_hold_shows_creating_then_available(emu):
+    # rds_hold alone (the AWS rule that adds backing-up, rebooting and refusals is off)
+    ctl(emu, "/__proxy/config", {"rules_off": ["rds-state-machine"]})
     rds = client(emu, "rds", "eu-west-1")
     _create_db(rds, "plain")  # created before the hold was set: not held
     ctl(emu, "/__proxy/config", {"rds_hold": {"create_s": 1.5, "modify_s": 1.0}})

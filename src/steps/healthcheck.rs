@@ -1,0 +1,69 @@
+//! The Route 53 health check that the writer record follows: its state key, how it is found
+//! (by ID or caller reference) and deleted. Made by the detection step, read by the records.
+
+use aws_sdk_route53::types::{Tag, TagResourceType};
+
+use super::{keep_one, Res};
+use crate::aws::Call;
+use crate::cx::Cx;
+use crate::error::{AwsError, Result};
+use crate::exec::Recorder;
+use crate::read;
+use crate::state::Key;
+
+pub fn key() -> Key {
+    Key::new("detection", "global", "health-check")
+}
+
+/// The health check's ID, as recorded.
+pub fn id(cx: &Cx) -> Option<String> {
+    cx.store.id(&key())
+}
+
+/// Tags a Route 53 resource (Route 53 takes no tags at creation).
+pub async fn tag(cx: &Cx, kind: TagResourceType, id: &str, resource: &str) -> Result<()> {
+    let tags: Vec<Tag> = cx.tags(resource).into_iter().map(|(k, v)| Tag::builder().key(k).value(v).build()).collect();
+    cx.clients.route53.change_tags_for_resource().resource_type(kind).resource_id(id).set_add_tags(Some(tags)).send().aws("global").await?;
+    Ok(())
+}
+
+/// Every health check of the account, page by page (100 a page: an account with more must
+/// not make pgdr miss its own and create another).
+pub async fn list_health_checks(cx: &Cx) -> std::result::Result<Vec<aws_sdk_route53::types::HealthCheck>, AwsError> {
+    let mut all = Vec::new();
+    let mut marker = None;
+    loop {
+        let page = read!(cx.clients.reads, "global", cx.clients.route53.list_health_checks().set_marker(marker))?;
+        all.extend(page.health_checks);
+        marker = page.next_marker.filter(|_| page.is_truncated);
+        if marker.is_none() {
+            return Ok(all);
+        }
+    }
+}
+
+/// The environment's health check: the one in state, or one whose caller reference is pgdr's.
+/// A create retried after a lost answer can make a second check: one is kept, the others deleted.
+pub async fn the_health_check(cx: &Cx, rec: &Recorder<'_>, r: &Res<'_>, known: Option<String>) -> Result<Option<String>> {
+    let prefix = health_check_prefix(cx);
+    let ids: Vec<String> = list_health_checks(cx)
+        .await?
+        .into_iter()
+        .filter(|h| Some(&h.id) == known.as_ref() || h.caller_reference.starts_with(&prefix))
+        .map(|h| h.id)
+        .collect();
+    keep_one(rec, r, known.as_deref(), ids, async |id| delete_health_check(cx, &id).await).await
+}
+
+pub async fn delete_health_check(cx: &Cx, id: &str) -> Result<()> {
+    let r53 = &cx.clients.route53;
+    match r53.delete_health_check().health_check_id(id).send().aws("global").await {
+        Ok(_) => Ok(()),
+        Err(e) if e.is_not_found() => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+pub fn health_check_prefix(cx: &Cx) -> String {
+    format!("pgdr-{}-health-", cx.name())
+}
