@@ -119,6 +119,11 @@ class Call:
         else:
             self.protocol = "rest-xml"
         self.key = {}  # per-call state that rules keep between before() and after()
+        self.forward_body = None  # set by a rule that changes what is sent to moto
+
+    def forward_params(self, params):
+        """Forward these query parameters to moto instead of the request's."""
+        self.forward_body = urllib.parse.urlencode(params).encode()
 
     def json(self):
         try:
@@ -634,11 +639,27 @@ class IamPropagation(Rule):
 
     def reset(self):
         self.changed = {}  # (account, role name) -> last change
+        self.vpc_functions = set()  # (account, region, function name) with a VpcConfig
 
     def after(self, call, ans):
-        if call.service == "iam" and ans.ok and call.op in self.CHANGES and call.params.get("RoleName"):
+        if not ans.ok:
+            return ans
+        if call.service == "iam" and call.op in self.CHANGES and call.params.get("RoleName"):
             with self.e.lock:
                 self.changed[(call.account, call.params["RoleName"])] = call.now
+        elif call.service == "lambda" and call.name in ("CreateFunction", "UpdateFunctionConfiguration", "DeleteFunction"):
+            req = call.json()
+            fn = (lambda_function_name(req.get("FunctionName", "")) if call.name == "CreateFunction"
+                  else LambdaVpcEnis.function_of(call))
+            key = (call.account, call.region, fn)
+            with self.e.lock:
+                if call.name == "DeleteFunction":
+                    self.vpc_functions.discard(key)
+                elif "VpcConfig" in req:
+                    if (req["VpcConfig"] or {}).get("SubnetIds"):
+                        self.vpc_functions.add(key)
+                    else:
+                        self.vpc_functions.discard(key)
         return ans
 
     def before(self, call):
@@ -654,7 +675,8 @@ class IamPropagation(Rule):
             return None
         vpc = bool((req.get("VpcConfig") or {}).get("SubnetIds"))
         if call.name == "UpdateFunctionConfiguration" and "VpcConfig" not in req:
-            vpc = self.e.rules["lambda-vpc-enis"].function_has_vpc(call)
+            with self.e.lock:
+                vpc = (call.account, call.region, LambdaVpcEnis.function_of(call)) in self.vpc_functions
         return aws_error(call, 400, "InvalidParameterValueException", self.VPC if vpc else self.ASSUME)
 
 
@@ -730,20 +752,19 @@ class LambdaVpcEnis(Rule):
             return "in-use"
         return "available"
 
-    def function_has_vpc(self, call):
-        fn = self.function_of(call)
-        with self.e.lock:
-            rec = self.functions.get((call.account, call.region, fn))
-            return bool(rec and rec["combos"])
-
     @staticmethod
     def function_of(call):
         m = re.match(r"^/2015-03-31/functions/([^/]+)", call.url_path)
         return lambda_function_name(m.group(1)) if m else None
 
     # --- hooks -------------------------------------------------------------------------------
+    REWRITTEN_FILTERS = ("status", "interface-type", "requester-managed")
+
     def before(self, call):
         if call.service != "ec2":
+            return None
+        if call.op == "DescribeNetworkInterfaces":
+            self.take_filters(call)
             return None
         with self.e.lock:
             here = [e for e in self.enis.values() if (e["account"], e["region"]) == (call.account, call.region)]
@@ -812,8 +833,30 @@ class LambdaVpcEnis(Rule):
             if rec:
                 self.release(call.account, call.region, fn, rec["combos"], call.now)
 
+    def take_filters(self, call):
+        """moto filters on its own status and type: the filters on values this rule rewrites are
+        applied after the rewrite instead (moto gets the request without them)."""
+        filters = call.filters()
+        taken = {k: v for k, v in filters.items() if k in self.REWRITTEN_FILTERS}
+        if not taken:
+            return
+        call.key[self.name] = taken
+        params = {k: v for k, v in call.params.items() if not k.startswith("Filter.")}
+        kept = [(k, v) for k, v in filters.items() if k not in taken]
+        for i, (name, values) in enumerate(kept, 1):
+            params[f"Filter.{i}.Name"] = name
+            params.update({f"Filter.{i}.Value.{j}": v for j, v in enumerate(values, 1)})
+        call.forward_params(params)
+
     def rewrite_describe(self, call, body):
-        wanted = call.filters().get("status")
+        taken = call.key.get(self.name, {})
+
+        def keep(item, q):
+            for name, values in taken.items():
+                tag = {"status": "status", "interface-type": "interfaceType", "requester-managed": "requesterManaged"}[name]
+                if item.findtext(q(tag)) not in values:
+                    return False
+            return True
 
         def edit(root, q):
             changed = False
@@ -830,7 +873,7 @@ class LambdaVpcEnis(Rule):
                                 el = ET.SubElement(item, q(tag))
                             el.text = value
                         changed = True
-                    if wanted and status not in wanted:
+                    if taken and not keep(item, q):
                         s.remove(item)
                         changed = True
             return changed

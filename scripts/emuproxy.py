@@ -309,7 +309,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             finally:
                 finish(rec)
         try:
-            status, reason, headers, data = self.forward(body)
+            status, reason, headers, data = self.forward(body if call.forward_body is None else call.forward_body)
         except OSError as e:  # moto gave no answer
             rec = record({**entry, "status": None, "fault": None})
             try:

@@ -69,7 +69,8 @@ TMP_PREFIX = "pgdr-pg-"
 # Where the pairs' temp directories go. /tmp by default; a tmpfs (PGDR_PG_TMPDIR=/dev/shm) makes
 # initdb and pg_basebackup several times faster where /tmp's file creation is slow.
 BASE_DIR = os.environ.get("PGDR_PG_TMPDIR") or "/tmp"
-_RUNUSER = shutil.which("runuser", path="/usr/sbin:/usr/bin:/sbin:/bin:" + os.environ.get("PATH", "")) or "runuser"
+_SBIN_PATH = "/usr/sbin:/usr/bin:/sbin:/bin:" + os.environ.get("PATH", "")
+_RUNUSER = shutil.which("runuser", path=_SBIN_PATH) or "runuser"
 
 
 class PgUnavailable(RuntimeError):
@@ -81,22 +82,27 @@ class PgHarnessError(RuntimeError):
 
 
 _bindir = None
+_bindir_error = None
 _bindir_lock = threading.Lock()
 
 
 def bindir():
     """The server bin directory (runs scripts/setup-postgres once per process, installing
     PostgreSQL when missing). Raises PgUnavailable when it cannot."""
-    global _bindir
+    global _bindir, _bindir_error
     with _bindir_lock:
+        if _bindir_error is not None:  # tried once already in this process: no second install
+            raise _bindir_error
         if _bindir is None:
             try:
                 out = subprocess.run([str(SETUP_POSTGRES)], capture_output=True, text=True, timeout=900)
             except (OSError, subprocess.TimeoutExpired) as e:
-                raise PgUnavailable(f"scripts/setup-postgres could not run: {e}") from e
+                _bindir_error = PgUnavailable(f"scripts/setup-postgres could not run: {e}")
+                raise _bindir_error from e
             if out.returncode != 0 or not out.stdout.strip():
                 tail = "\n".join(out.stderr.strip().splitlines()[-15:])
-                raise PgUnavailable(f"scripts/setup-postgres failed (exit {out.returncode}): {tail}")
+                _bindir_error = PgUnavailable(f"scripts/setup-postgres failed (exit {out.returncode}): {tail}")
+                raise _bindir_error
             _bindir = out.stdout.strip().splitlines()[-1]
         return _bindir
 
@@ -120,7 +126,8 @@ def _ensure_os_user():
     try:
         pwd.getpwnam(OS_USER)
     except KeyError:
-        out = subprocess.run(["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent",
+        useradd = shutil.which("useradd", path=_SBIN_PATH) or "useradd"
+        out = subprocess.run([useradd, "--system", "--no-create-home", "--home-dir", "/nonexistent",
                               "--shell", "/usr/sbin/nologin", OS_USER], capture_output=True, text=True)
         try:
             pwd.getpwnam(OS_USER)  # a concurrent run may have created it first

@@ -101,8 +101,9 @@ class Writer:
 
     def _connection(self):
         if self._conn is None or self._conn.closed:
+            self._target = None
             target = self._resolve()
-            self._target = target
+            self._target = target  # the server tried, recorded with a failure to connect
             self._conn = pgwire.connect(target[0], target[1], self.user, self.password, self.dbname,
                                         timeout=self.timeout, application_name="pgdr-writer")
         return self._conn
@@ -128,7 +129,6 @@ class Writer:
             self._seq += 1
             seq = self._seq
         start = time.monotonic()
-        target = None
         try:
             conn = self._connection()
             target = self._target
@@ -136,7 +136,7 @@ class Writer:
         except Exception as e:
             kind, code = classify(e)
             self._drop()
-            rec = Failure(seq, self.clock(), target or self._target, kind, code, f"{type(e).__name__}: {e}")
+            rec = Failure(seq, self.clock(), self._target, kind, code, f"{type(e).__name__}: {e}")
             self.errors.append(rec)
             return rec
         rec = Ack(seq, self.clock(), target, round((time.monotonic() - start) * 1000, 2))
