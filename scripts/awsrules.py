@@ -563,7 +563,7 @@ class Ec2PeeringLateInAccepter(Rule):
     answers InvalidVpcPeeringConnectionID.NotFound.
 
     AWS: "Eventual consistency in the Amazon EC2 API" https://docs.aws.amazon.com/ec2/latest/devguide/eventual-consistency.html
-    AWS: "Accept or reject a VPC peering connection (inter-Region requests are accepted in the accepter Region)" https://docs.aws.amazon.com/vpc/latest/peering/accept-vpc-peering-connection.html
+    AWS: "AcceptVpcPeeringConnection (inter-Region requests are accepted in the accepter Region)" https://docs.aws.amazon.com/AWSEC2/latest/APIReference/API_AcceptVpcPeeringConnection.html
     """
     name = "ec2-peering-late-in-accepter"
     params = {"window_s": 1.5}
@@ -628,7 +628,7 @@ class IamPropagation(Rule):
     account, whatever Region they were signed for.
 
     AWS: "Troubleshoot IAM: changes that I make are not always immediately visible" https://docs.aws.amazon.com/IAM/latest/UserGuide/troubleshoot_general.html#troubleshoot_general_eventual-consistency
-    AWS: "Troubleshoot deployment issues in Lambda" https://docs.aws.amazon.com/lambda/latest/dg/troubleshooting-deployment.html
+    AWS: "Defining Lambda function permissions with an execution role" https://docs.aws.amazon.com/lambda/latest/dg/lambda-intro-execution-role.html
     See: "Lambda's error texts as AWS sends them (danilop/LambdAuth #49, aws/aws-sam-cli #617)" https://github.com/aws/aws-sam-cli/issues/617
     """
     name = "iam-propagation"
@@ -999,16 +999,19 @@ class SecretsReplication(Rule):
     """A secret's replica Regions are `InProgress` in DescribeSecret (and CreateSecret,
     ReplicateSecretToRegions answers) for `window_s` after CreateSecret with AddReplicaRegions or
     ReplicateSecretToRegions, then `InSync` (moto says InSync at once). A replica Region that
-    already holds a secret of that name ends `Failed`; moto does fail it, but names a secret
-    "simple" in the StatusMessage, which the rule corrects to the secret's name.
+    already holds a secret of that name ends `Failed` with StatusMessage "Secret with this name
+    already exists in this region" (moto fails it too, but with a message about a secret named
+    "simple").
 
-    AWS: "Replicate an AWS Secrets Manager secret to other AWS Regions" https://docs.aws.amazon.com/secretsmanager/latest/userguide/replicate-existing-secret.html
-    AWS: "Troubleshoot AWS Secrets Manager replication: a secret with the same name exists in the selected Region" https://docs.aws.amazon.com/secretsmanager/latest/userguide/replicate-secrets_troubleshoot.html
+    AWS: "ReplicateSecretToRegions (AWS Secrets Manager API Reference)" https://docs.aws.amazon.com/secretsmanager/latest/apireference/API_ReplicateSecretToRegions.html
+    AWS: "aws secretsmanager replicate-secret-to-regions (example output: InProgress)" https://docs.aws.amazon.com/cli/latest/reference/secretsmanager/replicate-secret-to-regions.html
     AWS: "ReplicationStatusType (AWS Secrets Manager API Reference)" https://docs.aws.amazon.com/secretsmanager/latest/apireference/API_ReplicationStatusType.html
+    AWS: "Troubleshoot AWS Secrets Manager replication: a secret with the same name exists in the selected Region" https://docs.aws.amazon.com/secretsmanager/latest/userguide/replicate-secrets_troubleshoot.html
     """
     name = "secrets-replication"
     params = {"window_s": 1.0}
     OPS = {"CreateSecret", "DescribeSecret", "ReplicateSecretToRegions", "RemoveRegionsFromReplication", "ListSecrets"}
+    EXISTS = "Secret with this name already exists in this region"
 
     def reset(self):
         self.started = {}  # (account, primary region, name, replica region) -> start
@@ -1039,8 +1042,8 @@ class SecretsReplication(Rule):
             primary = entry.get("PrimaryRegion") or call.region
             for st in entry["ReplicationStatus"]:
                 msg = st.get("StatusMessage") or ""
-                if st.get("Status") == "Failed" and "Secret name simple already exists" in msg:
-                    st["StatusMessage"] = msg.replace("Secret name simple", f"Secret name {name}")
+                if st.get("Status") == "Failed" and "already exists" in msg and msg != self.EXISTS:
+                    st["StatusMessage"] = self.EXISTS
                     changed = True
                 with self.e.lock:
                     t0 = self.started.get((call.account, primary, name, st.get("Region")))

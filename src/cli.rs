@@ -14,7 +14,7 @@ use pgdr::config::Overrides;
 use pgdr::cx::Options;
 use pgdr::error::{Error, Exit};
 use pgdr::exec::{Cancel, Outcome, Progress, StepReport};
-use pgdr::ops::{self, RunResult, Target};
+use pgdr::ops::{self, Operator, Report, Target};
 
 const EXIT_CODES: &str = "Exit codes:
   0    success (status: healthy)
@@ -257,155 +257,65 @@ async fn run(cli: Cli) -> Result<Exit, Error> {
     let cancel = Cancel::default();
     watch_interrupts(cancel.clone());
     let progress = StderrProgress::new();
+    let out = g.output;
     match &cli.command {
-        Command::Plan(e) | Command::Up { env: e, dry_run: true } => {
-            let t = target(g, &e.env);
-            let r = ops::plan(&t, &progress, &cancel).await?;
-            print_run(g.output, &r);
-            Ok(r.exit)
-        }
+        Command::Plan(e) | Command::Up { env: e, dry_run: true } => show(out, &ops::plan(&target(g, &e.env), &progress, &cancel).await?),
         Command::Up { env, dry_run: false } => {
             let t = target(g, &env.env);
             // Validate before any output, so bad input is one line.
             t.load_env()?;
-            let r = ops::up(&t, &progress, &cancel).await?;
-            print_run(g.output, &r);
-            Ok(r.exit)
+            show(out, &ops::up(&t, &progress, &cancel).await?)
         }
-        Command::Down { env, confirm: Confirm { yes, dry_run }, skip_final_snapshot, force } => {
-            let t = target(g, &env.env);
-            let e = t.load_env()?;
-            if !dry_run {
-                confirm(
-                    *yes,
-                    &format!(
-                        "This deletes every resource of environment {:?} in {} and {}.",
-                        e.name, e.settings.primary_region, e.settings.dr_region
-                    ),
-                    &e.name,
-                )?;
-            }
+        Command::Down { env, confirm, skip_final_snapshot, force } => {
             let opts = Options { skip_final_snapshot: *skip_final_snapshot, force: *force };
-            let r = ops::down(&t, opts, *dry_run, &progress, &cancel).await?;
-            print_run(g.output, &r);
-            Ok(r.exit)
-        }
-        Command::Status { env: Some(env) } => {
-            let t = target(g, env);
-            let s = ops::status(&t, &cancel).await?;
-            match g.output {
-                Output::Json => print_json(&s),
-                Output::Human => print_status(&s),
-            }
-            Ok(s.exit)
-        }
-        Command::Status { env: None } => {
-            let list = ops::list_envs(&g.state_dir)?;
-            match g.output {
-                Output::Json => print_json(&serde_json::json!({ "environments": list })),
-                Output::Human => {
-                    let mut out = String::new();
-                    if list.is_empty() {
-                        out.push_str(&format!("no environments in {}\n", g.state_dir.display()));
-                    }
-                    for e in &list {
-                        match &e.error {
-                            Some(err) => out.push_str(&format!("{:<20} error: {err}\n", e.env)),
-                            None => out.push_str(&format!(
-                                "{:<20} {:>3} resources  writer {:<12} updated {}{}\n",
-                                e.env,
-                                e.resources,
-                                if e.writer_region.is_empty() { "-" } else { &e.writer_region },
-                                e.updated_at,
-                                e.locked_by.as_ref().map(|l| format!("  locked by {l}")).unwrap_or_default()
-                            )),
-                        }
-                    }
-                    emit(&out);
-                }
-            }
-            // A state file that cannot be read is a problem to alert on.
-            Ok(if list.iter().any(|e| e.error.is_some()) { Exit::Partial } else { Exit::Success })
-        }
-        Command::Failover { env, confirm: Confirm { yes, dry_run }, force } => {
             let t = target(g, &env.env);
-            let e = t.load_env()?;
-            let (cx, _lock, plan) = ops::failover_plan(&t, *dry_run, &cancel).await?;
-            print_failover_plan(g.output, &plan, *dry_run || plan.nothing_to_do());
-            if *dry_run || plan.nothing_to_do() {
-                if plan.nothing_to_do() {
-                    eprintln!("nothing to do: {} is already the primary, DNS points at it and the old primary is fenced", plan.replica);
-                }
-                return Ok(Exit::Success);
-            }
-            ops::check_lag(&plan, e.settings.max_failover_lag_seconds, *force)?;
-            confirm(*yes, &format!("This fails environment {:?} over to {}.", e.name, plan.to_region), &e.name)?;
-            let out = pgdr::failover::execute(&cx, plan, &progress).await?;
-            match g.output {
-                Output::Json => print_json(&out),
-                Output::Human => {
-                    let mut text = String::from("failover timeline:\n");
-                    for p in &out.timeline {
-                        text.push_str(&format!("  {:<10} {:>7.1}s  {}\n", p.phase, p.ms as f64 / 1000.0, p.detail));
-                    }
-                    if let Some(note) = &out.pending {
-                        text.push_str(&format!("WARNING: {note}\n"));
-                    }
-                    emit(&text);
-                }
-            }
-            Ok(if out.pending.is_some() { Exit::Partial } else { Exit::Success })
+            show(out, &ops::down(&t, opts, confirm.dry_run, &Terminal(confirm.yes), &progress, &cancel).await?)
         }
-        Command::Reprotect { env, confirm: Confirm { yes, dry_run }, keep_old_primary } => {
+        Command::Status { env: Some(env) } => show(out, &ops::status(&target(g, env), &cancel).await?),
+        Command::Status { env: None } => show(out, &ops::list_envs(&g.state_dir)?),
+        Command::Failover { env, confirm, force } => {
+            let opts = ops::FailoverOptions { dry_run: confirm.dry_run, force: *force };
+            show(out, &ops::failover(&target(g, &env.env), opts, &Terminal(confirm.yes), &progress, &cancel).await?)
+        }
+        Command::Reprotect { env, confirm, keep_old_primary } => {
             let t = target(g, &env.env);
-            let e = t.load_env()?;
-            let (cx, lock, plan) = ops::reprotect_plan(&t, *keep_old_primary, *dry_run, &cancel).await?;
-            let mut text = format!(
-                "reprotect {}: primary {} in {}, new replica {} in {}\n",
-                plan.env, plan.new_primary, plan.new_primary_region, plan.new_replica, plan.new_replica_region
-            );
-            for st in &plan.steps {
-                text.push_str(&format!("  {}will {st}\n", if *dry_run { "(dry run) " } else { "" }));
-            }
-            eprint!("{text}");
-            if *dry_run {
-                if g.output == Output::Json {
-                    print_json(&plan);
-                }
-                return Ok(Exit::Success);
-            }
-            confirm(
-                *yes,
-                &format!("This deletes or retires the old primary of {:?} and rebuilds protection in the opposite direction.", e.name),
-                &e.name,
-            )?;
-            let r = ops::reprotect(&t, cx, lock, &plan, &progress, &cancel).await?;
-            print_run(g.output, &r);
-            Ok(r.exit)
+            show(out, &ops::reprotect(&t, *keep_old_primary, confirm.dry_run, &Terminal(confirm.yes), &progress, &cancel).await?)
         }
-        Command::Adopt(e) => {
-            let t = target(g, &e.env);
-            t.load_env()?;
-            let r = ops::adopt(&t, &progress, &cancel).await?;
-            print_run(g.output, &r);
-            Ok(r.exit)
-        }
+        Command::Adopt(e) => show(out, &ops::adopt(&target(g, &e.env), &progress, &cancel).await?),
         Command::Unlock { env, force } => {
-            pgdr::config::validate_env_name(&env.env)?;
-            let removed = pgdr::state::unlock(&g.state_dir, &env.env, *force)?;
-            match (g.output, &removed) {
-                (Output::Json, _) => print_json(&serde_json::json!({ "env": env.env, "removed": removed })),
-                (Output::Human, Some(info)) => {
-                    eprintln!("removed the lock of {} (`{}`, pid {} on {})", env.env, info.command, info.pid, info.host)
-                }
-                (Output::Human, None) => eprintln!("environment {} is not locked", env.env),
+            let r = ops::unlock(&g.state_dir, &env.env, *force)?;
+            // A note about the lock, not a result: stderr in human mode.
+            match out {
+                Output::Json => print_json(&r),
+                Output::Human => eprint!("{r}"),
             }
-            Ok(Exit::Success)
+            Ok(r.exit())
         }
         Command::Completions { shell } => {
             clap_complete::generate(*shell, &mut Cli::command(), "pgdr", &mut std::io::stdout());
             Ok(Exit::Success)
         }
+    }
+}
+
+/// Prints a result: its JSON, or its text, on stdout.
+fn show<R: Report>(output: Output, r: &R) -> Result<Exit, Error> {
+    match output {
+        Output::Json => print_json(r),
+        Output::Human => emit(&r.to_string()),
+    }
+    Ok(r.exit())
+}
+
+/// The operator at this terminal: plans on stderr, confirmation typed (or `--yes`).
+struct Terminal(bool);
+
+impl Operator for Terminal {
+    fn inform(&self, text: &str) {
+        eprint!("{text}");
+    }
+    fn confirm(&self, what: &str, env: &str) -> Result<(), Error> {
+        confirm(self.0, what, env)
     }
 }
 
@@ -439,186 +349,6 @@ fn print_json<T: Serialize>(v: &T) {
         Ok(s) => emit(&format!("{s}\n")),
         Err(e) => eprintln!("error: cannot render JSON: {e}"),
     }
-}
-
-fn print_run(output: Output, r: &RunResult) {
-    if output == Output::Json {
-        return print_json(r);
-    }
-    let mut out = String::new();
-    for w in &r.warnings {
-        out.push_str(&format!("WARNING: {w}\n"));
-    }
-    let verb = if r.dry_run { "would " } else { "" };
-    for s in &r.report.steps {
-        // Unchanged resources are listed by plan; elsewhere only when there is something to say
-        // about them (a final snapshot kept, a rule left revoked).
-        let shown: Vec<_> = s.changes.iter().filter(|c| r.dry_run || c.action != pgdr::exec::Action::Keep || c.detail.is_some()).collect();
-        let head = match &s.outcome {
-            Outcome::Done => String::new(),
-            Outcome::Failed { error, .. } => format!("  FAILED: {error}"),
-            Outcome::Skipped { because } => format!("  skipped: {} failed", because.join(", ")),
-            Outcome::Cancelled => "  not started (interrupted)".into(),
-        };
-        if shown.is_empty() && head.is_empty() {
-            continue;
-        }
-        out.push_str(&format!("{}{}\n", s.step, head));
-        for c in shown {
-            let verbword = match c.action {
-                // adopt records what it finds; what it does not find, `up` would create.
-                pgdr::exec::Action::Create if r.command == "adopt" => "missing".into(),
-                pgdr::exec::Action::Adopt if r.command == "adopt" => "adopt".into(),
-                pgdr::exec::Action::Create => format!("{verb}create"),
-                pgdr::exec::Action::Adopt => format!("{verb}adopt"),
-                pgdr::exec::Action::Change => format!("{verb}change"),
-                pgdr::exec::Action::Delete => format!("{verb}delete"),
-                pgdr::exec::Action::Keep => "keep".into(),
-                pgdr::exec::Action::Absent => "absent".into(),
-            };
-            out.push_str(&format!(
-                "  {} {:<8} {:<22} {:<28} {}{}{}\n",
-                c.action.symbol(),
-                verbword,
-                c.kind,
-                c.name,
-                c.region,
-                c.id.as_ref().map(|i| format!("  {i}")).unwrap_or_default(),
-                c.detail.as_ref().map(|d| format!("  ({d})")).unwrap_or_default()
-            ));
-        }
-    }
-    if !r.dry_run && !r.report.steps.is_empty() {
-        out.push_str("summary:\n");
-        for s in &r.report.steps {
-            let count = |a: &[pgdr::exec::Action]| s.changes.iter().filter(|c| a.contains(&c.action)).count();
-            use pgdr::exec::Action::*;
-            let what = match &s.outcome {
-                Outcome::Done => format!(
-                    "{} created, {} adopted, {} changed, {} deleted, {} unchanged",
-                    count(&[Create]),
-                    count(&[Adopt]),
-                    count(&[Change]),
-                    count(&[Delete]),
-                    count(&[Keep, Absent])
-                ),
-                Outcome::Failed { .. } => "FAILED".into(),
-                Outcome::Skipped { .. } => "skipped".into(),
-                Outcome::Cancelled => "not started".into(),
-            };
-            out.push_str(&format!(
-                "  {} {:<18} {:>7.1}s  {what}\n",
-                if matches!(s.outcome, Outcome::Done) { "ok" } else { "!!" },
-                s.step,
-                s.elapsed_ms as f64 / 1000.0
-            ));
-        }
-    }
-    if let Some(c) = &r.connect {
-        out.push_str(&format!(
-            "connect: writers {}:{}  reads {}:{}  credentials: secret {}\n  instances: {}\n",
-            c.writer,
-            c.port,
-            c.reader,
-            c.port,
-            c.secret,
-            c.endpoints.join(", ")
-        ));
-    }
-    let t = &r.totals;
-    if r.dry_run && t.nothing_to_do() && r.report.failures().next().is_none() && r.command != "adopt" {
-        out.push_str("Nothing to do: the environment matches the configuration.\n");
-    }
-    let (c, a, ch, d) =
-        if r.dry_run { ("to create", "to adopt", "to change", "to delete") } else { ("created", "adopted", "changed", "deleted") };
-    out.push_str(&format!(
-        "{}: {} {c}, {} {a}, {} {ch}, {} {d}, {} unchanged ({:.1}s)\n",
-        r.command,
-        t.create,
-        t.adopt,
-        t.change,
-        t.delete,
-        t.keep,
-        r.report.elapsed_ms as f64 / 1000.0
-    ));
-    if r.exit == Exit::Partial {
-        // After reprotect swapped the roles, finishing the job is `up`'s.
-        let again = if r.command == "reprotect" { "up" } else { r.command };
-        out.push_str(&format!("Some steps failed; the state is saved. Fix the cause above and rerun `pgdr {again} --env {}`.\n", r.env));
-    }
-    emit(&out);
-}
-
-fn print_status(s: &ops::StatusResult) {
-    let h = &s.health;
-    let mut out =
-        format!("environment {}  ({} -> {})  {}\n", s.env, s.primary_region, s.dr_region, if s.healthy { "HEALTHY" } else { "DEGRADED" });
-    for p in &s.problems {
-        out.push_str(&format!("  ! {p}\n"));
-    }
-    out.push_str(&format!("writer: {}\n", h.writer_region.as_deref().unwrap_or("none")));
-    for i in &h.instances {
-        out.push_str(&format!("  {:<8} {:<28} {:<10} {}\n", i.role, i.id, i.region, i.status));
-    }
-    out.push_str(&format!(
-        "replica lag: {}\n",
-        h.replica_lag_seconds.map(|l| format!("{l:.0} s")).unwrap_or_else(|| "no recent datapoint".into())
-    ));
-    out.push_str(&format!("dns {}: writers -> {}\n", h.dns_record, h.dns_writer_region.as_deref().unwrap_or("-")));
-    for r in &h.dns {
-        out.push_str(&format!(
-            "  [{}] weight {:<3} {}{}\n",
-            r.set_id,
-            r.weight,
-            r.value,
-            r.health_check.as_ref().map(|c| format!("  health check {c}")).unwrap_or_default()
-        ));
-    }
-    let alarming: Vec<_> = h.alarms.iter().filter(|a| a.state == "ALARM").collect();
-    out.push_str(&format!("alarms: {} ({} in ALARM)\n", h.alarms.len(), alarming.len()));
-    out.push_str(&format!("failover function: {}\n", if h.failover_function { "present" } else { "missing" }));
-    out.push_str("resources:\n");
-    for r in &s.resources {
-        out.push_str(&format!(
-            "  {:<9} {:<22} {:<28} {:<10} {}{}\n",
-            r.state,
-            r.kind,
-            r.name,
-            r.region,
-            r.id.as_deref().unwrap_or("-"),
-            r.detail.as_ref().map(|d| format!("  ({d})")).unwrap_or_default()
-        ));
-    }
-    emit(&out);
-}
-
-/// The plan goes to stderr as text; in JSON mode a run that stops here (dry run, nothing to
-/// do) prints it on stdout as its result.
-fn print_failover_plan(output: Output, plan: &pgdr::failover::Plan, final_result: bool) {
-    if output == Output::Json && final_result {
-        print_json(plan);
-    }
-    let dry_run = final_result && !plan.nothing_to_do();
-    let mut t = format!(
-        "failover {}: {} ({}) -> {} ({})\n  primary {} is {}\n  replica {} is {}, lag {}\n",
-        plan.env,
-        plan.from_region,
-        plan.primary,
-        plan.to_region,
-        plan.replica,
-        plan.primary,
-        plan.primary_status,
-        plan.replica,
-        plan.replica_status,
-        plan.replica_lag_seconds.map(|l| format!("{l:.0} s")).unwrap_or_else(|| "unknown (no recent datapoint)".into())
-    );
-    if let Some(e) = &plan.dns_unreachable {
-        t.push_str(&format!("  DNS: Route 53 did not answer ({e}); the promotion goes ahead, DNS is moved if Route 53 answers by then\n"));
-    }
-    for st in &plan.steps {
-        t.push_str(&format!("  {}will {st}\n", if dry_run { "(dry run) " } else { "" }));
-    }
-    eprint!("{t}");
 }
 
 /// Progress on stderr. On a terminal: one live line per running step with its state and

@@ -108,6 +108,7 @@ impl AwsError {
 }
 
 /// Treats "not found" as `None`.
+#[allow(clippy::result_large_err)] // the crate's AwsError, large by design (code, message, request ID, region)
 pub fn absent<T>(r: Result<T, AwsError>) -> Result<Option<T>, AwsError> {
     match r {
         Ok(v) => Ok(Some(v)),
@@ -117,6 +118,7 @@ pub fn absent<T>(r: Result<T, AwsError>) -> Result<Option<T>, AwsError> {
 }
 
 /// Treats "not found" as done (for deletes).
+#[allow(clippy::result_large_err)] // as `absent`
 pub fn gone<T>(r: Result<T, AwsError>) -> Result<(), AwsError> {
     absent(r).map(|_| ())
 }

@@ -248,7 +248,7 @@ async fn wait_promoted(cx: &Cx, rec: &Recorder<'_>, id: &str) -> Result<()> {
     let reg = cx.regional(Side::Dr);
     let mut seen_busy = false;
     let mut calm = 0;
-    Wait::new(&format!("promotion of {id}"))
+    Wait::new(format!("promotion of {id}"))
         .budget(Duration::from_secs(60 * cx.env.settings.replica_wait_minutes))
         .pace(
             // DNS moves the moment the instance is writable: look often.

@@ -33,6 +33,9 @@ impl Pace {
     pub const FAST: Pace = Pace { first: Duration::from_millis(250), max: Duration::from_secs(3) };
 }
 
+/// Told each status a wait sees and the time waited so far.
+type OnStatus<'a> = Box<dyn FnMut(&str, Duration) + 'a>;
+
 /// A wait for AWS: `Wait::new("RDS instance x").budget(d).pace(Pace::SLOW).hint("rerun …")
 /// .progress(|status, elapsed| …).until(cancel, reads, look)`.
 pub struct Wait<'a> {
@@ -40,7 +43,7 @@ pub struct Wait<'a> {
     budget: Duration,
     pace: Pace,
     hint: &'a str,
-    progress: Box<dyn FnMut(&str, Duration) + 'a>,
+    progress: OnStatus<'a>,
 }
 
 impl<'a> Wait<'a> {
@@ -89,7 +92,7 @@ async fn poll<T>(
     pace: Pace,
     cancel: &Cancel,
     reads: &Reads,
-    mut on_status: Box<dyn FnMut(&str, Duration) + '_>,
+    mut on_status: OnStatus<'_>,
     hint: &str,
     mut look: impl AsyncFnMut() -> Result<Look<T>>,
 ) -> Result<T> {

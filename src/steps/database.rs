@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use futures::future::LocalBoxFuture;
 
-use super::instance::{describe, instance_id, instance_key, is_fenced_side, lookup, Db};
+use super::instance::{self, describe, instance_id, instance_key, is_fenced_side, lookup, Db};
 use super::{dbgroups, network, secrets, Res, StepId};
 use crate::aws::Call;
 use crate::cx::{Cx, Side};
@@ -76,11 +76,7 @@ async fn reads(cx: &Cx, side: Side) {
 }
 
 async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
-    let reg = cx.regional(side);
-    let region = reg.region.as_str();
-    let s = &cx.env.settings;
     let id = instance_id(cx, side);
-
     // An instance state does not know yet is probably to be created: read the credentials
     // the create needs at the same time as looking for it.
     let unknown = cx.store.get(&instance_key(cx, side)).is_none_or(|r| r.status == crate::state::Status::Pending);
@@ -93,21 +89,13 @@ async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
     let (found, credentials) = futures::join!(find(cx, side), credentials);
     let found = found?;
     let credentials = std::cell::RefCell::new(credentials);
-    let r = Res::new(instance_key(cx, side), "db-instance", id.clone(), region);
-    let sg = network::db_sg_id(cx, side).unwrap_or_default();
-    let exists = found.clone();
-    let primary_arn = match side {
-        Side::Primary => String::new(),
-        Side::Dr => cx.store.attr(&instance_key(cx, Side::Primary), Attr::Arn).unwrap_or_default(),
-    };
+    let r = Res::new(instance_key(cx, side), "db-instance", id.clone(), cx.region(side));
     let created = super::ensure(
         cx,
         rec,
         &r,
-        async |_| Ok(exists.as_ref().map(|d| d.id.clone())),
+        async |_| Ok(found.as_ref().map(|d| d.id.clone())),
         async |_| {
-            let tags = Some(dbgroups::rds_tags(cx, if side == Side::Primary { "primary" } else { "replica" }));
-            let logs = Some(LOG_EXPORTS.iter().map(|s| s.to_string()).collect());
             match side {
                 Side::Primary => {
                     let read = credentials.borrow_mut().take();
@@ -115,86 +103,115 @@ async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
                         Some(c) => c?,
                         None => secrets::read_credentials(cx).await?,
                     };
-                    reg.rds
-                        .create_db_instance()
-                        .db_instance_identifier(&id)
-                        .engine("postgres")
-                        .engine_version(&s.engine_version)
-                        .db_instance_class(&s.instance_class)
-                        .allocated_storage(s.allocated_storage_gib)
-                        .storage_type("gp3")
-                        .multi_az(true)
-                        .storage_encrypted(true)
-                        .backup_retention_period(s.backup_retention_days)
-                        .set_enable_cloudwatch_logs_exports(logs)
-                        .publicly_accessible(false)
-                        .db_subnet_group_name(dbgroups::subnet_group_name(cx))
-                        .vpc_security_group_ids(&sg)
-                        .db_parameter_group_name(dbgroups::parameter_group_name(cx))
-                        .auto_minor_version_upgrade(false)
-                        .copy_tags_to_snapshot(true)
-                        .deletion_protection(cx.env.deletion_protection())
-                        .master_username(user)
-                        .master_user_password(password.0)
-                        .db_name(&s.database_name)
-                        .port(5432)
-                        .set_tags(tags)
-                        .send()
-                        .aws(region)
-                        .await?;
+                    create_primary(cx, &id, user, password).await?
                 }
-                Side::Dr => {
-                    if primary_arn.is_empty() {
-                        return Err(Error::failed("the primary's ARN is not known yet; rerun `pgdr up`"));
-                    }
-                    reg.rds
-                        .create_db_instance_read_replica()
-                        .db_instance_identifier(&id)
-                        .source_db_instance_identifier(&primary_arn)
-                        .db_instance_class(&s.instance_class)
-                        // An encrypted source needs a key of this region.
-                        .kms_key_id("alias/aws/rds")
-                        .storage_type("gp3")
-                        .set_enable_cloudwatch_logs_exports(logs)
-                        .publicly_accessible(false)
-                        .db_subnet_group_name(dbgroups::subnet_group_name(cx))
-                        .vpc_security_group_ids(&sg)
-                        .db_parameter_group_name(dbgroups::parameter_group_name(cx))
-                        .auto_minor_version_upgrade(false)
-                        .copy_tags_to_snapshot(true)
-                        .deletion_protection(cx.env.deletion_protection())
-                        .set_tags(tags)
-                        .send()
-                        .aws(region)
-                        .await?;
-                }
+                Side::Dr => create_replica(cx, &id).await?,
             }
             Ok(id.clone())
         },
     )
     .await?;
-    let Some(_) = created else { return Ok(()) };
-    if rec.planning() && found.is_none() {
+    if created.is_none() || (rec.planning() && found.is_none()) {
         return Ok(());
     }
     if is_fenced_side(cx, side) {
         // Failed over: the old primary stays as `failover` left it until `reprotect`.
         return Ok(());
     }
+    let db = settled(cx, rec, side, found.as_ref()).await?;
+    record_facts(cx, side, &db)?;
+    converge(cx, rec, side, &db).await?;
+    parameter_group_up(cx, rec, side, &db).await
+}
 
-    // Wait for `available` before anything depends on it (plan only looks).
-    let budget = Duration::from_secs(60 * if side == Side::Primary { s.primary_wait_minutes } else { s.replica_wait_minutes });
-    let db = match (&found, rec.planning()) {
+fn wait_budget(cx: &Cx, side: Side) -> Duration {
+    let s = &cx.env.settings;
+    Duration::from_secs(60 * if side == Side::Primary { s.primary_wait_minutes } else { s.replica_wait_minutes })
+}
+
+async fn create_primary(cx: &Cx, id: &str, user: String, password: secrets::Password) -> Result<()> {
+    let (reg, s) = (cx.regional(Side::Primary), &cx.env.settings);
+    reg.rds
+        .create_db_instance()
+        .db_instance_identifier(id)
+        .engine("postgres")
+        .engine_version(&s.engine_version)
+        .db_instance_class(&s.instance_class)
+        .allocated_storage(s.allocated_storage_gib)
+        .storage_type("gp3")
+        .multi_az(true)
+        .storage_encrypted(true)
+        .backup_retention_period(s.backup_retention_days)
+        .set_enable_cloudwatch_logs_exports(Some(LOG_EXPORTS.iter().map(|s| s.to_string()).collect()))
+        .publicly_accessible(false)
+        .db_subnet_group_name(dbgroups::subnet_group_name(cx))
+        .vpc_security_group_ids(network::db_sg_id(cx, Side::Primary).unwrap_or_default())
+        .db_parameter_group_name(dbgroups::parameter_group_name(cx))
+        .auto_minor_version_upgrade(false)
+        .copy_tags_to_snapshot(true)
+        .deletion_protection(cx.env.deletion_protection())
+        .master_username(user)
+        .master_user_password(password.0)
+        .db_name(&s.database_name)
+        .port(5432)
+        .set_tags(Some(dbgroups::rds_tags(cx, "primary")))
+        .send()
+        .aws(&reg.region)
+        .await?;
+    Ok(())
+}
+
+/// The encrypted cross-Region replica. No parameter group at creation: for a PostgreSQL
+/// cross-Region replica RDS refuses one (`InvalidParameterCombination`; RDS API reference,
+/// CreateDBInstanceReadReplica, DBParameterGroupName). [`parameter_group_up`] attaches it once
+/// the replica is available.
+async fn create_replica(cx: &Cx, id: &str) -> Result<()> {
+    let (reg, s) = (cx.regional(Side::Dr), &cx.env.settings);
+    let primary_arn = instance::recorded(cx, Side::Primary, Attr::Arn).unwrap_or_default();
+    if primary_arn.is_empty() {
+        return Err(Error::failed("the primary's ARN is not known yet; rerun `pgdr up`"));
+    }
+    reg.rds
+        .create_db_instance_read_replica()
+        .db_instance_identifier(id)
+        .source_db_instance_identifier(&primary_arn)
+        .db_instance_class(&s.instance_class)
+        // An encrypted source needs a key of this region.
+        .kms_key_id("alias/aws/rds")
+        .storage_type("gp3")
+        .set_enable_cloudwatch_logs_exports(Some(LOG_EXPORTS.iter().map(|s| s.to_string()).collect()))
+        .publicly_accessible(false)
+        .db_subnet_group_name(dbgroups::subnet_group_name(cx))
+        .vpc_security_group_ids(network::db_sg_id(cx, Side::Dr).unwrap_or_default())
+        .auto_minor_version_upgrade(false)
+        .copy_tags_to_snapshot(true)
+        .deletion_protection(cx.env.deletion_protection())
+        .set_tags(Some(dbgroups::rds_tags(cx, "replica")))
+        .send()
+        .aws(&reg.region)
+        .await?;
+    Ok(())
+}
+
+/// The instance once it is `available` (plan only looks, and says when it is not).
+async fn settled(cx: &Cx, rec: &Recorder<'_>, side: Side, found: Option<&Db>) -> Result<Db> {
+    let (id, region) = (instance_id(cx, side), cx.region(side));
+    match (found, rec.planning()) {
         (Some(db), true) => {
             if db.status != "available" {
                 rec.record(Change::new(Action::Keep, "db-instance", &id, region).id(&id).detail(format!("status {}", db.status)));
             }
-            db.clone()
+            Ok(db.clone())
         }
         // Just described and available: no need to look again.
-        (Some(db), false) if db.status == "available" => db.clone(),
-        _ => wait_available(cx, rec, side, &id, budget).await?,
-    };
+        (Some(db), false) if db.status == "available" => Ok(db.clone()),
+        _ => wait_available(cx, rec, side, &id, wait_budget(cx, side)).await,
+    }
+}
+
+/// What later steps read from state: ARN, endpoint, the storage the alarms follow.
+fn record_facts(cx: &Cx, side: Side, db: &Db) -> Result<()> {
+    let (region, wanted_gib) = (cx.region(side), cx.env.settings.allocated_storage_gib);
     cx.store.update(|st| {
         if let Some(res) = st.resources.get_mut(&instance_key(cx, side)) {
             res.set(Attr::Arn, db.arn.clone());
@@ -202,16 +219,20 @@ async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
                 res.set(Attr::Endpoint, e.clone());
             }
             // What the alarms' thresholds follow: the setting, or more if the volume is larger.
-            res.set(Attr::StorageGib, db.storage_gib.max(s.allocated_storage_gib).to_string());
+            res.set(Attr::StorageGib, db.storage_gib.max(wanted_gib).to_string());
         }
         if side == Side::Primary && st.topology.writer_region.is_empty() {
             st.topology.writer_region = region.to_owned();
         }
-    })?;
+    })
+}
 
-    // Settings that drifted, or that a replica only takes after creation (backup retention).
+/// Settings that drifted, or that a replica only takes after creation (backup retention).
+async fn converge(cx: &Cx, rec: &Recorder<'_>, side: Side, db: &Db) -> Result<()> {
+    let (reg, s, id) = (cx.regional(side), &cx.env.settings, db.id.as_str());
+    let region = reg.region.as_str();
     let mut changes: Vec<String> = Vec::new();
-    let mut m = reg.rds.modify_db_instance().db_instance_identifier(&id).apply_immediately(true);
+    let mut m = reg.rds.modify_db_instance().db_instance_identifier(id).apply_immediately(true);
     if db.backup_retention != s.backup_retention_days {
         changes.push(format!("backup retention {} -> {} days", db.backup_retention, s.backup_retention_days));
         m = m.backup_retention_period(s.backup_retention_days);
@@ -229,30 +250,68 @@ async fn up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
         changes.push(format!("storage {} -> {} GiB", db.storage_gib, s.allocated_storage_gib));
         m = m.allocated_storage(s.allocated_storage_gib);
     } else if db.storage_gib > s.allocated_storage_gib {
-        rec.record(
-            Change::new(Action::Keep, "db-instance", &id, region)
-                .id(&id)
-                .detail(format!("storage stays {} GiB: RDS cannot shrink it to {}", db.storage_gib, s.allocated_storage_gib)),
-        );
+        let detail = format!("storage stays {} GiB: RDS cannot shrink it to {}", db.storage_gib, s.allocated_storage_gib);
+        rec.record(Change::new(Action::Keep, "db-instance", id, region).id(id).detail(detail));
     }
     if side == Side::Primary && !db.multi_az {
         changes.push("Multi-AZ off -> on".into());
         m = m.multi_az(true);
     }
-    if !changes.is_empty() {
-        let detail = changes.join(", ");
-        rec.apply(Change::new(Action::Change, "db-instance", &id, region).id(&id).detail(detail), async |_| {
-            m.send().aws(region).await?;
-            wait_available(cx, rec, side, &id, budget).await
-        })
-        .await?;
+    if changes.is_empty() {
+        return Ok(());
     }
+    rec.apply(Change::new(Action::Change, "db-instance", id, region).id(id).detail(changes.join(", ")), async |_| {
+        m.send().aws(region).await?;
+        wait_available(cx, rec, side, id, wait_budget(cx, side)).await
+    })
+    .await?;
+    Ok(())
+}
+
+/// The region's parameter group on the instance: attached (the replica is created without it),
+/// and a reboot when RDS says the group waits for one (`pending-reboot`).
+async fn parameter_group_up(cx: &Cx, rec: &Recorder<'_>, side: Side, db: &Db) -> Result<()> {
+    let (reg, id) = (cx.regional(side), db.id.as_str());
+    let region = reg.region.as_str();
+    let want = dbgroups::parameter_group_name(cx);
+    let (have, apply) = db.parameter_group.clone().unwrap_or_default();
+    if have != want {
+        let change = Change::new(Action::Change, "db-instance", id, region).id(id).detail(format!("parameter group {have} -> {want}"));
+        let modify = reg.rds.modify_db_instance().db_instance_identifier(id).db_parameter_group_name(&want).apply_immediately(true);
+        let done = rec
+            .apply(change, async |_| {
+                modify.send().aws(region).await?;
+                wait_available(cx, rec, side, id, wait_budget(cx, side)).await
+            })
+            .await?;
+        // A new group takes effect at the next reboot.
+        let Some(db) = done else { return Ok(()) };
+        return reboot_if_pending(cx, rec, side, &db).await;
+    }
+    if apply == "pending-reboot" {
+        return reboot_if_pending(cx, rec, side, db).await;
+    }
+    Ok(())
+}
+
+async fn reboot_if_pending(cx: &Cx, rec: &Recorder<'_>, side: Side, db: &Db) -> Result<()> {
+    if db.parameter_group.as_ref().is_none_or(|(_, apply)| apply != "pending-reboot") {
+        return Ok(());
+    }
+    let (reg, id) = (cx.regional(side), db.id.as_str());
+    let region = reg.region.as_str();
+    let change = Change::new(Action::Change, "db-instance", id, region).id(id).detail("reboot to apply the parameter group");
+    rec.apply(change, async |_| {
+        reg.rds.reboot_db_instance().db_instance_identifier(id).send().aws(region).await?;
+        wait_available(cx, rec, side, id, wait_budget(cx, side)).await
+    })
+    .await?;
     Ok(())
 }
 
 pub async fn wait_available(cx: &Cx, rec: &Recorder<'_>, side: Side, id: &str, budget: Duration) -> Result<Db> {
     let reg = cx.regional(side);
-    Wait::new(&format!("RDS instance {id} in {}", reg.region))
+    Wait::new(format!("RDS instance {id} in {}", reg.region))
         .budget(budget)
         .pace(Pace::SLOW)
         .hint("rerun `pgdr up` to keep waiting")
@@ -334,7 +393,7 @@ pub async fn delete_instance(
         Err(e) if e.is_not_found() => return Ok(()),
         Err(e) => return Err(e.into()),
     }
-    Wait::new(&format!("deletion of {id}"))
+    Wait::new(format!("deletion of {id}"))
         .budget(Duration::from_secs(3600))
         .pace(Pace::SLOW)
         .hint(hint)

@@ -250,7 +250,7 @@ async fn remove_duplicate_zones(cx: &Cx, rec: &Recorder<'_>, r: &Res<'_>) -> Res
 
 pub async fn wait_insync(cx: &Cx, rec: &Recorder<'_>, change_id: &str) -> Result<()> {
     let r53 = &cx.clients.route53;
-    Wait::new(&format!("Route 53 change {change_id}"))
+    Wait::new(format!("Route 53 change {change_id}"))
         .budget(Duration::from_secs(300))
         .pace(Pace::FAST)
         .hint("rerun the command")

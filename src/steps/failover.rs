@@ -11,12 +11,9 @@
 
 use aws_sdk_cloudwatch::types::{ComparisonOperator, Dimension, Statistic};
 use aws_sdk_ec2::types::ResourceType;
-use aws_sdk_route53::types::{
-    AlarmIdentifier, CloudWatchRegion, HealthCheckConfig, HealthCheckType, InsufficientDataHealthStatus, TagResourceType,
-};
 use futures::future::LocalBoxFuture;
 
-use super::healthcheck::{self, delete_health_check, health_check_prefix, list_health_checks, tag, the_health_check};
+use super::healthcheck::{self, delete_health_check, list_health_checks, the_health_check};
 use super::instance;
 use super::lambda::{self, FunctionSpec};
 use super::{alarms, dns, ec2_tag_filters, ec2_tag_spec, network, Res, StepId};
@@ -401,16 +398,23 @@ fn probe_rule(cx: &Cx) -> String {
 }
 
 async fn detection_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
+    let sg = probe_sg_up(cx, rec).await?;
+    let probe_arn = probe_up(cx, rec, sg).await?;
+    // Every minute.
+    ensure_schedule(cx, rec, &probe_schedule(cx), &probe_name(cx), probe_arn.as_deref()).await?;
+    primary_down_alarm_up(cx, rec).await?;
+    // The health check following the alarm (Route 53 cannot reach a private endpoint itself).
+    healthcheck::ensure(cx, rec, &alarm_name(cx), cx.region(Side::Dr)).await
+}
+
+/// The probe's security group in the DR VPC (outbound only; the primary's group admits the
+/// DR VPC's CIDR on 5432 over the peering).
+async fn probe_sg_up(cx: &Cx, rec: &Recorder<'_>) -> Result<Option<String>> {
     let dr = cx.regional(Side::Dr);
     let region = dr.region.as_str();
-    let writer = Side::Primary;
-    let probe = probe_name(cx);
-
-    // The probe's security group in the DR VPC (outbound only; the primary's group admits the
-    // DR VPC's CIDR on 5432 over the peering).
     let vpc = network::vpc_id(cx, Side::Dr).unwrap_or_default();
     let sg_res = Res::new(key(cx, DETECTION, "probe-sg"), "security-group", format!("pgdr-{}-probe", cx.name()), region);
-    let sg = super::ensure(
+    super::ensure(
         cx,
         rec,
         &sg_res,
@@ -429,11 +433,16 @@ async fn detection_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
             out.group_id.ok_or_else(|| Error::Other("CreateSecurityGroup returned no id".into()))
         },
     )
-    .await?;
+    .await
+}
 
+/// The probe function, its role and log group; returns its ARN.
+async fn probe_up(cx: &Cx, rec: &Recorder<'_>, sg: Option<String>) -> Result<Option<String>> {
+    let dr = cx.regional(Side::Dr);
+    let probe = probe_name(cx);
     let role = lambda::ensure_role(cx, rec, &key(cx, DETECTION, "role"), &probe, &probe_policy(cx), &probe_managed(cx)).await?;
     lambda::ensure_log_group(cx, rec, dr, &key(cx, DETECTION, "log-group"), &format!("/aws/lambda/{probe}")).await?;
-    let target = instance::recorded(cx, writer, Attr::Endpoint).unwrap_or_default();
+    let target = instance::recorded(cx, Side::Primary, Attr::Endpoint).unwrap_or_default();
     let spec = FunctionSpec {
         name: probe.clone(),
         file: "probe.py",
@@ -444,12 +453,15 @@ async fn detection_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
         env: vec![("TARGET_HOST".into(), target), ("TARGET_PORT".into(), "5432".into()), ("TIMEOUT_S".into(), "3".into())],
         vpc: Some((network::subnet_ids(cx, Side::Dr).await, sg.into_iter().collect())),
     };
-    let probe_arn = lambda::ensure_function(cx, rec, dr, &key(cx, DETECTION, "function"), &spec).await?;
+    lambda::ensure_function(cx, rec, dr, &key(cx, DETECTION, "function"), &spec).await
+}
 
-    // Every minute.
-    ensure_schedule(cx, rec, &probe_schedule(cx), &probe, probe_arn.as_deref()).await?;
-
-    // The alarm: the probe failing for N consecutive minutes (longer than a Multi-AZ failover).
+/// `primary-down`: the probe failing for N consecutive minutes (longer than a Multi-AZ
+/// failover); its actions invoke the failover function and notify the DR region's topic.
+async fn primary_down_alarm_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
+    let dr = cx.regional(Side::Dr);
+    let region = dr.region.as_str();
+    let probe = probe_name(cx);
     let minutes = cx.env.settings.failover_after_minutes;
     let failover_arn = cx.store.attr(&key(cx, FAILOVER, "function"), Attr::Arn).unwrap_or_default();
     let actions = vec![failover_arn, topic_arn(cx)];
@@ -461,7 +473,7 @@ async fn detection_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
         a.evaluation_periods == Some(minutes)
             && a.datapoints_to_alarm.unwrap_or(minutes) == minutes
             && a.treat_missing_data.as_deref() == Some("breaching")
-            && a.alarm_actions() == actions.as_slice()
+            && same_set(a.alarm_actions(), &actions)
             && a.dimensions().iter().any(|d| d.value() == Some(probe.as_str()))
     });
     let put = async || {
@@ -497,46 +509,17 @@ async fn detection_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
     if exists && !matches {
         rec.apply(Change::new(Action::Change, "cloudwatch-alarm", &alarm, region).detail("settings"), async |_| put().await).await?;
     }
-
-    // The health check following the alarm (Route 53 cannot reach a private endpoint itself).
-    let hc_res = Res::new(healthcheck::key(), "health-check", format!("{alarm} ({region})"), "global");
-    let r53 = &cx.clients.route53;
-    let prefix = health_check_prefix(cx);
-    super::ensure(
-        cx,
-        rec,
-        &hc_res,
-        async |known| the_health_check(cx, rec, &hc_res, known).await,
-        async |token| {
-            let cfg = HealthCheckConfig::builder()
-                .r#type(HealthCheckType::CloudwatchMetric)
-                .alarm_identifier(
-                    AlarmIdentifier::builder()
-                        .region(CloudWatchRegion::from(region))
-                        .name(&alarm)
-                        .build()
-                        .map_err(|e| Error::Other(e.to_string()))?,
-                )
-                // A fresh deployment has no data yet: it must not fail over.
-                .insufficient_data_health_status(InsufficientDataHealthStatus::Healthy)
-                .build()
-                .map_err(|e| Error::Other(e.to_string()))?;
-            let out = r53
-                .create_health_check()
-                .caller_reference(format!("{prefix}{}", &token[token.len().saturating_sub(16)..]))
-                .health_check_config(cfg)
-                .send()
-                .aws("global")
-                .await?;
-            let id = out.health_check.map(|h| h.id).ok_or_else(|| Error::Other("CreateHealthCheck returned no id".into()))?;
-            // No tags at creation in Route 53: record the ID first, then tag.
-            cx.store.put(&healthcheck::key(), crate::state::Resource::new("health-check", "global", &id, crate::state::Status::Created))?;
-            tag(cx, TagResourceType::Healthcheck, &id, "health-check").await?;
-            Ok(id)
-        },
-    )
-    .await?;
     Ok(())
+}
+
+/// Alarm actions are a set: AWS may list them in any order.
+fn same_set(have: &[String], want: &[String]) -> bool {
+    let (mut a, mut b) = (have.to_vec(), want.to_vec());
+    a.sort();
+    a.dedup();
+    b.sort();
+    b.dedup();
+    a == b
 }
 
 async fn detection_down(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {

@@ -1,12 +1,14 @@
 //! The Route 53 health check that the writer record follows: its state key, how it is found
 //! (by ID or caller reference) and deleted. Made by the detection step, read by the records.
 
-use aws_sdk_route53::types::{Tag, TagResourceType};
+use aws_sdk_route53::types::{
+    AlarmIdentifier, CloudWatchRegion, HealthCheckConfig, HealthCheckType, InsufficientDataHealthStatus, Tag, TagResourceType,
+};
 
 use super::{keep_one, Res};
 use crate::aws::Call;
 use crate::cx::Cx;
-use crate::error::{AwsError, Result};
+use crate::error::{AwsError, Error, Result};
 use crate::exec::Recorder;
 use crate::read;
 use crate::state::Key;
@@ -66,4 +68,41 @@ pub async fn delete_health_check(cx: &Cx, id: &str) -> Result<()> {
 
 pub fn health_check_prefix(cx: &Cx) -> String {
     format!("pgdr-{}-health-", cx.name())
+}
+
+/// The health check of the writer record: `CLOUDWATCH_METRIC`, following `alarm` in `region`
+/// (Route 53 cannot reach a private endpoint itself). Created with a caller reference pgdr can
+/// find again; Route 53 takes no tags at creation, so the ID is recorded first, then tagged.
+pub async fn ensure(cx: &Cx, rec: &Recorder<'_>, alarm: &str, region: &str) -> Result<()> {
+    let r = Res::new(key(), "health-check", format!("{alarm} ({region})"), "global");
+    let prefix = health_check_prefix(cx);
+    super::ensure(
+        cx,
+        rec,
+        &r,
+        async |known| the_health_check(cx, rec, &r, known).await,
+        async |token| {
+            let alarm_id = AlarmIdentifier::builder()
+                .region(CloudWatchRegion::from(region))
+                .name(alarm)
+                .build()
+                .map_err(|e| Error::Other(e.to_string()))?;
+            let cfg = HealthCheckConfig::builder()
+                .r#type(HealthCheckType::CloudwatchMetric)
+                .alarm_identifier(alarm_id)
+                // A fresh deployment has no data yet: it must not fail over.
+                .insufficient_data_health_status(InsufficientDataHealthStatus::Healthy)
+                .build()
+                .map_err(|e| Error::Other(e.to_string()))?;
+            let reference = format!("{prefix}{}", &token[token.len().saturating_sub(16)..]);
+            let out =
+                cx.clients.route53.create_health_check().caller_reference(reference).health_check_config(cfg).send().aws("global").await?;
+            let id = out.health_check.map(|h| h.id).ok_or_else(|| Error::Other("CreateHealthCheck returned no id".into()))?;
+            cx.store.put(&key(), crate::state::Resource::new("health-check", "global", &id, crate::state::Status::Created))?;
+            tag(cx, TagResourceType::Healthcheck, &id, "health-check").await?;
+            Ok(id)
+        },
+    )
+    .await
+    .map(|_| ())
 }

@@ -37,6 +37,8 @@ pub struct Db {
     pub deletion_protection: bool,
     pub encrypted: bool,
     pub engine_version: String,
+    /// The DB parameter group and its apply status (`in-sync`, `applying`, `pending-reboot`).
+    pub parameter_group: Option<(String, String)>,
     pub tags: Vec<(String, String)>,
 }
 
@@ -102,6 +104,9 @@ fn db_of(
             deletion_protection: d.deletion_protection.unwrap_or(false),
             encrypted: d.storage_encrypted.unwrap_or(false),
             engine_version: d.engine_version.clone().unwrap_or_default(),
+            parameter_group: d.db_parameter_groups().first().map(|g| {
+                (g.db_parameter_group_name().unwrap_or_default().to_owned(), g.parameter_apply_status().unwrap_or_default().to_owned())
+            }),
             tags: d.tag_list().iter().filter_map(|t| Some((t.key.clone()?, t.value.clone().unwrap_or_default()))).collect(),
         })),
         Err(e) if e.is_not_found() => Ok(None),

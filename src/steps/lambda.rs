@@ -7,7 +7,7 @@ use std::io::Write;
 use std::time::Duration;
 
 use aws_sdk_lambda::primitives::Blob;
-use aws_sdk_lambda::types::{Environment, FunctionCode, Runtime, VpcConfig};
+use aws_sdk_lambda::types::{Environment, FunctionCode, FunctionConfiguration, Runtime, VpcConfig};
 
 use super::Res;
 use crate::aws::Call;
@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::exec::{Action, Change, Recorder};
 use crate::read;
 use crate::state::Key;
-use crate::wait::{Look, Pace, Wait};
+use crate::wait::{self, Look, Pace, Wait};
 
 pub const FAILOVER_SOURCE: &str = include_str!("../lambda/failover.py");
 pub const PROBE_SOURCE: &str = include_str!("../lambda/probe.py");
@@ -299,72 +299,78 @@ pub struct FunctionSpec<'a> {
 
 /// Creates the function, or brings its code and configuration up to date. Returns its ARN.
 pub async fn ensure_function(cx: &Cx, rec: &Recorder<'_>, reg: &Regional, key: &Key, spec: &FunctionSpec<'_>) -> Result<Option<String>> {
-    let region = reg.region.as_str();
     let zip = zip_source(spec.file, spec.source)?;
     let description = format!("pgdr {}: {} (code {})", cx.name(), spec.name, fingerprint(&zip));
-    let r = Res::new(key.clone(), "lambda-function", spec.name.clone(), region);
+    let r = Res::new(key.clone(), "lambda-function", spec.name.clone(), &reg.region);
     let found = match get_function(reg, &spec.name).await {
         Ok(o) => o.configuration,
         Err(e) if e.is_not_found() => None,
         Err(e) => return Err(e.into()),
-    };
-    let env = || Environment::builder().set_variables(Some(spec.env.iter().cloned().collect())).build();
-    let vpc = || {
-        spec.vpc.as_ref().map(|(s, g)| VpcConfig::builder().set_subnet_ids(Some(s.clone())).set_security_group_ids(Some(g.clone())).build())
     };
     let arn = super::ensure(
         cx,
         rec,
         &r,
         async |_| Ok(found.as_ref().and_then(|f| f.function_arn.clone())),
-        async |_| {
-            let tags: std::collections::HashMap<String, String> = cx.tags("lambda-function").into_iter().collect();
-            // IAM is eventually consistent: a new role may not be assumable for a few seconds.
-            Wait::new(&format!("creating function {}", spec.name))
-                .budget(Duration::from_secs(120))
-                .pace(Pace::FAST)
-                .hint("rerun `pgdr up`")
-                .progress(|s, _| rec.status(s))
-                .until(&cx.cancel, &cx.clients.reads, async || {
-                    let res = reg
-                        .lambda
-                        .create_function()
-                        .function_name(&spec.name)
-                        .runtime(Runtime::Python312)
-                        .handler(spec.handler)
-                        .role(&spec.role_arn)
-                        .timeout(spec.timeout_s)
-                        .memory_size(256)
-                        .description(&description)
-                        .environment(env())
-                        .set_vpc_config(vpc())
-                        .code(FunctionCode::builder().zip_file(Blob::new(zip.clone())).build())
-                        .set_tags(Some(tags.clone()))
-                        .send()
-                        .aws(region)
-                        .await;
-                    match res {
-                        Ok(o) => Ok(Look::Ready(o.function_arn.unwrap_or_default())),
-                        Err(e) if e.is_propagation() => Ok(Look::Pending("waiting for the IAM role to propagate".into())),
-                        Err(e) => Err(e.into()),
-                    }
-                })
-                .await
-        },
+        async |_| create_function(cx, rec, reg, spec, &zip, &description).await,
     )
     .await?;
-    let Some(f) = found else { return Ok(arn) };
-
-    // Bring an existing function up to date: code (by fingerprint), then configuration.
-    if f.description.as_deref() != Some(description.as_str()) {
-        rec.apply(Change::new(Action::Change, "lambda-function", &spec.name, region).detail("code"), async |_| {
-            reg.lambda.update_function_code().function_name(&spec.name).zip_file(Blob::new(zip.clone())).send().aws(region).await?;
-            wait_updated(cx, rec, reg, &spec.name).await
-        })
-        .await?;
+    if let Some(f) = found {
+        update_function(cx, rec, reg, spec, &f, &zip, &description).await?;
     }
+    Ok(arn)
+}
+
+fn environment(spec: &FunctionSpec<'_>) -> Environment {
+    Environment::builder().set_variables(Some(spec.env.iter().cloned().collect())).build()
+}
+
+/// Creates the function, waiting while IAM has not propagated its new role to Lambda (the two
+/// messages of [`crate::aws::Kind::Propagation`]).
+async fn create_function(
+    cx: &Cx,
+    rec: &Recorder<'_>,
+    reg: &Regional,
+    spec: &FunctionSpec<'_>,
+    zip: &[u8],
+    description: &str,
+) -> Result<String> {
+    let tags: std::collections::HashMap<String, String> = cx.tags("lambda-function").into_iter().collect();
+    let vpc = spec
+        .vpc
+        .as_ref()
+        .map(|(s, g)| VpcConfig::builder().set_subnet_ids(Some(s.clone())).set_security_group_ids(Some(g.clone())).build());
+    let create = reg
+        .lambda
+        .create_function()
+        .function_name(&spec.name)
+        .runtime(Runtime::Python312)
+        .handler(spec.handler)
+        .role(&spec.role_arn)
+        .timeout(spec.timeout_s)
+        .memory_size(256)
+        .description(description)
+        .environment(environment(spec))
+        .set_vpc_config(vpc)
+        .code(FunctionCode::builder().zip_file(Blob::new(zip.to_vec())).build())
+        .set_tags(Some(tags));
+    Wait::new(format!("creating function {}", spec.name))
+        .budget(Duration::from_secs(180))
+        .pace(Pace::FAST)
+        .hint("rerun `pgdr up`")
+        .progress(|s, t| rec.status(&format!("{}: {s} ({})", spec.name, wait::human(t))))
+        .until(&cx.cancel, &cx.clients.reads, async || match create.clone().send().aws(&reg.region).await {
+            Ok(o) => Ok(Look::Ready(o.function_arn.unwrap_or_default())),
+            Err(e) if e.is_propagation() => Ok(Look::Pending("waiting for IAM to make the new role usable by Lambda".into())),
+            Err(e) => Err(e.into()),
+        })
+        .await
+}
+
+/// What differs between the function's configuration and the spec.
+fn config_diff(f: &FunctionConfiguration, spec: &FunctionSpec<'_>, description: &str) -> Vec<String> {
     let have_env: std::collections::BTreeMap<String, String> =
-        f.environment.and_then(|e| e.variables).unwrap_or_default().into_iter().collect();
+        f.environment.clone().and_then(|e| e.variables).unwrap_or_default().into_iter().collect();
     let want_env: std::collections::BTreeMap<String, String> = spec.env.iter().cloned().collect();
     let mut diff = Vec::new();
     if have_env != want_env {
@@ -379,38 +385,71 @@ pub async fn ensure_function(cx: &Cx, rec: &Recorder<'_>, reg: &Regional, key: &
     if f.handler.as_deref() != Some(spec.handler) {
         diff.push("handler".into());
     }
-    if f.description.as_deref() != Some(description.as_str()) {
+    if f.description.as_deref() != Some(description) {
         diff.push("description".into());
     }
-    if !diff.is_empty() {
-        rec.apply(Change::new(Action::Change, "lambda-function", &spec.name, region).detail(diff.join(", ")), async |_| {
-            reg.lambda
-                .update_function_configuration()
-                .function_name(&spec.name)
-                .role(&spec.role_arn)
-                .handler(spec.handler)
-                .timeout(spec.timeout_s)
-                .description(&description)
-                .environment(env())
-                .send()
-                .aws(region)
-                .await?;
+    diff
+}
+
+/// Brings an existing function up to date: code (by fingerprint), then configuration. A
+/// function still `Pending` (just created) or mid-update is waited for first: Lambda refuses
+/// an update then (`ResourceConflictException`).
+async fn update_function(
+    cx: &Cx,
+    rec: &Recorder<'_>,
+    reg: &Regional,
+    spec: &FunctionSpec<'_>,
+    f: &FunctionConfiguration,
+    zip: &[u8],
+    description: &str,
+) -> Result<()> {
+    let region = reg.region.as_str();
+    let code_changed = f.description.as_deref() != Some(description);
+    let diff = config_diff(f, spec, description);
+    let busy = f.state.as_ref().is_some_and(|s| s.as_str() == "Pending")
+        || f.last_update_status.as_ref().is_some_and(|s| s.as_str() == "InProgress");
+    if busy && (code_changed || !diff.is_empty()) && !rec.planning() {
+        wait_updated(cx, rec, reg, &spec.name).await?;
+    }
+    if code_changed {
+        rec.apply(Change::new(Action::Change, "lambda-function", &spec.name, region).detail("code"), async |_| {
+            reg.lambda.update_function_code().function_name(&spec.name).zip_file(Blob::new(zip.to_vec())).send().aws(region).await?;
             wait_updated(cx, rec, reg, &spec.name).await
         })
         .await?;
     }
-    Ok(arn)
+    if diff.is_empty() {
+        return Ok(());
+    }
+    let update = reg
+        .lambda
+        .update_function_configuration()
+        .function_name(&spec.name)
+        .role(&spec.role_arn)
+        .handler(spec.handler)
+        .timeout(spec.timeout_s)
+        .description(description)
+        .environment(environment(spec));
+    rec.apply(Change::new(Action::Change, "lambda-function", &spec.name, region).detail(diff.join(", ")), async |_| {
+        update.send().aws(region).await?;
+        wait_updated(cx, rec, reg, &spec.name).await
+    })
+    .await?;
+    Ok(())
 }
 
 /// Waits until a function's last update finished (AWS refuses a second update meanwhile).
 async fn wait_updated(cx: &Cx, rec: &Recorder<'_>, reg: &Regional, name: &str) -> Result<()> {
-    Wait::new(&format!("update of {name}"))
+    Wait::new(format!("update of {name}"))
         .budget(Duration::from_secs(300))
         .pace(Pace::FAST)
         .hint("rerun `pgdr up`")
         .progress(|s, _| rec.status(&format!("{name}: {s}")))
         .until(&cx.cancel, &cx.clients.reads, async || {
             let out = reg.lambda.get_function_configuration().function_name(name).send().aws(&reg.region).await?;
+            if out.state.as_ref().is_some_and(|s| s.as_str() == "Pending") {
+                return Ok(Look::Pending("Pending".into()));
+            }
             Ok(match out.last_update_status.as_ref().map(|s| s.as_str().to_owned()).as_deref() {
                 None | Some("Successful") => Look::Ready(()),
                 Some("Failed") => Look::Failed(out.last_update_status_reason.unwrap_or_else(|| "Failed".into())),

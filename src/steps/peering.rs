@@ -131,7 +131,7 @@ async fn up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
     // Accept in the DR region (the only place AWS allows it), then wait for `active`.
     if let Some(pcx) = &pcx {
         let dr = cx.regional(cx.home().other());
-        let status = Wait::new(&format!("peering {pcx} in {}", dr.region))
+        let status = Wait::new(format!("peering {pcx} in {}", dr.region))
             .budget(Duration::from_secs(300))
             .pace(Pace::FAST)
             .hint("rerun `pgdr up`")
@@ -152,7 +152,7 @@ async fn up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
             .await?;
         }
         if !rec.planning() {
-            Wait::new(&format!("peering {pcx}"))
+            Wait::new(format!("peering {pcx}"))
                 .budget(Duration::from_secs(600))
                 .pace(Pace::FAST)
                 .hint("rerun `pgdr up`")
@@ -256,7 +256,7 @@ async fn down(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
                 Err(e) if e.is_not_found() => return Ok(()),
                 Err(e) => return Err(e.into()),
             }
-            Wait::new(&format!("peering {id}"))
+            Wait::new(format!("peering {id}"))
                 .budget(Duration::from_secs(600))
                 .pace(Pace::FAST)
                 .hint("rerun `pgdr down`")

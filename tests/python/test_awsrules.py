@@ -12,7 +12,6 @@ import subprocess
 import sys
 import time
 import urllib.error
-import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import botocore.parsers
 import pytest
 from botocore.config import Config
 
-from test_emuproxy import MOTO_BIN, PROXY, ctl, proxy  # noqa: F401 (proxy is a fixture)
+from emutools import PROXY, ctl, start_proxy
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 import awsrules  # noqa: E402
@@ -75,7 +74,7 @@ class Emu:
 
 
 @pytest.fixture
-def emu(proxy):  # noqa: F811
+def emu(proxy):
     ctl(proxy, "/__proxy/config", {"latency_ms": 0, "fail_rate": 0, "drop_rate": 0, "seed": 0, "fault_ops": None,
                                    "fault_services": None, "fault_mutating_only": False, "kill_after": None,
                                    "rds_hold": None, "rules_off": [], "rules_time_scale": 1.0, "rules_params": {},
@@ -132,21 +131,37 @@ def test_each_rule_switches_off_alone_or_all_and_durations_scale(emu):
     assert emu.rules()["lambda-vpc-enis"]["params"]["hold_s"] == 2.0  # a refused config changed nothing
 
 
+FAKE_MOTO = """#!{python}
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+    def log_message(self, *a):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[sys.argv.index("-p") + 1])), H).serve_forever()
+"""
+
+
 def test_cli_switches_rules_off(tmp_path):
-    proc = subprocess.run([sys.executable, str(PROXY), "--moto-bin", str(MOTO_BIN), "--rules-off", "bogus"],
+    moto = tmp_path / "moto_server"  # the rules endpoint does not need moto: a stand-in starts faster
+    moto.write_text(FAKE_MOTO.format(python=sys.executable))
+    moto.chmod(0o755)
+    proc = subprocess.run([sys.executable, str(PROXY), "--moto-bin", str(moto), "--rules-off", "bogus"],
                           capture_output=True, text=True, timeout=30)
-    assert proc.returncode == 2 and "unknown rules ['bogus']" in proc.stderr  # before moto starts
-    proc = subprocess.Popen([sys.executable, str(PROXY), "--moto-bin", str(MOTO_BIN), "--port", "0",
-                             "--rules-off", "ec2-client-token,throttling", "--rules-time-scale", "0.5"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
-        url = proc.stdout.readline().strip().split("=", 1)[1]
-        rules = {r["name"]: r for r in ctl(url, "/__proxy/rules")}
-        assert sorted(n for n, r in rules.items() if not r["on"]) == ["ec2-client-token", "throttling"]
-        assert rules["ec2-eventual-consistency"]["params"] == {"window_s": 0.25}
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    assert proc.returncode == 2 and "unknown rules ['bogus']" in proc.stderr
+    for args, off, window in ((["--rules-off", "ec2-client-token,throttling", "--rules-time-scale", "0.5"],
+                               ["ec2-client-token", "throttling"], 0.25),
+                              (["--rules-off", "all"], ALL_RULES, 0.5)):
+        proc, url = start_proxy(*args, moto_bin=moto)
+        try:
+            rules = {r["name"]: r for r in ctl(url, "/__proxy/rules")}
+            assert sorted(n for n, r in rules.items() if not r["on"]) == sorted(off)
+            assert rules["ec2-eventual-consistency"]["params"] == {"window_s": window}
+        finally:
+            proc.terminate()
+            proc.wait(10)
 
 
 def test_rules_on_by_default_and_moto_behaviour_with_all_off(emu):
@@ -527,7 +542,7 @@ def test_secret_replicas_are_in_progress_then_in_sync_or_failed(emu):
     time.sleep(0.55)
     assert replication(east, "db-cred") == {
         "eu-west-1": ("InSync", "Replication succeeded"),
-        "us-west-2": ("Failed", "Replication failed: Secret name db-cred already exists in region us-west-2.")}
+        "us-west-2": ("Failed", "Secret with this name already exists in this region")}
     east.create_secret(Name="later", SecretString="y")
     assert east.replicate_secret_to_regions(SecretId="later", AddReplicaRegions=[{"Region": "eu-west-1"}])[
         "ReplicationStatus"][0]["Status"] == "InProgress"

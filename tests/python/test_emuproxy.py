@@ -2,56 +2,20 @@
 
 Run: .venv/bin/pytest tests/python -q   (scripts/setup-venv creates .venv)
 """
-import json
-import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
-from pathlib import Path
 
 import boto3
 import botocore.exceptions
 import pytest
 from botocore.config import Config
 
-REPO = Path(__file__).resolve().parents[2]
-# PGDR_VENV, else the project's .venv, else the venv running these tests (it has moto_server too)
-VENV = Path(os.environ.get("PGDR_VENV") or (REPO / ".venv" if (REPO / ".venv").exists() else sys.prefix))
-MOTO_BIN = VENV / "bin" / "moto_server"
-PROXY = REPO / "scripts" / "emuproxy.py"
+from emutools import MOTO_BIN, PROXY, ctl  # noqa: F401 (MOTO_BIN, PROXY: for other test modules)
 
-
-@pytest.fixture(scope="module")
-def proxy(tmp_path_factory):
-    """One proxy + moto for the module; yields the endpoint URL."""
-    if not MOTO_BIN.exists():
-        pytest.fail(f"{MOTO_BIN} missing: run scripts/setup-venv")
-    record = tmp_path_factory.mktemp("emu") / "calls.jsonl"
-    proc = subprocess.Popen(
-        [sys.executable, str(PROXY), "--moto-bin", str(MOTO_BIN), "--port", "0",
-         "--record", str(record)],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    line = proc.stdout.readline().strip()
-    assert line.startswith("PGDR_EMULATOR_ENDPOINT=http://127.0.0.1:"), line
-    url = line.split("=", 1)[1]
-    yield url
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(10) == 0
-    # the record file got one line per recorded call
-    lines = [json.loads(x) for x in record.read_text().splitlines()]
-    assert lines and all({"seq", "t", "t_end", "service", "op", "mutating", "status", "fault"} <= set(x)
-                         for x in lines)
-    assert all(x["t_end"] >= x["t"] for x in lines)
-
-
-def ctl(url, path, body=None):
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url + path, data=data, method="GET" if body is None else "POST")
-    with urllib.request.urlopen(req, timeout=10) as r:
-        return json.loads(r.read())
+# `proxy` (one proxy + moto for the session) is in conftest.py
 
 
 @pytest.fixture
@@ -62,6 +26,7 @@ def emu(proxy):
                                    "fault_ops": None, "fault_services": None, "fault_mutating_only": False,
                                    "kill_after": None, "rds_hold": None, "rules_off": [],
                                    "rules_time_scale": 1.0, "rules_params": {}, "throttle": None})
+    ctl(proxy, "/__proxy/rules/reset", {})
     ctl(proxy, "/__proxy/calls/reset", {})
     return proxy
 
