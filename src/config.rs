@@ -242,8 +242,19 @@ fn partition(region: &str) -> &'static str {
     }
 }
 
-pub fn validate(name: &str, s: &Settings) -> Result<()> {
-    let bad = |msg: String| Err(Error::user(msg));
+/// Checks the settings before any AWS call: each problem is one line with its fix.
+pub fn validate(_name: &str, s: &Settings) -> Result<()> {
+    validate_regions(s)?;
+    validate_networks(s)?;
+    validate_database(s)?;
+    validate_operations(s)
+}
+
+fn bad(msg: String) -> Result<()> {
+    Err(Error::user(msg))
+}
+
+fn validate_regions(s: &Settings) -> Result<()> {
     for (what, r) in [("primary_region", &s.primary_region), ("dr_region", &s.dr_region)] {
         if !looks_like_region(r) {
             return bad(format!("{what} {r:?} is not an AWS region name; use a name like us-east-1"));
@@ -269,6 +280,10 @@ pub fn validate(name: &str, s: &Settings) -> Result<()> {
             s.primary_region
         ));
     }
+    Ok(())
+}
+
+fn validate_networks(s: &Settings) -> Result<()> {
     let mut cidrs = Vec::new();
     for (what, c) in [("primary_cidr", &s.primary_cidr), ("dr_cidr", &s.dr_cidr)] {
         let Some(cidr) = Cidr::parse(c) else {
@@ -285,6 +300,10 @@ pub fn validate(name: &str, s: &Settings) -> Result<()> {
             cidrs[0], cidrs[1]
         ));
     }
+    Ok(())
+}
+
+fn validate_database(s: &Settings) -> Result<()> {
     if !(20..=65536).contains(&s.allocated_storage_gib) {
         return bad(format!("allocated_storage_gib {} is out of range 20..=65536", s.allocated_storage_gib));
     }
@@ -311,6 +330,11 @@ pub fn validate(name: &str, s: &Settings) -> Result<()> {
     if !user_ok {
         return bad(format!("master_username {:?} is not allowed by RDS; use letters, digits and _", s.master_username));
     }
+    Ok(())
+}
+
+/// DNS, detection, waits, retries, tags and alarm addresses.
+fn validate_operations(s: &Settings) -> Result<()> {
     if !(5..=86400).contains(&s.record_ttl) {
         return bad(format!("record_ttl {} is out of range 5..=86400 seconds", s.record_ttl));
     }
@@ -357,7 +381,6 @@ pub fn validate(name: &str, s: &Settings) -> Result<()> {
             return bad(format!("alarm_emails entry {e:?} is not an email address"));
         }
     }
-    let _ = name;
     Ok(())
 }
 

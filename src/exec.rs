@@ -281,6 +281,10 @@ impl RunReport {
 
 /// Runs the graph in `dir`. Up: a step starts when all its dependencies are done. Down: a step
 /// starts when every step that depends on it is done (reverse order).
+///
+/// One function over the length pgdr otherwise keeps to: scheduling and settling share the
+/// running futures, which borrow the recorders and the graph; split, they would need a struct
+/// holding self-borrows.
 pub async fn execute<C, I: Copy + Eq + std::fmt::Display>(
     graph: &Graph<'_, C, I>,
     cx: &C,

@@ -138,15 +138,27 @@ fn ms(t: Instant) -> u64 {
 
 pub async fn execute(cx: &Cx, plan: Plan, progress: &dyn Progress) -> Result<Outcome> {
     let rec = Recorder::new("failover", cx.mode, progress, cx.cancel.clone());
-    let mut timeline = vec![Phase {
-        phase: "checks".into(),
-        ms: plan.checks_ms,
-        detail: format!("lag {}", plan.replica_lag_seconds.map(|l| format!("{l:.0} s")).unwrap_or_else(|| "unknown".into())),
-    }];
+    let lag = plan.replica_lag_seconds.map(|l| format!("{l:.0} s")).unwrap_or_else(|| "unknown".into());
+    let mut timeline = vec![Phase { phase: "checks".into(), ms: plan.checks_ms, detail: format!("lag {lag}") }];
+    // 1. Promote (at once), and wait until the instance is writable.
+    timeline.push(promote(cx, &rec, &plan).await?);
+    // 2 and 3 at once: DNS to the new primary (one batch, INSYNC), and the fence of the old
+    // primary when its region answers (neither needs the other).
+    let (dns, fencing) = tokio::join!(dns_phase(cx, &rec), fence_phase(cx, &rec, &plan));
+    let (dns, dns_pending) = dns?;
+    let (fenced, fence_pending) = fencing?;
+    timeline.extend([dns, fenced]);
+    let pending: Vec<String> = dns_pending.into_iter().chain(fence_pending).collect();
+    let pending = (!pending.is_empty()).then(|| pending.join("; "));
+    Ok(Outcome { plan, timeline, pending })
+}
+
+/// A phase, and what it left for a rerun when an endpoint did not answer.
+type PhaseResult = Result<(Phase, Option<String>)>;
+
+async fn promote(cx: &Cx, rec: &Recorder<'_>, plan: &Plan) -> Result<Phase> {
     let dr = cx.regional(Side::Dr);
     let region = dr.region.as_str();
-
-    // 1. Promote (at once), and wait until the instance is writable.
     let t = Instant::now();
     if !plan.already_promoted {
         if plan.replica_status != "available" {
@@ -155,15 +167,14 @@ pub async fn execute(cx: &Cx, plan: Plan, progress: &dyn Progress) -> Result<Out
                 plan.replica, plan.replica_status
             )));
         }
-        dr.rds
+        let promote = dr
+            .rds
             .promote_read_replica()
             .db_instance_identifier(&plan.replica)
-            .backup_retention_period(cx.env.settings.backup_retention_days)
-            .send()
-            .aws(region)
-            .await?;
+            .backup_retention_period(cx.env.settings.backup_retention_days);
+        promote.send().aws(region).await?;
         rec.status(&format!("promotion of {} requested", plan.replica));
-        wait_promoted(cx, &rec, &plan.replica).await?;
+        wait_promoted(cx, rec, &plan.replica).await?;
     }
     tag(cx, Side::Dr, "primary").await?;
     cx.store.update(|s| {
@@ -172,74 +183,55 @@ pub async fn execute(cx: &Cx, plan: Plan, progress: &dyn Progress) -> Result<Out
             s.topology.events.push(TopologyEvent { at: now_rfc3339(), what: format!("failover: {} promoted in {region}", plan.replica) });
         }
     })?;
-    timeline.push(Phase {
-        phase: "promotion".into(),
-        ms: ms(t),
-        detail: if plan.already_promoted { "already promoted".into() } else { format!("{} promoted", plan.replica) },
-    });
+    let detail = if plan.already_promoted { "already promoted".into() } else { format!("{} promoted", plan.replica) };
+    Ok(Phase { phase: "promotion".into(), ms: ms(t), detail })
+}
 
-    // 2 and 3 at once: DNS to the new primary (one batch, INSYNC), and the fence of the old
-    // primary when its region answers (neither needs the other).
-    let dns = async {
-        let t = Instant::now();
-        // The endpoint does not change with promotion; read it only if state lacks it.
-        if instance::recorded(cx, Side::Dr, crate::state::Attr::Endpoint).is_none() {
-            if let Some(e) = health::instance(cx, Side::Dr).await?.and_then(|db| db.endpoint) {
-                cx.store.update(|s| {
-                    if let Some(r) = s.resources.get_mut(&instance::instance_key(cx, Side::Dr)) {
-                        r.set(crate::state::Attr::Endpoint, e.clone());
-                    }
-                })?;
-            }
+async fn dns_phase(cx: &Cx, rec: &Recorder<'_>) -> PhaseResult {
+    let region = cx.region(Side::Dr);
+    let t = Instant::now();
+    // The endpoint does not change with promotion; read it only if state lacks it.
+    if instance::recorded(cx, Side::Dr, crate::state::Attr::Endpoint).is_none() {
+        if let Some(e) = health::instance(cx, Side::Dr).await?.and_then(|db| db.endpoint) {
+            cx.store.set_attr(&instance::instance_key(cx, Side::Dr), crate::state::Attr::Endpoint, e)?;
         }
-        match dns::records_up(cx, &rec).await {
-            Ok(()) => Ok::<_, Error>((
-                Phase { phase: "dns".into(), ms: ms(t), detail: format!("{} -> {region}", dns::writer_record(cx).trim_end_matches('.')) },
-                None,
-            )),
-            Err(Error::Aws(e)) if unreachable(&e) => {
-                let note = format!(
-                    "Route 53 did not answer ({e}); DNS was NOT moved: writers reach {region} through the health check once the primary-down alarm fires; rerun `pgdr failover --env {}` when Route 53 answers",
-                    cx.name()
-                );
-                Ok((Phase { phase: "dns".into(), ms: ms(t), detail: "pending: Route 53 unreachable".into() }, Some(note)))
-            }
-            Err(e) => Err(e),
+    }
+    match dns::records_up(cx, rec).await {
+        Ok(()) => {
+            let detail = format!("{} -> {region}", dns::writer_record(cx).trim_end_matches('.'));
+            Ok((Phase { phase: "dns".into(), ms: ms(t), detail }, None))
         }
-    };
-    let fencing = async {
-        let t = Instant::now();
-        if plan.fenced {
-            return Ok((Phase { phase: "fence".into(), ms: 0, detail: "already fenced".into() }, None));
+        Err(Error::Aws(e)) if unreachable(&e) => {
+            let note = format!(
+                "Route 53 did not answer ({e}); DNS was NOT moved: writers reach {region} through the health check once the primary-down alarm fires; rerun `pgdr failover --env {}` when Route 53 answers",
+                cx.name()
+            );
+            Ok((Phase { phase: "dns".into(), ms: ms(t), detail: "pending: Route 53 unreachable".into() }, Some(note)))
         }
-        match fence(cx, &rec).await {
-            Ok(revoked) => Ok((
-                Phase {
-                    phase: "fence".into(),
-                    ms: ms(t),
-                    detail: format!("revoked {}", if revoked.is_empty() { "nothing (no rules left)".into() } else { revoked.join(", ") }),
-                },
-                None,
-            )),
-            Err(Error::Aws(e)) if unreachable(&e) => {
-                let note = format!(
-                    "the old primary's region {} did not answer ({e}); it is NOT fenced: rerun `pgdr failover --env {}` when the region is back",
-                    cx.region(Side::Primary),
-                    cx.name()
-                );
-                Ok((Phase { phase: "fence".into(), ms: ms(t), detail: "pending: region unreachable".into() }, Some(note)))
-            }
-            Err(e) => Err(e),
+        Err(e) => Err(e),
+    }
+}
+
+async fn fence_phase(cx: &Cx, rec: &Recorder<'_>, plan: &Plan) -> PhaseResult {
+    let t = Instant::now();
+    if plan.fenced {
+        return Ok((Phase { phase: "fence".into(), ms: 0, detail: "already fenced".into() }, None));
+    }
+    match fence(cx, rec).await {
+        Ok(revoked) => {
+            let what = if revoked.is_empty() { "nothing (no rules left)".into() } else { revoked.join(", ") };
+            Ok((Phase { phase: "fence".into(), ms: ms(t), detail: format!("revoked {what}") }, None))
         }
-    };
-    let (dns, fencing) = tokio::join!(dns, fencing);
-    let (dns, dns_pending) = dns?;
-    timeline.push(dns);
-    let (phase, fence_pending) = fencing?;
-    timeline.push(phase);
-    let pending: Vec<String> = dns_pending.into_iter().chain(fence_pending).collect();
-    let pending = (!pending.is_empty()).then(|| pending.join("; "));
-    Ok(Outcome { plan, timeline, pending })
+        Err(Error::Aws(e)) if unreachable(&e) => {
+            let note = format!(
+                "the old primary's region {} did not answer ({e}); it is NOT fenced: rerun `pgdr failover --env {}` when the region is back",
+                cx.region(Side::Primary),
+                cx.name()
+            );
+            Ok((Phase { phase: "fence".into(), ms: ms(t), detail: "pending: region unreachable".into() }, Some(note)))
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Promotion is done when the instance is available again and no longer a replica. The

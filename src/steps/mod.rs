@@ -3,6 +3,7 @@
 //! before the call and the ID right after it, before any wait); on `down`, find and delete.
 
 pub mod alarms;
+mod dashboard;
 pub mod database;
 pub mod dbgroups;
 pub mod dns;

@@ -129,47 +129,10 @@ async fn up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
     .await?;
 
     // Accept in the DR region (the only place AWS allows it), then wait for `active`.
-    if let Some(pcx) = &pcx {
-        let dr = cx.regional(cx.home().other());
-        let status = Wait::new(format!("peering {pcx} in {}", dr.region))
-            .budget(Duration::from_secs(300))
-            .pace(Pace::FAST)
-            .hint("rerun `pgdr up`")
-            .progress(|s, _| rec.status(&format!("peering {s}")))
-            .until(&cx.cancel, &cx.clients.reads, async || {
-                Ok(match find(cx, cx.home().other(), Some(pcx.clone())).await? {
-                    Some((_, code)) if code == "initiating-request" => Look::Pending(code),
-                    Some((_, code)) => Look::Ready(code),
-                    None => Look::Pending("not yet visible".into()),
-                })
-            })
-            .await?;
-        if status == "pending-acceptance" {
-            let change = Change::new(Action::Change, "vpc-peering", &r.name, &dr.region).id(pcx).detail("accept");
-            rec.apply(change, async |_| {
-                Ok(dr.ec2.accept_vpc_peering_connection().vpc_peering_connection_id(pcx).send().aws(&dr.region).await?)
-            })
-            .await?;
-        }
-        if !rec.planning() {
-            Wait::new(format!("peering {pcx}"))
-                .budget(Duration::from_secs(600))
-                .pace(Pace::FAST)
-                .hint("rerun `pgdr up`")
-                .progress(|s, _| rec.status(&format!("peering {s}")))
-                .until(&cx.cancel, &cx.clients.reads, async || {
-                    Ok(match find(cx, cx.home(), Some(pcx.clone())).await? {
-                        Some((_, c)) if c == "active" => Look::Ready(()),
-                        Some((_, c)) => Look::Pending(c),
-                        None => Look::Failed("deleted or rejected".into()),
-                    })
-                })
-                .await?;
-        }
-    } else {
-        rec.record(Change::new(Action::Change, "vpc-peering", &r.name, cx.region(cx.home().other())).detail("accept"));
+    match &pcx {
+        Some(pcx) => accept(cx, rec, &r, pcx).await?,
+        None => rec.record(Change::new(Action::Change, "vpc-peering", &r.name, cx.region(cx.home().other())).detail("accept")),
     }
-
     // Routes to the peer's CIDR in both route tables.
     let pcx_id = pcx.unwrap_or_default();
     let route_up = async |side: Side| -> Result<()> {
@@ -196,6 +159,48 @@ async fn up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
     };
     let (a, b) = futures::join!(route_up(Side::Primary), route_up(Side::Dr));
     a.and(b)
+}
+
+/// Accepts the request in the accepter Region, where it can show up late ("not yet visible" is
+/// waited for), then waits for `active`.
+async fn accept(cx: &Cx, rec: &Recorder<'_>, r: &Res<'_>, pcx: &String) -> Result<()> {
+    let dr = cx.regional(cx.home().other());
+    let status = Wait::new(format!("peering {pcx} in {}", dr.region))
+        .budget(Duration::from_secs(300))
+        .pace(Pace::FAST)
+        .hint("rerun `pgdr up`")
+        .progress(|s, _| rec.status(&format!("peering {s}")))
+        .until(&cx.cancel, &cx.clients.reads, async || {
+            Ok(match find(cx, cx.home().other(), Some(pcx.clone())).await? {
+                Some((_, code)) if code == "initiating-request" => Look::Pending(code),
+                Some((_, code)) => Look::Ready(code),
+                None => Look::Pending("not yet visible".into()),
+            })
+        })
+        .await?;
+    if status == "pending-acceptance" {
+        let change = Change::new(Action::Change, "vpc-peering", &r.name, &dr.region).id(pcx).detail("accept");
+        rec.apply(change, async |_| {
+            Ok(dr.ec2.accept_vpc_peering_connection().vpc_peering_connection_id(pcx).send().aws(&dr.region).await?)
+        })
+        .await?;
+    }
+    if !rec.planning() {
+        Wait::new(format!("peering {pcx}"))
+            .budget(Duration::from_secs(600))
+            .pace(Pace::FAST)
+            .hint("rerun `pgdr up`")
+            .progress(|s, _| rec.status(&format!("peering {s}")))
+            .until(&cx.cancel, &cx.clients.reads, async || {
+                Ok(match find(cx, cx.home(), Some(pcx.clone())).await? {
+                    Some((_, c)) if c == "active" => Look::Ready(()),
+                    Some((_, c)) => Look::Pending(c),
+                    None => Look::Failed("deleted or rejected".into()),
+                })
+            })
+            .await?;
+    }
+    Ok(())
 }
 
 /// A side's route to the peer's CIDR: its region's clients, its route table (from state), the
