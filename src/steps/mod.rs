@@ -11,6 +11,8 @@ pub mod failover;
 pub mod healthcheck;
 pub mod instance;
 pub mod lambda;
+#[cfg(test)]
+mod mock_tests;
 pub mod network;
 pub mod peering;
 pub mod secrets;

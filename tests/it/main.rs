@@ -8,3 +8,4 @@ mod inputs;
 mod network;
 mod ops;
 mod reliability;
+mod snapshots;
