@@ -24,7 +24,27 @@ pub struct Cx {
     pub mode: crate::exec::Mode,
     pub opts: Options,
     pub cancel: Cancel,
+    /// IDs this run created: the next calls on them may not see them yet (see [`Cx::settle`]).
+    pub fresh: Fresh,
 }
+
+/// IDs created in this run.
+#[derive(Debug, Default)]
+pub struct Fresh(std::sync::Mutex<std::collections::HashSet<String>>);
+
+impl Fresh {
+    pub fn insert(&self, id: &str) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).insert(id.to_owned());
+    }
+    pub fn contains(&self, id: &str) -> bool {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).contains(id)
+    }
+}
+
+/// How long a new ID may stay invisible to the calls that follow its create. AWS gives no
+/// bound ("Eventual consistency in the Amazon EC2 API": typically seconds); two minutes is far
+/// past what is observed and short enough to report a real problem.
+const FRESH_BUDGET: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// Which side of the pair a region plays in the initial deployment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -85,6 +105,34 @@ impl Cx {
 }
 
 impl Cx {
+    /// Calls `call`, which uses `ids`; while it answers "not found" for an ID this run just
+    /// created, asks again (EC2 API reference, "Eventual consistency in the Amazon EC2 API":
+    /// a resource just created may not be visible to the next call). An ID from an earlier run
+    /// that is not found is an error at once.
+    pub async fn settle<T>(
+        &self,
+        ids: &[&str],
+        what: &str,
+        mut call: impl AsyncFnMut() -> crate::error::Result<T>,
+    ) -> crate::error::Result<T> {
+        use crate::wait::{Look, Pace, Wait};
+        if !ids.iter().any(|id| self.fresh.contains(id)) {
+            return call().await;
+        }
+        Wait::new(what)
+            .budget(FRESH_BUDGET)
+            .pace(Pace::FAST)
+            .hint("the new resource never became visible; rerun the command")
+            .until(&self.cancel, &self.clients.reads, async || match call().await {
+                Ok(v) => Ok(Look::Ready(v)),
+                Err(crate::error::Error::Aws(e)) if e.is_not_found() => {
+                    Ok(Look::Pending("not visible yet (EC2 eventual consistency)".into()))
+                }
+                Err(e) => Err(e),
+            })
+            .await
+    }
+
     /// The side in the configured primary region. Resources that do not move with the roles
     /// (the secret, the peering) stay there; after a `reprotect` the roles are swapped and this
     /// is the DR side.

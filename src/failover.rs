@@ -27,6 +27,8 @@ pub struct Plan {
     pub replica: String,
     pub replica_status: String,
     pub replica_lag_seconds: Option<f64>,
+    /// How old the newest lag datapoint is (none arrives once the source region is lost).
+    pub replica_lag_age_seconds: Option<u64>,
     pub already_promoted: bool,
     pub dns_on_replica: bool,
     /// Route 53 did not answer (its control plane is in us-east-1): the promotion goes ahead,
@@ -107,7 +109,10 @@ pub async fn plan(cx: &Cx) -> Result<Plan> {
         ));
     }
     if !fenced {
-        steps.push(format!("fence {}: revoke its 5432 ingress rules, tag it pgdr:role=fenced", instance::instance_id(cx, Side::Primary)));
+        steps.push(format!(
+            "fence {}: revoke its 5432 ingress rules, reboot it to end open sessions, tag it pgdr:role=fenced",
+            instance::instance_id(cx, Side::Primary)
+        ));
     }
     Ok(Plan {
         env: cx.name().to_owned(),
@@ -117,7 +122,8 @@ pub async fn plan(cx: &Cx) -> Result<Plan> {
         primary_status: p.as_ref().map(|p| p.status.clone()).unwrap_or_else(|| "unreachable or missing".into()),
         replica: d.id.clone(),
         replica_status: d.status.clone(),
-        replica_lag_seconds: lag,
+        replica_lag_seconds: lag.map(|l| l.seconds),
+        replica_lag_age_seconds: lag.map(|l| l.age_s),
         already_promoted: already,
         dns_on_replica,
         dns_unreachable,
@@ -203,7 +209,7 @@ async fn dns_phase(cx: &Cx, rec: &Recorder<'_>) -> PhaseResult {
         }
         Err(Error::Aws(e)) if unreachable(&e) => {
             let note = format!(
-                "Route 53 did not answer ({e}); DNS was NOT moved: writers reach {region} through the health check once the primary-down alarm fires; rerun `pgdr failover --env {}` when Route 53 answers",
+                "Route 53 did not answer ({e}); DNS was NOT moved: writers reach {region} through the health check once the failover function reports the promotion (the replica-promoted alarm); rerun `pgdr failover --env {}` when Route 53 answers",
                 cx.name()
             );
             Ok((Phase { phase: "dns".into(), ms: ms(t), detail: "pending: Route 53 unreachable".into() }, Some(note)))
@@ -229,6 +235,29 @@ async fn fence_phase(cx: &Cx, rec: &Recorder<'_>, plan: &Plan) -> PhaseResult {
                 cx.name()
             );
             Ok((Phase { phase: "fence".into(), ms: ms(t), detail: "pending: region unreachable".into() }, Some(note)))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// After a failover that could not reach the old primary's region (an automatic one, or
+/// `pgdr failover` during the outage), the fence is completed by the next run that reaches it:
+/// `up` calls this before its walk, so the walk never restores the old primary's rules.
+/// Returns what was done, or why it is still pending.
+pub async fn complete_fence(cx: &Cx, progress: &dyn Progress) -> Result<Option<String>> {
+    let fenced = cx.store.snapshot().topology.fenced.contains_key(cx.region(Side::Primary));
+    if cx.writer() != Side::Dr || fenced || !cx.mode.changes_aws() {
+        return Ok(None);
+    }
+    let rec = Recorder::new("fence", cx.mode, progress, cx.cancel.clone());
+    match fence(cx, &rec).await {
+        Ok(revoked) => Ok(Some(format!(
+            "fenced the old primary {} (a failover had left it unfenced): {}",
+            instance::instance_id(cx, Side::Primary),
+            revoked.join(", ")
+        ))),
+        Err(Error::Aws(e)) if unreachable(&e) => {
+            Ok(Some(format!("the old primary's region {} does not answer ({e}); its fence is still pending", cx.region(Side::Primary))))
         }
         Err(e) => Err(e),
     }
@@ -315,6 +344,15 @@ async fn fence(cx: &Cx, rec: &Recorder<'_>) -> Result<Vec<String>> {
                 format!("5432 from {} ({})", r.cidr_ipv4.clone().unwrap_or_default(), r.security_group_rule_id.clone().unwrap_or_default())
             })
             .collect();
+    }
+    // Revoking does not cut tracked connections (EC2 user guide, "Security group connection
+    // tracking"): pools would keep writing. A reboot ends every session.
+    if let Some(db) = instance::describe(reg, &instance::instance_id(cx, side)).await? {
+        if db.status == "available" {
+            rec.status(&format!("rebooting {} to end its open sessions", db.id));
+            reg.rds.reboot_db_instance().db_instance_identifier(&db.id).send().aws(region).await?;
+            revoked.push(format!("open sessions (rebooted {})", db.id));
+        }
     }
     tag(cx, side, "fenced").await?;
     let list = revoked.clone();

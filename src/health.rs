@@ -68,12 +68,21 @@ pub async fn instance(cx: &Cx, side: Side) -> std::result::Result<Option<instanc
 
 /// Latest `ReplicaLag` datapoint of the DR-side instance (read once per run: the request's
 /// time window differs on every call, so it is kept under a key of its own).
-pub async fn replica_lag(cx: &Cx) -> Result<Option<f64>> {
+/// The replica's lag as it counts: the lowest of the last five minutes (on an idle primary
+/// ReplicaLag rises between RDS's 5-minute heartbeats without data being behind), and how old
+/// the newest datapoint is (none arrives once the source region is lost).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Lag {
+    pub seconds: f64,
+    pub age_s: u64,
+}
+
+pub async fn replica_lag(cx: &Cx) -> Result<Option<Lag>> {
     let key = format!("{}/replica-lag/{}", cx.region(Side::Dr), instance::instance_id(cx, Side::Dr));
     cx.clients.reads.read(key, latest_lag(cx)).await.map_err(Into::into)
 }
 
-async fn latest_lag(cx: &Cx) -> std::result::Result<Option<f64>, crate::error::AwsError> {
+async fn latest_lag(cx: &Cx) -> std::result::Result<Option<Lag>, crate::error::AwsError> {
     let reg = cx.regional(Side::Dr);
     let now = SystemTime::now();
     let out = reg
@@ -87,13 +96,20 @@ async fn latest_lag(cx: &Cx) -> std::result::Result<Option<f64>, crate::error::A
         .start_time((now - Duration::from_secs(600)).into())
         .end_time((now + Duration::from_secs(60)).into())
         .period(60)
-        .statistics(aws_sdk_cloudwatch::types::Statistic::Maximum)
+        .statistics(aws_sdk_cloudwatch::types::Statistic::Minimum)
         .send()
         .aws(&reg.region)
         .await?;
-    let mut points: Vec<_> = out.datapoints.unwrap_or_default().into_iter().filter_map(|d| Some((d.timestamp?, d.maximum?))).collect();
-    points.sort_by_key(|p| p.0);
-    Ok(points.last().map(|p| p.1))
+    let points: Vec<(i64, f64)> =
+        out.datapoints.unwrap_or_default().into_iter().filter_map(|d| Some((d.timestamp?.secs(), d.minimum?))).collect();
+    Ok(lag_of(&points, aws_smithy_types::DateTime::from(now).secs()))
+}
+
+/// The lag that counts among `(time, minimum)` datapoints, at `now` (seconds since the epoch).
+fn lag_of(points: &[(i64, f64)], now: i64) -> Option<Lag> {
+    let newest = points.iter().map(|p| p.0).max()?;
+    let seconds = points.iter().filter(|p| p.0 > newest - 300).map(|p| p.1).fold(f64::INFINITY, f64::min);
+    Some(Lag { seconds, age_s: u64::try_from(now - newest).unwrap_or(0) })
 }
 
 /// The reads of [`gather`] that no step makes, for the read phase.
@@ -143,10 +159,12 @@ pub async fn gather(cx: &Cx) -> Health {
         });
     }
     let writer_region = instances.iter().find(|i| i.role == "primary").map(|i| i.region.clone());
-    let replica_lag_seconds = lag.unwrap_or_else(|e| {
-        note("replica lag", &e);
-        None
-    });
+    let replica_lag_seconds = lag
+        .unwrap_or_else(|e| {
+            note("replica lag", &e);
+            None
+        })
+        .map(|l| l.seconds);
     let dns = records.unwrap_or_else(|e| {
         note("DNS records", &e);
         vec![]
@@ -215,5 +233,21 @@ async fn function_exists(cx: &Cx) -> Result<bool> {
         Ok(_) => Ok(true),
         Err(e) if e.is_not_found() => Ok(false),
         Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_lag_that_counts_is_the_lowest_of_the_last_five_minutes() {
+        // An idle primary: the lag climbs between heartbeats and falls back.
+        let idle = [(0, 30.0), (60, 90.0), (120, 150.0), (180, 210.0), (240, 2.0), (300, 62.0)];
+        assert_eq!(lag_of(&idle, 330), Some(Lag { seconds: 2.0, age_s: 30 }));
+        // Really behind: every minute.
+        let behind = [(0, 600.0), (60, 660.0), (120, 720.0)];
+        assert_eq!(lag_of(&behind, 900).map(|l| (l.seconds, l.age_s)), Some((600.0, 780)));
+        assert_eq!(lag_of(&[], 0), None);
     }
 }

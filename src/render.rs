@@ -229,7 +229,11 @@ impl Display for ReprotectResult {
 impl crate::failover::Plan {
     /// The plan as the operator reads it before confirming.
     pub fn describe(&self, dry_run: bool) -> String {
-        let lag = self.replica_lag_seconds.map(|l| format!("{l:.0} s")).unwrap_or_else(|| "unknown (no recent datapoint)".into());
+        let lag = match (self.replica_lag_seconds, self.replica_lag_age_seconds) {
+            (Some(l), Some(age)) if age >= 120 => format!("{l:.0} s (its newest datapoint is {age} s old)"),
+            (Some(l), _) => format!("{l:.0} s"),
+            (None, _) => "unknown (no recent datapoint)".into(),
+        };
         let mut t = format!(
             "failover {}: {} ({}) -> {} ({})\n  primary {} is {}\n  replica {} is {}, lag {lag}\n",
             self.env,

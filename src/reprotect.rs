@@ -47,8 +47,10 @@ pub async fn plan(cx: &Cx, keep_old_primary: bool) -> Result<Plan> {
     } else {
         format!("pgdr-{}-{}", cx.name(), cx.region(Side::Primary))
     };
-    let mut steps =
-        vec![format!("remove the probe, primary-down alarm, health check, failover function and alarms in {}", cx.region(Side::Dr))];
+    let mut steps = vec![format!(
+        "remove the probe, the primary-down and replica-promoted alarms, the health check, the failover function and alarms in {}",
+        cx.region(Side::Dr)
+    )];
     match (&old_id, keep_old_primary) {
         (Some(id), false) => {
             steps.push(format!("delete the fenced old primary {id} in {} with a final snapshot", cx.region(Side::Primary)))

@@ -62,8 +62,15 @@ pub async fn failover(
 /// Refuses a promotion that would lose more than `max` seconds of data, unless forced. With no
 /// lag datapoint the loss is unknown: that is refused too while the primary is available (a
 /// switchover can wait for the metric), but not when it is down (the disaster `failover` is for).
+///
+/// A primary that is not alive (its region does not answer, it is gone or in a terminal
+/// status) is the disaster `failover` is for: the lag, whatever its last datapoint said, does
+/// not stop it; the plan shows that datapoint and its age before the question.
 fn check_lag(plan: &crate::failover::Plan, max: f64, force: bool) -> Result<()> {
-    if plan.already_promoted || force {
+    let primary_alive = crate::wait::rds_status(&plan.primary_status) != crate::wait::Look::Failed(plan.primary_status.clone())
+        && plan.primary_status != "unreachable or missing"
+        && plan.primary_status != "stopped";
+    if plan.already_promoted || force || !primary_alive {
         return Ok(());
     }
     match plan.replica_lag_seconds {
@@ -75,5 +82,42 @@ fn check_lag(plan: &crate::failover::Plan, max: f64, force: bool) -> Result<()> 
             plan.primary
         ))),
         _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(primary_status: &str, lag: Option<f64>) -> crate::failover::Plan {
+        crate::failover::Plan {
+            env: "dev".into(),
+            from_region: "us-east-1".into(),
+            to_region: "eu-west-1".into(),
+            primary: "pgdr-dev-us-east-1".into(),
+            primary_status: primary_status.into(),
+            replica: "pgdr-dev-eu-west-1".into(),
+            replica_status: "available".into(),
+            replica_lag_seconds: lag,
+            replica_lag_age_seconds: lag.map(|_| 900),
+            already_promoted: false,
+            dns_on_replica: false,
+            dns_unreachable: None,
+            fenced: false,
+            steps: vec![],
+            checks_ms: 0,
+        }
+    }
+
+    #[test]
+    fn lag_stops_a_failover_only_while_the_primary_is_alive() {
+        assert!(check_lag(&plan("available", Some(600.0)), 60.0, false).is_err());
+        assert!(check_lag(&plan("modifying", Some(600.0)), 60.0, false).is_err());
+        assert!(check_lag(&plan("available", None), 60.0, false).is_err());
+        assert!(check_lag(&plan("available", Some(600.0)), 60.0, true).is_ok());
+        // The disaster: the primary's region does not answer, or the instance is broken.
+        assert!(check_lag(&plan("unreachable or missing", Some(600.0)), 60.0, false).is_ok());
+        assert!(check_lag(&plan("inaccessible-encryption-credentials", None), 60.0, false).is_ok());
+        assert!(check_lag(&plan("available", Some(20.0)), 60.0, false).is_ok());
     }
 }

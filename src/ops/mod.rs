@@ -144,7 +144,7 @@ async fn context(t: &Target, env: Env, existing: Option<state::State>, mode: Mod
     conn.retry_max_attempts = env.settings.retry_max_attempts;
     let clients = clients::build(&conn, &env.settings.primary_region, &env.settings.dr_region, mode.changes_aws()).await?;
     let store = Store::new(&t.state_dir, &env.name, existing, mode);
-    Ok(Cx { env, clients, store, mode, opts: Options::default(), cancel: cancel.clone() })
+    Ok(Cx { env, clients, store, mode, opts: Options::default(), cancel: cancel.clone(), fresh: Default::default() })
 }
 
 /// Reopens a context after a command changed the state's topology (the lock stays held).

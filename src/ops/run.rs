@@ -105,8 +105,11 @@ pub async fn plan(t: &Target, progress: &dyn Progress, cancel: &Cancel) -> Resul
 
 pub async fn up(t: &Target, progress: &dyn Progress, cancel: &Cancel) -> Result<RunResult> {
     let (cx, _lock) = open(t, Command::Up, Mode::Apply, Ahead::Walk, cancel).await?;
+    let fence = crate::failover::complete_fence(&cx, progress).await?;
     let report = exec::execute(&graph()?, &cx, Direction::Up, cx.mode, progress, cancel).await;
-    Ok(result(Command::Up, &cx, false, report))
+    let mut r = result(Command::Up, &cx, false, report);
+    r.warnings.extend(fence);
+    Ok(r)
 }
 
 /// `down`: confirmed by the operator unless a dry run.

@@ -321,9 +321,11 @@ fn alarm_defs(cx: &Cx) -> Vec<AlarmDef> {
         about,
     };
     vec![
-        // ReplicaLag is published for the replica only. A lag that is not reported (-1, or no
-        // data) means replication is not running: the replica is broken, so missing = breaching.
-        def("replica-lag", Dr, "ReplicaLag", Maximum, 60, 2, Gt, lag, "breaching", format!("The DR replica is more than {lag} s behind the primary, or replication stopped: a failover now would lose data.")),
+        // ReplicaLag is published for the replica only. On an idle primary it rises between RDS's
+        // heartbeats (every 5 minutes) without any data being behind: the lowest lag of each 5
+        // minutes is what counts, two windows in a row. No datapoint (the replica being created,
+        // or its source region gone) is not lag: primary-down and replication-slot-lag watch that.
+        def("replica-lag", Dr, "ReplicaLag", Minimum, 300, 2, Gt, lag, "notBreaching", format!("The DR replica has stayed more than {lag} s behind the primary for 10 minutes: a failover now would lose data.")),
         // CPU: an idle or stopped instance reports nothing; other alarms cover that (missing).
         def("cpu-primary", Primary, "CPUUtilization", Average, 300, 2, Gt, 80.0, "missing", "The primary's CPU is above 80% for 10 minutes.".into()),
         def("cpu-replica", Dr, "CPUUtilization", Average, 300, 2, Gt, 80.0, "missing", "The DR replica's CPU is above 80% for 10 minutes: it may fall behind.".into()),

@@ -233,7 +233,11 @@ async fn converge(cx: &Cx, rec: &Recorder<'_>, side: Side, db: &Db) -> Result<()
     let region = reg.region.as_str();
     let mut changes: Vec<String> = Vec::new();
     let mut m = reg.rds.modify_db_instance().db_instance_identifier(id).apply_immediately(true);
-    if db.backup_retention != s.backup_retention_days {
+    // A PostgreSQL read replica takes no automated backups (RDS user guide, "Working with DB
+    // instance read replicas": automatic backups of replicas, PostgreSQL: no); it gets them
+    // when promoted (PromoteReadReplica's BackupRetentionPeriod).
+    let takes_backups = !(side == Side::Dr && db.source.is_some());
+    if takes_backups && db.backup_retention != s.backup_retention_days {
         changes.push(format!("backup retention {} -> {} days", db.backup_retention, s.backup_retention_days));
         m = m.backup_retention_period(s.backup_retention_days);
     }

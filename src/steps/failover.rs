@@ -43,6 +43,17 @@ pub fn alarm_name(cx: &Cx) -> String {
     format!("pgdr-{}-primary-down", cx.name())
 }
 
+/// The alarm the writer record's health check follows: in ALARM only once the replica has been
+/// promoted (the failover function reports it every minute), so DNS never sends writers to an
+/// instance that is still read-only, whatever breaks on the probe's path.
+pub fn promoted_alarm_name(cx: &Cx) -> String {
+    format!("pgdr-{}-replica-promoted", cx.name())
+}
+
+/// What the failover function publishes (see src/lambda/failover.py).
+const PROMOTED_NAMESPACE: &str = "pgdr";
+const PROMOTED_METRIC: &str = "ReplicaPromoted";
+
 fn key(cx: &Cx, owner: &str, what: &str) -> Key {
     let region = if what.starts_with("role") { "global" } else { cx.region(Side::Dr) };
     Key::new(owner, region, what)
@@ -102,6 +113,10 @@ impl Step<Cx, StepId> for Detection {
                 lambda::function_reads(cx.regional(Side::Dr), &probe, &log_group, true),
                 schedule_reads(cx, &schedule),
                 describe_alarm(cx),
+                async {
+                    let dr = cx.regional(Side::Dr);
+                    read!(dr.reads, &dr.region, dr.cloudwatch.describe_alarms().alarm_names(promoted_alarm_name(cx)))
+                },
                 list_health_checks(cx),
             );
         })
@@ -291,8 +306,14 @@ fn failover_policy(cx: &Cx) -> serde_json::Value {
         "Version": "2012-10-17",
         "Statement": [
             {"Sid": "Databases", "Effect": "Allow",
-             "Action": ["rds:DescribeDBInstances", "rds:PromoteReadReplica", "rds:ListTagsForResource", "rds:AddTagsToResource"],
+             "Action": ["rds:DescribeDBInstances", "rds:PromoteReadReplica", "rds:ListTagsForResource", "rds:AddTagsToResource", "rds:RebootDBInstance"],
              "Resource": [instance_arn(cx, Side::Primary), instance_arn(cx, Side::Dr)]},
+            {"Sid": "FenceRules", "Effect": "Allow", "Action": ["ec2:RevokeSecurityGroupIngress"],
+             "Resource": [format!("arn:{p}:ec2:{}:{}:security-group/{}", cx.region(Side::Primary), partition_account(cx).1, network::db_sg_id(cx, Side::Primary).unwrap_or_else(|| "*".into()))]},
+            // Describe calls take no resource-level permissions (EC2 API reference).
+            {"Sid": "FenceLook", "Effect": "Allow", "Action": ["ec2:DescribeSecurityGroupRules"], "Resource": ["*"]},
+            {"Sid": "PromotedMetric", "Effect": "Allow", "Action": ["cloudwatch:PutMetricData"], "Resource": ["*"],
+             "Condition": {"StringEquals": {"cloudwatch:namespace": PROMOTED_NAMESPACE}}},
             {"Sid": "Records", "Effect": "Allow",
              "Action": ["route53:ChangeResourceRecordSets", "route53:ListResourceRecordSets"],
              "Resource": [format!("arn:{p}:route53:::hostedzone/{zone}")]},
@@ -338,6 +359,8 @@ fn failover_env(cx: &Cx) -> Vec<(String, String)> {
         ("RECORD_TTL".into(), cx.env.settings.record_ttl.to_string()),
         ("TOPIC_ARN".into(), topic_arn(cx)),
         ("ALARM_NAME".into(), alarm_name(cx)),
+        // The old primary's security group, which the function's fence revokes.
+        ("PRIMARY_SG_ID".into(), network::db_sg_id(cx, writer).unwrap_or_default()),
     ]
 }
 
@@ -403,8 +426,63 @@ async fn detection_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
     // Every minute.
     ensure_schedule(cx, rec, &probe_schedule(cx), &probe_name(cx), probe_arn.as_deref()).await?;
     primary_down_alarm_up(cx, rec).await?;
-    // The health check following the alarm (Route 53 cannot reach a private endpoint itself).
-    healthcheck::ensure(cx, rec, &alarm_name(cx), cx.region(Side::Dr)).await
+    promoted_alarm_up(cx, rec).await?;
+    // The health check of the writer record follows the promotion, not the probe (Route 53
+    // cannot reach a private endpoint itself; its health checkers read the alarm's state, on
+    // Route 53's data plane, so this works while its control plane in us-east-1 is down).
+    healthcheck::ensure(cx, rec, &promoted_alarm_name(cx), cx.region(Side::Dr)).await
+}
+
+/// `replica-promoted`: `ReplicaPromoted` ≥ 1 in the last minute. Missing data keeps the state it
+/// has (`ignore`): a function that misses a minute must not move writers back and forth.
+async fn promoted_alarm_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
+    let dr = cx.regional(Side::Dr);
+    let region = dr.region.as_str();
+    let alarm = promoted_alarm_name(cx);
+    let actions = vec![topic_arn(cx)];
+    let r = Res::new(key(cx, DETECTION, "promoted-alarm"), "cloudwatch-alarm", alarm.clone(), region);
+    let out = read!(dr.reads, &dr.region, dr.cloudwatch.describe_alarms().alarm_names(&alarm))?;
+    let current = out.metric_alarms.unwrap_or_default().into_iter().next();
+    let matches = current.as_ref().is_some_and(|a| {
+        a.namespace() == Some(PROMOTED_NAMESPACE)
+            && a.metric_name() == Some(PROMOTED_METRIC)
+            && a.evaluation_periods == Some(1)
+            && a.treat_missing_data.as_deref() == Some("ignore")
+            && same_set(a.alarm_actions(), &actions)
+            && a.dimensions().iter().any(|d| d.name() == Some("Environment") && d.value() == Some(cx.name()))
+    });
+    let put = async || {
+        let tags = cx.tags("alarm").into_iter().map(|(k, v)| aws_sdk_cloudwatch::types::Tag::builder().key(k).value(v).build()).collect();
+        dr.cloudwatch
+            .put_metric_alarm()
+            .alarm_name(&alarm)
+            .alarm_description(format!(
+                "pgdr {}: the replica in {region} has been promoted; the writer record's health check follows this alarm",
+                cx.name()
+            ))
+            .namespace(PROMOTED_NAMESPACE)
+            .metric_name(PROMOTED_METRIC)
+            .dimensions(Dimension::builder().name("Environment").value(cx.name()).build())
+            .statistic(Statistic::Maximum)
+            .period(60)
+            .evaluation_periods(1)
+            .datapoints_to_alarm(1)
+            .threshold(1.0)
+            .comparison_operator(ComparisonOperator::GreaterThanOrEqualToThreshold)
+            .treat_missing_data("ignore")
+            .set_alarm_actions(Some(actions.clone()))
+            .set_tags(Some(tags))
+            .send()
+            .aws(region)
+            .await?;
+        Ok::<_, Error>(alarm.clone())
+    };
+    let exists = current.is_some();
+    super::ensure(cx, rec, &r, async |_| Ok(exists.then(|| alarm.clone())), async |_| put().await).await?;
+    if exists && !matches {
+        rec.apply(Change::new(Action::Change, "cloudwatch-alarm", &alarm, region).detail("settings"), async |_| put().await).await?;
+    }
+    Ok(())
 }
 
 /// The probe's security group in the DR VPC (outbound only; the primary's group admits the
@@ -420,15 +498,15 @@ async fn probe_sg_up(cx: &Cx, rec: &Recorder<'_>) -> Result<Option<String>> {
         &sg_res,
         async |_| find_probe_sg(cx, &vpc).await,
         async |_| {
-            let out = dr
+            let create = dr
                 .ec2
                 .create_security_group()
                 .group_name(format!("pgdr-{}-probe", cx.name()))
                 .description("pgdr: the primary-health probe")
                 .vpc_id(&vpc)
-                .tag_specifications(ec2_tag_spec(cx, ResourceType::SecurityGroup, "probe-sg"))
-                .send()
-                .aws(region)
+                .tag_specifications(ec2_tag_spec(cx, ResourceType::SecurityGroup, "probe-sg"));
+            let out = cx
+                .settle(&[&vpc], &format!("probe security group in {vpc}"), async || Ok(create.clone().send().aws(region).await?))
                 .await?;
             out.group_id.ok_or_else(|| Error::Other("CreateSecurityGroup returned no id".into()))
         },
@@ -525,9 +603,25 @@ fn same_set(have: &[String], want: &[String]) -> bool {
 async fn detection_down(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
     let dr = cx.regional(Side::Dr);
     let region = dr.region.as_str();
-    let hc = Res::new(healthcheck::key(), "health-check", alarm_name(cx), "global");
+    let hc = Res::new(healthcheck::key(), "health-check", promoted_alarm_name(cx), "global");
     super::remove(cx, rec, &hc, async |known| the_health_check(cx, rec, &hc, known).await, async |id| delete_health_check(cx, &id).await)
         .await?;
+    let promoted = promoted_alarm_name(cx);
+    let p = Res::new(key(cx, DETECTION, "promoted-alarm"), "cloudwatch-alarm", promoted.clone(), region);
+    super::remove(
+        cx,
+        rec,
+        &p,
+        async |_| {
+            let out = dr.cloudwatch.describe_alarms().alarm_names(&promoted).send().aws(region).await?;
+            Ok(out.metric_alarms.unwrap_or_default().into_iter().find_map(|a| a.alarm_name))
+        },
+        async |name| {
+            dr.cloudwatch.delete_alarms().alarm_names(name).send().aws(region).await?;
+            Ok(())
+        },
+    )
+    .await?;
 
     let alarm = alarm_name(cx);
     let a = Res::new(key(cx, DETECTION, "alarm"), "cloudwatch-alarm", alarm.clone(), region);

@@ -103,6 +103,31 @@ pub async fn ensure(cx: &Cx, rec: &Recorder<'_>, alarm: &str, region: &str) -> R
             Ok(id)
         },
     )
-    .await
-    .map(|_| ())
+    .await?;
+    follow(cx, rec, &r, alarm, region).await
+}
+
+/// An existing check that follows another alarm (one made by an older pgdr follows
+/// `primary-down`) is pointed at `alarm` (Route 53 API reference, UpdateHealthCheck).
+async fn follow(cx: &Cx, rec: &Recorder<'_>, r: &Res<'_>, alarm: &str, region: &str) -> Result<()> {
+    let Some(id) = id(cx) else { return Ok(()) };
+    let checks = list_health_checks(cx).await?;
+    let Some(have) = checks.iter().find(|h| h.id == id).and_then(|h| h.health_check_config.as_ref()?.alarm_identifier.as_ref()) else {
+        return Ok(());
+    };
+    if have.name == alarm && have.region.as_str() == region {
+        return Ok(());
+    }
+    let alarm_id =
+        AlarmIdentifier::builder().region(CloudWatchRegion::from(region)).name(alarm).build().map_err(|e| Error::Other(e.to_string()))?;
+    let update = cx
+        .clients
+        .route53
+        .update_health_check()
+        .health_check_id(&id)
+        .alarm_identifier(alarm_id)
+        .insufficient_data_health_status(InsufficientDataHealthStatus::Healthy);
+    let change = r.change(crate::exec::Action::Change).id(&id).detail(format!("follow {alarm} (was {})", have.name));
+    rec.apply(change, async |_| Ok(update.send().aws("global").await?)).await?;
+    Ok(())
 }

@@ -79,7 +79,7 @@ fn cx(dir: &tempfile::TempDir, primary: Mocks, dr: Mocks) -> Cx {
         reads,
     };
     let store = Store::new(dir.path(), "dev", None, Mode::Apply);
-    Cx { env, clients, store, mode: Mode::Apply, opts: Options::default(), cancel: Cancel::default() }
+    Cx { env, clients, store, mode: Mode::Apply, opts: Options::default(), cancel: Cancel::default(), fresh: Default::default() }
 }
 
 fn meta(code: &str, message: &str) -> ErrorMetadata {

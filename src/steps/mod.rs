@@ -124,6 +124,7 @@ pub async fn ensure(
             cx.store.put(&r.key, Resource::pending(r.kind, r.region).with(Attr::Token, token.clone()))?;
             rec.status(&format!("creating {} {}", r.kind, r.name));
             let id = create(token).await?;
+            cx.fresh.insert(&id);
             cx.store.put(&r.key, Resource::new(r.kind, r.region, &id, Status::Created))?;
             *change = change.clone().id(&id);
             Ok(id)

@@ -111,16 +111,16 @@ async fn up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
         &r,
         async |known| the_one(cx, rec, &r, known).await,
         async |_| {
-            let out = primary
+            let create = primary
                 .ec2
                 .create_vpc_peering_connection()
                 .vpc_id(&vpc)
                 .peer_vpc_id(&peer_vpc)
                 .peer_region(cx.region(cx.home().other()))
-                .tag_specifications(ec2_tag_spec(cx, ResourceType::VpcPeeringConnection, "peering"))
-                .send()
-                .aws(region)
-                .await?;
+                .tag_specifications(ec2_tag_spec(cx, ResourceType::VpcPeeringConnection, "peering"));
+            let ids = [vpc.as_str(), peer_vpc.as_str()];
+            let out =
+                cx.settle(&ids, &format!("peering {vpc} with {peer_vpc}"), async || Ok(create.clone().send().aws(region).await?)).await?;
             out.vpc_peering_connection
                 .and_then(|p| p.vpc_peering_connection_id)
                 .ok_or_else(|| Error::Other("CreateVpcPeeringConnection returned no id".into()))
@@ -143,14 +143,9 @@ async fn up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
             &rr,
             async |_| find_route(cx, side, &rt, &peer, &pcx_id).await,
             async |_| {
-                reg.ec2
-                    .create_route()
-                    .route_table_id(&rt)
-                    .destination_cidr_block(&peer)
-                    .vpc_peering_connection_id(&pcx_id)
-                    .send()
-                    .aws(&reg.region)
-                    .await?;
+                let create = reg.ec2.create_route().route_table_id(&rt).destination_cidr_block(&peer).vpc_peering_connection_id(&pcx_id);
+                let ids = [rt.as_str(), pcx_id.as_str()];
+                cx.settle(&ids, &format!("route {peer} in {rt}"), async || Ok(create.clone().send().aws(&reg.region).await?)).await?;
                 Ok(format!("{rt}:{peer}"))
             },
         )

@@ -17,7 +17,7 @@ fn wanted() -> BTreeMap<&'static str, Want> {
     let (pid, did) = ("pgdr-dev-us-east-1", "pgdr-dev-eu-west-1");
     let storage = 100.0 * GIB;
     BTreeMap::from([
-        ("pgdr-dev-replica-lag", (d, "ReplicaLag", "DBInstanceIdentifier", did, "Maximum", 60, 2, "GreaterThanThreshold", 60.0, "breaching")),
+        ("pgdr-dev-replica-lag", (d, "ReplicaLag", "DBInstanceIdentifier", did, "Minimum", 300, 2, "GreaterThanThreshold", 60.0, "notBreaching")),
         ("pgdr-dev-cpu-primary", (p, "CPUUtilization", "DBInstanceIdentifier", pid, "Average", 300, 2, "GreaterThanThreshold", 80.0, "missing")),
         ("pgdr-dev-cpu-replica", (d, "CPUUtilization", "DBInstanceIdentifier", did, "Average", 300, 2, "GreaterThanThreshold", 80.0, "missing")),
         ("pgdr-dev-replication-slot-lag", (p, "OldestReplicationSlotLag", "DBInstanceIdentifier", pid, "Maximum", 300, 2, "GreaterThanThreshold", 10.0 * GIB, "notBreaching")),

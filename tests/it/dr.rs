@@ -99,17 +99,35 @@ async fn up_wires_detection_and_failover_in_the_dr_region() {
     let cw_primary = aws_sdk_cloudwatch::Client::new(&emu.sdk("us-east-1").await);
     assert!(cw_primary.describe_alarms().alarm_names("pgdr-dev-primary-down").send().await.unwrap().metric_alarms().is_empty());
 
-    // Roles: trust Lambda, inline policies on ARNs, not "*".
+    // The writer record's health check follows the promotion, not the probe: an alarm in the DR
+    // region on the failover function's ReplicaPromoted, missing data keeping its state.
+    let promoted = cw.describe_alarms().alarm_names("pgdr-dev-replica-promoted").send().await.unwrap();
+    let p = &promoted.metric_alarms()[0];
+    assert_eq!((p.namespace(), p.metric_name()), (Some("pgdr"), Some("ReplicaPromoted")));
+    assert_eq!((p.dimensions()[0].name(), p.dimensions()[0].value()), (Some("Environment"), Some("dev")));
+    assert_eq!(p.treat_missing_data(), Some("ignore"));
+    assert_eq!(p.comparison_operator().map(|c| c.as_str()), Some("GreaterThanOrEqualToThreshold"));
+    let primary_sg = state["resources"]["network/us-east-1/db-sg"]["id"].as_str().unwrap();
+    assert_eq!(env.get("PRIMARY_SG_ID").map(String::as_str), Some(primary_sg), "the function's fence revokes the old primary's group");
+
+    // Roles: trust Lambda, inline policies on ARNs, not "*" (except the actions AWS gives no
+    // resource-level permission: the rule lookup, and metrics, limited to pgdr's namespace).
     let iam = aws_sdk_iam::Client::new(&emu.sdk("us-east-1").await);
     let doc = iam.get_role_policy().role_name("pgdr-dev-failover").policy_name("pgdr").send().await.unwrap();
     let doc = urlencoding_decode(doc.policy_document());
     let doc: serde_json::Value = serde_json::from_str(&doc).unwrap();
     for st in doc["Statement"].as_array().unwrap() {
+        let actions: Vec<&str> = st["Action"].as_array().unwrap().iter().filter_map(|a| a.as_str()).collect();
         for res in st["Resource"].as_array().unwrap() {
             let res = res.as_str().unwrap();
-            assert!(res.starts_with("arn:") && res != "*", "{res}");
+            match actions.as_slice() {
+                ["ec2:DescribeSecurityGroupRules"] => assert_eq!(res, "*"),
+                ["cloudwatch:PutMetricData"] => assert_eq!(st["Condition"]["StringEquals"]["cloudwatch:namespace"], "pgdr", "{st}"),
+                _ => assert!(res.starts_with("arn:") && res != "*", "{res}"),
+            }
         }
     }
+    assert!(doc.to_string().contains("rds:RebootDBInstance") && doc.to_string().contains("ec2:RevokeSecurityGroupIngress"), "{doc}");
     assert!(doc.to_string().contains(":db:pgdr-dev-eu-west-1"));
     assert!(doc.to_string().contains(":alarm:pgdr-dev-primary-down"), "reads its alarm's state: {doc}");
 

@@ -217,17 +217,26 @@ async fn up_and_failover_follow_an_automatic_failover() {
     assert_eq!(instance(&s, "us-east-1")["role"], "old-primary");
     assert!(s["problems"].as_array().unwrap().iter().any(|p| p.as_str().unwrap().contains("not fenced")), "{s}");
 
-    // up never points DNS back at the old primary.
+    // up never points DNS back at the old primary; it completes the fence the automatic path
+    // could not apply (and changes nothing else).
+    emu.reset_calls();
+    let up = run.ok(&["up", "--env", "dev"]);
+    assert!(up.stdout.contains("fenced the old primary pgdr-dev-us-east-1"), "{up:?}");
+    let calls = emu.mutating_calls();
+    let fence_only = ["ec2 us-east-1 RevokeSecurityGroupIngress", "rds us-east-1 AddTagsToResource", "rds us-east-1 RebootDBInstance"];
+    assert!(calls.iter().all(|c| fence_only.contains(&c.as_str())), "up after an automatic failover did more than fence: {calls:?}");
+    assert!(calls.iter().any(|c| c.contains("RevokeSecurityGroupIngress")), "{calls:?}");
+    assert_eq!(weights(&emu, &run).await, vec![("eu-west-1".into(), 100), ("us-east-1".into(), 0)]);
+    // A second up has nothing left to do.
     emu.reset_calls();
     run.ok(&["up", "--env", "dev"]);
-    assert_eq!(emu.mutating_calls(), Vec::<String>::new(), "up after an automatic failover mutated");
-    assert_eq!(weights(&emu, &run).await, vec![("eu-west-1".into(), 100), ("us-east-1".into(), 0)]);
+    assert_eq!(emu.mutating_calls(), Vec::<String>::new());
 
-    // failover finishes what the function left: fencing, no second promotion.
+    // failover then has nothing left either: no second promotion, no second fence.
+    emu.reset_calls();
     run.ok(&["failover", "--env", "dev", "--yes"]);
     let calls = emu.mutating_calls();
-    assert!(!calls.iter().any(|c| c.contains("PromoteReadReplica")), "{calls:?}");
-    assert!(calls.iter().any(|c| c.contains("RevokeSecurityGroupIngress")), "{calls:?}");
+    assert!(!calls.iter().any(|c| c.contains("PromoteReadReplica") || c.contains("RevokeSecurityGroupIngress")), "{calls:?}");
 }
 
 /// Route 53's API is in us-east-1, the default primary region: when it does not answer, the

@@ -56,27 +56,3 @@ def make_pair(pg_bindir):
     yield make
     for pair in made:
         pair.close()
-
-
-# -- the emulator proxy (scripts/emuproxy.py) in front of moto_server --------------------------
-
-@pytest.fixture(scope="session")
-def proxy(tmp_path_factory):
-    """One proxy + moto for the session (test_emuproxy.py, test_awsrules.py); yields its URL.
-    Tests that change its config reset it first (their `emu` fixtures)."""
-    import json
-    import signal
-
-    from emutools import MOTO_BIN, start_proxy
-    if not MOTO_BIN.exists():
-        pytest.fail(f"{MOTO_BIN} missing: run scripts/setup-venv")
-    record = tmp_path_factory.mktemp("emu") / "calls.jsonl"
-    proc, url = start_proxy("--record", str(record))
-    yield url
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(10) == 0
-    # the record file got one line per recorded call
-    lines = [json.loads(x) for x in record.read_text().splitlines()]
-    assert lines and all({"seq", "t", "t_end", "service", "op", "mutating", "status", "fault"} <= set(x)
-                         for x in lines)
-    assert all(x["t_end"] >= x["t"] for x in lines)

@@ -1,10 +1,15 @@
-"""Helpers for the tests of the emulator proxy (scripts/emuproxy.py and its AWS rules)."""
+"""Helpers for the tests of the emulator proxy (scripts/emuproxy.py and its AWS rules). The
+`proxy` fixture is imported by each test module, so each module gets its own proxy + moto (one
+moto shared by both modules is slower: moto slows down for an account after many others)."""
 import json
 import os
+import signal
 import subprocess
 import sys
 import urllib.request
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 # PGDR_VENV, else the project's .venv, else the venv running these tests (it has moto_server too)
@@ -28,3 +33,20 @@ def ctl(url, path, body=None):
     req = urllib.request.Request(url + path, data=data, method="GET" if body is None else "POST")
     with urllib.request.urlopen(req, timeout=10) as r:
         return json.loads(r.read())
+
+
+@pytest.fixture(scope="module")
+def proxy(tmp_path_factory):
+    """One proxy + moto for the module; yields the endpoint URL."""
+    if not MOTO_BIN.exists():
+        pytest.fail(f"{MOTO_BIN} missing: run scripts/setup-venv")
+    record = tmp_path_factory.mktemp("emu") / "calls.jsonl"
+    proc, url = start_proxy("--record", str(record))
+    yield url
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(10) == 0
+    # the record file got one line per recorded call
+    lines = [json.loads(x) for x in record.read_text().splitlines()]
+    assert lines and all({"seq", "t", "t_end", "service", "op", "mutating", "status", "fault"} <= set(x)
+                         for x in lines)
+    assert all(x["t_end"] >= x["t"] for x in lines)

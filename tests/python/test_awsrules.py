@@ -21,7 +21,7 @@ import botocore.parsers
 import pytest
 from botocore.config import Config
 
-from emutools import PROXY, ctl, start_proxy
+from emutools import PROXY, ctl, proxy, start_proxy  # noqa: F401 (proxy: a fixture)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 import awsrules  # noqa: E402
@@ -74,7 +74,7 @@ class Emu:
 
 
 @pytest.fixture
-def emu(proxy):
+def emu(proxy):  # noqa: F811
     ctl(proxy, "/__proxy/config", {"latency_ms": 0, "fail_rate": 0, "drop_rate": 0, "seed": 0, "fault_ops": None,
                                    "fault_services": None, "fault_mutating_only": False, "kill_after": None,
                                    "rds_hold": None, "rules_off": [], "rules_time_scale": 1.0, "rules_params": {},

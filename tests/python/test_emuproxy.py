@@ -4,7 +4,6 @@ Run: .venv/bin/pytest tests/python -q   (scripts/setup-venv creates .venv)
 """
 import signal
 import subprocess
-import sys
 import threading
 import time
 
@@ -13,9 +12,7 @@ import botocore.exceptions
 import pytest
 from botocore.config import Config
 
-from emutools import MOTO_BIN, PROXY, ctl  # noqa: F401 (MOTO_BIN, PROXY: for other test modules)
-
-# `proxy` (one proxy + moto for the session) is in conftest.py
+from emutools import ctl, proxy  # noqa: F401 (proxy: one proxy + moto for the module)
 
 
 @pytest.fixture

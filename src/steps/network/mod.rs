@@ -132,8 +132,9 @@ async fn vpc_up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<Option<String
                 ec2.create_vpc().cidr_block(cx.cidr(side).to_string()).tag_specifications(ec2_tag_spec(cx, ResourceType::Vpc, "vpc"));
             let out = create.send().aws(region).await?;
             let id = out.vpc.and_then(|v| v.vpc_id).ok_or_else(|| Error::Other("CreateVpc returned no VPC id".into()))?;
+            cx.fresh.insert(&id);
             // Part of creating it: a private hosted zone needs DNS hostnames on.
-            enable_dns_hostnames(cx, side, &id).await?;
+            cx.settle(&[&id], &format!("DNS hostnames on {id}"), async || enable_dns_hostnames(cx, side, &id).await).await?;
             Ok(id)
         },
     )
@@ -167,7 +168,8 @@ async fn subnet_up(cx: &Cx, rec: &Recorder<'_>, side: Side, i: usize, name: &str
             let tags = ec2_tag_spec(cx, ResourceType::Subnet, name);
             let create =
                 ec2.create_subnet().vpc_id(vpc_id).cidr_block(sub_cidr.to_string()).availability_zone(&az).tag_specifications(tags);
-            let out = create.send().aws(region).await?;
+            let out =
+                cx.settle(&[vpc_id], &format!("subnet {name} in {vpc_id}"), async || Ok(create.clone().send().aws(region).await?)).await?;
             out.subnet.and_then(|s| s.subnet_id).ok_or_else(|| Error::Other("CreateSubnet returned no id".into()))
         },
     )
@@ -185,7 +187,9 @@ async fn route_table_up(cx: &Cx, rec: &Recorder<'_>, side: Side, vpc_id: &str) -
         async |known| find_route_table(cx, rec, &r, side, known, vpc_id).await,
         async |_| {
             let tags = ec2_tag_spec(cx, ResourceType::RouteTable, "route-table");
-            let out = ec2.create_route_table().vpc_id(vpc_id).tag_specifications(tags).send().aws(region).await?;
+            let create = ec2.create_route_table().vpc_id(vpc_id).tag_specifications(tags);
+            let out =
+                cx.settle(&[vpc_id], &format!("route table in {vpc_id}"), async || Ok(create.clone().send().aws(region).await?)).await?;
             out.route_table.and_then(|r| r.route_table_id).ok_or_else(|| Error::Other("CreateRouteTable returned no id".into()))
         },
     )
@@ -201,12 +205,17 @@ async fn associations_up(cx: &Cx, rec: &Recorder<'_>, side: Side, rt: Option<&st
         }
         return Ok(());
     };
-    let table = route_table(cx, side, rt).await?;
+    let table = cx.settle(&[rt], &format!("route table {rt}"), async || Ok(route_table(cx, side, rt).await?)).await?;
     let associated: Vec<String> = table.into_iter().flat_map(|t| t.associations.unwrap_or_default()).filter_map(|a| a.subnet_id).collect();
     let missing = SUBNETS.iter().zip(subnet_ids).filter(|(_, s)| !associated.contains(s));
     futures::future::try_join_all(missing.map(|(name, sub)| async move {
         let change = Change::new(Action::Create, "route-table-association", name, region).detail(format!("{sub} -> {rt}"));
-        rec.apply(change, async |_| Ok(ec2.associate_route_table().route_table_id(rt).subnet_id(sub).send().aws(region).await?)).await
+        let associate = ec2.associate_route_table().route_table_id(rt).subnet_id(sub);
+        rec.apply(change, async |_| {
+            cx.settle(&[rt, sub], &format!("association of {sub} with {rt}"), async || Ok(associate.clone().send().aws(region).await?))
+                .await
+        })
+        .await
     }))
     .await?;
     for name in SUBNETS.iter().skip(subnet_ids.len()) {
@@ -234,15 +243,14 @@ async fn security_group(
         &sg_res,
         async |known| find_sg(cx, side, known, vpc_id).await,
         async |_| {
-            let out = ec2
+            let create = ec2
                 .create_security_group()
                 .group_name(format!("pgdr-{}-db", cx.name()))
                 .description("pgdr: PostgreSQL from the two pgdr VPCs")
                 .vpc_id(vpc_id)
-                .tag_specifications(ec2_tag_spec(cx, ResourceType::SecurityGroup, "db-sg"))
-                .send()
-                .aws(region)
-                .await?;
+                .tag_specifications(ec2_tag_spec(cx, ResourceType::SecurityGroup, "db-sg"));
+            let out =
+                cx.settle(&[vpc_id], &format!("security group in {vpc_id}"), async || Ok(create.clone().send().aws(region).await?)).await?;
             out.group_id.ok_or_else(|| Error::Other("CreateSecurityGroup returned no id".into()))
         },
     )
@@ -267,7 +275,7 @@ async fn security_group(
                 &r,
                 async |_known| find_rule(cx, side, sg_id, &rule_cidr.to_string()).await,
                 async |_| {
-                    let out = ec2
+                    let authorize = ec2
                         .authorize_security_group_ingress()
                         .group_id(sg_id)
                         .ip_permissions(
@@ -278,10 +286,9 @@ async fn security_group(
                                 .ip_ranges(IpRange::builder().cidr_ip(rule_cidr.to_string()).description(format!("pgdr {rule}")).build())
                                 .build(),
                         )
-                        .tag_specifications(ec2_tag_spec(cx, ResourceType::SecurityGroupRule, rule))
-                        .send()
-                        .aws(region)
-                        .await?;
+                        .tag_specifications(ec2_tag_spec(cx, ResourceType::SecurityGroupRule, rule));
+                    let out =
+                        cx.settle(&[sg_id], &format!("rule on {sg_id}"), async || Ok(authorize.clone().send().aws(region).await?)).await?;
                     out.security_group_rules
                         .unwrap_or_default()
                         .into_iter()
@@ -310,17 +317,16 @@ async fn endpoint(cx: &Cx, rec: &Recorder<'_>, side: Side, vpc_id: &str, rt: Opt
         &ep_res,
         async |known| find_endpoint(cx, rec, &ep_res, side, known).await,
         async |token| {
-            let out = ec2
+            let create = ec2
                 .create_vpc_endpoint()
                 .vpc_id(vpc_id)
                 .vpc_endpoint_type(aws_sdk_ec2::types::VpcEndpointType::Gateway)
                 .service_name(format!("com.amazonaws.{region}.s3"))
                 .route_table_ids(&rt_id)
                 .client_token(token)
-                .tag_specifications(ec2_tag_spec(cx, ResourceType::VpcEndpoint, "s3-endpoint"))
-                .send()
-                .aws(region)
-                .await?;
+                .tag_specifications(ec2_tag_spec(cx, ResourceType::VpcEndpoint, "s3-endpoint"));
+            let ids = [vpc_id, rt_id.as_str()];
+            let out = cx.settle(&ids, &format!("S3 endpoint in {vpc_id}"), async || Ok(create.clone().send().aws(region).await?)).await?;
             out.vpc_endpoint.and_then(|e| e.vpc_endpoint_id).ok_or_else(|| Error::Other("CreateVpcEndpoint returned no id".into()))
         },
     )
