@@ -32,6 +32,8 @@ pub enum Kind {
     Propagation,
     /// No answer: endpoint unreachable or timed out.
     Unreachable,
+    /// AWS refused the credentials themselves (unknown key, bad signature, expired token).
+    BadCredentials,
     Other,
 }
 
@@ -67,6 +69,9 @@ const COMMON: &[Rule] = &[
     exact("RequestThrottledException", Throttled), exact("PriorRequestNotComplete", Throttled), exact("SlowDown", Throttled),
     exact("ServiceUnavailable", Throttled), exact("InternalFailure", Throttled), exact("InternalError", Throttled),
     exact("InternalServiceError", Throttled), exact("ServiceException", Throttled),
+    exact("InvalidClientTokenId", BadCredentials), exact("SignatureDoesNotMatch", BadCredentials),
+    exact("ExpiredToken", BadCredentials), exact("ExpiredTokenException", BadCredentials),
+    exact("UnrecognizedClientException", BadCredentials), exact("AuthFailure", BadCredentials),
 ];
 
 /// EC2 error codes: "Error codes for the Amazon EC2 API" (every `….NotFound` is a not-found).
@@ -76,6 +81,8 @@ const EC2: &[Rule] = &[
     exact("InvalidGroup.Duplicate", AlreadyExists), exact("RouteAlreadyExists", AlreadyExists),
     exact("DependencyViolation", InUse), exact("InvalidGroup.InUse", InUse), exact("InvalidNetworkInterface.InUse", InUse),
     exact("IncorrectState", InvalidState), exact("InvalidStateTransition", InvalidState),
+    // Deleting a network interface still attached ("Network interface 'eni-…' is currently in use.").
+    with_message("InvalidParameterValue", "currently in use", InUse),
 ];
 
 /// RDS: the `…NotFound(Fault)` family, `InvalidDBInstanceState`, `…AlreadyExists(Fault)`.
@@ -267,6 +274,8 @@ mod tests {
         // The same code means different things in different services.
         assert_eq!(kind("sns", "NotFound", ""), NotFound);
         assert_eq!(kind("ec2", "NotFound", ""), Other);
+        assert_eq!(kind("ec2", "InvalidParameterValue", "Network interface 'eni-1' is currently in use."), InUse);
+        assert_eq!(kind("sts", "InvalidClientTokenId", "The security token included in the request is invalid."), BadCredentials);
     }
 
     #[test]

@@ -99,6 +99,7 @@ pub async fn build(conn: &Connection, primary_region: &str, dr_region: &str, wri
     }
     let base = loader.load().await;
     check_credentials(&base).await?;
+    check_reachable(&base, primary_region).await?;
     let endpoint = base.endpoint_url().map(str::to_owned);
     if let Some(e) = &endpoint {
         tracing::info!(endpoint = %e, "all AWS calls go to a custom endpoint");
@@ -125,6 +126,31 @@ async fn check_credentials(conf: &SdkConfig) -> Result<()> {
         return Err(no_credentials("no credentials provider is configured"));
     };
     provider.provide_credentials().await.map(|_| ()).map_err(|e| no_credentials(&crate::error::one_line(&e.to_string())))
+}
+
+/// One call before any step: an endpoint that does not answer, or credentials AWS refuses, is
+/// one line with the fix, not one failure per step.
+async fn check_reachable(conf: &SdkConfig, region: &str) -> Result<()> {
+    use crate::aws::Call;
+    let sts = aws_sdk_sts::Client::new(conf);
+    let e = match sts.get_caller_identity().send().aws(region).await {
+        Ok(_) => return Ok(()),
+        Err(e) => e,
+    };
+    let endpoint = conf.endpoint_url().map(|u| format!(" at {u}")).unwrap_or_default();
+    let why = crate::error::one_line(e.message.as_deref().unwrap_or(""));
+    if e.is_unreachable() {
+        return Err(Error::failed(format!(
+            "cannot reach AWS{endpoint} ({why}); check your network, --endpoint-url and AWS_ENDPOINT_URL, then rerun"
+        )));
+    }
+    if e.kind() == crate::aws::Kind::BadCredentials {
+        return Err(Error::user(format!(
+            "AWS refused the credentials ({}: {why}); refresh them (`aws sso login`, or new keys) or choose another --profile",
+            e.code.as_deref().unwrap_or("")
+        )));
+    }
+    Err(e.into())
 }
 
 fn no_credentials(why: &str) -> Error {

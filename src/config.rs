@@ -124,7 +124,9 @@ impl Default for Settings {
             backup_retention_days: 7,
             master_username: "postgres".into(),
             database_name: "postgres".into(),
-            log_statement: "all".into(),
+            // `ddl`, `mod` and `all` write `ALTER ROLE … PASSWORD '…'` in clear text to the
+            // exported logs; the audit trail is pgaudit's instead (see dbgroups::wanted_parameters).
+            log_statement: "none".into(),
             require_tls: true,
             deletion_protection: None,
             primary_wait_minutes: 60,
@@ -414,6 +416,12 @@ impl Env {
         let mut w = Vec::new();
         if !self.settings.require_tls {
             w.push("require_tls = false: the database accepts unencrypted connections (rds.force_ssl=0)".to_owned());
+        }
+        if self.settings.log_statement != "none" {
+            w.push(format!(
+                "log_statement = {:?}: PostgreSQL writes statements, passwords in ALTER ROLE … PASSWORD among them, in clear text to CloudWatch Logs; pgdr's audit trail (pgaudit) does not need it",
+                self.settings.log_statement
+            ));
         }
         if self.name.starts_with("prod") && !self.deletion_protection() {
             w.push(format!("deletion protection is off for {:?}, a production environment", self.name));

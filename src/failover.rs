@@ -263,33 +263,22 @@ pub async fn complete_fence(cx: &Cx, progress: &dyn Progress) -> Result<Option<S
     }
 }
 
-/// Promotion is done when the instance is available again and no longer a replica. The
-/// emulator keeps the source field; three available looks in a row also count there.
+/// Promotion is done when the instance is `available` and no longer a replica (no
+/// `ReadReplicaSourceDBInstanceIdentifier`): until then RDS may still refuse writes.
 async fn wait_promoted(cx: &Cx, rec: &Recorder<'_>, id: &str) -> Result<()> {
     let reg = cx.regional(Side::Dr);
-    let mut seen_busy = false;
-    let mut calm = 0;
     Wait::new(format!("promotion of {id}"))
         .budget(Duration::from_secs(60 * cx.env.settings.replica_wait_minutes))
-        .pace(
-            // DNS moves the moment the instance is writable: look often.
-            Pace { first: Duration::from_millis(250), max: Duration::from_secs(2) },
-        )
+        // DNS moves the moment the instance is writable: look often.
+        .pace(Pace { first: Duration::from_millis(250), max: Duration::from_secs(2) })
         .hint("rerun `pgdr failover` to finish")
         .progress(|s, t| rec.status(&format!("{id}: {s} ({})", wait::human(t))))
         .until(&cx.cancel, &cx.clients.reads, async || {
             let Some(db) = instance::describe(reg, id).await? else { return Ok(Look::Failed("deleted".into())) };
             Ok(match wait::rds_status(&db.status) {
-                Look::Ready(()) if db.source.is_none() || seen_busy || calm >= 2 => Look::Ready(()),
-                Look::Ready(()) => {
-                    calm += 1;
-                    Look::Pending("promoting".into())
-                }
-                Look::Pending(s) => {
-                    seen_busy = true;
-                    calm = 0;
-                    Look::Pending(s)
-                }
+                Look::Ready(()) if db.source.is_none() => Look::Ready(()),
+                Look::Ready(()) => Look::Pending("promoting (still a replica)".into()),
+                Look::Pending(s) => Look::Pending(s),
                 Look::Failed(s) => Look::Failed(s),
             })
         })

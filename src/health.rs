@@ -58,8 +58,10 @@ pub struct Health {
 
 /// Whether the DR-side instance has been promoted (the emulator keeps the source field after
 /// promotion, hence the tag that pgdr and the failover function set).
+/// Promoted means no longer a replica: RDS drops `ReadReplicaSourceDBInstanceIdentifier` when
+/// the promotion has finished.
 pub fn promoted(db: &instance::Db) -> bool {
-    db.source.is_none() || db.tag("pgdr:role") == Some("primary")
+    db.source.is_none()
 }
 
 pub async fn instance(cx: &Cx, side: Side) -> std::result::Result<Option<instance::Db>, crate::error::AwsError> {

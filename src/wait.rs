@@ -33,6 +33,10 @@ impl Pace {
     pub const FAST: Pace = Pace { first: Duration::from_millis(250), max: Duration::from_secs(3) };
 }
 
+/// When a wait counts as long, and how often it looks from then on.
+const LONG_WAIT: Duration = Duration::from_secs(180);
+const LONG_WAIT_PACE: Duration = Duration::from_secs(15);
+
 /// Told each status a wait sees and the time waited so far.
 type OnStatus<'a> = Box<dyn FnMut(&str, Duration) + 'a>;
 
@@ -137,6 +141,11 @@ async fn poll<T>(
             _ = cancelled(cancel) => return Err(Error::Interrupted),
         }
         delay = (delay * 3 / 2).min(pace.max);
+        // A long wait is not worth a call every few seconds: after the first minutes, look every
+        // 15 s or more (RDS and EC2 throttle busy accounts; the answer rarely changes faster).
+        if start.elapsed() > LONG_WAIT {
+            delay = delay.max(LONG_WAIT_PACE);
+        }
     }
 }
 

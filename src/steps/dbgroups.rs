@@ -36,11 +36,29 @@ pub fn rds_tags(cx: &Cx, resource: &str) -> Vec<Tag> {
 }
 
 /// The parameters pgdr manages, with the values the settings ask for.
+///
+/// The audit trail is pgaudit's session log of DDL and writes (`pgaudit.log = ddl,write`):
+/// its `ddl` class leaves out the `role` class, so `CREATE/ALTER ROLE … PASSWORD` is never
+/// logged, unlike PostgreSQL's `log_statement = ddl|mod|all` (RDS user guide, "Using pgAudit to
+/// log database activity"). `shared_preload_libraries` is static: it applies at the next reboot.
 pub fn wanted_parameters(cx: &Cx) -> Vec<(&'static str, String)> {
     vec![
         ("log_statement", cx.env.settings.log_statement.clone()),
         ("rds.force_ssl", if cx.env.settings.require_tls { "1".into() } else { "0".into() }),
+        ("shared_preload_libraries", "pg_stat_statements,pgaudit".into()),
+        ("pgaudit.log", "ddl,write".into()),
+        ("pgaudit.log_parameter", "0".into()),
     ]
+}
+
+/// How a parameter change is applied: static parameters only at a reboot (RDS refuses
+/// `immediate` for them).
+fn apply_method(name: &str) -> ApplyMethod {
+    if name == "shared_preload_libraries" {
+        ApplyMethod::PendingReboot
+    } else {
+        ApplyMethod::Immediate
+    }
 }
 
 impl Step<Cx, StepId> for DbGroups {
@@ -219,7 +237,7 @@ async fn parameter_group_up(cx: &Cx, rec: &Recorder<'_>, side: Side, reg: &crate
             .join(", ");
         let params = diff
             .iter()
-            .map(|(k, _, want)| Parameter::builder().parameter_name(*k).parameter_value(want).apply_method(ApplyMethod::Immediate).build())
+            .map(|(k, _, want)| Parameter::builder().parameter_name(*k).parameter_value(want).apply_method(apply_method(k)).build())
             .collect();
         let modify = reg.rds.modify_db_parameter_group().db_parameter_group_name(parameter_group_name(cx)).set_parameters(Some(params));
         rec.apply(pg_res.change(Action::Change).detail(detail), async |_| Ok(modify.send().aws(region).await?)).await?;
@@ -257,29 +275,49 @@ async fn params_down(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
     delete_log_group(cx, rec, side).await
 }
 
-fn log_group_key(cx: &Cx, side: Side) -> Key {
-    Key::new(instance::owner(side), cx.region(side), "log-group")
+/// The instance's exported logs (the instance's `EnableCloudwatchLogsExports`): each gets a log
+/// group made by pgdr, with retention, that `down` removes; RDS would make them without one.
+const LOGS: [(&str, &str); 2] = [("postgresql", "log-group"), ("upgrade", "upgrade-log-group")];
+
+fn log_group_key(cx: &Cx, side: Side, what: &str) -> Key {
+    Key::new(instance::owner(side), cx.region(side), what)
 }
 
-pub fn log_group_name(id: &str) -> String {
-    format!("/aws/rds/instance/{id}/postgresql")
+pub fn log_group_name(id: &str, log: &str) -> String {
+    format!("/aws/rds/instance/{id}/{log}")
 }
 
 /// The instance's PostgreSQL log group, created by pgdr with 7-day retention (RDS would create
 /// it without retention) so that `down` removes it.
 pub async fn ensure_log_group(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
-    super::lambda::ensure_log_group(cx, rec, cx.regional(side), &log_group_key(cx, side), &log_group_name(&instance_id(cx, side))).await
+    let id = instance_id(cx, side);
+    futures::future::try_join_all(LOGS.iter().map(|(log, what)| {
+        let (key, name) = (log_group_key(cx, side, what), log_group_name(&id, log));
+        async move { super::lambda::ensure_log_group(cx, rec, cx.regional(side), &key, &name).await }
+    }))
+    .await
+    .map(|_| ())
 }
 
 /// Removes the instance's log group (after the instance: RDS would write it again).
 /// The name recorded in state wins: the instance (and so its identifier) may be gone already.
 pub async fn delete_log_group(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
-    let key = log_group_key(cx, side);
-    let name = cx.store.id(&key).unwrap_or_else(|| log_group_name(&instance_id(cx, side)));
-    super::lambda::delete_log_group(cx, rec, cx.regional(side), &key, &name).await
+    for (log, what) in LOGS {
+        let key = log_group_key(cx, side, what);
+        let name = cx.store.id(&key).unwrap_or_else(|| log_group_name(&instance_id(cx, side), log));
+        super::lambda::delete_log_group(cx, rec, cx.regional(side), &key, &name).await?;
+    }
+    Ok(())
 }
 
 /// What [`ensure_log_group`] reads, for the read phase.
 pub async fn log_group_reads(cx: &Cx, side: Side) {
-    let _ = super::lambda::log_groups(cx.regional(side), &log_group_name(&instance_id(cx, side))).await;
+    let id = instance_id(cx, side);
+    futures::future::join_all(LOGS.iter().map(|(log, _)| {
+        let name = log_group_name(&id, log);
+        async move {
+            let _ = super::lambda::log_groups(cx.regional(side), &name).await;
+        }
+    }))
+    .await;
 }

@@ -644,6 +644,11 @@ async fn detection_down(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
 
     let probe = probe_name(cx);
     lambda::delete_function(cx, rec, dr, &key(cx, DETECTION, "function"), &probe).await?;
+    // The probe's network interfaces outlive it; its role must stay until they are gone, or
+    // Lambda cannot remove them (and they hold the security group and subnets).
+    if !rec.planning() {
+        lambda::release_enis(cx, rec, dr, &probe).await?;
+    }
     lambda::delete_log_group(cx, rec, dr, &key(cx, DETECTION, "log-group"), &format!("/aws/lambda/{probe}")).await?;
     lambda::delete_role(cx, rec, &key(cx, DETECTION, "role"), &probe, &probe_managed(cx)).await?;
 

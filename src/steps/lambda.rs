@@ -537,3 +537,39 @@ mod tests {
         assert_eq!(partition_account("nope"), None);
     }
 }
+
+/// Waits until the network interfaces Lambda made for a deleted VPC function are gone,
+/// deleting those that are `available` (Lambda developer guide, "Connecting outbound
+/// networking to resources in a VPC": interfaces stay after the function, for minutes; the
+/// Terraform AWS provider waits up to 45 minutes for them).
+pub async fn release_enis(cx: &Cx, rec: &Recorder<'_>, reg: &Regional, function: &str) -> Result<()> {
+    let filter = aws_sdk_ec2::types::Filter::builder().name("description").values(format!("AWS Lambda VPC ENI-{function}-*")).build();
+    Wait::new(format!("network interfaces of {function}"))
+        .budget(Duration::from_secs(45 * 60))
+        .pace(Pace::SLOW)
+        .hint("delete the function's network interfaces in the EC2 console once they are available, then rerun")
+        .progress(|s, t| rec.status(&format!("{function}: {s} ({})", wait::human(t))))
+        .until(&cx.cancel, &cx.clients.reads, async || {
+            let out = reg.ec2.describe_network_interfaces().filters(filter.clone()).send().aws(&reg.region).await?;
+            let enis = out.network_interfaces.unwrap_or_default();
+            if enis.is_empty() {
+                return Ok(Look::Ready(()));
+            }
+            let mut in_use = 0;
+            for eni in &enis {
+                let id = eni.network_interface_id().unwrap_or_default();
+                let available = eni.status().is_some_and(|s| s.as_str().eq_ignore_ascii_case("available"));
+                if !available {
+                    in_use += 1;
+                    continue;
+                }
+                match reg.ec2.delete_network_interface().network_interface_id(id).send().aws(&reg.region).await {
+                    Ok(_) => {}
+                    Err(e) if e.is_not_found() || e.is_in_use() || e.is_invalid_state() => in_use += 1,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Ok(Look::Pending(format!("{in_use} of {} network interfaces still held by Lambda", enis.len())))
+        })
+        .await
+}

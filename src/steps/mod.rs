@@ -103,6 +103,9 @@ pub async fn ensure(
         if known_id.as_deref() == Some(id.as_str()) && known.as_ref().is_some_and(|k| k.status != Status::Pending) {
             rec.record(r.change(Action::Keep).id(&id));
         } else {
+            // Found, not known: perhaps made seconds ago by a run that died, so perhaps not yet
+            // visible to calls by ID (see Cx::settle).
+            cx.fresh.insert(&id);
             let mut res = Resource::new(r.kind, r.region, &id, Status::Adopted);
             if let Some(k) = known {
                 res.attrs = k.attrs;

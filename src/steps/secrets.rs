@@ -55,6 +55,14 @@ struct Found {
     ours: bool,
     scheduled_for_deletion: bool,
     replicated_to_dr: bool,
+    /// The DR replica's `ReplicationStatus`: `InSync`, `InProgress` or `Failed`, with its message.
+    replica: Option<(String, String)>,
+}
+
+/// The DR replica counts only when `InSync` (Secrets Manager API reference,
+/// ReplicationStatusType); `InProgress` is waited for, `Failed` repaired or reported.
+fn replica_state(f: &Found) -> &str {
+    f.replica.as_ref().map(|r| r.0.as_str()).unwrap_or("")
 }
 
 async fn describe(cx: &Cx) -> Result<Option<Found>> {
@@ -65,6 +73,9 @@ async fn describe(cx: &Cx) -> Result<Option<Found>> {
             ours: o.tags().iter().any(|t| t.key() == Some("pgdr:env") && t.value() == Some(cx.name())),
             scheduled_for_deletion: o.deleted_date.is_some(),
             replicated_to_dr: o.replication_status().iter().any(|r| r.region() == Some(cx.region(cx.home().other()))),
+            replica: o.replication_status().iter().find(|r| r.region() == Some(cx.region(cx.home().other()))).map(|r| {
+                (r.status().map(|s| s.as_str().to_owned()).unwrap_or_default(), r.status_message().unwrap_or_default().to_owned())
+            }),
         })),
         Err(e) if e.is_not_found() => Ok(None),
         Err(e) => Err(e.into()),
@@ -117,6 +128,8 @@ async fn up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
             })
             .await?;
         }
+        Some(f) if replica_state(&f) == "Failed" => repair_replica(cx, rec, &r, &f).await?,
+        Some(f) if replica_state(&f) != "InSync" && !rec.planning() => wait_in_sync(cx, rec).await?,
         Some(_) => {}
         None => {
             // ensure() records the intent first; the client request token makes a retried create
@@ -128,6 +141,62 @@ async fn up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
     if cx.store.get(&r.key).is_some() {
         set_connection(cx, rec, &connection_host(cx)).await?;
     }
+    Ok(())
+}
+
+/// Waits for the DR replica to be `InSync` (replication takes seconds to minutes).
+async fn wait_in_sync(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
+    use crate::wait::{Look, Pace, Wait};
+    let dr = cx.region(cx.home().other()).to_owned();
+    Wait::new(format!("replica of secret {} in {dr}", name(cx)))
+        .budget(std::time::Duration::from_secs(600))
+        .pace(Pace::FAST)
+        .hint("rerun `pgdr up`")
+        .progress(|s, _| rec.status(&format!("secret replica in {dr}: {s}")))
+        .until(&cx.cancel, &cx.clients.reads, async || {
+            let f = describe(cx).await?.ok_or_else(|| Error::failed(format!("secret {} disappeared", name(cx))))?;
+            Ok(match f.replica {
+                Some((s, _)) if s == "InSync" => Look::Ready(()),
+                Some((s, m)) if s == "Failed" => Look::Failed(format!("Failed: {m}")),
+                Some((s, _)) => Look::Pending(s),
+                None => Look::Pending("not listed yet".into()),
+            })
+        })
+        .await
+}
+
+/// A `Failed` DR replica: most often a secret of that name already exists in the DR region. One
+/// that is this environment's (left by an earlier run) is overwritten; anyone else's is reported.
+async fn repair_replica(cx: &Cx, rec: &Recorder<'_>, r: &Res<'_>, f: &Found) -> Result<()> {
+    let (reg, dr) = (cx.regional(cx.home()), cx.regional(cx.home().other()));
+    let message = f.replica.as_ref().map(|x| x.1.clone()).unwrap_or_default();
+    let there = match dr.secrets.describe_secret().secret_id(name(cx)).send().aws(&dr.region).await {
+        Ok(o) => Some(o.tags().iter().any(|t| t.key() == Some("pgdr:env") && t.value() == Some(cx.name()))),
+        Err(e) if e.is_not_found() => None,
+        Err(e) => return Err(e.into()),
+    };
+    if there == Some(false) {
+        return Err(Error::user(format!(
+            "replicating secret {} to {} failed ({message}): a secret of that name exists there and is not tagged pgdr:env={}; delete or rename it in {}, then rerun `pgdr up`",
+            name(cx),
+            dr.region,
+            cx.name(),
+            dr.region
+        )));
+    }
+    let change = r.change(Action::Change).id(&f.arn).detail(format!("repair the failed replica in {} ({message})", dr.region));
+    rec.apply(change, async |_| {
+        let region = reg.region.as_str();
+        ignore_missing(
+            reg.secrets.remove_regions_from_replication().secret_id(&f.arn).remove_replica_regions(&dr.region).send().aws(region).await,
+        )?;
+        let replica = ReplicaRegionType::builder().region(&dr.region).build();
+        let again = reg.secrets.replicate_secret_to_regions().secret_id(&f.arn).add_replica_regions(replica);
+        // Ours (an earlier run's): overwrite it.
+        again.force_overwrite_replica_secret(there == Some(true)).send().aws(region).await?;
+        wait_in_sync(cx, rec).await
+    })
+    .await?;
     Ok(())
 }
 

@@ -50,7 +50,10 @@ async fn up_builds_the_data_tier_and_down_skip_snapshot_leaves_nothing() {
         let get = |n: &str| {
             params.parameters().iter().find(|p| p.parameter_name() == Some(n)).and_then(|p| p.parameter_value().map(str::to_owned))
         };
-        assert_eq!(get("log_statement").as_deref(), Some("all"), "{region}");
+        // No statement log that could hold a password; pgaudit's, without the role class.
+        assert_eq!(get("log_statement").as_deref(), Some("none"), "{region}");
+        assert_eq!(get("pgaudit.log").as_deref(), Some("ddl,write"), "{region}");
+        assert!(get("shared_preload_libraries").is_some_and(|v| v.split(',').any(|l| l == "pgaudit")), "{region}");
         assert_eq!(get("rds.force_ssl").as_deref(), Some("1"), "{region}");
     }
 

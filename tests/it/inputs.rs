@@ -84,7 +84,9 @@ fn missing_credentials_and_unreachable_endpoint() {
     assert!(err.contains("no AWS credentials"), "{err}");
     assert!(one_line(&err), "{err}");
 
+    // One line naming the endpoint and the fix, before any step starts.
     let out = run.pgdr(&["plan", "--env", "dev"]);
     assert_eq!(out.code, 2, "{out:?}");
-    assert!(out.stderr.contains("could not reach") || out.stderr.contains("endpoint"), "{out:?}");
+    assert!(out.stderr.contains("cannot reach AWS at http://127.0.0.1:9") && out.stderr.contains("AWS_ENDPOINT_URL"), "{out:?}");
+    assert!(one_line(&out.stderr), "{out:?}");
 }

@@ -144,7 +144,7 @@ async fn vpc_up(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<Option<String
 /// DNS hostnames on an existing VPC (turned off by hand, or a VPC adopted).
 async fn hostnames_up(cx: &Cx, rec: &Recorder<'_>, side: Side, vpc: Option<&str>) -> Result<()> {
     let Some(vpc_id) = vpc else { return Ok(()) };
-    let attr = dns_hostnames(cx, side, vpc_id).await?;
+    let attr = cx.settle(&[vpc_id], &format!("attributes of {vpc_id}"), async || Ok(dns_hostnames(cx, side, vpc_id).await?)).await?;
     if !attr.enable_dns_hostnames.and_then(|a| a.value).unwrap_or(false) {
         let change = vpc_res(cx, side).change(Action::Change).id(vpc_id).detail("enable DNS hostnames");
         rec.apply(change, async |_| enable_dns_hostnames(cx, side, vpc_id).await).await?;
