@@ -97,7 +97,7 @@ impl Display for RunResult {
         if let Some(c) = &self.connect {
             writeln!(
                 f,
-                "connect: writers {}:{}  reads {}:{}  credentials: secret {}\n  instances: {}",
+                "connect: writers {}:{}  reads {}:{}  credentials: secret {}\n  TLS: sslmode=verify-ca with the RDS CA bundle (the certificate names the instance, not the record; verify-full works only on the instance endpoints)\n  instances: {}",
                 c.writer,
                 c.port,
                 c.reader,

@@ -179,6 +179,15 @@ async fn up_and_failover_follow_an_automatic_failover() {
     let rds_dr = aws_sdk_rds::Client::new(&emu.sdk("eu-west-1").await);
     let r = rds_dr.promote_read_replica().db_instance_identifier("pgdr-dev-eu-west-1").send().await.unwrap();
     let arn = r.db_instance().unwrap().db_instance_arn().unwrap().to_owned();
+    // As the function does: the promotion has finished once the instance is no longer a replica.
+    for _ in 0..300 {
+        let d = rds_dr.describe_db_instances().db_instance_identifier("pgdr-dev-eu-west-1").send().await.unwrap();
+        let d = &d.db_instances()[0];
+        if d.db_instance_status() == Some("available") && d.read_replica_source_db_instance_identifier().is_none() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     rds_dr
         .add_tags_to_resource()
         .resource_name(arn)
