@@ -129,12 +129,15 @@ async fn up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
             .await?;
         }
         Some(f) if replica_state(&f) == "Failed" => repair_replica(cx, rec, &r, &f).await?,
-        Some(f) if replica_state(&f) != "InSync" && !rec.planning() => wait_in_sync(cx, rec).await?,
+        Some(f) if replica_state(&f) != "InSync" && !rec.planning() => settle_replica(cx, rec, &r).await?,
         Some(_) => {}
         None => {
             // ensure() records the intent first; the client request token makes a retried create
             // (first answer lost) return the same secret.
-            super::ensure(cx, rec, &r, async |_| Ok(None), async |token| create(cx, &token).await).await?;
+            let made = super::ensure(cx, rec, &r, async |_| Ok(None), async |token| create(cx, &token).await).await?;
+            if made.is_some() {
+                settle_replica(cx, rec, &r).await?;
+            }
         }
     }
     // Where to connect: the writer's DNS name, known before any instance exists.
@@ -144,8 +147,17 @@ async fn up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
     Ok(())
 }
 
-/// Waits for the DR replica to be `InSync` (replication takes seconds to minutes).
-async fn wait_in_sync(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
+/// Waits while the DR replica is being made; a `Failed` one is repaired or reported.
+async fn settle_replica(cx: &Cx, rec: &Recorder<'_>, r: &Res<'_>) -> Result<()> {
+    wait_replica(cx, rec).await?;
+    match describe(cx).await? {
+        Some(f) if replica_state(&f) == "Failed" => repair_replica(cx, rec, r, &f).await,
+        _ => Ok(()),
+    }
+}
+
+/// Waits until the DR replica is `InSync` or `Failed` (replication takes seconds to minutes).
+async fn wait_replica(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
     use crate::wait::{Look, Pace, Wait};
     let dr = cx.region(cx.home().other()).to_owned();
     Wait::new(format!("replica of secret {} in {dr}", name(cx)))
@@ -156,8 +168,7 @@ async fn wait_in_sync(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
         .until(&cx.cancel, &cx.clients.reads, async || {
             let f = describe(cx).await?.ok_or_else(|| Error::failed(format!("secret {} disappeared", name(cx))))?;
             Ok(match f.replica {
-                Some((s, _)) if s == "InSync" => Look::Ready(()),
-                Some((s, m)) if s == "Failed" => Look::Failed(format!("Failed: {m}")),
+                Some((s, _)) if s == "InSync" || s == "Failed" => Look::Ready(()),
                 Some((s, _)) => Look::Pending(s),
                 None => Look::Pending("not listed yet".into()),
             })
@@ -194,7 +205,16 @@ async fn repair_replica(cx: &Cx, rec: &Recorder<'_>, r: &Res<'_>, f: &Found) -> 
         let again = reg.secrets.replicate_secret_to_regions().secret_id(&f.arn).add_replica_regions(replica);
         // Ours (an earlier run's): overwrite it.
         again.force_overwrite_replica_secret(there == Some(true)).send().aws(region).await?;
-        wait_in_sync(cx, rec).await
+        wait_replica(cx, rec).await?;
+        match describe(cx).await?.and_then(|f| f.replica) {
+            Some((s, m)) if s == "Failed" => Err(Error::failed(format!(
+                "the replica of secret {} in {} failed again ({m}); check the secret in {} and rerun `pgdr up`",
+                name(cx),
+                dr.region,
+                dr.region
+            ))),
+            _ => Ok(()),
+        }
     })
     .await?;
     Ok(())

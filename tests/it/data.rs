@@ -233,3 +233,17 @@ async fn tls_off_is_possible_and_warned_about() {
     let ssl = params.parameters().iter().find(|p| p.parameter_name() == Some("rds.force_ssl")).and_then(|p| p.parameter_value());
     assert_eq!(ssl, Some("0"));
 }
+
+/// A secret of pgdr's name that already exists in the DR region (not pgdr's) makes its replica
+/// `Failed` (Secrets Manager): `up` says so with the fix instead of counting it as replicated.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_secret_replica_is_reported_with_the_fix() {
+    let emu = Emu::start();
+    let run = Run::new(&emu);
+    let dr = aws_sdk_secretsmanager::Client::new(&emu.sdk("eu-west-1").await);
+    dr.create_secret().name("pgdr/dev/master").secret_string("{}").send().await.unwrap();
+    let out = run.pgdr(&["up", "--env", "dev"]);
+    assert_ne!(out.code, 0, "{out:?}");
+    let said = format!("{}{}", out.stdout, out.stderr);
+    assert!(said.contains("replicating secret pgdr/dev/master to eu-west-1 failed") && said.contains("delete or rename it"), "{out:?}");
+}

@@ -165,7 +165,12 @@ async fn failover_refuses_a_lagging_replica_unless_forced() {
     assert!(dry.stderr.contains("will promote"), "{dry:?}");
     assert_eq!(emu.mutating_calls(), Vec::<String>::new(), "dry run mutated");
     run.ok(&["failover", "--env", "dev", "--yes", "--force"]);
-    assert!(emu.mutating_calls().contains(&"rds eu-west-1 PromoteReadReplica".to_string()));
+    let calls = emu.mutating_calls();
+    assert!(calls.contains(&"rds eu-west-1 PromoteReadReplica".to_string()), "{calls:?}");
+    // The old primary was alive: revoking its rules leaves tracked connections open (EC2 user
+    // guide, "Security group connection tracking"), so the fence reboots it too.
+    assert!(calls.contains(&"ec2 us-east-1 RevokeSecurityGroupIngress".to_string()), "{calls:?}");
+    assert!(calls.contains(&"rds us-east-1 RebootDBInstance".to_string()), "{calls:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

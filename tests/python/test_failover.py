@@ -4,7 +4,7 @@ import json
 
 import boto3
 import pytest
-from botocore.exceptions import ClientError, EndpointConnectionError
+from botocore.exceptions import ClientError, ConnectTimeoutError, EndpointConnectionError, ReadTimeoutError
 from moto import mock_aws
 
 import failover
@@ -14,10 +14,13 @@ NAME = "postgres.db-t.internal."
 
 
 class Spy:
-    """Wraps a boto3 client: records method calls, can raise or rewrite answers."""
+    """Wraps a boto3 client: records method calls (names in .calls, keyword arguments in .args),
+    can raise or rewrite answers. A fail value that is a list is used up one call at a time
+    (None: that call goes through)."""
 
     def __init__(self, client, fail=None, rewrite=None):
-        self._client, self._fail, self._rewrite, self.calls = client, fail or {}, rewrite or {}, []
+        self._client, self._fail, self._rewrite, self.calls, self.args = \
+            client, fail or {}, rewrite or {}, [], []
 
     def __getattr__(self, name):
         attr = getattr(self._client, name)
@@ -26,11 +29,18 @@ class Spy:
 
         def call(*args, **kwargs):
             self.calls.append(name)
-            if name in self._fail:
-                raise self._fail[name]
+            self.args.append((name, kwargs))
+            fail = self._fail.get(name)
+            if isinstance(fail, list):
+                fail = fail.pop(0) if fail else None
+            if fail is not None:
+                raise fail
             out = attr(*args, **kwargs)
             return self._rewrite[name](out) if name in self._rewrite else out
         return call
+
+    def kwargs(self, name):
+        return [kw for n, kw in self.args if n == name]
 
 
 class FakeContext:
@@ -60,7 +70,21 @@ class Scene:
             DBInstanceClass="db.t3.micro")["DBInstance"]
         self.primary_ep, self.replica_ep = p["Endpoint"]["Address"], r["Endpoint"]["Address"]
         self.replica_arn = r["DBInstanceArn"]
-        vpc = boto3.client("ec2", "us-east-1").create_vpc(CidrBlock="10.10.0.0/16")["Vpc"]["VpcId"]
+        self.ec2 = boto3.client("ec2", "us-east-1")
+        vpc = self.ec2.create_vpc(CidrBlock="10.10.0.0/16")["Vpc"]["VpcId"]
+        # The primary's database group: 5432 from both VPCs, a range that covers 5432, and SSH.
+        self.sg = self.ec2.create_security_group(GroupName="pgdr-t-db", Description="db", VpcId=vpc)["GroupId"]
+        self.ec2.authorize_security_group_ingress(GroupId=self.sg, IpPermissions=[
+            {"IpProtocol": "tcp", "FromPort": 5432, "ToPort": 5432, "IpRanges": [{"CidrIp": "10.10.0.0/16"}]},
+            {"IpProtocol": "tcp", "FromPort": 5432, "ToPort": 5432, "IpRanges": [{"CidrIp": "10.20.0.0/16"}]},
+            {"IpProtocol": "tcp", "FromPort": 5400, "ToPort": 5500, "IpRanges": [{"CidrIp": "10.30.0.0/16"}]},
+            {"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "IpRanges": [{"CidrIp": "10.10.0.0/16"}]}])
+        self.primary_arn = p["DBInstanceArn"]
+        # moto keeps ReadReplicaSourceDBInstanceIdentifier after PromoteReadReplica; RDS drops it
+        # once the promotion is done. The handler's DR describes see RDS's behaviour: after the
+        # promote call, one (status, source kept) per describe from after_promote, then
+        # ("available", no source) for good.
+        self.promote_called, self.after_promote = False, []
         self.zone = self.r53.create_hosted_zone(
             Name="db-t.internal", CallerReference="zone-t", HostedZoneConfig={"PrivateZone": True},
             VPC={"VPCRegion": "us-east-1", "VPCId": vpc})["HostedZone"]["Id"]
@@ -87,19 +111,37 @@ class Scene:
                            "DR_REGION": "eu-west-1", "REPLICA_DB_ID": REPLICA, "HOSTED_ZONE_ID": self.zone,
                            "RECORD_NAME": NAME, "PRIMARY_SET_ID": "us-east-1", "REPLICA_SET_ID": "eu-west-1",
                            "RECORD_TTL": "30", "HEALTH_CHECK_ID": self.hc, "TOPIC_ARN": topic,
-                           "PRIMARY_TIMEOUT_S": "1", "ALARM_NAME": "pgdr-t-primary-down"}.items():
+                           "PRIMARY_TIMEOUT_S": "1", "ALARM_NAME": "pgdr-t-primary-down",
+                           "PRIMARY_SG_ID": self.sg}.items():
             monkeypatch.setenv(key, value)
         self.ctx = FakeContext()
         monkeypatch.setattr(failover, "sleep", lambda s: self.ctx.sleep(s))
         self.spy()
 
-    def spy(self, primary_fail=None, dr_rewrite=None):
-        """Make the handler's clients Spies (real construction, then wrapped)."""
+    def spy(self, primary_fail=None, dr_rewrite=None, primary_rewrite=None, cw_fail=None, ec2_fail=None):
+        """Make the handler's clients Spies (real construction, then wrapped). The DR client's
+        describes follow RDS's promotion (see after_promote), then dr_rewrite."""
+        def promote(out):
+            self.promote_called = True
+            return out
+
+        def dr_describe(out):
+            if self.promote_called:
+                inst = out["DBInstances"][0]
+                status, keep = self.after_promote.pop(0) if self.after_promote else ("available", False)
+                inst["DBInstanceStatus"] = status
+                if not keep:
+                    inst.pop("ReadReplicaSourceDBInstanceIdentifier", None)
+            extra = (dr_rewrite or {}).get("describe_db_instances")
+            return extra(out) if extra else out
+
         def from_config(cfg):
             c = self.real_from_config(cfg)
-            self.clients = failover.Clients(Spy(c.dr_rds, rewrite=dr_rewrite),
-                                            Spy(c.primary_rds, fail=primary_fail), Spy(c.route53), Spy(c.sns),
-                                            Spy(c.cloudwatch))
+            rewrite = dict(dr_rewrite or {}, describe_db_instances=dr_describe, promote_read_replica=promote)
+            self.clients = failover.Clients(Spy(c.dr_rds, rewrite=rewrite),
+                                            Spy(c.primary_rds, fail=primary_fail, rewrite=primary_rewrite),
+                                            Spy(c.route53), Spy(c.sns), Spy(c.cloudwatch, fail=cw_fail),
+                                            Spy(c.primary_ec2, fail=ec2_fail))
             return self.clients
         self.mp.setattr(failover.Clients, "from_config", from_config)
 
@@ -136,6 +178,27 @@ class Scene:
     def stop_primary(self):
         self.rds_p.stop_db_instance(DBInstanceIdentifier=PRIMARY)
 
+    def primary_role_tag(self):
+        tags = self.rds_p.list_tags_for_resource(ResourceName=self.primary_arn)["TagList"]
+        return {t["Key"]: t["Value"] for t in tags}.get("pgdr:role")
+
+    def ingress(self):
+        """The primary group's ingress rules as (from, to, cidr)."""
+        rules = self.ec2.describe_security_group_rules(
+            Filters=[{"Name": "group-id", "Values": [self.sg]}])["SecurityGroupRules"]
+        return sorted((r["FromPort"], r["ToPort"], r.get("CidrIpv4")) for r in rules if not r["IsEgress"])
+
+    def metrics(self):
+        """The ReplicaPromoted values the handler published in this invocation, in order."""
+        out = []
+        for kw in self.clients.cloudwatch.kwargs("put_metric_data"):
+            assert kw["Namespace"] == "pgdr", kw
+            (d,) = kw["MetricData"]
+            assert d["MetricName"] == "ReplicaPromoted" and d["Unit"] == "Count", d
+            assert d["Dimensions"] == [{"Name": "Environment", "Value": "t"}], d
+            out.append(d["Value"])
+        return out
+
 
 @pytest.fixture
 def scene(aws_env, monkeypatch):
@@ -153,6 +216,7 @@ def assert_failed_over(scene, out):
     assert recs["us-east-1"]["ResourceRecords"] == [{"Value": scene.primary_ep}]
     assert recs["us-east-1"].get("HealthCheckId") == scene.hc
     assert "HealthCheckId" not in recs["eu-west-1"]
+    assert scene.metrics() == [1]  # published once, after the promotion
     msgs = scene.messages()
     assert len(msgs) == 1 and msgs[0][0] == "pgdr t: failed over to eu-west-1", msgs
     return msgs[0][1]
@@ -242,9 +306,13 @@ def test_second_invocation_is_a_no_op(scene):
 def test_unreachable_primary_region_counts_as_down(scene):
     scene.spy(primary_fail={"describe_db_instances": EndpointConnectionError(
         endpoint_url="https://rds.us-east-1.amazonaws.com/")})
-    body = assert_failed_over(scene, scene.invoke())
+    out = scene.invoke()
+    body = assert_failed_over(scene, out)
     assert "EndpointConnectionError" in body
-    assert scene.clients.primary_rds.calls == ["describe_db_instances"]
+    assert out["primary"]["down"] is True and out["primary"]["kind"] == "unreachable"
+    # asked once to decide, once to fence (which is then pending)
+    assert scene.clients.primary_rds.calls == ["describe_db_instances"] * 2
+    assert out["fence"]["state"] == "pending"
 
 
 def test_primary_client_has_short_timeouts(scene):
@@ -262,7 +330,9 @@ def test_old_primary_back_does_not_move_dns_back(scene):
     out = scene.invoke()
     assert out["action"] == "none" and out["reason"] == "already failed over"
     assert scene.weights() == {"us-east-1": 0, "eu-west-1": 100}
-    assert scene.clients.primary_rds.calls == []  # the old primary is not even asked
+    # the old primary is only read, to see that it is fenced; nothing is asked of it
+    assert scene.clients.primary_rds.calls == ["describe_db_instances"]
+    assert out["fence"]["state"] == "already" and scene.primary_role_tag() == "fenced"
 
 
 def test_dns_reverted_by_hand_after_failover_is_moved_back_to_dr(scene):
@@ -337,13 +407,7 @@ def test_promotion_waits_for_the_reboot_not_the_stale_available(scene):
     """AWS may still say "available" just after PromoteReadReplica, then goes through
     "modifying": DNS must move only once the instance is available again afterwards."""
     scene.stop_primary()
-    after_promote = iter(["available", "modifying", "modifying", "available"])
-
-    def sequence(out):
-        if "promote_read_replica" in scene.clients.dr_rds.calls:
-            out["DBInstances"][0]["DBInstanceStatus"] = next(after_promote)
-        return out
-    scene.spy(dr_rewrite={"describe_db_instances": sequence})
+    scene.after_promote = [("available", True), ("modifying", True), ("modifying", True)]
     assert_failed_over(scene, scene.invoke())
     assert scene.clients.dr_rds.calls.count("describe_db_instances") == 1 + 4
 
@@ -429,3 +493,336 @@ def test_resume_finishes_a_failover_whose_dns_update_failed(scene):
     scene.invoke(RESUME)
     assert "change_resource_record_sets" not in scene.clients.route53.calls
     assert "add_tags_to_resource" not in scene.clients.dr_rds.calls
+
+
+# -- promoted means promoted: available and no ReadReplicaSourceDBInstanceIdentifier -----------
+
+ALARM = {"source": "aws.cloudwatch", "alarmArn": "arn:aws:cloudwatch:eu-west-1:123456789012:alarm:pgdr-t-primary-down",
+         "alarmData": {"alarmName": "pgdr-t-primary-down", "state": {"value": "ALARM"}}}
+
+
+def test_available_with_the_source_link_is_not_promoted(scene):
+    """RDS may say "available" for a while after PromoteReadReplica, source link still in place:
+    DNS waits for the link to go, however many polls that takes (no "calm polls" shortcut)."""
+    scene.stop_primary()
+    scene.after_promote = [("available", True)] * 5
+    orig = failover.set_weights
+
+    def guarded(c, cfg, weights, *a, **kw):
+        if weights[cfg["REPLICA_SET_ID"]] == 100:
+            assert not scene.after_promote, "DNS moved while the instance was still a replica"
+        return orig(c, cfg, weights, *a, **kw)
+    scene.mp.setattr(failover, "set_weights", guarded)
+    assert_failed_over(scene, scene.invoke())
+    assert scene.clients.dr_rds.calls.count("describe_db_instances") == 1 + 6
+
+
+def test_resume_does_not_move_dns_to_an_instance_still_promoting(scene):
+    """The schedule finds the replica tagged primary (the promotion was requested) but still a
+    replica: DNS stays on the primary, the metric says 0, until the promotion is done."""
+    scene.stop_primary()
+    scene.after_promote = [("modifying", True)] * 6
+    out = scene.invoke(seconds=95)  # 3 polls, all "modifying" with the source
+    assert out["action"] == "promotion_in_progress" and scene.role_tag() == "primary", out
+    assert scene.metrics() == [0]
+    scene.messages()
+    # looks ready, but the source link is still there (each resume describes it twice)
+    scene.after_promote = [("available", True)] * 4
+    for _ in range(2):
+        scene.spy()
+        out = scene.invoke(RESUME)
+        assert out["action"] == "promotion_in_progress", out
+        assert scene.weights() == {"us-east-1": 100, "eu-west-1": 0}
+        assert "change_resource_record_sets" not in scene.clients.route53.calls
+        assert scene.metrics() == [0]
+        assert scene.clients.primary_rds.calls == []  # no fence before the promotion is done
+    assert scene.messages() == []  # the schedule does not spam
+    scene.spy()
+    out = scene.invoke(RESUME)  # now available without source
+    assert out["action"] == "none" and out["reason"] == "already failed over", out
+    assert scene.weights() == {"us-east-1": 0, "eu-west-1": 100}
+    assert scene.metrics() == [1]
+    assert "promote_read_replica" not in scene.clients.dr_rds.calls
+
+
+def test_promoted_helper():
+    base = {"DBInstanceStatus": "available"}
+    assert failover.promoted(base)
+    assert not failover.promoted(dict(base, ReadReplicaSourceDBInstanceIdentifier="arn:x"))
+    assert not failover.promoted({"DBInstanceStatus": "modifying"})
+    assert not failover.promoted(None)
+    assert not hasattr(failover, "CALM_POLLS")
+
+
+# -- maintenance must not cause a failover --------------------------------------------------
+
+DOWN = ["failed", "storage-full", "restore-error", "inaccessible-encryption-credentials",
+        "inaccessible-encryption-credentials-recoverable", "incompatible-parameters", "incompatible-network",
+        "incompatible-restore", "incompatible-option-group", "stopped"]
+ALIVE = ["available", "modifying", "upgrading", "rebooting", "maintenance", "backing-up",
+         "configuring-enhanced-monitoring", "configuring-iam-database-auth", "configuring-log-exports",
+         "storage-optimization", "renaming", "resetting-master-credentials", "starting", "stopping"]
+
+
+def with_status(status):
+    def rewrite(out):
+        out["DBInstances"][0]["DBInstanceStatus"] = status
+        return out
+    return {"describe_db_instances": rewrite}
+
+
+@pytest.mark.parametrize("status", DOWN)
+def test_terminal_primary_status_is_down(scene, status):
+    scene.spy(primary_rewrite=with_status(status))
+    out = scene.invoke(ALARM)
+    assert out["primary"]["down"] is True and out["primary"]["kind"] == "terminal", out
+    body = assert_failed_over(scene, out)
+    assert f"status {status}" in body
+
+
+@pytest.mark.parametrize("status", ALIVE + ["some-status-from-2030"])
+def test_alive_or_unknown_primary_status_is_not_down(scene, status):
+    scene.spy(primary_rewrite=with_status(status))
+    before = scene.records()
+    out = scene.invoke(ALARM)
+    assert out["action"] == "none" and out["primary"]["down"] is False, out
+    assert out["primary"]["kind"] == ("unknown" if status.startswith("some-") else "alive")
+    assert "promote_read_replica" not in scene.clients.dr_rds.calls
+    assert scene.records() == before and scene.role_tag() is None and scene.replica_source()
+    assert scene.metrics() == [0]
+    msgs = scene.messages()
+    assert len(msgs) == 1, msgs
+    subject, body = msgs[0]
+    assert subject == f"pgdr t: primary-down alarm but {PRIMARY} looks alive ({status}) - no failover"
+    assert status in body and "looks alive" in body
+    assert all(w in body for w in ("peering", "route", "security group", "probe function"))
+    if status.startswith("some-"):
+        assert "does not know" in body
+
+
+def test_not_down_statuses_do_not_notify_from_the_schedule(scene):
+    """The alarm stays in ALARM through a maintenance: the minute's resume neither promotes nor
+    notifies; the alarm's own invocation notified once."""
+    scene.cw.set_alarm_state(AlarmName="pgdr-t-primary-down", StateValue="ALARM", StateReason="probe failing")
+    scene.spy(primary_rewrite=with_status("upgrading"))
+    scene.invoke(ALARM)
+    assert len(scene.messages()) == 1
+    for _ in range(3):
+        scene.spy(primary_rewrite=with_status("upgrading"))
+        out = scene.invoke(RESUME)
+        assert out["action"] == "none" and out["reason"] == "primary not down (status upgrading)", out
+        assert "promote_read_replica" not in scene.clients.dr_rds.calls
+    assert scene.messages() == []
+
+
+def test_healthy_primary_by_hand_does_not_notify(scene):
+    scene.spy(primary_rewrite=with_status("backing-up"))
+    out = scene.invoke()
+    assert out["action"] == "none" and "backing-up" in out["reason"]
+    assert scene.messages() == []
+
+
+def client_error(code, http):
+    return ClientError({"Error": {"Code": code, "Message": code},
+                        "ResponseMetadata": {"HTTPStatusCode": http}}, "DescribeDBInstances")
+
+
+@pytest.mark.parametrize("error,kind", [
+    (ConnectTimeoutError(endpoint_url="https://rds.us-east-1.amazonaws.com/"), "unreachable"),
+    (ReadTimeoutError(endpoint_url="https://rds.us-east-1.amazonaws.com/"), "unreachable"),
+    (client_error("ServiceUnavailable", 503), "unreachable"),
+    (client_error("DBInstanceNotFound", 404), "gone"),
+])
+def test_primary_api_silent_or_instance_gone_is_down(scene, error, kind):
+    scene.spy(primary_fail={"describe_db_instances": error})
+    out = scene.invoke(ALARM)
+    assert out["primary"]["kind"] == kind and out["primary"]["down"] is True, out
+    assert_failed_over(scene, out)
+
+
+@pytest.mark.parametrize("error", [client_error("AccessDenied", 403), client_error("Throttling", 400)])
+def test_primary_api_that_answers_with_a_refusal_is_not_down(scene, error):
+    scene.spy(primary_fail={"describe_db_instances": error})
+    out = scene.invoke(ALARM)
+    assert out["action"] == "none" and out["primary"]["down"] is False and out["primary"]["kind"] == "error", out
+    assert "promote_read_replica" not in scene.clients.dr_rds.calls
+    assert scene.weights() == {"us-east-1": 100, "eu-west-1": 0}
+    msgs = scene.messages()
+    assert len(msgs) == 1 and "could not be read" in msgs[0][1], msgs
+
+
+def test_status_classes():
+    assert failover.status_class("incompatible-anything-new") == "down"
+    assert failover.status_class("configuring-something-new") == "alive"
+    assert failover.status_class("deleting") == "unknown"
+
+
+# -- the ReplicaPromoted metric --------------------------------------------------------------
+
+def test_metric_is_0_before_and_1_after_promotion(scene):
+    out = scene.invoke()
+    assert scene.metrics() == [0] and out["replica_promoted_metric"] == 0
+    scene.spy()
+    scene.invoke(RESUME)
+    assert scene.metrics() == [0]
+    scene.spy()
+    scene.invoke({"source": "aws.cloudwatch", "alarmData": {"state": {"value": "OK"}}})
+    assert scene.metrics() == [0]
+    scene.stop_primary()
+    scene.spy()
+    out = scene.invoke(ALARM)
+    assert out["action"] == "promoted" and scene.metrics() == [1] and out["replica_promoted_metric"] == 1
+    for event in (RESUME, {}, {"action": "check"}):
+        scene.spy()
+        out = scene.invoke(event)
+        assert scene.metrics() == [1], event
+    # and CloudWatch has it, under the namespace, name and dimension the health check follows
+    listed = scene.cw.list_metrics(Namespace="pgdr", MetricName="ReplicaPromoted")["Metrics"]
+    assert listed and listed[0]["Dimensions"] == [{"Name": "Environment", "Value": "t"}]
+
+
+def test_check_publishes_the_metric_and_changes_nothing(scene):
+    scene.stop_primary()
+    out = scene.invoke({"action": "check"})
+    assert out["would"] == "promoted" and scene.metrics() == [0]
+    assert scene.role_tag() is None and scene.messages() == []
+
+
+def test_metric_failure_does_not_break_a_failover(scene):
+    scene.stop_primary()
+    scene.spy(cw_fail={"put_metric_data": client_error("AccessDenied", 403)})
+    out = scene.invoke(ALARM)
+    assert out["action"] == "promoted" and out["replica_promoted_metric"] is None
+    assert scene.weights() == {"us-east-1": 0, "eu-west-1": 100}
+    assert scene.clients.cloudwatch.calls.count("put_metric_data") == 1
+
+
+def test_metric_published_even_when_the_dns_update_fails(scene):
+    scene.stop_primary()
+
+    def from_config(cfg):
+        c = scene.real_from_config(cfg)
+        scene.clients = failover.Clients(Spy(c.dr_rds, rewrite={"promote_read_replica": lambda o: (
+            setattr(scene, "promote_called", True), o)[1], "describe_db_instances": lambda o: (
+            o["DBInstances"][0].pop("ReadReplicaSourceDBInstanceIdentifier", None) if scene.promote_called else None, o)[1]}),
+            Spy(c.primary_rds), Spy(c.route53, fail={"change_resource_record_sets": client_error("Throttling", 400)}),
+            Spy(c.sns), Spy(c.cloudwatch), Spy(c.primary_ec2))
+        return scene.clients
+    scene.mp.setattr(failover.Clients, "from_config", from_config)
+    with pytest.raises(RuntimeError, match="DNS update failed"):
+        scene.invoke()
+    assert scene.metrics() == [1]
+
+
+# -- fencing that fences ------------------------------------------------------------------------
+
+REMAINING = [(22, 22, "10.10.0.0/16")]
+ALL_RULES = sorted([(5432, 5432, "10.10.0.0/16"), (5432, 5432, "10.20.0.0/16"), (5400, 5500, "10.30.0.0/16")]
+                   + REMAINING)
+
+
+def test_fence_revokes_5432_rules_reboots_and_tags_the_old_primary(scene):
+    """The primary's region did not answer when the alarm came (so: down), and answers again by
+    the time DNS has moved: the old primary, available, is fenced in the same invocation."""
+    assert scene.ingress() == ALL_RULES
+    scene.spy(primary_fail={"describe_db_instances": [EndpointConnectionError(endpoint_url="https://x/")]})
+    order = []
+    orig_set, orig_fence = failover.set_weights, failover.fence
+    scene.mp.setattr(failover, "set_weights", lambda *a, **k: (order.append("dns"), orig_set(*a, **k))[1])
+    scene.mp.setattr(failover, "fence", lambda *a, **k: (order.append("fence"), orig_fence(*a, **k))[1])
+    out = scene.invoke(ALARM)
+    body = assert_failed_over(scene, out)
+    assert order == ["dns", "fence"]  # writers have somewhere to go before the old primary is cut
+    assert out["fence"]["state"] == "done", out["fence"]
+    assert scene.ingress() == REMAINING  # every rule covering 5432 is gone, SSH stays
+    assert len(out["fence"]["revoked"]) == 3
+    (revoke,) = scene.clients.primary_ec2.kwargs("revoke_security_group_ingress")
+    assert revoke["GroupId"] == scene.sg and len(revoke["SecurityGroupRuleIds"]) == 3
+    assert scene.clients.primary_ec2.kwargs("describe_security_group_rules")[0]["Filters"] == [
+        {"Name": "group-id", "Values": [scene.sg]}]
+    assert scene.clients.primary_rds.kwargs("reboot_db_instance") == [{"DBInstanceIdentifier": PRIMARY}]
+    assert scene.primary_role_tag() == "fenced"
+    assert "rebooted" in body and "fenced" in body
+    # a later minute finds it fenced and does nothing to it
+    scene.spy()
+    out = scene.invoke(RESUME)
+    assert out["fence"]["state"] == "already"
+    assert scene.clients.primary_rds.calls == ["describe_db_instances"]
+    assert scene.clients.primary_ec2.calls == [] and scene.messages() == []
+
+
+def test_fence_does_not_reboot_an_old_primary_that_is_not_available(scene):
+    scene.stop_primary()
+    out = scene.invoke()
+    body = assert_failed_over(scene, out)
+    assert "reboot_db_instance" not in scene.clients.primary_rds.calls
+    assert any("not rebooted: status stopped" in s for s in out["fence"]["steps"]), out["fence"]
+    assert "not rebooted: status stopped" in body
+    assert scene.ingress() == REMAINING and scene.primary_role_tag() == "fenced"
+
+
+def test_fence_without_primary_sg_id_still_reboots_and_tags(scene, monkeypatch):
+    monkeypatch.delenv("PRIMARY_SG_ID")
+    scene.spy(primary_fail={"describe_db_instances": [EndpointConnectionError(endpoint_url="https://x/")]})
+    out = scene.invoke()
+    assert_failed_over(scene, out)
+    assert out["fence"]["state"] == "done"
+    assert scene.clients.primary_ec2.calls == [] and scene.ingress() == ALL_RULES
+    assert "reboot_db_instance" in scene.clients.primary_rds.calls and scene.primary_role_tag() == "fenced"
+    assert "PRIMARY_SG_ID not set" in out["fence"]["why"]
+
+
+def test_fence_with_the_primary_region_unreachable_is_pending_then_completed(scene):
+    down = EndpointConnectionError(endpoint_url="https://rds.us-east-1.amazonaws.com/")
+    scene.spy(primary_fail={"describe_db_instances": down})
+    out = scene.invoke(ALARM)
+    body = assert_failed_over(scene, out)  # the promotion and DNS are done all the same
+    assert out["fence"]["state"] == "pending", out["fence"]
+    assert "pending" in body and "pgdr up" in body and "pgdr failover" in body
+    assert scene.primary_role_tag() is None and scene.ingress() == ALL_RULES
+    # the minutes while the region stays down: no error, no message, still pending
+    for _ in range(2):
+        scene.spy(primary_fail={"describe_db_instances": down})
+        out = scene.invoke(RESUME)
+        assert out["action"] == "none" and out["fence"]["state"] == "pending"
+    assert scene.messages() == []
+    # the region answers again: the schedule completes the fence, says so once
+    scene.spy()
+    out = scene.invoke(RESUME)
+    assert out["fence"]["state"] == "done"
+    assert scene.ingress() == REMAINING and scene.primary_role_tag() == "fenced"
+    assert "reboot_db_instance" in scene.clients.primary_rds.calls
+    assert [s for s, _ in scene.messages()] == [f"pgdr t: old primary {PRIMARY} fenced"]
+    assert scene.weights() == {"us-east-1": 0, "eu-west-1": 100}
+    scene.spy()
+    scene.invoke(RESUME)
+    assert scene.messages() == [] and "reboot_db_instance" not in scene.clients.primary_rds.calls
+
+
+def test_fence_interrupted_by_the_region_is_pending_and_not_tagged(scene):
+    scene.spy(primary_fail={"describe_db_instances": [EndpointConnectionError(endpoint_url="https://x/")]},
+              ec2_fail={"describe_security_group_rules": ConnectTimeoutError(endpoint_url="https://ec2/")})
+    out = scene.invoke()
+    assert_failed_over(scene, out)
+    assert out["fence"]["state"] == "pending" and scene.primary_role_tag() is None
+    assert "reboot_db_instance" not in scene.clients.primary_rds.calls
+
+
+def test_fence_refused_is_reported_not_raised(scene):
+    scene.spy(primary_fail={"describe_db_instances": [EndpointConnectionError(endpoint_url="https://x/")]},
+              ec2_fail={"revoke_security_group_ingress": client_error("UnauthorizedOperation", 403)})
+    out = scene.invoke()
+    body = assert_failed_over(scene, out)
+    assert out["fence"]["state"] == "failed" and "pgdr failover --env t" in body
+    assert scene.primary_role_tag() is None and scene.ingress() == ALL_RULES
+
+
+def test_check_after_failover_reports_the_fence_it_would_do(scene):
+    scene.spy(primary_fail={"describe_db_instances": EndpointConnectionError(endpoint_url="https://x/")})
+    scene.invoke()
+    scene.messages()
+    scene.spy()
+    out = scene.invoke({"action": "check"})
+    assert out["fence"]["state"] == "would" and scene.primary_role_tag() is None
+    assert scene.ingress() == ALL_RULES and "reboot_db_instance" not in scene.clients.primary_rds.calls
+    assert scene.messages() == []
