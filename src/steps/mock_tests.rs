@@ -107,6 +107,48 @@ mod network {
     }
 
     #[tokio::test]
+    async fn a_create_refused_as_a_duplicate_adopts_what_an_earlier_run_made() {
+        // The killed run's CreateSecurityGroup completed after it died: the rerun's first look
+        // missed it, its create is refused as a duplicate, and the group is taken over.
+        let dir = tempfile::tempdir().unwrap();
+        let c = cx(&dir, Mocks::default(), Mocks::default());
+        let rec = Recorder::new("network:primary", Mode::Apply, &NoProgress, Cancel::default());
+        let r = crate::steps::Res::new(
+            crate::state::Key::new("network", "us-east-1", "db-sg"),
+            "security-group",
+            "pgdr-dev-db".into(),
+            "us-east-1",
+        );
+        let looks = std::cell::Cell::new(0);
+        let id = crate::steps::ensure(
+            &c,
+            &rec,
+            &r,
+            async |_| {
+                looks.set(looks.get() + 1);
+                Ok((looks.get() > 1).then(|| "sg-1".to_owned()))
+            },
+            async |_| {
+                Err(crate::error::AwsError {
+                    service: "ec2",
+                    operation: "CreateSecurityGroup",
+                    region: "us-east-1".into(),
+                    code: Some("InvalidGroup.Duplicate".into()),
+                    message: Some("The security group 'pgdr-dev-db' already exists".into()),
+                    request_id: None,
+                    transport: crate::error::Transport::Service,
+                }
+                .into())
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(id.as_deref(), Some("sg-1"));
+        let kept = c.store.get(&r.key).unwrap();
+        assert_eq!((kept.id.as_deref(), kept.status), (Some("sg-1"), crate::state::Status::Adopted));
+    }
+
+    #[tokio::test]
     async fn a_throttled_lookup_is_an_error_that_says_so() {
         let throttled = mock!(aws_sdk_ec2::Client::describe_vpcs)
             .then_error(|| DescribeVpcsError::generic(meta("RequestLimitExceeded", "Request limit exceeded.")));

@@ -126,9 +126,18 @@ pub async fn ensure(
                 .unwrap_or_else(|| new_token(cx, r));
             cx.store.put(&r.key, Resource::pending(r.kind, r.region).with(Attr::Token, token.clone()))?;
             rec.status(&format!("creating {} {}", r.kind, r.name));
-            let id = create(token).await?;
+            let (id, status) = match create(token).await {
+                Ok(id) => (id, Status::Created),
+                // Refused because it exists: an earlier create made it (its answer lost, or its
+                // run killed with the request in flight, which AWS still completes). Take it.
+                Err(crate::error::Error::Aws(e)) if e.is_already_exists() => match find(None).await? {
+                    Some(id) => (id, Status::Adopted),
+                    None => return Err(crate::error::Error::Aws(e)),
+                },
+                Err(e) => return Err(e),
+            };
             cx.fresh.insert(&id);
-            cx.store.put(&r.key, Resource::new(r.kind, r.region, &id, Status::Created))?;
+            cx.store.put(&r.key, Resource::new(r.kind, r.region, &id, status))?;
             *change = change.clone().id(&id);
             Ok(id)
         })
