@@ -61,6 +61,10 @@ REST_OPS = [
     ("route53", "GET", r"^/2013-04-01/hostedzone/[^/]+/?$", "GetHostedZone"),
     ("route53", "DELETE", r"^/2013-04-01/hostedzone/[^/]+/?$", "DeleteHostedZone"),
     ("route53", "POST", r"^/2013-04-01/healthcheck/?$", "CreateHealthCheck"),
+    ("route53", "GET", r"^/2013-04-01/healthcheck/?$", "ListHealthChecks"),
+    ("route53", "GET", r"^/2013-04-01/healthcheck/[^/]+/?$", "GetHealthCheck"),
+    ("route53", "POST", r"^/2013-04-01/healthcheck/[^/]+/?$", "UpdateHealthCheck"),
+    ("route53", "DELETE", r"^/2013-04-01/healthcheck/[^/]+/?$", "DeleteHealthCheck"),
 ]
 
 
@@ -410,6 +414,128 @@ class PriorRequestNotComplete(Rule):
             for d in (self.zones, self.changes):
                 for k in [k for k, t in d.items() if t <= now]:
                     del d[k]
+
+
+class Route53HealthCheckAlarm(Rule):
+    """A `CLOUDWATCH_METRIC` health check keeps the alarm it follows: the `AlarmIdentifier`
+    (Region, Name) and `InsufficientDataHealthStatus` sent in CreateHealthCheck, or changed by
+    UpdateHealthCheck (which accepts both for CLOUDWATCH_METRIC checks), are in the
+    `HealthCheckConfig` of GetHealthCheck, ListHealthChecks and the CreateHealthCheck /
+    UpdateHealthCheck answers (moto stores neither and drops them from every answer). They are
+    placed where the API model puts them in HealthCheckConfig: after `Regions`, before
+    `RoutingControlArn`, with `Region` before `Name`; anything moto put there is replaced.
+    Tracked per account and health check ID (Route 53 is global); DeleteHealthCheck forgets the
+    check.
+
+    AWS: "CreateHealthCheck (Amazon Route 53 API Reference)" https://docs.aws.amazon.com/Route53/latest/APIReference/API_CreateHealthCheck.html
+    AWS: "UpdateHealthCheck (Amazon Route 53 API Reference): AlarmIdentifier, InsufficientDataHealthStatus" https://docs.aws.amazon.com/Route53/latest/APIReference/API_UpdateHealthCheck.html
+    AWS: "GetHealthCheck (Amazon Route 53 API Reference)" https://docs.aws.amazon.com/Route53/latest/APIReference/API_GetHealthCheck.html
+    AWS: "HealthCheckConfig (Amazon Route 53 API Reference)" https://docs.aws.amazon.com/Route53/latest/APIReference/API_HealthCheckConfig.html
+    AWS: "AlarmIdentifier (Amazon Route 53 API Reference)" https://docs.aws.amazon.com/Route53/latest/APIReference/API_AlarmIdentifier.html
+    """
+    name = "route53-health-check-alarm"
+    OPS = {"CreateHealthCheck", "UpdateHealthCheck", "GetHealthCheck", "ListHealthChecks", "DeleteHealthCheck"}
+    # HealthCheckConfig's members in the order of the Route 53 API model (the order AWS sends)
+    CONFIG_ORDER = ["IPAddress", "Port", "Type", "ResourcePath", "FullyQualifiedDomainName", "SearchString",
+                    "RequestInterval", "FailureThreshold", "MeasureLatency", "Inverted", "Disabled",
+                    "HealthThreshold", "ChildHealthChecks", "EnableSNI", "Regions", "AlarmIdentifier",
+                    "InsufficientDataHealthStatus", "RoutingControlArn"]
+
+    def reset(self):
+        self.checks = {}  # (account, health check id) -> {"region", "name", "insufficient"} (those known)
+
+    @staticmethod
+    def local(tag):
+        return tag.rsplit("}", 1)[-1]
+
+    @classmethod
+    def child(cls, elem, name):
+        return next((c for c in elem if cls.local(c.tag) == name), None) if elem is not None else None
+
+    @classmethod
+    def text(cls, elem, name):
+        c = cls.child(elem, name)
+        return None if c is None else (c.text or "")
+
+    @classmethod
+    def requested(cls, call):
+        """(type or None, {"region", "name", "insufficient"} as sent) from a Create/Update request."""
+        try:
+            root = ET.fromstring(call.body)
+        except ET.ParseError:
+            return None, {}
+        holder = cls.child(root, "HealthCheckConfig") if call.name == "CreateHealthCheck" else root
+        if holder is None:
+            return None, {}
+        out = {}
+        alarm = cls.child(holder, "AlarmIdentifier")
+        if alarm is not None:
+            out["region"], out["name"] = cls.text(alarm, "Region") or "", cls.text(alarm, "Name") or ""
+        if cls.text(holder, "InsufficientDataHealthStatus") is not None:
+            out["insufficient"] = cls.text(holder, "InsufficientDataHealthStatus")
+        return cls.text(holder, "Type"), out
+
+    @classmethod
+    def answered(cls, body):
+        """{health check id: type} of the checks in an answer."""
+        try:
+            root = ET.fromstring(body)
+        except ET.ParseError:
+            return {}
+        return {cls.text(hc, "Id"): cls.text(cls.child(hc, "HealthCheckConfig"), "Type")
+                for hc in root.iter() if cls.local(hc.tag) == "HealthCheck" and cls.text(hc, "Id")}
+
+    def after(self, call, ans):
+        if call.service != "route53" or call.name not in self.OPS or not ans.ok or ans.header("Content-Encoding"):
+            return ans
+        path_id = call.url_path.rstrip("/").rsplit("/", 1)[-1]
+        if call.name == "DeleteHealthCheck":
+            with self.e.lock:
+                self.checks.pop((call.account, path_id), None)
+            return ans
+        if call.name in ("CreateHealthCheck", "UpdateHealthCheck"):
+            kind, sent = self.requested(call)
+            found = self.answered(ans.body)
+            ident = next(iter(found), None) if call.name == "CreateHealthCheck" else path_id
+            kind = kind or found.get(ident)
+            if sent and ident and kind == "CLOUDWATCH_METRIC":
+                with self.e.lock:  # a create starts afresh; an update changes what it sends
+                    old = self.checks.get((call.account, ident), {}) if call.name == "UpdateHealthCheck" else {}
+                    self.checks[(call.account, ident)] = {**old, **sent}
+        with self.e.lock:
+            known = {k[1]: dict(v) for k, v in self.checks.items() if k[0] == call.account}
+        return ans.copy(xml_edit(ans.body, lambda root, q: self.inject(root, q, known))) if known else ans
+
+    def inject(self, root, q, known):
+        changed = False
+        for hc in root.iter(q("HealthCheck")):
+            rec = known.get(hc.findtext(q("Id")))
+            cfg = hc.find(q("HealthCheckConfig"))
+            if not rec or cfg is None:
+                continue
+            for tag, field in (("AlarmIdentifier", "name"), ("InsufficientDataHealthStatus", "insufficient")):
+                if field not in rec:
+                    continue
+                for old in cfg.findall(q(tag)):
+                    cfg.remove(old)
+                el = ET.Element(q(tag))
+                if tag == "AlarmIdentifier":
+                    ET.SubElement(el, q("Region")).text = rec["region"]
+                    ET.SubElement(el, q("Name")).text = rec["name"]
+                else:
+                    el.text = rec["insufficient"]
+                rank = self.CONFIG_ORDER.index(tag)
+                pos = 0
+                for i, c in enumerate(list(cfg)):
+                    if self.local(c.tag) in self.CONFIG_ORDER and self.CONFIG_ORDER.index(self.local(c.tag)) < rank:
+                        pos = i + 1
+                cfg.insert(pos, el)
+                changed = True
+        return changed
+
+    def state(self):
+        with self.e.lock:
+            return {"checks": [{"account": k[0], "id": k[1], **v} for k, v in sorted(self.checks.items())]}
 
 
 class Ec2ClientToken(Rule):
@@ -1054,12 +1180,13 @@ class SecretsReplication(Rule):
         return ans.copy(json.dumps(obj).encode()) if changed else ans
 
 
-RULES = [Throttling, PriorRequestNotComplete, Ec2ClientToken, Ec2EventualConsistency,
+RULES = [Throttling, PriorRequestNotComplete, Route53HealthCheckAlarm, Ec2ClientToken, Ec2EventualConsistency,
          Ec2PeeringLateInAccepter, IamPropagation, LambdaVpcEnis, RdsStateMachine, RdsEngineRules,
          SecretsReplication]
 # answers are rewritten in this order; the client-token cache keeps the final answer
-AFTER_ORDER = ["prior-request-not-complete", "ec2-eventual-consistency", "ec2-peering-late-in-accepter",
-               "iam-propagation", "lambda-vpc-enis", "secrets-replication", "ec2-client-token"]
+AFTER_ORDER = ["prior-request-not-complete", "route53-health-check-alarm", "ec2-eventual-consistency",
+               "ec2-peering-late-in-accepter", "iam-propagation", "lambda-vpc-enis", "secrets-replication",
+               "ec2-client-token"]
 
 
 # ---------------------------------------------------------------------------------------------

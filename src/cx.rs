@@ -24,7 +24,8 @@ pub struct Cx {
     pub mode: crate::exec::Mode,
     pub opts: Options,
     pub cancel: Cancel,
-    /// IDs this run created: the next calls on them may not see them yet (see [`Cx::settle`]).
+    /// IDs this run created or just saw exist: the next calls on them may not see them yet
+    /// (see [`Cx::settle`]).
     pub fresh: Fresh,
 }
 
@@ -107,8 +108,8 @@ impl Cx {
 impl Cx {
     /// Calls `call`, which uses `ids`; while it answers "not found" for an ID this run just
     /// created, asks again (EC2 API reference, "Eventual consistency in the Amazon EC2 API":
-    /// a resource just created may not be visible to the next call). An ID from an earlier run
-    /// that is not found is an error at once.
+    /// a resource just created may not be visible to the next call). An ID this run has not seen
+    /// exist that is not found is an error at once.
     pub async fn settle<T>(
         &self,
         ids: &[&str],

@@ -100,12 +100,12 @@ pub async fn ensure(
     let known = cx.store.get(&r.key);
     let known_id = known.as_ref().and_then(|k| k.id.clone());
     if let Some(id) = find(known_id.clone()).await? {
+        // Seen to exist just now: a "not found" from the next call on it is EC2's eventual
+        // consistency (it may be seconds old: a run that died made it), not its absence.
+        cx.fresh.insert(&id);
         if known_id.as_deref() == Some(id.as_str()) && known.as_ref().is_some_and(|k| k.status != Status::Pending) {
             rec.record(r.change(Action::Keep).id(&id));
         } else {
-            // Found, not known: perhaps made seconds ago by a run that died, so perhaps not yet
-            // visible to calls by ID (see Cx::settle).
-            cx.fresh.insert(&id);
             let mut res = Resource::new(r.kind, r.region, &id, Status::Adopted);
             if let Some(k) = known {
                 res.attrs = k.attrs;

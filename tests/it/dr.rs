@@ -41,7 +41,13 @@ async fn up_wires_detection_and_failover_in_the_dr_region() {
         .iter()
         .any(|r| r.name() == "replica.db-dev.internal." && r.resource_records()[0].value() == replica_ep));
     let check = r53.get_health_check().health_check_id(&hc).send().await.unwrap();
-    assert_eq!(check.health_check().unwrap().health_check_config().unwrap().r#type().as_str(), "CLOUDWATCH_METRIC");
+    let config = check.health_check().unwrap().health_check_config().unwrap();
+    assert_eq!(config.r#type().as_str(), "CLOUDWATCH_METRIC");
+    // It follows the promotion, not the probe: a broken probe path must not send writers to a
+    // read-only replica.
+    let alarm = config.alarm_identifier().expect("the emulator keeps the alarm a check follows");
+    assert_eq!((alarm.name(), alarm.region().as_str()), ("pgdr-dev-replica-promoted", "eu-west-1"));
+    assert_eq!(config.insufficient_data_health_status().map(|s| s.as_str()), Some("Healthy"));
 
     // The failover function: DR region, outside any VPC, invocable by the alarm.
     let lambda_dr = aws_sdk_lambda::Client::new(&emu.sdk("eu-west-1").await);

@@ -18,6 +18,7 @@ from pathlib import Path
 import boto3
 import botocore.exceptions
 import botocore.parsers
+import botocore.session
 import pytest
 from botocore.config import Config
 
@@ -610,3 +611,95 @@ def test_route53_change_while_the_previous_one_is_processed(emu):
     second = change(zone, "10.0.0.2")
     time.sleep(0.65)
     assert r53.get_change(Id=second["Id"])["ChangeInfo"]["Status"] == "INSYNC"
+
+
+# ---------------------------------------------------------------------------------------------
+# route53-health-check-alarm
+
+ALARM_CHECK = {"Type": "CLOUDWATCH_METRIC", "AlarmIdentifier": {"Region": "eu-west-1", "Name": "primary-down"},
+               "InsufficientDataHealthStatus": "Healthy"}
+
+
+def hc_config(r53, ident):
+    return r53.get_health_check(HealthCheckId=ident)["HealthCheck"]["HealthCheckConfig"]
+
+
+def test_route53_health_check_keeps_the_alarm_it_follows(emu):
+    emu.only("route53-health-check-alarm")
+    r53 = emu.client("route53")
+    raw = []
+    r53.meta.events.register("after-call.route53.GetHealthCheck",
+                             lambda http_response, **_: raw.append(http_response.content))
+    created = r53.create_health_check(CallerReference=f"hc-{time.time()}", HealthCheckConfig=ALARM_CHECK)["HealthCheck"]
+    ident = created["Id"]
+    assert created["HealthCheckConfig"]["AlarmIdentifier"] == {"Region": "eu-west-1", "Name": "primary-down"}
+    assert created["HealthCheckConfig"]["InsufficientDataHealthStatus"] == "Healthy"
+    cfg = hc_config(r53, ident)
+    assert (cfg["AlarmIdentifier"], cfg["InsufficientDataHealthStatus"]) == (
+        {"Region": "eu-west-1", "Name": "primary-down"}, "Healthy")
+    assert (b"<EnableSNI>false</EnableSNI><AlarmIdentifier><Region>eu-west-1</Region><Name>primary-down</Name>"
+            b"</AlarmIdentifier><InsufficientDataHealthStatus>Healthy</InsufficientDataHealthStatus>"
+            b"</HealthCheckConfig>"
+            in raw[-1])  # AWS's shape, in the API model's order
+    http = r53.create_health_check(CallerReference=f"http-{time.time()}", HealthCheckConfig={
+        "Type": "HTTP", "IPAddress": "192.0.2.10", "Port": 80, "ResourcePath": "/"})["HealthCheck"]["Id"]
+    listed = {h["Id"]: h["HealthCheckConfig"] for h in r53.list_health_checks()["HealthChecks"]}
+    assert listed[ident]["AlarmIdentifier"] == {"Region": "eu-west-1", "Name": "primary-down"}
+    assert "AlarmIdentifier" not in listed[http]  # other checks are left as they are
+    # an update changes what it sends and keeps the rest
+    updated = r53.update_health_check(HealthCheckId=ident, AlarmIdentifier={"Region": "eu-west-1",
+                                                                           "Name": "replica-promoted"})["HealthCheck"]
+    assert updated["HealthCheckConfig"]["AlarmIdentifier"] == {"Region": "eu-west-1", "Name": "replica-promoted"}
+    assert updated["HealthCheckConfig"]["InsufficientDataHealthStatus"] == "Healthy"
+    r53.update_health_check(HealthCheckId=ident, InsufficientDataHealthStatus="LastKnownStatus")
+    cfg = hc_config(r53, ident)
+    assert cfg["AlarmIdentifier"] == {"Region": "eu-west-1", "Name": "replica-promoted"}
+    assert cfg["InsufficientDataHealthStatus"] == "LastKnownStatus"
+    assert emu.rules()["route53-health-check-alarm"]["state"]["checks"] == [{
+        "account": emu.account, "id": ident, "region": "eu-west-1", "name": "replica-promoted",
+        "insufficient": "LastKnownStatus"}]
+    # moto without the rule: no alarm at all
+    emu.config(rules_off=["route53-health-check-alarm"])
+    cfg = hc_config(r53, ident)
+    assert "AlarmIdentifier" not in cfg and "InsufficientDataHealthStatus" not in cfg
+    emu.config(rules_off=[])
+    assert hc_config(r53, ident)["AlarmIdentifier"]["Name"] == "replica-promoted"
+    # a deleted check is forgotten; the rules reset forgets the others
+    r53.delete_health_check(HealthCheckId=ident)
+    assert emu.rules()["route53-health-check-alarm"]["state"]["checks"] == []
+    again = r53.create_health_check(CallerReference=f"hc2-{time.time()}",
+                                    HealthCheckConfig=ALARM_CHECK)["HealthCheck"]["Id"]
+    ctl(emu.url, "/__proxy/rules/reset", {})
+    assert "AlarmIdentifier" not in hc_config(r53, again)
+
+
+def test_route53_health_check_alarm_replaces_and_orders_elements():
+    engine = awsrules.Engine(lambda *a: (599, [], b""))
+    ns = "https://route53.amazonaws.com/doc/2013-04-01/"
+    request = (f'<CreateHealthCheckRequest xmlns="{ns}"><CallerReference>r</CallerReference><HealthCheckConfig>'
+               "<Type>CLOUDWATCH_METRIC</Type><AlarmIdentifier><Region>us-west-2</Region><Name>a&amp;b</Name>"
+               "</AlarmIdentifier><InsufficientDataHealthStatus>Unhealthy</InsufficientDataHealthStatus>"
+               "</HealthCheckConfig></CreateHealthCheckRequest>").encode()
+    moto = (f'<?xml version="1.0"?>\n<CreateHealthCheckResponse xmlns="{ns}"><HealthCheck><Id>hc-1</Id>'
+            "<HealthCheckConfig><Type>CLOUDWATCH_METRIC</Type><Regions><Region>us-east-1</Region></Regions>"
+            "<AlarmIdentifier><Region>x</Region><Name>stale</Name></AlarmIdentifier>"
+            "<RoutingControlArn>arn</RoutingControlArn>"
+            "</HealthCheckConfig></HealthCheck></CreateHealthCheckResponse>").encode()
+    call = awsrules.Call("POST", "/2013-04-01/healthcheck", {}, request, "route53", "us-east-1",
+                         "POST /2013-04-01/healthcheck")
+    assert call.name == "CreateHealthCheck"
+    body = engine.after(call, awsrules.Answer(201, [], moto)).body
+    assert (b"<Regions><Region>us-east-1</Region></Regions><AlarmIdentifier><Region>us-west-2</Region>"
+            b"<Name>a&amp;b</Name></AlarmIdentifier><InsufficientDataHealthStatus>Unhealthy"
+            b"</InsufficientDataHealthStatus><RoutingControlArn>arn</RoutingControlArn>") in body
+    assert body.count(b"<AlarmIdentifier>") == 1 and b"stale" not in body
+    parsed = botocore.parsers.create_parser("rest-xml").parse(
+        {"status_code": 201, "headers": {}, "body": body},
+        botocore.session.get_session().get_service_model("route53").operation_model("CreateHealthCheck").output_shape)
+    assert parsed["HealthCheck"]["HealthCheckConfig"]["AlarmIdentifier"] == {"Region": "us-west-2", "Name": "a&b"}
+    for method, path, name in (("GET", "/2013-04-01/healthcheck", "ListHealthChecks"),
+                               ("GET", "/2013-04-01/healthcheck/hc-1", "GetHealthCheck"),
+                               ("POST", "/2013-04-01/healthcheck/hc-1", "UpdateHealthCheck"),
+                               ("DELETE", "/2013-04-01/healthcheck/hc-1", "DeleteHealthCheck"),
+                               ("GET", "/2013-04-01/healthcheck/hc-1/status", None)):
+        assert awsrules.rest_op_name("route53", method, path) == name
