@@ -321,7 +321,11 @@ async fn fence(cx: &Cx, rec: &Recorder<'_>) -> Result<Vec<String>> {
             .security_group_rules
             .unwrap_or_default()
             .into_iter()
-            .filter(|r| r.is_egress == Some(false) && r.from_port.unwrap_or(0) <= 5432 && r.to_port.unwrap_or(0) >= 5432)
+            // 5432 in the port range, or all traffic (protocol -1), as the function's fence does.
+            .filter(|r| {
+                r.is_egress == Some(false)
+                    && (r.ip_protocol.as_deref() == Some("-1") || (r.from_port.unwrap_or(0) <= 5432 && r.to_port.unwrap_or(0) >= 5432))
+            })
             .collect();
         let ids: Vec<String> = rules.iter().filter_map(|r| r.security_group_rule_id.clone()).collect();
         if !ids.is_empty() {

@@ -265,7 +265,7 @@ def wait_promoted(rds, db_id, time_left, seen):
     while time_left() > POLL_S:
         sleep(POLL_S)
         inst = describe(rds, db_id)
-        seen["promoted"] = promoted(inst)
+        note_dr(seen, inst)
         status = inst["DBInstanceStatus"] if inst else "not found"
         source = (inst or {}).get("ReadReplicaSourceDBInstanceIdentifier")
         log.info("replica %s status: %s, source: %s", db_id, status, source or "none")
@@ -284,13 +284,22 @@ def notify(c, cfg, subject, body):
         return False
 
 
+def note_dr(seen, inst):
+    """Notes what was seen of the DR instance: promoted (writable: available, no source) and
+    whether it is no longer a replica at all (the signal the writer record's health check
+    follows: an instance whose promotion finished stays "promoted" through its own maintenance,
+    so DNS never swings back to the old primary while the new one is `modifying`)."""
+    seen["promoted"] = promoted(inst)
+    seen["source_gone"] = inst is not None and not inst.get("ReadReplicaSourceDBInstanceIdentifier")
+
+
 def publish_promoted(c, cfg, seen):
     """PutMetricData pgdr/ReplicaPromoted in the DR region: 1 when the DR instance was seen
     promoted, else 0. Nothing when it could not be observed. A failure is logged, never raised."""
     if "promoted" not in seen:
         log.warning("DR instance not observed: no %s datapoint", METRIC_NAME)
         return None
-    value = 1 if seen["promoted"] else 0
+    value = 1 if seen.get("source_gone", seen["promoted"]) else 0
     if c.cloudwatch is None:
         log.warning("no CloudWatch client: %s=%s not published", METRIC_NAME, value)
         return None
@@ -365,7 +374,8 @@ def fence(c, cfg, dry_run=False):
             out["steps"].append(f"revoked {len(revoked)} ingress rule(s) of {sg} covering {PG_PORT}: "
                                 + (", ".join(revoked) or "none left"))
         else:
-            out["steps"].append("PRIMARY_SG_ID not set: no ingress rule revoked")
+            out["steps"].append("PRIMARY_SG_ID not set: no ingress rule revoked" if not sg
+                                else "no EC2 client: no ingress rule revoked")
         if status == "available":
             try:
                 c.primary_rds.reboot_db_instance(DBInstanceIdentifier=pid)
@@ -447,7 +457,7 @@ def _run(c, cfg, dry_run, time_left, trigger, seen):
         return f"Fence of the old primary {f['id']} ({f['state']}): {f['why']}."
 
     dr = describe(c.dr_rds, rid)
-    seen["promoted"] = promoted(dr)
+    note_dr(seen, dr)
     dr_status = dr["DBInstanceStatus"] if dr else "not found"
     res["replica"] = {"id": rid, "region": dr_region, "status": dr_status, "endpoint": endpoint(dr),
                       "source": (dr or {}).get("ReadReplicaSourceDBInstanceIdentifier"),
@@ -494,8 +504,8 @@ def _run(c, cfg, dry_run, time_left, trigger, seen):
         reason = "primary available" if st["status"] == "available" else f"primary not down ({why})"
         if trigger == "alarm" and not dry_run:  # once per alarm, not from every minute's resume
             res["notified"] = notify(
-                c, cfg, f"pgdr {env}: primary-down alarm but {cfg['PRIMARY_DB_ID']} looks alive "
-                        f"({st['status'] or st['kind']}) - no failover", alive_advice(cfg, st))
+                c, cfg, f"pgdr {env}: alarm but primary looks alive ({st['status'] or st['kind']}) - no failover",
+                alive_advice(cfg, st))
         return done("none", reason=reason, dns_changes=changes)
 
     if dr_status != "available":
@@ -557,7 +567,7 @@ def observe(c, cfg):
     """Publish ReplicaPromoted from one look at the DR instance (invocations that decide nothing)."""
     seen = {}
     try:
-        seen["promoted"] = promoted(describe(c.dr_rds, cfg["REPLICA_DB_ID"]))
+        note_dr(seen, describe(c.dr_rds, cfg["REPLICA_DB_ID"]))
     except Exception as e:
         log.error("cannot describe %s: %s", cfg["REPLICA_DB_ID"], e)
     return publish_promoted(c, cfg, seen)
@@ -587,7 +597,7 @@ def resume(c, cfg, time_left):
         return run(c, cfg, False, time_left, trigger="resume")
     seen = {}
     dr = describe(c.dr_rds, cfg["REPLICA_DB_ID"])
-    seen["promoted"] = promoted(dr)
+    note_dr(seen, dr)
     if dr and promotion_started(c.dr_rds, dr):
         log.info("resume: the promotion of %s has started: DNS must follow it", cfg["REPLICA_DB_ID"])
         return run(c, cfg, False, time_left, trigger="resume")

@@ -593,7 +593,7 @@ def test_alive_or_unknown_primary_status_is_not_down(scene, status):
     msgs = scene.messages()
     assert len(msgs) == 1, msgs
     subject, body = msgs[0]
-    assert subject == f"pgdr t: primary-down alarm but {PRIMARY} looks alive ({status}) - no failover"
+    assert subject == f"pgdr t: alarm but primary looks alive ({status}) - no failover"
     assert status in body and "looks alive" in body
     assert all(w in body for w in ("peering", "route", "security group", "probe function"))
     if status.startswith("some-"):
@@ -826,3 +826,26 @@ def test_check_after_failover_reports_the_fence_it_would_do(scene):
     assert out["fence"]["state"] == "would" and scene.primary_role_tag() is None
     assert scene.ingress() == ALL_RULES and "reboot_db_instance" not in scene.clients.primary_rds.calls
     assert scene.messages() == []
+
+
+def test_the_promoted_signal_holds_through_the_new_writers_maintenance():
+    # Promotion finished (no source), then the new writer is `modifying`: still 1, or DNS would
+    # swing back to the old primary while Route 53's API is down.
+    import failover as f
+    seen = {}
+    f.note_dr(seen, {"DBInstanceStatus": "modifying"})
+    assert seen["source_gone"] and not seen["promoted"]
+
+    class CW:
+        def __init__(self):
+            self.sent = []
+
+        def put_metric_data(self, **kw):
+            self.sent.append(kw["MetricData"][0]["Value"])
+
+    cw = CW()
+    c = f.Clients(dr_rds=None, primary_rds=None, route53=None, sns=None, cloudwatch=cw)
+    assert f.publish_promoted(c, {"PGDR_ENV": "dev"}, seen) == 1 and cw.sent == [1]
+    # Still a replica, mid-promotion: 0.
+    f.note_dr(seen, {"DBInstanceStatus": "modifying", "ReadReplicaSourceDBInstanceIdentifier": "arn:src"})
+    assert f.publish_promoted(c, {"PGDR_ENV": "dev"}, seen) == 0
