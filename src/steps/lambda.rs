@@ -514,30 +514,6 @@ pub async fn ensure_permission(
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn zip_is_deterministic_and_holds_the_handler() {
-        let a = zip_source("failover.py", FAILOVER_SOURCE).unwrap();
-        let b = zip_source("failover.py", FAILOVER_SOURCE).unwrap();
-        assert_eq!(fingerprint(&a), fingerprint(&b));
-        let mut z = zip::ZipArchive::new(std::io::Cursor::new(a)).unwrap();
-        let mut f = z.by_name("failover.py").unwrap();
-        let mut text = String::new();
-        std::io::Read::read_to_string(&mut f, &mut text).unwrap();
-        assert!(text.contains("def handler("));
-        assert_ne!(fingerprint(&zip_source("probe.py", PROBE_SOURCE).unwrap()), fingerprint(&b));
-    }
-
-    #[test]
-    fn arn_parts() {
-        assert_eq!(partition_account("arn:aws:rds:us-east-1:123456789012:db:x"), Some(("aws".into(), "123456789012".into())));
-        assert_eq!(partition_account("nope"), None);
-    }
-}
-
 /// Waits until the network interfaces Lambda made for a deleted VPC function are gone,
 /// deleting those that are `available` (Lambda developer guide, "Connecting outbound
 /// networking to resources in a VPC": interfaces stay after the function, for minutes; the
@@ -572,4 +548,28 @@ pub async fn release_enis(cx: &Cx, rec: &Recorder<'_>, reg: &Regional, function:
             Ok(Look::Pending(format!("{in_use} of {} network interfaces still held by Lambda", enis.len())))
         })
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zip_is_deterministic_and_holds_the_handler() {
+        let a = zip_source("failover.py", FAILOVER_SOURCE).unwrap();
+        let b = zip_source("failover.py", FAILOVER_SOURCE).unwrap();
+        assert_eq!(fingerprint(&a), fingerprint(&b));
+        let mut z = zip::ZipArchive::new(std::io::Cursor::new(a)).unwrap();
+        let mut f = z.by_name("failover.py").unwrap();
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut f, &mut text).unwrap();
+        assert!(text.contains("def handler("));
+        assert_ne!(fingerprint(&zip_source("probe.py", PROBE_SOURCE).unwrap()), fingerprint(&b));
+    }
+
+    #[test]
+    fn arn_parts() {
+        assert_eq!(partition_account("arn:aws:rds:us-east-1:123456789012:db:x"), Some(("aws".into(), "123456789012".into())));
+        assert_eq!(partition_account("nope"), None);
+    }
 }
