@@ -176,11 +176,9 @@ async fn faults_on_the_wire_never_leave_duplicates_or_leftovers() {
         let emu = Emu::start();
         let run = Run::new(&emu);
         // 10 % of calls answered 503 before reaching AWS, 5 % lose their answer after it acted.
-        // Not CreateVpcEndpoint: AWS makes it idempotent through the ClientToken pgdr sends, the
-        // emulator ignores the token and then cannot delete the second gateway endpoint of a
-        // route table (deleting the first removes the route both share).
-        let faults =
-            |seed: u64| format!(r#"{{"fail_rate": 0.10, "drop_rate": 0.05, "seed": {seed}, "fault_skip_ops": ["CreateVpcEndpoint"]}}"#);
+        // Every operation, CreateVpcEndpoint too: the emulator honours its ClientToken as AWS
+        // does (rule ec2-client-token), so a retried create returns the first endpoint.
+        let faults = |seed: u64| format!(r#"{{"fail_rate": 0.10, "drop_rate": 0.05, "seed": {seed}}}"#);
         emu.config(&faults(seed));
         let runs = until_ok(&run, &["up", "--env", "dev"], 6);
         eprintln!("seed {seed}: up converged in {runs} run(s), {} calls", emu.calls().len());
