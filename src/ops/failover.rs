@@ -40,7 +40,6 @@ pub async fn failover(
     progress: &dyn Progress,
     cancel: &Cancel,
 ) -> Result<FailoverResult> {
-    let e = t.load_env()?;
     let mode = if opts.dry_run { Mode::Plan } else { Mode::Apply };
     let (cx, _lock) = open(t, Command::Failover, mode, Ahead::Instances, cancel).await?;
     let plan = crate::failover::plan(&cx).await?;
@@ -54,8 +53,8 @@ pub async fn failover(
         }
         return Ok(FailoverResult::Planned(plan));
     }
-    check_lag(&plan, e.settings.max_failover_lag_seconds, opts.force)?;
-    operator.confirm(&format!("This fails environment {:?} over to {}.", e.name, plan.to_region), &e.name)?;
+    check_lag(&plan, cx.env.settings.max_failover_lag_seconds, opts.force)?;
+    operator.confirm(&format!("This fails environment {:?} over to {}.", cx.name(), plan.to_region), cx.name())?;
     Ok(FailoverResult::Done(crate::failover::execute(&cx, plan, progress).await?))
 }
 

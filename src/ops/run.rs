@@ -173,14 +173,13 @@ pub async fn reprotect(
     progress: &dyn Progress,
     cancel: &Cancel,
 ) -> Result<ReprotectResult> {
-    let e = t.load_env()?;
     let (cx, lock, plan) = reprotect_plan(t, keep_old_primary, dry_run, cancel).await?;
     operator.inform(&plan.describe(dry_run));
     if dry_run {
         return Ok(ReprotectResult::Planned(plan));
     }
-    let what = format!("This deletes or retires the old primary of {:?} and rebuilds protection in the opposite direction.", e.name);
-    operator.confirm(&what, &e.name)?;
+    let what = format!("This deletes or retires the old primary of {:?} and rebuilds protection in the opposite direction.", cx.name());
+    operator.confirm(&what, cx.name())?;
     crate::reprotect::prepare(&cx, &plan, progress).await?;
     drop(cx);
     // The roles are swapped now; the lock stays held.

@@ -477,12 +477,7 @@ async fn promoted_alarm_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
             .await?;
         Ok::<_, Error>(alarm.clone())
     };
-    let exists = current.is_some();
-    super::ensure(cx, rec, &r, async |_| Ok(exists.then(|| alarm.clone())), async |_| put().await).await?;
-    if exists && !matches {
-        rec.apply(Change::new(Action::Change, "cloudwatch-alarm", &alarm, region).detail("settings"), async |_| put().await).await?;
-    }
-    Ok(())
+    alarm_in_place(cx, rec, &r, current.is_some(), matches, put).await
 }
 
 /// The probe's security group in the DR VPC (outbound only; the primary's group admits the
@@ -582,12 +577,44 @@ async fn primary_down_alarm_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
             .await?;
         Ok::<_, Error>(alarm.clone())
     };
-    let exists = current.is_some();
-    super::ensure(cx, rec, &a_res, async |_| Ok(exists.then(|| alarm.clone())), async |_| put().await).await?;
+    alarm_in_place(cx, rec, &a_res, current.is_some(), matches, put).await
+}
+
+/// A detection alarm as wanted: created when missing, put again when its settings differ.
+async fn alarm_in_place(
+    cx: &Cx,
+    rec: &Recorder<'_>,
+    r: &Res<'_>,
+    exists: bool,
+    matches: bool,
+    put: impl AsyncFn() -> Result<String>,
+) -> Result<()> {
+    super::ensure(cx, rec, r, async |_| Ok(exists.then(|| r.name.clone())), async |_| put().await).await?;
     if exists && !matches {
-        rec.apply(Change::new(Action::Change, "cloudwatch-alarm", &alarm, region).detail("settings"), async |_| put().await).await?;
+        rec.apply(r.change(Action::Change).id(&r.name).detail("settings"), async |_| put().await).await?;
     }
     Ok(())
+}
+
+/// Deletes a detection alarm (after what follows it).
+async fn alarm_down(cx: &Cx, rec: &Recorder<'_>, what: &str, name: &str) -> Result<()> {
+    let dr = cx.regional(Side::Dr);
+    let region = dr.region.as_str();
+    let r = Res::new(key(cx, DETECTION, what), "cloudwatch-alarm", name.to_owned(), region);
+    super::remove(
+        cx,
+        rec,
+        &r,
+        async |_| {
+            let out = dr.cloudwatch.describe_alarms().alarm_names(name).send().aws(region).await?;
+            Ok(out.metric_alarms.unwrap_or_default().into_iter().find_map(|a| a.alarm_name))
+        },
+        async |name| {
+            dr.cloudwatch.delete_alarms().alarm_names(name).send().aws(region).await?;
+            Ok(())
+        },
+    )
+    .await
 }
 
 /// Alarm actions are a set: AWS may list them in any order.
@@ -606,39 +633,11 @@ async fn detection_down(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
     let hc = Res::new(healthcheck::key(), "health-check", promoted_alarm_name(cx), "global");
     super::remove(cx, rec, &hc, async |known| the_health_check(cx, rec, &hc, known).await, async |id| delete_health_check(cx, &id).await)
         .await?;
-    let promoted = promoted_alarm_name(cx);
-    let p = Res::new(key(cx, DETECTION, "promoted-alarm"), "cloudwatch-alarm", promoted.clone(), region);
-    super::remove(
-        cx,
-        rec,
-        &p,
-        async |_| {
-            let out = dr.cloudwatch.describe_alarms().alarm_names(&promoted).send().aws(region).await?;
-            Ok(out.metric_alarms.unwrap_or_default().into_iter().find_map(|a| a.alarm_name))
-        },
-        async |name| {
-            dr.cloudwatch.delete_alarms().alarm_names(name).send().aws(region).await?;
-            Ok(())
-        },
-    )
-    .await?;
-
-    let alarm = alarm_name(cx);
-    let a = Res::new(key(cx, DETECTION, "alarm"), "cloudwatch-alarm", alarm.clone(), region);
-    super::remove(
-        cx,
-        rec,
-        &a,
-        async |_| {
-            let out = dr.cloudwatch.describe_alarms().alarm_names(&alarm).send().aws(region).await?;
-            Ok(out.metric_alarms.unwrap_or_default().into_iter().find_map(|a| a.alarm_name))
-        },
-        async |name| {
-            dr.cloudwatch.delete_alarms().alarm_names(name).send().aws(region).await?;
-            Ok(())
-        },
-    )
-    .await?;
+    // The two alarms are independent: both at once.
+    let (promoted_alarm, down_alarm) = (promoted_alarm_name(cx), alarm_name(cx));
+    let (promoted, down) =
+        futures::join!(alarm_down(cx, rec, "promoted-alarm", &promoted_alarm), alarm_down(cx, rec, "alarm", &down_alarm));
+    promoted.and(down)?;
 
     delete_schedule(cx, rec, &probe_schedule(cx)).await?;
 
