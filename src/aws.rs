@@ -34,6 +34,10 @@ pub enum Kind {
     Unreachable,
     /// AWS refused the credentials themselves (unknown key, bad signature, expired token).
     BadCredentials,
+    /// The caller may not do this (IAM or a bucket policy said no).
+    AccessDenied,
+    /// A conditional request's condition did not hold (S3 `If-Match` / `If-None-Match`: 412).
+    PreconditionFailed,
     Other,
 }
 
@@ -72,6 +76,7 @@ const COMMON: &[Rule] = &[
     exact("InvalidClientTokenId", BadCredentials), exact("SignatureDoesNotMatch", BadCredentials),
     exact("ExpiredToken", BadCredentials), exact("ExpiredTokenException", BadCredentials),
     exact("UnrecognizedClientException", BadCredentials), exact("AuthFailure", BadCredentials),
+    exact("AccessDenied", AccessDenied), exact("AccessDeniedException", AccessDenied),
 ];
 
 /// EC2 error codes: "Error codes for the Amazon EC2 API" (every `….NotFound` is a not-found).
@@ -143,6 +148,17 @@ const CLOUDWATCH: &[Rule] = &[exact("ResourceNotFound", NotFound), exact("Resour
 #[rustfmt::skip]
 const SNS: &[Rule] = &[exact("NotFound", NotFound), exact("NotFoundException", NotFound)];
 
+/// S3: `NoSuchKey`/`NoSuchBucket` (and `NotFound`, a HEAD's 404 without a body); a conditional
+/// write's condition failing is `PreconditionFailed` (412); `ConditionalRequestConflict` (409) is
+/// a concurrent conditional write on the same key, to be retried (S3 user guide, "Conditional
+/// writes").
+#[rustfmt::skip]
+const S3: &[Rule] = &[
+    exact("NoSuchKey", NotFound), exact("NoSuchBucket", NotFound), exact("NotFound", NotFound), exact("NoSuchVersion", NotFound),
+    exact("PreconditionFailed", PreconditionFailed), exact("ConditionalRequestConflict", Throttled),
+    exact("Forbidden", AccessDenied),
+];
+
 #[rustfmt::skip]
 const EVENTS: &[Rule] = &[exact("ResourceNotFoundException", NotFound), exact("ResourceAlreadyExistsException", AlreadyExists)];
 
@@ -158,6 +174,7 @@ fn table(service: &str) -> &'static [Rule] {
         "cloudwatch" => CLOUDWATCH,
         "sns" => SNS,
         "events" => EVENTS,
+        "s3" => S3,
         _ => &[],
     }
 }
@@ -276,6 +293,10 @@ mod tests {
         assert_eq!(kind("ec2", "NotFound", ""), Other);
         assert_eq!(kind("ec2", "InvalidParameterValue", "Network interface 'eni-1' is currently in use."), InUse);
         assert_eq!(kind("sts", "InvalidClientTokenId", "The security token included in the request is invalid."), BadCredentials);
+        assert_eq!(kind("s3", "PreconditionFailed", "At least one of the pre-conditions you specified did not hold"), PreconditionFailed);
+        assert_eq!(kind("s3", "ConditionalRequestConflict", ""), Throttled);
+        assert_eq!(kind("s3", "NoSuchKey", ""), NotFound);
+        assert_eq!(kind("s3", "AccessDenied", ""), AccessDenied);
     }
 
     #[test]

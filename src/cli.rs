@@ -9,6 +9,7 @@ use std::time::Instant;
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 
+use pgdr::backend::Location;
 use pgdr::clients::Connection;
 use pgdr::config::Overrides;
 use pgdr::cx::Options;
@@ -34,9 +35,16 @@ struct Cli {
 
 #[derive(Args, Debug, Clone)]
 struct Global {
-    /// Directory of the state files (<env>.json).
-    #[arg(long, global = true, env = "PGDR_STATE_DIR", default_value = ".pgdr")]
-    state_dir: PathBuf,
+    /// Where state and locks live: a directory, or s3://BUCKET/PREFIX shared by a team
+    /// [default: the config's `state`, else .pgdr].
+    #[arg(long, global = true, env = "PGDR_STATE", value_name = "DIR|s3://BUCKET/PREFIX")]
+    state: Option<String>,
+    /// The state directory (older name of --state).
+    #[arg(long, global = true, env = "PGDR_STATE_DIR", hide = true)]
+    state_dir: Option<PathBuf>,
+    /// Accept an S3 state bucket without versioning (no history, no recovery).
+    #[arg(long, global = true)]
+    allow_unversioned: bool,
     /// Config file with per-environment settings [default: pgdr.toml if present].
     #[arg(long, global = true, env = "PGDR_CONFIG")]
     config: Option<PathBuf>,
@@ -145,18 +153,69 @@ enum Command {
     /// Rebuild a lost state file from the resources tagged pgdr:env=ENV in AWS.
     #[command(after_help = "Example: pgdr adopt --env dev && pgdr plan --env dev")]
     Adopt(EnvArg),
-    /// Remove a stale lock left by a run that died.
-    #[command(after_help = "Example: pgdr unlock --env dev")]
+    /// Remove a stale lock left by a run that died: shows the holder and asks.
+    #[command(after_help = "Examples:\n  pgdr unlock --env dev\n  pgdr unlock --env dev --yes")]
     Unlock {
         #[command(flatten)]
         env: EnvArg,
-        /// Also remove a lock held by another host.
-        #[arg(long)]
-        force: bool,
+        /// Do not ask for confirmation (required when stdin is not a terminal).
+        #[arg(long, alias = "force")]
+        yes: bool,
     },
+    /// The state itself: a bucket for a team, its history, restore, migration.
+    #[command(subcommand)]
+    State(StateCommand),
     /// Print shell completions.
     #[command(after_help = "Example: pgdr completions bash > /etc/bash_completion.d/pgdr")]
     Completions { shell: clap_complete::Shell },
+}
+
+#[derive(Subcommand, Debug)]
+enum StateCommand {
+    /// Create (or fix) an S3 bucket fit for state: versioning, SSE-KMS, no public access,
+    /// TLS only, old lock versions expiring. Idempotent.
+    #[command(after_help = "Example: pgdr state init s3://acme-pgdr-state --region eu-west-1\nThen: pgdr --state s3://acme-pgdr-state/pgdr up --env dev")]
+    Init {
+        /// s3://BUCKET (a prefix is allowed and shown in the --state to use).
+        url: String,
+        /// Region of a new bucket [default: the DR region]: the state must survive the primary region.
+        #[arg(long)]
+        region: Option<String>,
+        /// KMS key for default encryption [default: aws/s3].
+        #[arg(long)]
+        kms_key: Option<String>,
+    },
+    /// The versions of an environment's state, newest first.
+    #[command(after_help = "Example: pgdr state history --env dev")]
+    History {
+        #[command(flatten)]
+        env: EnvArg,
+        /// How many versions to show.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+    /// Make an earlier version the current state (the replaced one stays in the history).
+    #[command(after_help = "Example: pgdr state restore --env dev --version 3HL4kqtJlcpXroDTDmJ")]
+    Restore {
+        #[command(flatten)]
+        env: EnvArg,
+        /// A version from `pgdr state history`.
+        #[arg(long)]
+        version: String,
+        /// Do not ask for confirmation (required when stdin is not a terminal).
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Move the state (from --state) to another location, under both locks; the old copy is
+    /// kept, renamed.
+    #[command(after_help = "Examples:\n  pgdr state migrate --env dev --to s3://acme-pgdr-state/pgdr\n  pgdr --state s3://acme-pgdr-state/pgdr state migrate --env dev --to .pgdr")]
+    Migrate {
+        #[command(flatten)]
+        env: EnvArg,
+        /// The new location: a directory or s3://BUCKET/PREFIX.
+        #[arg(long)]
+        to: String,
+    },
 }
 
 /// JSON shapes carry this version; see docs/architecture.md.
@@ -222,18 +281,41 @@ fn init_logs(verbose: u8) {
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
 }
 
-fn target(g: &Global, env: &str) -> Target {
-    let config = g.config.clone().or_else(|| {
+fn config_path(g: &Global) -> Option<PathBuf> {
+    g.config.clone().or_else(|| {
         let default = PathBuf::from("pgdr.toml");
         default.exists().then_some(default)
-    });
-    Target {
-        env: env.to_owned(),
-        state_dir: g.state_dir.clone(),
-        config,
-        overrides: Overrides { primary_region: g.primary_region.clone(), dr_region: g.dr_region.clone() },
-        connection: Connection { profile: g.profile.clone(), endpoint_url: g.endpoint_url.clone(), retry_max_attempts: 5 },
+    })
+}
+
+fn connection(g: &Global) -> Connection {
+    Connection { profile: g.profile.clone(), endpoint_url: g.endpoint_url.clone(), retry_max_attempts: 5 }
+}
+
+/// Where the state lives: --state (PGDR_STATE), the older --state-dir (PGDR_STATE_DIR), the
+/// config's `state`, else `.pgdr`.
+fn state_location(g: &Global) -> Result<Location, Error> {
+    if let Some(s) = &g.state {
+        return Location::parse(s);
     }
+    if let Some(d) = &g.state_dir {
+        return Ok(Location::Dir(d.clone()));
+    }
+    match pgdr::config::state_setting(config_path(g).as_deref())? {
+        Some(s) => Location::parse(&s),
+        None => Ok(Location::Dir(PathBuf::from(".pgdr"))),
+    }
+}
+
+fn target(g: &Global, env: &str) -> Result<Target, Error> {
+    Ok(Target {
+        env: env.to_owned(),
+        state: state_location(g)?,
+        allow_unversioned: g.allow_unversioned,
+        config: config_path(g),
+        overrides: Overrides { primary_region: g.primary_region.clone(), dr_region: g.dr_region.clone() },
+        connection: connection(g),
+    })
 }
 
 /// Ctrl-C: the first stops scheduling new work and lets calls in flight finish; the second
@@ -245,7 +327,7 @@ fn watch_interrupts(cancel: Cancel) {
             cancel.cancel();
             if tokio::signal::ctrl_c().await.is_ok() {
                 // The state file is consistent after every write; only the lock needs care.
-                pgdr::state::release_held_lock();
+                pgdr::backend::release_held_locks();
                 std::process::exit(130);
             }
         }
@@ -259,31 +341,31 @@ async fn run(cli: Cli) -> Result<Exit, Error> {
     let progress = StderrProgress::new();
     let out = g.output;
     match &cli.command {
-        Command::Plan(e) | Command::Up { env: e, dry_run: true } => show(out, &ops::plan(&target(g, &e.env), &progress, &cancel).await?),
+        Command::Plan(e) | Command::Up { env: e, dry_run: true } => show(out, &ops::plan(&target(g, &e.env)?, &progress, &cancel).await?),
         Command::Up { env, dry_run: false } => {
-            let t = target(g, &env.env);
+            let t = target(g, &env.env)?;
             // Validate before any output, so bad input is one line.
             t.load_env()?;
             show(out, &ops::up(&t, &progress, &cancel).await?)
         }
         Command::Down { env, confirm, skip_final_snapshot, force } => {
             let opts = Options { skip_final_snapshot: *skip_final_snapshot, force: *force };
-            let t = target(g, &env.env);
+            let t = target(g, &env.env)?;
             show(out, &ops::down(&t, opts, confirm.dry_run, &Terminal(confirm.yes), &progress, &cancel).await?)
         }
-        Command::Status { env: Some(env) } => show(out, &ops::status(&target(g, env), &cancel).await?),
-        Command::Status { env: None } => show(out, &ops::list_envs(&g.state_dir)?),
+        Command::Status { env: Some(env) } => show(out, &ops::status(&target(g, env)?, &cancel).await?),
+        Command::Status { env: None } => show(out, &ops::list_envs(&target(g, "")?).await?),
         Command::Failover { env, confirm, force } => {
             let opts = ops::FailoverOptions { dry_run: confirm.dry_run, force: *force };
-            show(out, &ops::failover(&target(g, &env.env), opts, &Terminal(confirm.yes), &progress, &cancel).await?)
+            show(out, &ops::failover(&target(g, &env.env)?, opts, &Terminal(confirm.yes), &progress, &cancel).await?)
         }
         Command::Reprotect { env, confirm, keep_old_primary } => {
-            let t = target(g, &env.env);
+            let t = target(g, &env.env)?;
             show(out, &ops::reprotect(&t, *keep_old_primary, confirm.dry_run, &Terminal(confirm.yes), &progress, &cancel).await?)
         }
-        Command::Adopt(e) => show(out, &ops::adopt(&target(g, &e.env), &progress, &cancel).await?),
-        Command::Unlock { env, force } => {
-            let r = ops::unlock(&g.state_dir, &env.env, *force)?;
+        Command::Adopt(e) => show(out, &ops::adopt(&target(g, &e.env)?, &progress, &cancel).await?),
+        Command::Unlock { env, yes } => {
+            let r = ops::unlock(&target(g, &env.env)?, &Terminal(*yes)).await?;
             // A note about the lock, not a result: stderr in human mode.
             match out {
                 Output::Json => print_json(&r),
@@ -291,10 +373,24 @@ async fn run(cli: Cli) -> Result<Exit, Error> {
             }
             Ok(r.exit())
         }
+        Command::State(c) => run_state(g, c).await,
         Command::Completions { shell } => {
             clap_complete::generate(*shell, &mut Cli::command(), "pgdr", &mut std::io::stdout());
             Ok(Exit::Success)
         }
+    }
+}
+
+async fn run_state(g: &Global, c: &StateCommand) -> Result<Exit, Error> {
+    let out = g.output;
+    match c {
+        StateCommand::Init { url, region, kms_key } => {
+            let r = ops::init(url, &connection(g), config_path(g).as_deref(), region.as_deref(), kms_key.as_deref()).await?;
+            show(out, &r)
+        }
+        StateCommand::History { env, limit } => show(out, &ops::history(&target(g, &env.env)?, *limit).await?),
+        StateCommand::Restore { env, version, yes } => show(out, &ops::restore(&target(g, &env.env)?, version, &Terminal(*yes)).await?),
+        StateCommand::Migrate { env, to } => show(out, &ops::migrate(&target(g, &env.env)?, &Location::parse(to)?).await?),
     }
 }
 

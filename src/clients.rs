@@ -71,12 +71,11 @@ fn regional(base: &SdkConfig, region: &str, watch: &WatchChanges) -> Regional {
     }
 }
 
-/// Loads the shared config (profiles, env vars, SSO, `AWS_ENDPOINT_URL`) and builds the clients.
-/// Credentials are resolved here, before any call, so a missing credential is one clear line.
-/// Unless `writes_allowed`, the clients refuse every call that is not a read.
-pub async fn build(conn: &Connection, primary_region: &str, dr_region: &str, writes_allowed: bool) -> Result<Clients> {
+/// Loads the shared config (profiles, env vars, SSO, `AWS_ENDPOINT_URL`) for `region` and
+/// resolves the credentials, so a missing credential is one clear line before any call.
+pub async fn load_config(conn: &Connection, region: &str) -> Result<SdkConfig> {
     let mut loader = aws_config::defaults(BehaviorVersion::latest())
-        .region(Region::new(primary_region.to_owned()))
+        .region(Region::new(region.to_owned()))
         .retry_config(
             RetryConfig::standard()
                 .with_max_attempts(conn.retry_max_attempts.max(1))
@@ -99,6 +98,13 @@ pub async fn build(conn: &Connection, primary_region: &str, dr_region: &str, wri
     }
     let base = loader.load().await;
     check_credentials(&base).await?;
+    Ok(base)
+}
+
+/// Builds the clients of both regions; the endpoint is checked with one call first.
+/// Unless `writes_allowed`, the clients refuse every call that is not a read.
+pub async fn build(conn: &Connection, primary_region: &str, dr_region: &str, writes_allowed: bool) -> Result<Clients> {
+    let base = load_config(conn, primary_region).await?;
     check_reachable(&base, primary_region).await?;
     let endpoint = base.endpoint_url().map(str::to_owned);
     if let Some(e) = &endpoint {

@@ -142,10 +142,14 @@ impl Default for Settings {
     }
 }
 
-/// The config file: `[defaults]` for every environment, `[env.<name>]` for one.
+/// The config file: `state` (where the state lives), `[defaults]` for every environment,
+/// `[env.<name>]` for one.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct File {
+    /// A directory or `s3://BUCKET/PREFIX`, as `--state` takes.
+    #[serde(default)]
+    state: Option<String>,
     #[serde(default)]
     defaults: Option<toml::Table>,
     #[serde(default)]
@@ -185,21 +189,47 @@ pub fn validate_env_name(name: &str) -> Result<()> {
     }
 }
 
+fn read_file(path: &Path) -> Result<File> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::user(format!("cannot read config file {}: {e}; fix the path given to --config", path.display())))?;
+    toml::from_str(&text).map_err(|e| {
+        Error::user(format!(
+            "config file {} is not valid: {}; fix the file (see docs/configuration.md)",
+            path.display(),
+            crate::error::one_line(&e.to_string())
+        ))
+    })
+}
+
+/// The config file's `state` setting, if any.
+pub fn state_setting(path: Option<&Path>) -> Result<Option<String>> {
+    match path {
+        Some(p) => Ok(read_file(p)?.state),
+        None => Ok(None),
+    }
+}
+
+/// The settings every environment starts from: the defaults and the file's `[defaults]`.
+pub fn load_defaults(path: Option<&Path>) -> Result<Settings> {
+    let mut merged = toml::Table::try_from(Settings::default())
+        .map_err(|e| Error::Other(format!("internal: default settings do not serialize: {e}")))?;
+    if let Some(path) = path {
+        for (k, v) in read_file(path)?.defaults.iter().flatten() {
+            merged.insert(k.clone(), v.clone());
+        }
+    }
+    merged.try_into().map_err(|e: toml::de::Error| {
+        Error::user(format!("the config's [defaults] are not valid: {}; fix the config file", crate::error::one_line(&e.to_string())))
+    })
+}
+
 /// Loads `path` (if any) and resolves the settings of environment `name`.
 pub fn load(name: &str, path: Option<&Path>, overrides: &Overrides) -> Result<Env> {
     validate_env_name(name)?;
     let mut merged = toml::Table::try_from(Settings::default())
         .map_err(|e| Error::Other(format!("internal: default settings do not serialize: {e}")))?;
     if let Some(path) = path {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::user(format!("cannot read config file {}: {e}; fix the path given to --config", path.display())))?;
-        let file: File = toml::from_str(&text).map_err(|e| {
-            Error::user(format!(
-                "config file {} is not valid: {}; fix the file (see docs/configuration.md)",
-                path.display(),
-                crate::error::one_line(&e.to_string())
-            ))
-        })?;
+        let file = read_file(path)?;
         for table in file.defaults.iter().chain(file.env.get(name)) {
             for (k, v) in table {
                 merged.insert(k.clone(), v.clone());
@@ -258,28 +288,34 @@ fn bad(msg: String) -> Result<()> {
 
 fn validate_regions(s: &Settings) -> Result<()> {
     for (what, r) in [("primary_region", &s.primary_region), ("dr_region", &s.dr_region)] {
-        if !looks_like_region(r) {
-            return bad(format!("{what} {r:?} is not an AWS region name; use a name like us-east-1"));
-        }
-        // GovCloud and China: an encrypted replica from another region needs a presigned
-        // CreateDBInstanceReadReplica request there (PreSignedUrl; the aws partition ignores it),
-        // which pgdr does not build. Refused before anything is made, not when the replica fails.
-        let p = partition(r);
-        if p != "aws" {
-            return bad(format!(
-                "{what} {r} is in the {p} partition, which pgdr does not support: its encrypted cross-region replicas need a presigned request pgdr does not build; use two regions of the aws partition"
-            ));
-        }
-        if !s.allow_unlisted_regions && !KNOWN_REGIONS.contains(&r.as_str()) {
-            return bad(format!(
-                "{what} {r:?} is not a known AWS region; check the spelling, or set allow_unlisted_regions = true for a region newer than pgdr"
-            ));
-        }
+        validate_region(what, r, s)?;
     }
     if s.primary_region == s.dr_region {
         return bad(format!(
             "primary and DR regions are both {}: disaster recovery needs two different regions; set --dr-region",
             s.primary_region
+        ));
+    }
+    Ok(())
+}
+
+/// One region named by `what`: a region name, of the aws partition, known (or allowed).
+pub fn validate_region(what: &str, r: &str, s: &Settings) -> Result<()> {
+    if !looks_like_region(r) {
+        return bad(format!("{what} {r:?} is not an AWS region name; use a name like us-east-1"));
+    }
+    // GovCloud and China: an encrypted replica from another region needs a presigned
+    // CreateDBInstanceReadReplica request there (PreSignedUrl; the aws partition ignores it),
+    // which pgdr does not build. Refused before anything is made, not when the replica fails.
+    let p = partition(r);
+    if p != "aws" {
+        return bad(format!(
+            "{what} {r} is in the {p} partition, which pgdr does not support: its encrypted cross-region replicas need a presigned request pgdr does not build; use two regions of the aws partition"
+        ));
+    }
+    if !s.allow_unlisted_regions && !KNOWN_REGIONS.contains(&r) {
+        return bad(format!(
+            "{what} {r:?} is not a known AWS region; check the spelling, or set allow_unlisted_regions = true for a region newer than pgdr"
         ));
     }
     Ok(())

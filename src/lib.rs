@@ -4,6 +4,7 @@
 //! data and never prints. The `pgdr` binary (`src/main.rs`, `src/cli.rs`) renders it.
 
 pub mod aws;
+pub mod backend;
 pub mod clients;
 pub mod config;
 pub mod cx;

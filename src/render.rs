@@ -172,7 +172,7 @@ impl Display for StatusResult {
 impl Display for EnvList {
     fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
         if self.environments.is_empty() {
-            writeln!(f, "no environments in {}", self.dir.display())?;
+            writeln!(f, "no environments in {}", self.location)?;
         }
         for e in &self.environments {
             match &e.error {
@@ -267,5 +267,47 @@ impl crate::reprotect::Plan {
             let _ = writeln!(t, "  {}will {st}", if dry_run { "(dry run) " } else { "" });
         }
         t
+    }
+}
+
+impl Display for crate::backend::InitResult {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        let how = if self.created { "created" } else { "found" };
+        writeln!(f, "bucket {} {how} in {}", self.bucket, self.region)?;
+        for a in &self.applied {
+            writeln!(f, "  {a}")?;
+        }
+        for w in &self.warnings {
+            writeln!(f, "WARNING: {w}")?;
+        }
+        writeln!(f, "use it: pgdr --state {} … (or state = \"{}\" in pgdr.toml, or PGDR_STATE)", self.state, self.state)
+    }
+}
+
+impl Display for crate::ops::HistoryResult {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        if self.versions.is_empty() {
+            return writeln!(f, "no versions of {}", self.location);
+        }
+        writeln!(f, "{}:", self.location)?;
+        writeln!(f, "  {:<34} {:<22} {:<12} command", "version", "time", "who")?;
+        for v in &self.versions {
+            let mark = if v.latest { " (current)" } else { "" };
+            writeln!(f, "  {:<34} {:<22} {:<12} {}{mark}", v.version, v.at, if v.who.is_empty() { "-" } else { &v.who }, v.command)?;
+        }
+        Ok(())
+    }
+}
+
+impl Display for crate::ops::RestoreResult {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        writeln!(f, "restored version {} of {} ({} resources); run `pgdr plan --env {}` to see what AWS has", self.restored, self.env, self.resources, self.env)
+    }
+}
+
+impl Display for crate::ops::MigrateResult {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        writeln!(f, "moved the state of {} ({} resources) from {} to {}", self.env, self.resources, self.from, self.to)?;
+        writeln!(f, "the old copy is kept as {}", self.old_copy)
     }
 }

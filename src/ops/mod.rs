@@ -4,13 +4,16 @@
 
 mod failover;
 pub mod run;
+mod state_cmd;
 mod status;
 
 pub use failover::{failover, FailoverOptions, FailoverResult};
 pub use run::{adopt, down, plan, reprotect, up, Connect, RunResult, Totals};
+pub use state_cmd::{history, init, migrate, restore, HistoryResult, MigrateResult, RestoreResult};
 pub use status::{list_envs, status, unlock, EnvList, EnvSummary, ResourceStatus, StatusResult, UnlockResult};
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use serde::Serialize;
 
@@ -19,7 +22,8 @@ use crate::config::{self, Env, Overrides};
 use crate::cx::{Cx, Options};
 use crate::error::{Error, Exit, Result};
 use crate::exec::{self, Cancel, Mode};
-use crate::state::{self, Lock, Store};
+use crate::backend::{Backend, Location, Lock, RunInfo};
+use crate::state::{self, Store};
 
 /// The commands, as results name them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -33,6 +37,7 @@ pub enum Command {
     Reprotect,
     Adopt,
     Unlock,
+    State,
 }
 
 impl Command {
@@ -46,10 +51,11 @@ impl Command {
             Command::Reprotect => "reprotect",
             Command::Adopt => "adopt",
             Command::Unlock => "unlock",
+            Command::State => "state",
         }
     }
     /// How the lock names the run holding it.
-    fn lock_label(self) -> String {
+    pub(crate) fn lock_label(self) -> String {
         format!("pgdr {}", self.name())
     }
 }
@@ -78,7 +84,10 @@ pub trait Operator {
 #[derive(Clone, Debug)]
 pub struct Target {
     pub env: String,
-    pub state_dir: PathBuf,
+    /// Where the state and the lock live (a directory or `s3://BUCKET/PREFIX`).
+    pub state: Location,
+    /// Accept an S3 state bucket without versioning.
+    pub allow_unversioned: bool,
     pub config: Option<PathBuf>,
     pub overrides: Overrides,
     pub connection: Connection,
@@ -87,6 +96,12 @@ pub struct Target {
 impl Target {
     pub fn load_env(&self) -> Result<Env> {
         config::load(&self.env, self.config.as_deref(), &self.overrides)
+    }
+
+    /// The state backend, opened for an environment whose primary region is `primary`.
+    pub async fn backend(&self, primary: Option<&str>) -> Result<Arc<Backend>> {
+        let opts = crate::backend::OpenOptions { allow_unversioned: self.allow_unversioned, primary_region: primary.map(str::to_owned) };
+        Backend::open(&self.state, &self.connection, &opts).await
     }
 }
 
@@ -110,12 +125,14 @@ pub(crate) fn graph() -> Result<exec::Graph<'static, Cx, crate::steps::StepId>> 
 pub(crate) async fn open(t: &Target, command: Command, mode: Mode, ahead: Ahead, cancel: &Cancel) -> Result<(Cx, Option<Lock>)> {
     let mutating = mode.saves_state();
     let env = t.load_env()?;
+    let backend = t.backend(Some(&env.settings.primary_region)).await?;
     // Read (and so validate) the state before taking the lock or calling AWS.
-    let existing = state::read(&t.state_dir, &env.name)?;
-    let lock = if mutating { Some(Lock::acquire(&t.state_dir, &env.name, &command.lock_label())?) } else { None };
+    let existing = backend.read(&env.name).await?;
+    let run = RunInfo::this_process(&command.lock_label());
+    let lock = if mutating { Some(backend.lock(&env.name, &run).await?) } else { None };
     // Re-read under the lock: another run may have finished in between.
-    let existing = if mutating { state::read(&t.state_dir, &env.name)? } else { existing };
-    let cx = context(t, env, existing, mode, cancel).await?;
+    let existing = if mutating { backend.read(&env.name).await? } else { existing };
+    let cx = context(t, env, backend, existing, mode, run, cancel).await?;
     let steps = graph()?;
     // A new environment has nothing to read ahead: its first change would drop the answers.
     let ahead = if cx.store.snapshot().resources.is_empty() { Ahead::Instances } else { ahead };
@@ -135,23 +152,32 @@ pub(crate) async fn open(t: &Target, command: Command, mode: Mode, ahead: Ahead,
 
 /// Builds the context of an environment from its state: the roles swapped after `reprotect`
 /// (the DR region then holds the primary), clients for the two regions, the store.
-async fn context(t: &Target, env: Env, existing: Option<state::State>, mode: Mode, cancel: &Cancel) -> Result<Cx> {
-    let swapped =
-        existing.as_ref().is_some_and(|s| !s.topology.primary_region.is_empty() && s.topology.primary_region == env.settings.dr_region);
+async fn context(
+    t: &Target,
+    env: Env,
+    backend: Arc<Backend>,
+    existing: Option<crate::backend::Loaded>,
+    mode: Mode,
+    run: RunInfo,
+    cancel: &Cancel,
+) -> Result<Cx> {
+    let state = existing.as_ref().map(|l| &l.state);
+    let swapped = state.is_some_and(|s| !s.topology.primary_region.is_empty() && s.topology.primary_region == env.settings.dr_region);
     let env = if swapped { env.swap_roles() } else { env };
-    check_regions(&env, existing.as_ref())?;
+    check_regions(&env, state)?;
     let mut conn = t.connection.clone();
     conn.retry_max_attempts = env.settings.retry_max_attempts;
     let clients = clients::build(&conn, &env.settings.primary_region, &env.settings.dr_region, mode.changes_aws()).await?;
-    let store = Store::new(&t.state_dir, &env.name, existing, mode);
+    let store = Store::new(backend, &env.name, existing, mode, run);
     Ok(Cx { env, clients, store, mode, opts: Options::default(), cancel: cancel.clone(), fresh: Default::default() })
 }
 
 /// Reopens a context after a command changed the state's topology (the lock stays held).
-pub(crate) async fn reopen(t: &Target, mode: Mode, cancel: &Cancel) -> Result<Cx> {
+pub(crate) async fn reopen(t: &Target, old: &Cx, mode: Mode, cancel: &Cancel) -> Result<Cx> {
     let env = t.load_env()?;
-    let existing = state::read(&t.state_dir, &env.name)?;
-    context(t, env, existing, mode, cancel).await
+    let backend = old.store.backend().clone();
+    let existing = backend.read(&env.name).await?;
+    context(t, env, backend, existing, mode, old.store.run().clone(), cancel).await
 }
 
 /// A state file belongs to one pair of regions: other regions (a changed config or flag) would

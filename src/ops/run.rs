@@ -156,7 +156,7 @@ async fn reprotect_plan(
     keep_old_primary: bool,
     dry_run: bool,
     cancel: &Cancel,
-) -> Result<(Cx, Option<state::Lock>, crate::reprotect::Plan)> {
+) -> Result<(Cx, Option<crate::backend::Lock>, crate::reprotect::Plan)> {
     let (cx, lock) = open(t, Command::Reprotect, if dry_run { Mode::Plan } else { Mode::Apply }, Ahead::Instances, cancel).await?;
     let plan = crate::reprotect::plan(&cx, keep_old_primary).await?;
     Ok((cx, lock, plan))
@@ -181,9 +181,8 @@ pub async fn reprotect(
     let what = format!("This deletes or retires the old primary of {:?} and rebuilds protection in the opposite direction.", cx.name());
     operator.confirm(&what, cx.name())?;
     crate::reprotect::prepare(&cx, &plan, progress).await?;
-    drop(cx);
     // The roles are swapped now; the lock stays held.
-    let cx = reopen(t, Mode::Apply, cancel).await?;
+    let cx = reopen(t, &cx, Mode::Apply, cancel).await?;
     let report = exec::execute(&graph()?, &cx, Direction::Up, cx.mode, progress, cancel).await;
     drop(lock);
     Ok(ReprotectResult::Done(result(Command::Reprotect, &cx, false, report)))
@@ -255,8 +254,7 @@ pub async fn adopt(t: &Target, progress: &dyn Progress, cancel: &Cancel) -> Resu
         }
     })?;
     let cx = if swapped {
-        drop(cx);
-        reopen(t, Mode::Adopt, cancel).await?
+        reopen(t, &cx, Mode::Adopt, cancel).await?
     } else {
         cx
     };

@@ -1,15 +1,13 @@
 //! `status` (one environment, or every environment in the state directory) and `unlock`.
 
-use std::path::Path;
-
 use serde::Serialize;
 
-use super::{graph, open, Ahead, Command, Report, Target};
+use super::{graph, open, Ahead, Command, Operator, Report, Target};
+use crate::backend::LockInfo;
 use crate::config;
 use crate::cx::Cx;
-use crate::error::{Error, Exit, Result};
+use crate::error::{Exit, Result};
 use crate::exec::{self, Action, Cancel, Direction, Mode};
-use crate::state;
 
 /// One resource as `status` sees it.
 #[derive(Debug, Serialize)]
@@ -112,11 +110,10 @@ pub struct EnvSummary {
     pub error: Option<String>,
 }
 
-/// `status` without `--env`: every environment in the state directory.
+/// `status` without `--env`: every environment at the state location.
 #[derive(Debug, Serialize)]
 pub struct EnvList {
-    #[serde(skip)]
-    pub dir: std::path::PathBuf,
+    pub location: String,
     pub environments: Vec<EnvSummary>,
 }
 
@@ -131,36 +128,23 @@ impl Report for EnvList {
     }
 }
 
-pub fn list_envs(dir: &Path) -> Result<EnvList> {
-    Ok(EnvList { dir: dir.to_owned(), environments: summaries(dir)? })
-}
-
-fn summaries(dir: &Path) -> Result<Vec<EnvSummary>> {
-    let mut out = Vec::new();
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
-        Err(e) => return Err(Error::user(format!("cannot read state directory {}: {e}", dir.display()))),
-    };
-    let mut names: Vec<String> = entries
-        .filter_map(|e| e.ok())
-        .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(".json")).map(str::to_owned))
-        .filter(|n| config::validate_env_name(n).is_ok())
-        .collect();
-    names.sort();
-    for name in names {
-        let locked_by = state::read_lock(dir, &name).map(|l| format!("{} ({}, pid {} on {})", l.who, l.command, l.pid, l.host));
-        match state::read(dir, &name) {
-            Ok(Some(s)) => out.push(EnvSummary {
+/// `status` without `--env`: every environment with a state at the target's location.
+pub async fn list_envs(t: &Target) -> Result<EnvList> {
+    let backend = t.backend(None).await?;
+    let mut environments = Vec::new();
+    for name in backend.envs().await? {
+        let locked_by = backend.read_lock(&name).await.ok().flatten().map(|l| l.holder());
+        match backend.read(&name).await {
+            Ok(Some(l)) => environments.push(EnvSummary {
                 env: name,
-                resources: s.resources.len(),
-                writer_region: s.topology.writer_region,
-                updated_at: s.updated_at,
+                resources: l.state.resources.len(),
+                writer_region: l.state.topology.writer_region,
+                updated_at: l.state.updated_at,
                 locked_by,
                 error: None,
             }),
             Ok(None) => {}
-            Err(e) => out.push(EnvSummary {
+            Err(e) => environments.push(EnvSummary {
                 env: name,
                 resources: 0,
                 writer_region: String::new(),
@@ -170,7 +154,7 @@ fn summaries(dir: &Path) -> Result<Vec<EnvSummary>> {
             }),
         }
     }
-    Ok(out)
+    Ok(EnvList { location: backend.location().to_string(), environments })
 }
 
 /// What makes an environment degraded, read from AWS.
@@ -226,7 +210,7 @@ impl Report for StatusResult {
 #[derive(Debug, Serialize)]
 pub struct UnlockResult {
     pub env: String,
-    pub removed: Option<state::LockInfo>,
+    pub removed: Option<LockInfo>,
 }
 
 impl Report for UnlockResult {
@@ -235,8 +219,19 @@ impl Report for UnlockResult {
     }
 }
 
-pub fn unlock(state_dir: &Path, env: &str, force: bool) -> Result<UnlockResult> {
-    config::validate_env_name(env)?;
-    let removed = state::unlock(state_dir, env, force)?;
+/// Shows the lock's holder and removes the lock once the operator confirms (`--yes`).
+pub async fn unlock(t: &Target, operator: &dyn Operator) -> Result<UnlockResult> {
+    config::validate_env_name(&t.env)?;
+    let backend = t.backend(None).await?;
+    let env = t.env.as_str();
+    let confirm = |h: &LockInfo| {
+        let silent = h.silent_for().map(|s| format!(", last heard of {} ago", crate::wait::human(std::time::Duration::from_secs(s)))).unwrap_or_default();
+        let what = format!(
+            "The lock of {env} is held by {}{silent}.\nRemove it only if that run is gone: a run still going on would lose its next state write.",
+            h.holder()
+        );
+        operator.confirm(&what, env)
+    };
+    let removed = backend.unlock(env, &confirm).await?;
     Ok(UnlockResult { env: env.to_owned(), removed })
 }

@@ -78,7 +78,7 @@ fn cx(dir: &tempfile::TempDir, primary: Mocks, dr: Mocks) -> Cx {
         endpoint: None,
         reads,
     };
-    let store = Store::new(dir.path(), "dev", None, Mode::Apply);
+    let store = Store::local(dir.path(), "dev", Mode::Apply);
     Cx { env, clients, store, mode: Mode::Apply, opts: Options::default(), cancel: Cancel::default(), fresh: Default::default() }
 }
 
