@@ -177,6 +177,10 @@ def aws_error(call, status, code, message, sender=True, extra=None):
     rid = str(uuid.uuid4())
     fault = "Sender" if sender else "Receiver"
     p = call.protocol
+    if call.service == "s3":  # S3's REST-XML errors have an <Error> root, no <ErrorResponse>
+        body = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
+                f"<Message>{escape(message)}</Message><RequestId>{rid}</RequestId></Error>")
+        return Answer(status, [("Content-Type", "application/xml"), ("x-amz-request-id", rid)], body.encode())
     if p == "ec2":
         body = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Response><Errors><Error><Code>{code}</Code>'
                 f"<Message>{escape(message)}</Message></Error></Errors><RequestID>{rid}</RequestID></Response>")
@@ -1180,13 +1184,173 @@ class SecretsReplication(Rule):
         return ans.copy(json.dumps(obj).encode()) if changed else ans
 
 
+def s3_bucket_key(call):
+    """(bucket, key) of a path-style S3 request; key is '' for a bucket request."""
+    parts = call.url_path.lstrip("/").split("/", 1)
+    return parts[0], (parts[1] if len(parts) > 1 else "")
+
+
+class S3ResponseShapes(Rule):
+    """S3 answers in the shapes the S3 API reference gives, where moto's differ: GetBucketVersioning
+    answers a `VersioningConfiguration` root (moto: `GetBucketVersioningResponse`, which the SDK
+    refuses to parse).
+
+    AWS: "GetBucketVersioning (Amazon S3 API Reference): response syntax" https://docs.aws.amazon.com/AmazonS3/latest/API/API_GetBucketVersioning.html
+    """
+    name = "s3-response-shapes"
+
+    def after(self, call, ans):
+        if call.service != "s3" or call.method != "GET" or "versioning" not in call.params or not ans.ok:
+            return ans
+        body = re.sub(rb"<(/?)GetBucketVersioningResponse\b", rb"<\1VersioningConfiguration", ans.body)
+        return ans.copy(body) if body != ans.body else ans
+
+
+class S3BucketRegion(Rule):
+    """A request for a bucket signed for another Region than the bucket's is refused with `301
+    PermanentRedirect` and an `x-amz-bucket-region` header naming the bucket's Region (HeadBucket:
+    the status and the header, no body); moto serves every bucket from every Region. A client must
+    look the Region up (HeadBucket) and use it, never assume it.
+
+    AWS: "HeadBucket (Amazon S3 API Reference): x-amz-bucket-region" https://docs.aws.amazon.com/AmazonS3/latest/API/API_HeadBucket.html
+    AWS: "Making requests: Regions and endpoints, PermanentRedirect" https://docs.aws.amazon.com/AmazonS3/latest/API/ErrorResponses.html
+    """
+    name = "s3-bucket-region"
+
+    def reset(self):
+        self.regions = {}  # bucket -> region
+
+    def bucket_region(self, bucket):
+        with self.e.lock:
+            if bucket in self.regions:
+                return self.regions[bucket]
+        auth = ("AWS4-HMAC-SHA256 Credential=emuproxy/20260101/us-east-1/s3/aws4_request, "
+                "SignedHeaders=host, Signature=0")
+        status, headers, _ = self.e.send("HEAD", f"/{urllib.parse.quote(bucket)}", {"Authorization": auth}, b"")
+        pairs = headers.items() if hasattr(headers, "items") else headers
+        region = next((v for k, v in pairs if k.lower() == "x-amz-bucket-region"), None) if status == 200 else None
+        if region:
+            with self.e.lock:
+                self.regions[bucket] = region
+        return region
+
+    def before(self, call):
+        if call.service != "s3" or not call.region:
+            return None
+        bucket, key = s3_bucket_key(call)
+        if not bucket or (call.method == "PUT" and not key and not call.params):  # ListBuckets, CreateBucket
+            return None
+        if call.method == "DELETE" and not key and not call.params:  # DeleteBucket: forget its region
+            with self.e.lock:
+                self.regions.pop(bucket, None)
+            return None
+        region = self.bucket_region(bucket)
+        if not region or region == call.region:
+            return None
+        headers = [("x-amz-bucket-region", region)]
+        if call.method == "HEAD":
+            return Answer(301, headers, b"", reason="Moved Permanently")
+        ans = aws_error(call, 301, "PermanentRedirect",
+                        "The bucket you are attempting to access must be addressed using the specified endpoint.")
+        ans.headers += headers
+        return ans
+
+
+class S3SecureTransport(Rule):
+    """Requests through the emulator stand for the HTTPS requests the SDK sends to S3
+    (`aws:SecureTransport` is true), and a bucket-policy Deny applies only when its Condition
+    holds; moto ignores the Condition and would deny every request under a TLS-only policy (Deny
+    when `aws:SecureTransport` is false). The proxy keeps Deny statements whose only condition is
+    `aws:SecureTransport: false` out of moto's copy and answers GetBucketPolicy with the policy as
+    it was put.
+
+    AWS: "Policy examples: managing access based on HTTP or HTTPS requests (aws:SecureTransport)" https://docs.aws.amazon.com/AmazonS3/latest/userguide/example-bucket-policies.html
+    AWS: "IAM JSON policy elements: Condition" https://docs.aws.amazon.com/IAM/latest/UserGuide/reference_policies_elements_condition.html
+    """
+    name = "s3-secure-transport"
+
+    def reset(self):
+        self.policies = {}  # bucket -> the policy as put
+
+    @staticmethod
+    def tls_only(stmt):
+        cond = stmt.get("Condition") or {}
+        return (stmt.get("Effect") == "Deny" and list(cond) == ["Bool"]
+                and {k.lower(): str(v).lower() for k, v in cond["Bool"].items()} == {"aws:securetransport": "false"})
+
+    def before(self, call):
+        if call.service != "s3" or "policy" not in call.params:
+            return None
+        bucket, key = s3_bucket_key(call)
+        if key:
+            return None
+        if call.method == "PUT":
+            try:
+                doc = json.loads(call.body)
+            except ValueError:
+                return None
+            stmts = doc.get("Statement") if isinstance(doc, dict) else None
+            if isinstance(stmts, dict):
+                stmts = [stmts]
+            if not isinstance(stmts, list):
+                return None
+            kept = [st for st in stmts if not (isinstance(st, dict) and self.tls_only(st))]
+            with self.e.lock:
+                self.policies[bucket] = call.body
+            if len(kept) == len(stmts):
+                return None
+            if not kept:  # moto refuses an empty policy: an Allow that matches nothing stands in
+                kept = [{"Effect": "Allow", "Principal": {"AWS": f"arn:aws:iam::{call.account}:root"},
+                         "Action": "s3:GetBucketTagging", "Resource": f"arn:aws:s3:::{bucket}"}]
+            call.forward_body = json.dumps({**doc, "Statement": kept}).encode()
+        elif call.method == "DELETE":
+            with self.e.lock:
+                self.policies.pop(bucket, None)
+        return None
+
+    def after(self, call, ans):
+        if call.service != "s3" or call.method != "GET" or "policy" not in call.params or not ans.ok:
+            return ans
+        with self.e.lock:
+            put = self.policies.get(s3_bucket_key(call)[0])
+        return ans.copy(put) if put is not None else ans
+
+
+class S3ConditionalConflict(Rule):
+    """A conditional write or delete (`If-Match`, `If-None-Match`) can meet a concurrent one on the
+    same key and answer `409 ConditionalRequestConflict`, which S3 says to retry; moto never does.
+    Here the first conditional request on each key (each lock, each state object) is answered 409
+    once, so a client that does not retry fails every time.
+
+    AWS: "How to prevent object overwrites with conditional writes: 409 ConditionalRequestConflict" https://docs.aws.amazon.com/AmazonS3/latest/userguide/conditional-writes.html
+    AWS: "How to perform conditional deletes" https://docs.aws.amazon.com/AmazonS3/latest/userguide/conditional-deletes.html
+    """
+    name = "s3-conditional-conflict"
+
+    def reset(self):
+        self.seen = set()  # (bucket, key) already answered 409
+
+    def before(self, call):
+        if call.service != "s3" or call.method not in ("PUT", "DELETE"):
+            return None
+        if not (call.headers.get("If-Match") or call.headers.get("If-None-Match")):
+            return None
+        bucket, key = s3_bucket_key(call)
+        with self.e.lock:
+            if (bucket, key) in self.seen:
+                return None
+            self.seen.add((bucket, key))
+        return aws_error(call, 409, "ConditionalRequestConflict",
+                         "A conflicting conditional operation is currently in progress against this resource. Please try again.")
+
+
 RULES = [Throttling, PriorRequestNotComplete, Route53HealthCheckAlarm, Ec2ClientToken, Ec2EventualConsistency,
          Ec2PeeringLateInAccepter, IamPropagation, LambdaVpcEnis, RdsStateMachine, RdsEngineRules,
-         SecretsReplication]
+         SecretsReplication, S3BucketRegion, S3SecureTransport, S3ConditionalConflict, S3ResponseShapes]
 # answers are rewritten in this order; the client-token cache keeps the final answer
 AFTER_ORDER = ["prior-request-not-complete", "route53-health-check-alarm", "ec2-eventual-consistency",
                "ec2-peering-late-in-accepter", "iam-propagation", "lambda-vpc-enis", "secrets-replication",
-               "ec2-client-token"]
+               "s3-response-shapes", "s3-secure-transport", "ec2-client-token"]
 
 
 # ---------------------------------------------------------------------------------------------

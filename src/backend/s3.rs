@@ -145,14 +145,9 @@ impl S3Backend {
         Ok(Some(Loaded { state, version: Version(etag) }))
     }
 
-    /// Runs an S3 call from synchronous code (the store saves there): the multi-thread runtime
-    /// lends this thread to the call.
-    fn blocking<T>(&self, f: impl std::future::Future<Output = T>) -> Result<T> {
-        let handle = tokio::runtime::Handle::try_current().map_err(|_| Error::Other("internal: an S3 state write outside the runtime".into()))?;
-        if handle.runtime_flavor() != tokio::runtime::RuntimeFlavor::MultiThread {
-            return Err(Error::Other("internal: the S3 state needs the multi-thread runtime".into()));
-        }
-        Ok(tokio::task::block_in_place(|| handle.block_on(f)))
+    /// Runs an S3 call from synchronous code (the store saves there).
+    fn blocking<T: Send>(&self, f: impl std::future::Future<Output = T> + Send) -> Result<T> {
+        run_blocking(f).ok_or_else(|| Error::Other("internal: an S3 state write outside the multi-thread runtime".into()))
     }
 
     pub fn save_blocking(&self, state: &State, expected: Option<&Version>, run: &RunInfo, seq: u64) -> Result<Version, SaveError> {
@@ -431,6 +426,18 @@ impl S3Backend {
     }
 }
 
+/// Runs `f` to completion from synchronous code inside the multi-thread runtime: on a fresh
+/// thread (a nested `block_on` on a thread that is already blocking on a future can lose that
+/// future's wake-up), with a worker's core handed off first (`block_in_place`) so the runtime
+/// keeps its capacity. `None` outside a multi-thread runtime.
+fn run_blocking<T: Send>(f: impl std::future::Future<Output = T> + Send) -> Option<T> {
+    let handle = tokio::runtime::Handle::try_current().ok()?;
+    if handle.runtime_flavor() != tokio::runtime::RuntimeFlavor::MultiThread {
+        return None;
+    }
+    tokio::task::block_in_place(|| std::thread::scope(|s| s.spawn(|| handle.block_on(f)).join().ok()))
+}
+
 fn percent_encode(key: &str) -> String {
     key.bytes()
         .map(|b| match b {
@@ -514,14 +521,9 @@ impl LockParts {
     }
 
     fn release_blocking(&self) {
-        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+        if run_blocking(self.release()).is_none() {
             tracing::warn!(key = %self.key, "cannot release the S3 lock outside the runtime; it will look stale once its heartbeat stops");
-            return;
-        };
-        if handle.runtime_flavor() != tokio::runtime::RuntimeFlavor::MultiThread {
-            return;
         }
-        tokio::task::block_in_place(|| handle.block_on(self.release()));
     }
 
     async fn release(&self) {
