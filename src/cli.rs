@@ -174,7 +174,9 @@ enum Command {
 enum StateCommand {
     /// Create (or fix) an S3 bucket fit for state: versioning, SSE-KMS, no public access,
     /// TLS only, old lock versions expiring. Idempotent.
-    #[command(after_help = "Example: pgdr state init s3://acme-pgdr-state --region eu-west-1\nThen: pgdr --state s3://acme-pgdr-state/pgdr up --env dev")]
+    #[command(
+        after_help = "Example: pgdr state init s3://acme-pgdr-state --region eu-west-1\nThen: pgdr --state s3://acme-pgdr-state/pgdr up --env dev"
+    )]
     Init {
         /// s3://BUCKET (a prefix is allowed and shown in the --state to use).
         url: String,
@@ -208,7 +210,9 @@ enum StateCommand {
     },
     /// Move the state (from --state) to another location, under both locks; the old copy is
     /// kept, renamed.
-    #[command(after_help = "Examples:\n  pgdr state migrate --env dev --to s3://acme-pgdr-state/pgdr\n  pgdr --state s3://acme-pgdr-state/pgdr state migrate --env dev --to .pgdr")]
+    #[command(
+        after_help = "Examples:\n  pgdr state migrate --env dev --to s3://acme-pgdr-state/pgdr\n  pgdr --state s3://acme-pgdr-state/pgdr state migrate --env dev --to .pgdr"
+    )]
     Migrate {
         #[command(flatten)]
         env: EnvArg,

@@ -184,7 +184,13 @@ impl Display for EnvList {
                     e.resources,
                     if e.writer_region.is_empty() { "-" } else { &e.writer_region },
                     e.updated_at,
-                    e.locked_by.as_ref().map(|l| format!("  locked by {l}")).unwrap_or_default()
+                    e.locked_by
+                        .as_ref()
+                        .map(|l| format!(
+                            "  locked by {l}{}",
+                            e.lock_silent_s.map(|s| format!(", heard of {}s ago", s)).unwrap_or_default()
+                        ))
+                        .unwrap_or_default()
                 )?,
             }
         }
@@ -290,10 +296,10 @@ impl Display for crate::ops::HistoryResult {
             return writeln!(f, "no versions of {}", self.location);
         }
         writeln!(f, "{}:", self.location)?;
-        writeln!(f, "  {:<34} {:<22} {:<12} command", "version", "time", "who")?;
+        writeln!(f, "  {:<38} {:<22} {:<12} command", "version", "time", "who")?;
         for v in &self.versions {
             let mark = if v.latest { " (current)" } else { "" };
-            writeln!(f, "  {:<34} {:<22} {:<12} {}{mark}", v.version, v.at, if v.who.is_empty() { "-" } else { &v.who }, v.command)?;
+            writeln!(f, "  {:<38} {:<22} {:<12} {}{mark}", v.version, v.at, if v.who.is_empty() { "-" } else { &v.who }, v.command)?;
         }
         Ok(())
     }
@@ -301,7 +307,11 @@ impl Display for crate::ops::HistoryResult {
 
 impl Display for crate::ops::RestoreResult {
     fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
-        writeln!(f, "restored version {} of {} ({} resources); run `pgdr plan --env {}` to see what AWS has", self.restored, self.env, self.resources, self.env)
+        writeln!(
+            f,
+            "restored version {} of {} ({} resources); run `pgdr plan --env {}` to see what AWS has",
+            self.restored, self.env, self.resources, self.env
+        )
     }
 }
 

@@ -335,7 +335,9 @@ impl Store {
         let saved = self.saved.lock().unwrap_or_else(|p| p.into_inner());
         match self.backend.retire(&env, saved.version.as_ref()) {
             Ok(()) => Ok(()),
-            Err(SaveError::Conflict { found }) => Err(Error::failed(format!("state not removed: {found}; check `pgdr state history --env {env}`"))),
+            Err(SaveError::Conflict { found }) => {
+                Err(Error::failed(format!("state not removed: {found}; check `pgdr state history --env {env}`")))
+            }
             Err(SaveError::Failed(e)) => Err(e),
         }
     }
@@ -358,7 +360,8 @@ mod tests {
         other.state.topology.writer_region = "eu-west-1".into();
         backend.save(&other.state, Some(&other.version), &RunInfo::this_process("other"), 1).unwrap();
         let cwd = std::env::current_dir().unwrap();
-        let e = store.put(&Key::new("network", "eu-west-1", "vpc"), Resource::new("vpc", "eu-west-1", "vpc-2", Status::Created)).unwrap_err();
+        let e =
+            store.put(&Key::new("network", "eu-west-1", "vpc"), Resource::new("vpc", "eu-west-1", "vpc-2", Status::Created)).unwrap_err();
         assert!(e.to_string().contains("compare-and-swap") && e.to_string().contains("pgdr adopt"), "{e}");
         assert_eq!(read(&backend).state.topology.writer_region, "eu-west-1", "the other run's state is intact");
         assert!(store.set_attr(&Key::new("network", "us-east-1", "vpc"), Attr::Arn, "x").is_err(), "poisoned");

@@ -7,7 +7,7 @@ use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use super::{held_error, HistoryEntry, Held, Loaded, Lock, LockInfo, RunInfo, SaveError, Version};
+use super::{held_error, Held, HistoryEntry, Loaded, Lock, LockInfo, RunInfo, SaveError, Version};
 use crate::error::{Error, Result};
 use crate::state::{self, State};
 
@@ -145,7 +145,10 @@ impl DirBackend {
             }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 let holder = self.read_lock(env);
-                let stale = holder.as_ref().filter(|h| h.host == super::hostname() && !pid_alive(h.pid)).map(|h| format!("pid {} on this host is gone", h.pid));
+                let stale = holder
+                    .as_ref()
+                    .filter(|h| h.host == super::hostname() && !pid_alive(h.pid))
+                    .map(|h| format!("pid {} on this host is gone", h.pid));
                 Err(held_error(env, holder.as_ref(), stale))
             }
             Err(e) => Err(Error::user(format!("cannot create lock file {}: {e}; check the state directory's permissions", path.display()))),
@@ -179,7 +182,10 @@ impl DirBackend {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(Error::user(format!("cannot read state directory {}: {e}", self.dir.display()))),
         };
-        Ok(entries.filter_map(|e| e.ok()).filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(".json")).map(str::to_owned)).collect())
+        Ok(entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(".json")).map(str::to_owned))
+            .collect())
     }
 
     /// A directory keeps two versions: `current` and `bak`.
@@ -188,7 +194,14 @@ impl DirBackend {
         for (version, path) in [("current", self.state_path(env)), ("bak", self.bak_path(env))] {
             let Some(bytes) = self.read_bytes(&path)? else { continue };
             let at = serde_json::from_slice::<State>(&bytes).map(|s| s.updated_at).unwrap_or_default();
-            out.push(HistoryEntry { version: version.into(), at, who: String::new(), command: String::new(), latest: version == "current", deleted: false });
+            out.push(HistoryEntry {
+                version: version.into(),
+                at,
+                who: String::new(),
+                command: String::new(),
+                latest: version == "current",
+                deleted: false,
+            });
         }
         Ok(out)
     }
@@ -197,7 +210,11 @@ impl DirBackend {
         let path = match version {
             "current" => self.state_path(env),
             "bak" => self.bak_path(env),
-            other => return Err(Error::user(format!("{other:?} is not a version of a state directory: use `current` or `bak` (see `pgdr state history --env {env}`)"))),
+            other => {
+                return Err(Error::user(format!(
+                    "{other:?} is not a version of a state directory: use `current` or `bak` (see `pgdr state history --env {env}`)"
+                )))
+            }
         };
         let bytes = self.read_bytes(&path)?.ok_or_else(|| Error::user(format!("{} does not exist", path.display())))?;
         state::decode(&bytes, env, &format!("state file {}", path.display()), "choose another version")
@@ -225,7 +242,10 @@ impl DirLock {
 
 /// Removes a lock file only if it is still this process's.
 fn release_file(path: &Path, pid: u32) {
-    let ours = fs::read(path).ok().and_then(|t| serde_json::from_slice::<LockInfo>(&t).ok()).is_some_and(|h| h.pid == pid && h.host == super::hostname());
+    let ours = fs::read(path)
+        .ok()
+        .and_then(|t| serde_json::from_slice::<LockInfo>(&t).ok())
+        .is_some_and(|h| h.pid == pid && h.host == super::hostname());
     if ours {
         let _ = fs::remove_file(path);
     }
@@ -245,7 +265,10 @@ mod tests {
     fn state_with(n: usize) -> State {
         let mut s = State { schema: state::SCHEMA, env: "dev".into(), ..Default::default() };
         for i in 0..n {
-            s.resources.insert(Key::new("network", "us-east-1", &format!("vpc{i}")), Resource::new("vpc", "us-east-1", format!("vpc-{i}"), Status::Created));
+            s.resources.insert(
+                Key::new("network", "us-east-1", &format!("vpc{i}")),
+                Resource::new("vpc", "us-east-1", format!("vpc-{i}"), Status::Created),
+            );
         }
         s
     }

@@ -75,7 +75,7 @@ impl Location {
     /// Parses a directory path or an `s3://` URL. A malformed URL is a user error naming the fix.
     pub fn parse(s: &str) -> Result<Location> {
         let Some(rest) = s.strip_prefix("s3://") else {
-            if s.contains("://") {
+            if s.contains("://") || s.starts_with("s3:") {
                 return Err(Error::user(format!("state location {s:?} is neither a directory nor s3://BUCKET/PREFIX; fix --state")));
             }
             if s.is_empty() {
@@ -338,7 +338,9 @@ impl Backend {
 #[derive(Debug)]
 pub enum SaveError {
     /// The stored state changed since this run read or wrote it: nothing was overwritten.
-    Conflict { found: String },
+    Conflict {
+        found: String,
+    },
     Failed(Error),
 }
 
@@ -461,7 +463,19 @@ mod tests {
             Location::S3(S3Url { bucket: "team-state".into(), prefix: "pgdr".into() })
         );
         assert_eq!(Location::parse("s3://team-state").unwrap(), Location::S3(S3Url { bucket: "team-state".into(), prefix: String::new() }));
-        for bad in ["s3://", "s3://Team_State/x", "s3://ab", "s3://a..b/x", "s3://-ab/x", "gs://bucket/x", "s3://bucket/a//b", "s3://bucket/../x", ""] {
+        for bad in [
+            "s3://",
+            "s3:/team-state",
+            "s3:team-state",
+            "s3://Team_State/x",
+            "s3://ab",
+            "s3://a..b/x",
+            "s3://-ab/x",
+            "gs://bucket/x",
+            "s3://bucket/a//b",
+            "s3://bucket/../x",
+            "",
+        ] {
             let e = Location::parse(bad).unwrap_err();
             assert!(matches!(e, Error::User(_)), "{bad}: {e}");
             assert!(!e.to_string().contains('\n'), "{bad}: one line");

@@ -16,7 +16,7 @@ use std::time::Duration;
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::Client;
 
-use super::{held_error, HistoryEntry, Held, Loaded, Lock, LockInfo, OpenOptions, RunInfo, S3Url, SaveError, Version};
+use super::{held_error, Held, HistoryEntry, Loaded, Lock, LockInfo, OpenOptions, RunInfo, S3Url, SaveError, Version};
 use crate::aws::{Call, Kind};
 use crate::clients::Connection;
 use crate::error::{AwsError, Error, Result};
@@ -28,6 +28,16 @@ pub struct S3Backend {
     pub region: String,
     client: Client,
 }
+
+/// Who wrote a state object.
+struct Written {
+    etag: String,
+    run: String,
+    seq: String,
+}
+
+/// Attempts of an S3 call (the SDK's standard retry: throttling, 5xx, lost answers).
+const STATE_RETRY_ATTEMPTS: u32 = 10;
 
 /// Retries of a conditional request answered `409 ConditionalRequestConflict`.
 const CONFLICT_RETRIES: u32 = 6;
@@ -74,7 +84,9 @@ pub async fn bucket_region(base: &aws_types::SdkConfig, bucket: &str) -> Result<
 
 impl S3Backend {
     pub async fn open(url: &S3Url, conn: &Connection, opts: &OpenOptions) -> Result<S3Backend> {
-        let base = crate::clients::load_config(conn, "us-east-1").await?;
+        // A state write that fails stops the run: retry transient failures longer than other calls.
+        let conn = Connection { retry_max_attempts: conn.retry_max_attempts.max(STATE_RETRY_ATTEMPTS), ..conn.clone() };
+        let base = crate::clients::load_config(&conn, "us-east-1").await?;
         let Some(region) = bucket_region(&base, &url.bucket).await? else {
             return Err(Error::user(format!(
                 "state bucket {} does not exist; create it with `pgdr state init s3://{}` (or fix --state)",
@@ -94,7 +106,8 @@ impl S3Backend {
     }
 
     async fn check_versioning(&self, allow_unversioned: bool) -> Result<()> {
-        let out = self.client.get_bucket_versioning().bucket(&self.url.bucket).send().aws(&self.region).await.map_err(|e| self.denied(e))?;
+        let out =
+            self.client.get_bucket_versioning().bucket(&self.url.bucket).send().aws(&self.region).await.map_err(|e| self.denied(e))?;
         let enabled = out.status().is_some_and(|s| *s == aws_sdk_s3::types::BucketVersioningStatus::Enabled);
         if !enabled && !allow_unversioned {
             return Err(Error::user(format!(
@@ -124,7 +137,16 @@ impl S3Backend {
     }
 
     async fn get(&self, key: &str, version: Option<&str>) -> Result<Option<(Vec<u8>, String)>> {
-        let out = match self.client.get_object().bucket(&self.url.bucket).key(key).set_version_id(version.map(str::to_owned)).send().aws(&self.region).await {
+        let out = match self
+            .client
+            .get_object()
+            .bucket(&self.url.bucket)
+            .key(key)
+            .set_version_id(version.map(str::to_owned))
+            .send()
+            .aws(&self.region)
+            .await
+        {
             Ok(o) => o,
             Err(e) if e.is_not_found() => return Ok(None),
             Err(e) => return Err(self.denied(e)),
@@ -159,6 +181,7 @@ impl S3Backend {
         let mut body = serde_json::to_vec_pretty(state).map_err(|e| Error::Other(format!("internal: state does not serialize: {e}")))?;
         body.push(b'\n');
         let seq = seq.to_string();
+        let mut expect = expected.map(|v| v.0.clone());
         for attempt in 0.. {
             let req = self
                 .client
@@ -172,39 +195,51 @@ impl S3Backend {
                 .metadata("pgdr-command", &run.command)
                 .metadata("pgdr-run", &run.run_id)
                 .metadata("pgdr-seq", &seq);
-            let req = match expected {
-                Some(v) => req.if_match(&v.0),
+            let req = match &expect {
+                Some(v) => req.if_match(v),
                 None => req.if_none_match("*"),
             };
-            match req.send().aws(&self.region).await {
+            let err = match req.send().aws(&self.region).await {
                 Ok(out) => match out.e_tag() {
                     Some(t) => return Ok(Version(t.to_owned())),
-                    None => return self.own_write(&key, run, &seq).await?.ok_or_else(|| SaveError::Failed(Error::Other("S3 returned no ETag".into()))),
+                    None => match self.current(&key).await? {
+                        Some(c) if c.run == run.run_id && c.seq == seq => return Ok(Version(c.etag)),
+                        _ => return Err(SaveError::Failed(Error::Other("S3 answered a state write without an ETag".into()))),
+                    },
                 },
-                Err(e) if e.kind() == Kind::PreconditionFailed || (expected.is_some() && e.is_not_found()) => {
-                    // Our own earlier attempt may have landed with its answer lost.
-                    if let Some(v) = self.own_write(&key, run, &seq).await? {
-                        return Ok(v);
-                    }
-                    return Err(SaveError::Conflict { found: self.describe_current(&key).await });
-                }
-                Err(e) if e.kind() == Kind::Throttled && attempt < CONFLICT_RETRIES => backoff(attempt).await,
-                Err(e) => return Err(SaveError::Failed(self.denied(e))),
+                Err(e) => e,
+            };
+            let refused = err.kind() == Kind::PreconditionFailed || (expect.is_some() && err.is_not_found());
+            if err.kind() == Kind::Throttled && attempt < CONFLICT_RETRIES {
+                backoff(attempt).await;
+                continue;
+            }
+            if !refused && !err.is_unreachable() {
+                return Err(SaveError::Failed(self.denied(err)));
+            }
+            // Refused, or no answer: the current object tells whether this run wrote it (an
+            // earlier attempt whose answer was lost). Only this run writes versions with its ID,
+            // so a version of ours may be replaced by this newer state, guarded by its ETag.
+            match self.current(&key).await? {
+                Some(c) if c.run == run.run_id && c.seq == seq => return Ok(Version(c.etag)),
+                Some(c) if c.run == run.run_id && attempt < CONFLICT_RETRIES => expect = Some(c.etag),
+                _ if !refused => return Err(SaveError::Failed(self.denied(err))),
+                _ => return Err(SaveError::Conflict { found: self.describe_current(&key).await }),
             }
         }
         unreachable!("the loop returns")
     }
 
-    /// The current object's ETag when this run wrote it with this sequence number.
-    async fn own_write(&self, key: &str, run: &RunInfo, seq: &str) -> Result<Option<Version>> {
+    /// The current state object's ETag and the run and sequence number that wrote it.
+    async fn current(&self, key: &str) -> Result<Option<Written>> {
         let head = match self.client.head_object().bucket(&self.url.bucket).key(key).send().aws(&self.region).await {
             Ok(h) => h,
             Err(e) if e.is_not_found() => return Ok(None),
             Err(e) => return Err(self.denied(e)),
         };
         let meta = head.metadata();
-        let get = |k: &str| meta.and_then(|m| m.get(k)).map(String::as_str);
-        Ok((get("pgdr-run") == Some(&run.run_id) && get("pgdr-seq") == Some(seq)).then(|| Version(head.e_tag().unwrap_or_default().to_owned())))
+        let get = |k: &str| meta.and_then(|m| m.get(k)).cloned().unwrap_or_default();
+        Ok(Some(Written { etag: head.e_tag().unwrap_or_default().to_owned(), run: get("pgdr-run"), seq: get("pgdr-seq") }))
     }
 
     /// Who wrote the current object, for a lost race's message.
@@ -234,7 +269,9 @@ impl S3Backend {
             match self.client.delete_object().bucket(&self.url.bucket).key(&key).if_match(&expected.0).send().aws(&self.region).await {
                 Ok(_) => return Ok(()),
                 Err(e) if e.is_not_found() => return Ok(()),
-                Err(e) if e.kind() == Kind::PreconditionFailed => return Err(SaveError::Conflict { found: self.describe_current(&key).await }),
+                Err(e) if e.kind() == Kind::PreconditionFailed => {
+                    return Err(SaveError::Conflict { found: self.describe_current(&key).await })
+                }
                 Err(e) if e.kind() == Kind::Throttled && attempt < CONFLICT_RETRIES => backoff(attempt).await,
                 Err(e) => return Err(SaveError::Failed(self.denied(e))),
             }
@@ -287,6 +324,11 @@ impl S3Backend {
                     }
                 }
                 Err(e) if e.kind() == Kind::Throttled && attempt < CONFLICT_RETRIES => backoff(attempt).await,
+                // No answer: the lock may be ours already.
+                Err(e) if e.is_unreachable() => match self.read_lock(env).await? {
+                    Some((h, etag)) if h.run_id == run.run_id => break etag,
+                    _ => return Err(e.into()),
+                },
                 Err(e) => return Err(self.denied(e)),
             }
             attempt += 1;
@@ -368,20 +410,45 @@ impl S3Backend {
             .aws(&self.region)
             .await
             .map_err(|e| self.denied(e))?;
-        let fmt = |t: Option<&aws_smithy_types::DateTime>| t.and_then(|t| t.fmt(aws_smithy_types::date_time::Format::DateTime).ok()).unwrap_or_default();
+        let fmt = |t: Option<&aws_smithy_types::DateTime>| {
+            t.and_then(|t| t.fmt(aws_smithy_types::date_time::Format::DateTime).ok()).unwrap_or_default()
+        };
         let mut entries: Vec<HistoryEntry> = Vec::new();
         for v in out.versions().iter().filter(|v| v.key() == Some(key.as_str())) {
             let version = v.version_id().unwrap_or("null").to_owned();
-            entries.push(HistoryEntry { version, at: fmt(v.last_modified()), who: String::new(), command: String::new(), latest: v.is_latest() == Some(true), deleted: false });
+            entries.push(HistoryEntry {
+                version,
+                at: fmt(v.last_modified()),
+                who: String::new(),
+                command: String::new(),
+                latest: v.is_latest() == Some(true),
+                deleted: false,
+            });
         }
         for d in out.delete_markers().iter().filter(|d| d.key() == Some(key.as_str())) {
             let version = d.version_id().unwrap_or("null").to_owned();
-            entries.push(HistoryEntry { version, at: fmt(d.last_modified()), who: String::new(), command: String::from("(deleted)"), latest: d.is_latest() == Some(true), deleted: true });
+            entries.push(HistoryEntry {
+                version,
+                at: fmt(d.last_modified()),
+                who: String::new(),
+                command: String::from("(deleted)"),
+                latest: d.is_latest() == Some(true),
+                deleted: true,
+            });
         }
         entries.sort_by(|a, b| b.at.cmp(&a.at).then(b.latest.cmp(&a.latest)));
         entries.truncate(limit);
         for e in entries.iter_mut().filter(|e| !e.deleted) {
-            let head = self.client.head_object().bucket(&self.url.bucket).key(&key).version_id(&e.version).send().aws(&self.region).await.map_err(|e| self.denied(e))?;
+            let head = self
+                .client
+                .head_object()
+                .bucket(&self.url.bucket)
+                .key(&key)
+                .version_id(&e.version)
+                .send()
+                .aws(&self.region)
+                .await
+                .map_err(|e| self.denied(e))?;
             if let Some(m) = head.metadata() {
                 e.who = m.get("pgdr-who").cloned().unwrap_or_default();
                 e.command = m.get("pgdr-command").cloned().unwrap_or_default();
@@ -394,9 +461,17 @@ impl S3Backend {
         let key = self.key(env, "json");
         let (bytes, _) = match self.get(&key, Some(version)).await {
             Ok(Some(x)) => x,
-            Ok(None) => return Err(Error::user(format!("version {version} of s3://{}/{key} does not exist; see `pgdr state history --env {env}`", self.url.bucket))),
+            Ok(None) => {
+                return Err(Error::user(format!(
+                    "version {version} of s3://{}/{key} does not exist; see `pgdr state history --env {env}`",
+                    self.url.bucket
+                )))
+            }
             Err(Error::Aws(e)) if e.code.as_deref() == Some("InvalidArgument") => {
-                return Err(Error::user(format!("{version:?} is not a version of s3://{}/{key}; see `pgdr state history --env {env}`", self.url.bucket)))
+                return Err(Error::user(format!(
+                    "{version:?} is not a version of s3://{}/{key}; see `pgdr state history --env {env}`",
+                    self.url.bucket
+                )))
             }
             Err(e) => return Err(e),
         };

@@ -17,12 +17,12 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
+use crate::backend::{Backend, Location, Lock, RunInfo};
 use crate::clients::{self, Connection};
 use crate::config::{self, Env, Overrides};
 use crate::cx::{Cx, Options};
 use crate::error::{Error, Exit, Result};
 use crate::exec::{self, Cancel, Mode};
-use crate::backend::{Backend, Location, Lock, RunInfo};
 use crate::state::{self, Store};
 
 /// The commands, as results name them.

@@ -253,11 +253,7 @@ pub async fn adopt(t: &Target, progress: &dyn Progress, cancel: &Cancel) -> Resu
             }
         }
     })?;
-    let cx = if swapped {
-        reopen(t, &cx, Mode::Adopt, cancel).await?
-    } else {
-        cx
-    };
+    let cx = if swapped { reopen(t, &cx, Mode::Adopt, cancel).await? } else { cx };
     // A walk that changes nothing in AWS and records what it finds.
     let report = exec::execute(&graph()?, &cx, Direction::Up, cx.mode, progress, cancel).await;
     drop(lock);

@@ -17,7 +17,13 @@ impl Report for backend::InitResult {
 
 /// `state init s3://BUCKET[/PREFIX]`: the bucket, made fit for state, in `region` (the DR region
 /// of the config's defaults unless given).
-pub async fn init(url: &str, conn: &Connection, config: Option<&std::path::Path>, region: Option<&str>, kms_key: Option<&str>) -> Result<backend::InitResult> {
+pub async fn init(
+    url: &str,
+    conn: &Connection,
+    config: Option<&std::path::Path>,
+    region: Option<&str>,
+    kms_key: Option<&str>,
+) -> Result<backend::InitResult> {
     let Location::S3(url) = Location::parse(url)? else {
         return Err(Error::user(format!("`state init` prepares an S3 bucket: give s3://BUCKET (not {url:?})")));
     };
@@ -87,7 +93,9 @@ pub async fn restore(t: &Target, version: &str, operator: &dyn Operator) -> Resu
 fn save(backend: &Backend, state: &crate::state::State, expected: Option<&backend::Version>, run: &RunInfo) -> Result<backend::Version> {
     match backend.save(state, expected, run, 1) {
         Ok(v) => Ok(v),
-        Err(SaveError::Conflict { found }) => Err(Error::failed(format!("{found} while this command ran; nothing was overwritten: run it again"))),
+        Err(SaveError::Conflict { found }) => {
+            Err(Error::failed(format!("{found} while this command ran; nothing was overwritten: run it again")))
+        }
         Err(SaveError::Failed(e)) => Err(e),
     }
 }
@@ -142,5 +150,11 @@ pub async fn migrate(t: &Target, to: &Location) -> Result<MigrateResult> {
     }
     let stamp = crate::state::now_rfc3339().replace([':', '-'], "");
     let old_copy = src.set_aside(name, &format!("migrated-{stamp}"), &loaded.version).await?;
-    Ok(MigrateResult { env: name.to_owned(), from: src.state_name(name), to: dst.state_name(name), resources: loaded.state.resources.len(), old_copy })
+    Ok(MigrateResult {
+        env: name.to_owned(),
+        from: src.state_name(name),
+        to: dst.state_name(name),
+        resources: loaded.state.resources.len(),
+        old_copy,
+    })
 }

@@ -106,6 +106,10 @@ pub struct EnvSummary {
     pub updated_at: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub locked_by: Option<String>,
+    /// Seconds since the lock's holder was last heard of (its heartbeat): a large figure means
+    /// a stale lock.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lock_silent_s: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
@@ -133,7 +137,8 @@ pub async fn list_envs(t: &Target) -> Result<EnvList> {
     let backend = t.backend(None).await?;
     let mut environments = Vec::new();
     for name in backend.envs().await? {
-        let locked_by = backend.read_lock(&name).await.ok().flatten().map(|l| l.holder());
+        let lock = backend.read_lock(&name).await.ok().flatten();
+        let (locked_by, lock_silent_s) = (lock.as_ref().map(|l| l.holder()), lock.as_ref().and_then(|l| l.silent_for()));
         match backend.read(&name).await {
             Ok(Some(l)) => environments.push(EnvSummary {
                 env: name,
@@ -141,6 +146,7 @@ pub async fn list_envs(t: &Target) -> Result<EnvList> {
                 writer_region: l.state.topology.writer_region,
                 updated_at: l.state.updated_at,
                 locked_by,
+                lock_silent_s,
                 error: None,
             }),
             Ok(None) => {}
@@ -150,6 +156,7 @@ pub async fn list_envs(t: &Target) -> Result<EnvList> {
                 writer_region: String::new(),
                 updated_at: String::new(),
                 locked_by,
+                lock_silent_s,
                 error: Some(e.to_string()),
             }),
         }
@@ -225,7 +232,10 @@ pub async fn unlock(t: &Target, operator: &dyn Operator) -> Result<UnlockResult>
     let backend = t.backend(None).await?;
     let env = t.env.as_str();
     let confirm = |h: &LockInfo| {
-        let silent = h.silent_for().map(|s| format!(", last heard of {} ago", crate::wait::human(std::time::Duration::from_secs(s)))).unwrap_or_default();
+        let silent = h
+            .silent_for()
+            .map(|s| format!(", last heard of {} ago", crate::wait::human(std::time::Duration::from_secs(s))))
+            .unwrap_or_default();
         let what = format!(
             "The lock of {env} is held by {}{silent}.\nRemove it only if that run is gone: a run still going on would lose its next state write.",
             h.holder()

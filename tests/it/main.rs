@@ -9,3 +9,4 @@ mod network;
 mod ops;
 mod reliability;
 mod snapshots;
+mod team;

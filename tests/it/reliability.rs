@@ -218,7 +218,7 @@ async fn kill_9_anywhere_then_rerun_converges_to_exactly_one_of_each() {
             let o = run.pgdr(&["up", "--env", "dev"]);
             assert_eq!(o.code, 1, "a stale lock must stop the rerun: {o:?}");
             assert!(o.stderr.contains("pgdr unlock"), "{o:?}");
-            run.ok(&["unlock", "--env", "dev"]);
+            run.ok(&["unlock", "--env", "dev", "--yes"]);
         }
         run.ok(&["up", "--env", "dev"]);
         let got = inventory(&emu, "dev").await;

@@ -112,7 +112,7 @@ fn settled_order(text: &str) -> String {
 #[test]
 fn help_texts() {
     check("help", &help(&["--help"]));
-    for cmd in ["plan", "up", "status", "down", "failover", "reprotect", "adopt", "unlock"] {
+    for cmd in ["plan", "up", "status", "down", "failover", "reprotect", "adopt", "unlock", "state"] {
         check(&format!("help-{cmd}"), &help(&[cmd, "--help"]));
     }
 }
