@@ -703,3 +703,91 @@ def test_route53_health_check_alarm_replaces_and_orders_elements():
                                ("DELETE", "/2013-04-01/healthcheck/hc-1", "DeleteHealthCheck"),
                                ("GET", "/2013-04-01/healthcheck/hc-1/status", None)):
         assert awsrules.rest_op_name("route53", method, path) == name
+
+
+# ---------------------------------------------------------------------------------------------
+# S3: the state backend's bucket
+
+def s3_client(emu, region):
+    c = boto3.client("s3", region_name=region, endpoint_url=emu.url, aws_access_key_id="test",
+                     aws_secret_access_key="test",
+                     config=Config(retries={"total_max_attempts": 1, "mode": "standard"}, s3={"addressing_style": "path"}))
+    c.meta.events.register("before-sign", emu._account)
+    return c
+
+
+def new_bucket(emu, region="eu-west-1"):
+    name = f"state-{random.randrange(10**9)}"
+    s3_client(emu, region).create_bucket(Bucket=name, CreateBucketConfiguration={"LocationConstraint": region})
+    return name
+
+
+def raw_s3(emu, method, path, region):
+    import urllib.request
+    auth = f"AWS4-HMAC-SHA256 Credential=test/20260101/{region}/s3/aws4_request, SignedHeaders=host, Signature=0"
+    req = urllib.request.Request(emu.url + path, method=method, headers={"Authorization": auth,
+                                                                        "x-moto-account-id": emu.account})
+    try:
+        with urllib.request.urlopen(req) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def test_s3_requests_signed_for_another_region_are_redirected(emu):
+    emu.only("s3-bucket-region")
+    bucket = new_bucket(emu)
+    status, headers, body = raw_s3(emu, "HEAD", f"/{bucket}", "us-east-1")
+    assert (status, headers.get("x-amz-bucket-region"), body) == (301, "eu-west-1", b"")
+    status, headers, body = raw_s3(emu, "GET", f"/{bucket}/k", "us-east-1")
+    assert status == 301 and b"<Code>PermanentRedirect</Code>" in body and headers.get("x-amz-bucket-region") == "eu-west-1"
+    assert raw_s3(emu, "HEAD", f"/{bucket}", "eu-west-1")[0] == 200
+    emu.config(rules_off=["all"])
+    assert raw_s3(emu, "HEAD", f"/{bucket}", "us-east-1")[0] == 200  # moto: any region serves any bucket
+
+
+def test_s3_tls_only_bucket_policy_denies_nothing_over_https(emu):
+    emu.only("s3-secure-transport")
+    bucket = new_bucket(emu)
+    s3 = s3_client(emu, "eu-west-1")
+    policy = json.dumps({"Version": "2012-10-17", "Statement": [{
+        "Sid": "DenyWithoutTLS", "Effect": "Deny", "Principal": "*", "Action": "s3:*",
+        "Resource": [f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/*"],
+        "Condition": {"Bool": {"aws:SecureTransport": "false"}}}]})
+    s3.put_bucket_policy(Bucket=bucket, Policy=policy)
+    s3.put_object(Bucket=bucket, Key="k", Body=b"v")
+    assert s3.get_object(Bucket=bucket, Key="k")["Body"].read() == b"v"
+    assert json.loads(s3.get_bucket_policy(Bucket=bucket)["Policy"]) == json.loads(policy)
+    # moto alone ignores the condition and denies everything under that policy.
+    emu.config(rules_off=["all"])
+    other = new_bucket(emu)
+    s3.put_bucket_policy(Bucket=other, Policy=policy.replace(bucket, other))
+    with pytest.raises(botocore.exceptions.ClientError) as e:
+        s3.put_object(Bucket=other, Key="k", Body=b"v")
+    assert e.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+
+
+def test_s3_first_conditional_write_on_a_key_conflicts_once(emu):
+    emu.only("s3-conditional-conflict")
+    bucket = new_bucket(emu)
+    s3 = s3_client(emu, "eu-west-1")
+    with pytest.raises(botocore.exceptions.ClientError) as e:
+        s3.put_object(Bucket=bucket, Key="env.lock", Body=b"a", IfNoneMatch="*")
+    assert error_of(e)[:2] == (409, "ConditionalRequestConflict")
+    etag = s3.put_object(Bucket=bucket, Key="env.lock", Body=b"a", IfNoneMatch="*")["ETag"]
+    with pytest.raises(botocore.exceptions.ClientError) as e:
+        s3.put_object(Bucket=bucket, Key="env.lock", Body=b"b", IfNoneMatch="*")
+    assert error_of(e)[:2] == (412, "PreconditionFailed")
+    s3.put_object(Bucket=bucket, Key="plain", Body=b"x")  # unconditional writes never conflict
+    s3.put_object(Bucket=bucket, Key="plain", Body=b"y")
+    s3.delete_object(Bucket=bucket, Key="env.lock", IfMatch=etag)
+
+
+def test_s3_get_bucket_versioning_answers_the_documented_root(emu):
+    emu.only("s3-response-shapes")
+    bucket = new_bucket(emu)
+    s3_client(emu, "eu-west-1").put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    status, _, body = raw_s3(emu, "GET", f"/{bucket}?versioning", "eu-west-1")
+    assert status == 200 and b"<VersioningConfiguration" in body and b"<Status>Enabled</Status>" in body
+    emu.config(rules_off=["all"])
+    assert b"<GetBucketVersioningResponse" in raw_s3(emu, "GET", f"/{bucket}?versioning", "eu-west-1")[2]
