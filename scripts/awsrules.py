@@ -1184,6 +1184,61 @@ class SecretsReplication(Rule):
         return ans.copy(json.dumps(obj).encode()) if changed else ans
 
 
+class LambdaCodeLocation(Rule):
+    """GetFunction answers `Code.Location`, a presigned URL from which the deployment package can
+    be downloaded (moto gives none for a package uploaded as `ZipFile`). Here the URL is the
+    proxy's `/__proxy/lambda-code/<account>/<region>/<function>`, serving the last package
+    CreateFunction or UpdateFunctionCode uploaded: what the DR harness runs is the code pgdr
+    deployed, read back as one would from AWS.
+
+    AWS: "GetFunction (AWS Lambda API Reference): Code" https://docs.aws.amazon.com/lambda/latest/api/API_GetFunction.html
+    AWS: "FunctionCodeLocation: Location, a presigned URL" https://docs.aws.amazon.com/lambda/latest/api/API_FunctionCodeLocation.html
+    """
+    name = "lambda-code-location"
+
+    def reset(self):
+        self.packages = {}  # (account, region, function) -> zip bytes
+
+    def package(self, account, region, name):
+        with self.e.lock:
+            return self.packages.get((account, region, name))
+
+    def after(self, call, ans):
+        if call.service != "lambda" or not ans.ok:
+            return ans
+        m = re.match(r"^/2015-03-31/functions/([^/]+)", call.url_path)
+        if call.name == "CreateFunction":
+            req = call.json()
+            zipped = (req.get("Code") or {}).get("ZipFile")
+            key = (call.account, call.region, lambda_function_name(req.get("FunctionName", "")))
+        elif call.name == "UpdateFunctionCode" and m:
+            zipped = call.json().get("ZipFile")
+            key = (call.account, call.region, lambda_function_name(m.group(1)))
+        elif call.name == "DeleteFunction" and m:
+            with self.e.lock:
+                self.packages.pop((call.account, call.region, lambda_function_name(m.group(1))), None)
+            return ans
+        elif call.name == "GetFunction" and m:
+            name = lambda_function_name(m.group(1))
+            if self.package(call.account, call.region, name) is None:
+                return ans
+            try:
+                obj = json.loads(ans.body)
+            except ValueError:
+                return ans
+            host = call.headers.get("Host") or "127.0.0.1"
+            obj["Code"] = {"RepositoryType": "S3",
+                           "Location": f"http://{host}/__proxy/lambda-code/{call.account}/{call.region}/{name}"}
+            return ans.copy(json.dumps(obj).encode())
+        else:
+            return ans
+        if zipped:
+            import base64
+            with self.e.lock:
+                self.packages[key] = base64.b64decode(zipped)
+        return ans
+
+
 def s3_bucket_key(call):
     """(bucket, key) of a path-style S3 request; key is '' for a bucket request."""
     parts = call.url_path.lstrip("/").split("/", 1)
@@ -1346,11 +1401,12 @@ class S3ConditionalConflict(Rule):
 
 RULES = [Throttling, PriorRequestNotComplete, Route53HealthCheckAlarm, Ec2ClientToken, Ec2EventualConsistency,
          Ec2PeeringLateInAccepter, IamPropagation, LambdaVpcEnis, RdsStateMachine, RdsEngineRules,
-         SecretsReplication, S3BucketRegion, S3SecureTransport, S3ConditionalConflict, S3ResponseShapes]
+         SecretsReplication, S3BucketRegion, S3SecureTransport, S3ConditionalConflict, S3ResponseShapes,
+         LambdaCodeLocation]
 # answers are rewritten in this order; the client-token cache keeps the final answer
 AFTER_ORDER = ["prior-request-not-complete", "route53-health-check-alarm", "ec2-eventual-consistency",
                "ec2-peering-late-in-accepter", "iam-propagation", "lambda-vpc-enis", "secrets-replication",
-               "s3-response-shapes", "s3-secure-transport", "ec2-client-token"]
+               "s3-response-shapes", "s3-secure-transport", "lambda-code-location", "ec2-client-token"]
 
 
 # ---------------------------------------------------------------------------------------------

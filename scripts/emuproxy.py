@@ -244,6 +244,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 ENGINE.rds.force((req.get("account", ""), req["region"], req["id"]), req.get("status"),
                                  req.get("for_s"))
                 return self.reply_json({"ok": True})
+            if path.startswith("/__proxy/lambda-code/") and self.command == "GET":
+                account, region, name = path[len("/__proxy/lambda-code/"):].split("/", 2)
+                data = ENGINE.rules["lambda-code-location"].package(account, region, name)
+                if data is None:
+                    return self.reply_json({"error": f"no package uploaded for {region}/{name}"}, 404)
+                return self.reply(200, data, [("Content-Type", "application/zip")])
             if path == "/__proxy/rules" and self.command == "GET":
                 ENGINE.sweep()
                 return self.reply_json(ENGINE.describe())

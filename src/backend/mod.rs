@@ -132,7 +132,7 @@ pub struct RunInfo {
 impl RunInfo {
     pub fn this_process(command: &str) -> RunInfo {
         RunInfo {
-            who: std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_else(|_| "unknown".into()),
+            who: std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_else(|_| user_name()),
             host: hostname(),
             pid: std::process::id(),
             command: command.to_owned(),
@@ -404,6 +404,19 @@ pub fn release_held_locks() {
     let held = std::mem::take(&mut *HELD.lock().unwrap_or_else(|p| p.into_inner()));
     for (_, release) in held {
         release();
+    }
+}
+
+/// The name of this process's user, from the password database.
+fn user_name() -> String {
+    // SAFETY: getpwuid returns a pointer into static storage (or null); the name is copied out at
+    // once, before any other call could overwrite it.
+    unsafe {
+        let pw = libc::getpwuid(libc::getuid());
+        if pw.is_null() || (*pw).pw_name.is_null() {
+            return format!("uid {}", libc::getuid());
+        }
+        std::ffi::CStr::from_ptr((*pw).pw_name).to_string_lossy().into_owned()
     }
 }
 

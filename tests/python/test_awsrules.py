@@ -791,3 +791,23 @@ def test_s3_get_bucket_versioning_answers_the_documented_root(emu):
     assert status == 200 and b"<VersioningConfiguration" in body and b"<Status>Enabled</Status>" in body
     emu.config(rules_off=["all"])
     assert b"<GetBucketVersioningResponse" in raw_s3(emu, "GET", f"/{bucket}?versioning", "eu-west-1")[2]
+
+
+def test_get_function_gives_a_location_to_download_the_uploaded_package(emu):
+    import urllib.request
+    emu.only("lambda-code-location")
+    lam = emu.client("lambda", "eu-west-1")
+    role = emu.role(f"r{random.randrange(10**6)}")
+    create_function(lam, "fn", role)
+    loc = lam.get_function(FunctionName="fn")["Code"]["Location"]
+    with urllib.request.urlopen(loc) as r:
+        assert r.read() == ZIP.getvalue()
+    second = io.BytesIO()
+    with zipfile.ZipFile(second, "w") as z:
+        z.writestr("h.py", "def h(event, context):\n    return 2\n")
+    lam.update_function_code(FunctionName="fn", ZipFile=second.getvalue())
+    with urllib.request.urlopen(lam.get_function(FunctionName="fn")["Code"]["Location"]) as r:
+        assert r.read() == second.getvalue()
+    emu.config(rules_off=["all"])
+    assert "Location" not in lam.get_function(FunctionName="fn").get("Code", {}) or \
+        not lam.get_function(FunctionName="fn")["Code"]["Location"].startswith(emu.url)
