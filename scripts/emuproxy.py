@@ -11,6 +11,7 @@ Control API under /__proxy/ (JSON in and out):
   GET  /__proxy/config          current config (JSON)
   POST /__proxy/config          merge a JSON object of any config keys; returns the new config
                                 (faults: fail_rate, drop_rate, seed, fault_ops = only these ops,
+                                blackhole_regions = every call to these regions goes unanswered,
                                 fault_skip_ops = never these ops, fault_services = only these
                                 services, fault_mutating_only)
   GET  /__proxy/calls           recorded calls (JSON list); each has t (request received) and
@@ -45,7 +46,8 @@ lock = threading.RLock()
 answered = threading.Condition(lock)  # notified when a recorded call gets its t_end
 CONFIG = {"record": None, "latency_ms": 0.0, "fail_rate": 0.0, "drop_rate": 0.0, "seed": None,
           "fault_ops": None, "fault_skip_ops": None, "fault_services": None, "fault_mutating_only": False, "kill_after": None, "rds_hold": None,
-          "rules_off": [], "rules_time_scale": 1.0, "rules_params": {}, "throttle": None}
+          "rules_off": [], "rules_time_scale": 1.0, "rules_params": {}, "throttle": None,
+          "blackhole_regions": None, "blackhole_s": 0.5}
 STATE = {"calls": [], "seq": 0, "kill_count": 0, "rng": random.Random(),
          "moto_port": None, "stopping": False}
 
@@ -72,6 +74,10 @@ def set_config(new):
                 STATE["rng"] = random.Random(v)
             elif k == "fault_skip_ops":
                 v = None if v is None else [str(x) for x in v]
+            elif k == "blackhole_regions":
+                v = None if v is None else [str(x) for x in v]
+            elif k == "blackhole_s":
+                v = float(v)
             elif k in ("fault_ops", "fault_services"):
                 v = None if v is None else [str(x) for x in v]
             elif k == "fault_mutating_only":
@@ -286,6 +292,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if cfg["latency_ms"] > 0:
             time.sleep(cfg["latency_ms"] / 1000.0)
         entry = {"t": t, "service": service, "region": region, "op": op, "mutating": mutating, "rule": None}
+        if region and region in (cfg["blackhole_regions"] or []):
+            # A lost region: the request goes nowhere; after blackhole_s the connection is reset
+            # (a client's timeout, shortened so that tests stay fast).
+            rec = record({**entry, "status": None, "fault": "blackhole"})
+            time.sleep(cfg["blackhole_s"])
+            self.close_connection = True
+            try:
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.connection.close()
+            finally:
+                finish(rec)
+            return
         if fault == "503":
             err, headers = error_body(is_json)
             rec = record({**entry, "status": 503, "fault": "503"})

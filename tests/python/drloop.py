@@ -1,0 +1,429 @@
+"""AWS's control loop, played over what pgdr deployed to the emulator, on a scaled clock.
+
+Nothing here comes from the repository: the schedules, functions (the packages pgdr uploaded,
+downloaded through GetFunction's `Code.Location`), their environments, the alarms, the health
+checks and the records are read back from the emulator, and the loop does with them what AWS
+does:
+
+- EventBridge: a rule's `rate(N minutes)` schedule invokes its Lambda targets (with the rule's
+  `Input`, else a scheduled-event shape) while the rule is ENABLED.
+- Lambda: the handler runs in-process with the environment pgdr gave the function (and the
+  emulator's endpoint); each invocation counts in `AWS/Lambda` `Invocations` and, when it
+  raises, `Errors` (dimension `FunctionName`), as Lambda publishes them.
+- CloudWatch: the handlers' `PutMetricData` datapoints are recorded at emulated time. Every
+  emulated minute each alarm is evaluated as CloudWatch does: the statistic of each of the last
+  `EvaluationPeriods` periods, `DatapointsToAlarm` of them breaching to alarm, missing periods
+  treated per `TreatMissingData`; a state change fires its actions (SNS publishes recorded,
+  Lambda functions invoked with the alarm-event shape).
+- Route 53: a `CLOUDWATCH_METRIC` health check is healthy while its alarm is OK, per
+  `InsufficientDataHealthStatus` while the alarm has no data, inverted if `Inverted`; the
+  resolver answers a name by weighted routing with health: unhealthy records out, weight-0
+  records only when no healthy record has weight, every record when none is healthy (fail open).
+
+The database network is the harness's: an instance's endpoint (as RDS answers it) reaches the
+local PostgreSQL cluster standing behind it, unless a fault cuts it.
+"""
+import contextlib
+import importlib.util
+import io
+import json
+import re
+import socket
+import sys
+import threading
+import time
+import urllib.request
+import zipfile
+from dataclasses import dataclass, field
+
+import boto3
+from botocore.config import Config
+
+MINUTE = 60.0
+
+
+class Clock:
+    """Emulated seconds since the start, `scale` emulated seconds per real second."""
+
+    def __init__(self, scale):
+        self.scale, self.t0 = float(scale), time.monotonic()
+
+    def now(self):
+        return (time.monotonic() - self.t0) * self.scale
+
+    def of_real(self, mono):
+        """The emulated time of a `time.monotonic()` reading."""
+        return (mono - self.t0) * self.scale
+
+    def sleep_until(self, t):
+        delay = (t - self.now()) / self.scale
+        if delay > 0:
+            time.sleep(delay)
+
+
+# ---------------------------------------------------------------------------------------------
+# CloudWatch
+
+def dims_key(dims):
+    return tuple(sorted((d["Name"], d["Value"]) for d in dims or []))
+
+
+class Metrics:
+    """Datapoints by (namespace, metric, dimensions), at emulated times."""
+
+    def __init__(self):
+        self.points, self.lock = {}, threading.Lock()
+
+    def put(self, namespace, name, dims, t, value):
+        with self.lock:
+            self.points.setdefault((namespace, name, dims_key(dims)), []).append((t, float(value)))
+
+    def window(self, namespace, name, dims, start, end):
+        with self.lock:
+            return [v for t, v in self.points.get((namespace, name, dims_key(dims)), []) if start <= t < end]
+
+
+STATISTICS = {"Sum": sum, "Maximum": max, "Minimum": min, "SampleCount": len,
+              "Average": lambda vs: sum(vs) / len(vs)}
+COMPARE = {"GreaterThanOrEqualToThreshold": lambda v, t: v >= t, "GreaterThanThreshold": lambda v, t: v > t,
+           "LessThanThreshold": lambda v, t: v < t, "LessThanOrEqualToThreshold": lambda v, t: v <= t}
+
+
+@dataclass
+class Alarm:
+    name: str
+    region: str
+    namespace: str
+    metric: str
+    dims: list
+    statistic: str
+    period: int
+    evaluation_periods: int
+    datapoints_to_alarm: int
+    threshold: float
+    comparison: str
+    treat_missing: str
+    actions: dict  # state -> [ARN]
+    state: str = "INSUFFICIENT_DATA"
+    changes: list = field(default_factory=list)  # (t, new state)
+
+    @classmethod
+    def of(cls, a, region):
+        return cls(name=a["AlarmName"], region=region, namespace=a["Namespace"], metric=a["MetricName"],
+                   dims=a.get("Dimensions") or [], statistic=a["Statistic"], period=int(a["Period"]),
+                   evaluation_periods=int(a["EvaluationPeriods"]),
+                   datapoints_to_alarm=int(a.get("DatapointsToAlarm") or a["EvaluationPeriods"]),
+                   threshold=float(a["Threshold"]), comparison=a["ComparisonOperator"],
+                   treat_missing=a.get("TreatMissingData") or "missing",
+                   actions={"ALARM": a.get("AlarmActions") or [], "OK": a.get("OKActions") or [],
+                            "INSUFFICIENT_DATA": a.get("InsufficientDataActions") or []})
+
+    def evaluate(self, metrics, now):
+        """The state CloudWatch gives the alarm at `now` (the current period still open)."""
+        end = now - (now % self.period)
+        verdicts = []  # per period, newest first: True breaching, False not, None missing
+        for i in range(self.evaluation_periods):
+            hi = end - i * self.period
+            values = metrics.window(self.namespace, self.metric, self.dims, hi - self.period, hi)
+            if not values:
+                verdicts.append(None)
+            else:
+                verdicts.append(COMPARE[self.comparison](STATISTICS[self.statistic](values), self.threshold))
+        if self.treat_missing == "breaching":
+            verdicts = [True if v is None else v for v in verdicts]
+        elif self.treat_missing == "notBreaching":
+            verdicts = [False if v is None else v for v in verdicts]
+        present = [v for v in verdicts if v is not None]
+        if not present:
+            # `ignore` keeps the current state; `missing` goes to INSUFFICIENT_DATA.
+            return self.state if self.treat_missing == "ignore" else "INSUFFICIENT_DATA"
+        if sum(present) >= self.datapoints_to_alarm:
+            return "ALARM"
+        if len(present) < self.datapoints_to_alarm and self.treat_missing == "ignore":
+            return self.state
+        return "OK"
+
+
+@dataclass
+class HealthCheck:
+    id: str
+    alarm: tuple  # (region, name)
+    insufficient: str  # Healthy | Unhealthy | LastKnownStatus
+    inverted: bool
+    healthy: bool = True
+
+    def update(self, alarm_state):
+        if alarm_state == "INSUFFICIENT_DATA":
+            h = {"Healthy": True, "Unhealthy": False}.get(self.insufficient, self.healthy)
+        else:
+            h = alarm_state == "OK"
+        self.healthy = (not h) if self.inverted and alarm_state != "INSUFFICIENT_DATA" else h
+        return self.healthy
+
+
+# ---------------------------------------------------------------------------------------------
+# Route 53
+
+@dataclass
+class Record:
+    name: str
+    set_id: str
+    weight: int
+    value: str
+    ttl: int
+    health_check: str
+
+
+def weighted_answer(records, healthy):
+    """Route 53's weighted routing with health checks: the record it answers with (the heaviest
+    of those it may pick, so that answers are deterministic)."""
+    ok = [r for r in records if not r.health_check or healthy.get(r.health_check, True)]
+    pool = ok or records  # all unhealthy: Route 53 considers them all healthy
+    weighted = [r for r in pool if r.weight > 0]
+    pool = weighted or pool  # only weight 0 left: equal probability among them
+    return max(pool, key=lambda r: (r.weight, r.set_id)) if pool else None
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+class Network:
+    """How the DR VPC (and the application) reach the databases: endpoint host -> (host, port)
+    of a local cluster. `cut(host)` makes a host unreachable (time out)."""
+
+    def __init__(self):
+        self.routes, self.down, self.lock = {}, set(), threading.Lock()
+        self._orig = socket.create_connection
+
+    def route(self, endpoint, addr):
+        with self.lock:
+            self.routes[endpoint] = addr
+
+    def cut(self, endpoint):
+        with self.lock:
+            self.down.add(endpoint)
+
+    def heal(self, endpoint):
+        with self.lock:
+            self.down.discard(endpoint)
+
+    def target(self, endpoint):
+        with self.lock:
+            if endpoint in self.down:
+                return None
+            return self.routes.get(endpoint)
+
+    @contextlib.contextmanager
+    def installed(self):
+        """Handlers' `socket.create_connection` go through this network while inside."""
+        orig = self._orig
+
+        def create_connection(address, timeout=None, *args, **kw):
+            host, port = address
+            with self.lock:
+                known = host in self.routes
+            if not known:
+                return orig(address, timeout, *args, **kw)
+            addr = self.target(host)
+            if addr is None:
+                time.sleep(min(timeout or 1.0, 0.2))
+                raise socket.timeout(f"timed out connecting to {host}:{port}")
+            return orig(addr, timeout, *args, **kw)
+
+        socket.create_connection = create_connection
+        try:
+            yield self
+        finally:
+            socket.create_connection = orig
+
+
+class Loop:
+    def __init__(self, endpoint, env, regions=("us-east-1", "eu-west-1"), scale=30.0, network=None):
+        self.endpoint, self.env, self.regions = endpoint, env, regions
+        self.clock, self.metrics, self.network = Clock(scale), Metrics(), network or Network()
+        self.invocations, self.published, self.events = [], [], []
+        self.alarms, self.health, self.functions, self.schedules = {}, {}, {}, []
+        self.next_fire = {}
+        self.lock = threading.Lock()
+        self.cfg = Config(retries={"total_max_attempts": 2, "mode": "standard"}, connect_timeout=2, read_timeout=5)
+
+    def client(self, service, region="us-east-1"):
+        return boto3.client(service, region_name=region, endpoint_url=self.endpoint, aws_access_key_id="test",
+                            aws_secret_access_key="test", config=self.cfg)
+
+    def event(self, what, **kw):
+        with self.lock:
+            self.events.append({"t": self.clock.now(), "what": what, **kw})
+
+    # --- what pgdr deployed ------------------------------------------------------------------
+    def discover(self):
+        prefix = f"pgdr-{self.env}"
+        self.alarms, self.schedules = {}, []
+        for region in self.regions:
+            cw = self.client("cloudwatch", region)
+            for a in cw.describe_alarms(AlarmNamePrefix=prefix)["MetricAlarms"]:
+                alarm = Alarm.of(a, region)
+                old = self.alarms.get((region, alarm.name))
+                if old:
+                    alarm.state, alarm.changes = old.state, old.changes
+                self.alarms[(region, alarm.name)] = alarm
+            ev = self.client("events", region)
+            for rule in ev.list_rules(NamePrefix=prefix)["Rules"]:
+                m = re.match(r"rate\((\d+) minutes?\)", rule.get("ScheduleExpression") or "")
+                if not m or rule.get("State") != "ENABLED":
+                    continue
+                for t in ev.list_targets_by_rule(Rule=rule["Name"])["Targets"]:
+                    self.schedules.append({"rule": rule["Name"], "every": int(m.group(1)) * MINUTE,
+                                           "arn": t["Arn"], "input": t.get("Input")})
+            lam = self.client("lambda", region)
+            for f in lam.list_functions()["Functions"]:
+                if f["FunctionName"].startswith(prefix):
+                    self.functions[f["FunctionArn"]] = self.load_function(lam, f["FunctionName"], region)
+        r53 = self.client("route53")
+        self.health = {}
+        for hc in r53.list_health_checks()["HealthChecks"]:
+            c = hc["HealthCheckConfig"]
+            if c.get("Type") != "CLOUDWATCH_METRIC":
+                continue
+            ai = c["AlarmIdentifier"]
+            old = self.health.get(hc["Id"])
+            self.health[hc["Id"]] = HealthCheck(hc["Id"], (ai["Region"], ai["Name"]),
+                                                c.get("InsufficientDataHealthStatus", "LastKnownStatus"),
+                                                bool(c.get("Inverted")), old.healthy if old else True)
+        zones = [z for z in r53.list_hosted_zones()["HostedZones"] if z["Name"].startswith(f"db-{self.env}.")]
+        self.zone = zones[0]["Name"] if zones else None
+        self.records = {}
+        for z in zones:
+            for rr in r53.list_resource_record_sets(HostedZoneId=z["Id"])["ResourceRecordSets"]:
+                if rr["Type"] != "CNAME":
+                    continue
+                self.records.setdefault(rr["Name"], []).append(Record(
+                    rr["Name"], rr.get("SetIdentifier", ""), int(rr.get("Weight", 1)),
+                    rr["ResourceRecords"][0]["Value"], int(rr.get("TTL", 60)), rr.get("HealthCheckId", "")))
+        return self
+
+    def load_function(self, lam, name, region):
+        f = lam.get_function(FunctionName=name)
+        conf = f["Configuration"]
+        with urllib.request.urlopen(f["Code"]["Location"], timeout=10) as r:
+            package = r.read()
+        module_name, func = conf["Handler"].rsplit(".", 1)
+        with zipfile.ZipFile(io.BytesIO(package)) as z:
+            source = z.read(f"{module_name}.py").decode()
+        return {"name": name, "region": region, "module": module_name, "func": func, "source": source,
+                "env": (conf.get("Environment") or {}).get("Variables") or {}, "timeout": conf.get("Timeout", 3)}
+
+    # --- Lambda ------------------------------------------------------------------------------
+    def invoke(self, arn, event, why):
+        fn = self.functions.get(arn)
+        if fn is None:
+            self.event("invoke-missing", arn=arn, why=why)
+            return None
+        t = self.clock.now()
+        env = {**fn["env"], "AWS_REGION": fn["region"], "AWS_DEFAULT_REGION": fn["region"],
+               "AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}
+        spec = importlib.util.spec_from_loader(f"deployed_{fn['name'].replace('-', '_')}", loader=None)
+        module = importlib.util.module_from_spec(spec)
+        saved = {k: __import__("os").environ.get(k) for k in env}
+        os_env = __import__("os").environ
+        error, result = None, None
+        hook = self._capture_metrics()
+        try:
+            os_env.update(env)
+            exec(compile(fn["source"], f"<{fn['name']}>", "exec"), module.__dict__)
+            with self.network.installed():
+                result = getattr(module, fn["func"])(event, _Context(fn["timeout"]))
+        except Exception as e:  # noqa: BLE001 (an error is what Lambda records)
+            error = f"{type(e).__name__}: {e}"
+        finally:
+            hook()
+            for k, v in saved.items():
+                if v is None:
+                    os_env.pop(k, None)
+                else:
+                    os_env[k] = v
+        dims = [{"Name": "FunctionName", "Value": fn["name"]}]
+        self.metrics.put("AWS/Lambda", "Invocations", dims, t, 1)
+        self.metrics.put("AWS/Lambda", "Errors", dims, t, 1 if error else 0)
+        with self.lock:
+            self.invocations.append({"t": t, "function": fn["name"], "why": why, "error": error, "result": result})
+        return result
+
+    def _capture_metrics(self):
+        """Records every PutMetricData a handler sends, at emulated time; returns the unhook."""
+        session = boto3.DEFAULT_SESSION or boto3.setup_default_session() or boto3.DEFAULT_SESSION
+
+        def before(params, **_):
+            t = self.clock.now()
+            for d in params.get("MetricData", []):
+                self.metrics.put(params["Namespace"], d["MetricName"], d.get("Dimensions"), t, d.get("Value", 0))
+                with self.lock:
+                    self.published.append({"t": t, "namespace": params["Namespace"], "metric": d["MetricName"],
+                                           "value": d.get("Value")})
+        session.events.register("provide-client-params.cloudwatch.PutMetricData", before)
+        return lambda: session.events.unregister("provide-client-params.cloudwatch.PutMetricData", before)
+
+    # --- one emulated minute -------------------------------------------------------------------
+    def step(self):
+        now = self.clock.now()
+        for s in self.schedules:
+            key = (s["rule"], s["arn"])
+            if self.next_fire.setdefault(key, now) <= now:
+                self.next_fire[key] = now + s["every"]
+                event = json.loads(s["input"]) if s["input"] else {"source": "aws.events", "detail-type": "Scheduled Event"}
+                self.invoke(s["arn"], event, f"schedule {s['rule']}")
+        now = self.clock.now()
+        for alarm in self.alarms.values():
+            new = alarm.evaluate(self.metrics, now)
+            if new != alarm.state:
+                old, alarm.state = alarm.state, new
+                alarm.changes.append((now, new))
+                self.event("alarm", alarm=alarm.name, old=old, new=new)
+                for arn in alarm.actions.get(new, []):
+                    self.act(arn, alarm, old, new, now)
+        for hc in self.health.values():
+            alarm = self.alarms.get(hc.alarm)
+            before = hc.healthy
+            if hc.update(alarm.state if alarm else "INSUFFICIENT_DATA") != before:
+                self.event("health", id=hc.id, healthy=hc.healthy)
+
+    def act(self, arn, alarm, old, new, now):
+        if ":sns:" in arn:
+            with self.lock:
+                self.published.append({"t": now, "sns": arn, "alarm": alarm.name, "state": new})
+            return
+        if ":lambda:" in arn:
+            self.invoke(arn, {"source": "aws.cloudwatch", "alarmArn": f"arn:aws:cloudwatch:{alarm.region}:123456789012:alarm:{alarm.name}",
+                              "alarmData": {"alarmName": alarm.name, "state": {"value": new},
+                                            "previousState": {"value": old}}}, f"alarm {alarm.name}")
+
+    def resolve(self, name):
+        """The CNAME value Route 53 answers for `name` now (None: no such record)."""
+        recs = self.records.get(name if name.endswith(".") else name + ".", [])
+        r = weighted_answer(recs, {i: h.healthy for i, h in self.health.items()})
+        return r.value if r else None
+
+    def run(self, until, every=MINUTE, stop=None, between=None):
+        """Steps once per emulated `every` until emulated time `until` or `stop()`."""
+        t = self.clock.now()
+        while t < until:
+            self.step()
+            if between:
+                between()
+            if stop and stop():
+                return True
+            t += every
+            self.clock.sleep_until(t)
+        return False
+
+
+class _Context:
+    def __init__(self, timeout):
+        self.deadline = time.monotonic() + timeout
+
+    def get_remaining_time_in_millis(self):
+        return max(int((self.deadline - time.monotonic()) * 1000), 0)
+
+
+def alarm_state_changes(loop, name):
+    return next((a.changes for a in loop.alarms.values() if a.name == name), [])
