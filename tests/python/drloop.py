@@ -23,23 +23,25 @@ does:
 The database network is the harness's: an instance's endpoint (as RDS answers it) reaches the
 local PostgreSQL cluster standing behind it, unless a fault cuts it.
 """
-import contextlib
-import importlib.util
 import io
 import json
+import os
 import re
 import socket
+import subprocess
 import sys
 import threading
 import time
 import urllib.request
 import zipfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import boto3
 from botocore.config import Config
 
 MINUTE = 60.0
+RUNNER = Path(__file__).resolve().parent / "lambda_runner.py"
 
 
 class Clock:
@@ -193,7 +195,6 @@ class Network:
 
     def __init__(self):
         self.routes, self.down, self.lock = {}, set(), threading.Lock()
-        self._orig = socket.create_connection
 
     def route(self, endpoint, addr):
         with self.lock:
@@ -207,41 +208,23 @@ class Network:
         with self.lock:
             self.down.discard(endpoint)
 
+    def snapshot(self):
+        """The routes as an invocation's process needs them: host -> (host, port), None if cut."""
+        with self.lock:
+            return {h: (None if h in self.down else list(a)) for h, a in self.routes.items()}
+
     def target(self, endpoint):
         with self.lock:
             if endpoint in self.down:
                 return None
             return self.routes.get(endpoint)
 
-    @contextlib.contextmanager
-    def installed(self):
-        """Handlers' `socket.create_connection` go through this network while inside."""
-        orig = self._orig
-
-        def create_connection(address, timeout=None, *args, **kw):
-            host, port = address
-            with self.lock:
-                known = host in self.routes
-            if not known:
-                return orig(address, timeout, *args, **kw)
-            addr = self.target(host)
-            if addr is None:
-                time.sleep(min(timeout or 1.0, 0.2))
-                raise socket.timeout(f"timed out connecting to {host}:{port}")
-            return orig(addr, timeout, *args, **kw)
-
-        socket.create_connection = create_connection
-        try:
-            yield self
-        finally:
-            socket.create_connection = orig
-
 
 class Loop:
     def __init__(self, endpoint, env, regions=("us-east-1", "eu-west-1"), scale=30.0, network=None):
         self.endpoint, self.env, self.regions = endpoint, env, regions
         self.clock, self.metrics, self.network = Clock(scale), Metrics(), network or Network()
-        self.invocations, self.published, self.events = [], [], []
+        self.invocations, self.published, self.events, self.running = [], [], [], []
         self.alarms, self.health, self.functions, self.schedules = {}, {}, {}, []
         self.next_fire = {}
         self.lock = threading.Lock()
@@ -314,64 +297,78 @@ class Loop:
                 "env": (conf.get("Environment") or {}).get("Variables") or {}, "timeout": conf.get("Timeout", 3)}
 
     # --- Lambda ------------------------------------------------------------------------------
-    def invoke(self, arn, event, why):
+    def invoke(self, arn, event, why, t=None):
+        """Starts one invocation in its own process (Lambda runs invocations side by side); its
+        outcome is collected by `collect()`."""
         fn = self.functions.get(arn)
         if fn is None:
             self.event("invoke-missing", arn=arn, why=why)
-            return None
-        t = self.clock.now()
-        env = {**fn["env"], "AWS_REGION": fn["region"], "AWS_DEFAULT_REGION": fn["region"],
-               "AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}
-        spec = importlib.util.spec_from_loader(f"deployed_{fn['name'].replace('-', '_')}", loader=None)
-        module = importlib.util.module_from_spec(spec)
-        saved = {k: __import__("os").environ.get(k) for k in env}
-        os_env = __import__("os").environ
-        error, result = None, None
-        hook = self._capture_metrics()
-        try:
-            os_env.update(env)
-            exec(compile(fn["source"], f"<{fn['name']}>", "exec"), module.__dict__)
-            with self.network.installed():
-                result = getattr(module, fn["func"])(event, _Context(fn["timeout"]))
-        except Exception as e:  # noqa: BLE001 (an error is what Lambda records)
-            error = f"{type(e).__name__}: {e}"
-        finally:
-            hook()
-            for k, v in saved.items():
-                if v is None:
-                    os_env.pop(k, None)
+            return
+        t = self.clock.now() if t is None else t
+        env = {"PATH": os.environ.get("PATH", ""), **fn["env"], "AWS_REGION": fn["region"],
+               "AWS_DEFAULT_REGION": fn["region"], "AWS_ENDPOINT_URL": self.endpoint,
+               "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "PYTHONDONTWRITEBYTECODE": "1"}
+        job = {"module": fn["module"], "func": fn["func"], "source": fn["source"], "event": event,
+               "timeout": fn["timeout"], "routes": self.network.snapshot()}
+        proc = subprocess.Popen([sys.executable, str(RUNNER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, env=env, text=True)
+        proc.stdin.write(json.dumps(job))
+        proc.stdin.close()
+        with self.lock:
+            self.running.append({"proc": proc, "t": t, "real": time.monotonic(), "fn": fn, "why": why})
+
+    def collect(self, wait=False):
+        """Records the invocations that finished: Lambda's Invocations and Errors metrics at
+        their start, the datapoints they published when they published them."""
+        with self.lock:
+            running, self.running = self.running, []
+        still = []
+        for r in running:
+            proc = r["proc"]
+            if proc.poll() is None and not wait:
+                if time.monotonic() - r["real"] > r["fn"]["timeout"]:
+                    proc.kill()
+                    proc.wait()
+                    self._finish(r, {"error": "Task timed out", "result": None, "metrics": []})
                 else:
-                    os_env[k] = v
+                    still.append(r)
+                continue
+            text = proc.stdout.read()
+            proc.wait()
+            try:
+                out = json.loads(text.strip().splitlines()[-1])
+            except (ValueError, IndexError):
+                out = {"error": f"runtime exited {proc.returncode}", "result": None, "metrics": []}
+            self._finish(r, out)
+        with self.lock:
+            self.running = still + self.running
+
+    def _finish(self, r, out):
+        fn, t = r["fn"], r["t"]
+        for m in out["metrics"]:
+            mt = t + m["dt"] * self.clock.scale
+            self.metrics.put(m["namespace"], m["metric"], m["dims"], mt, m["value"])
+            with self.lock:
+                self.published.append({"t": mt, "namespace": m["namespace"], "metric": m["metric"], "value": m["value"]})
         dims = [{"Name": "FunctionName", "Value": fn["name"]}]
         self.metrics.put("AWS/Lambda", "Invocations", dims, t, 1)
-        self.metrics.put("AWS/Lambda", "Errors", dims, t, 1 if error else 0)
+        self.metrics.put("AWS/Lambda", "Errors", dims, t, 1 if out["error"] else 0)
         with self.lock:
-            self.invocations.append({"t": t, "function": fn["name"], "why": why, "error": error, "result": result})
-        return result
-
-    def _capture_metrics(self):
-        """Records every PutMetricData a handler sends, at emulated time; returns the unhook."""
-        session = boto3.DEFAULT_SESSION or boto3.setup_default_session() or boto3.DEFAULT_SESSION
-
-        def before(params, **_):
-            t = self.clock.now()
-            for d in params.get("MetricData", []):
-                self.metrics.put(params["Namespace"], d["MetricName"], d.get("Dimensions"), t, d.get("Value", 0))
-                with self.lock:
-                    self.published.append({"t": t, "namespace": params["Namespace"], "metric": d["MetricName"],
-                                           "value": d.get("Value")})
-        session.events.register("provide-client-params.cloudwatch.PutMetricData", before)
-        return lambda: session.events.unregister("provide-client-params.cloudwatch.PutMetricData", before)
+            self.invocations.append({"t": t, "function": fn["name"], "why": r["why"], "error": out["error"],
+                                     "result": out["result"]})
 
     # --- one emulated minute -------------------------------------------------------------------
     def step(self):
+        self.collect()
         now = self.clock.now()
         for s in self.schedules:
             key = (s["rule"], s["arn"])
-            if self.next_fire.setdefault(key, now) <= now:
-                self.next_fire[key] = now + s["every"]
+            self.next_fire.setdefault(key, now)
+            while self.next_fire[key] <= now:  # every due run, at its own time
+                t = self.next_fire[key]
+                self.next_fire[key] = t + s["every"]
                 event = json.loads(s["input"]) if s["input"] else {"source": "aws.events", "detail-type": "Scheduled Event"}
-                self.invoke(s["arn"], event, f"schedule {s['rule']}")
+                self.invoke(s["arn"], event, f"schedule {s['rule']}", t=t)
         now = self.clock.now()
         for alarm in self.alarms.values():
             new = alarm.evaluate(self.metrics, now)
@@ -415,14 +412,6 @@ class Loop:
             t += every
             self.clock.sleep_until(t)
         return False
-
-
-class _Context:
-    def __init__(self, timeout):
-        self.deadline = time.monotonic() + timeout
-
-    def get_remaining_time_in_millis(self):
-        return max(int((self.deadline - time.monotonic()) * 1000), 0)
 
 
 def alarm_state_changes(loop, name):

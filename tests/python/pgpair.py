@@ -346,7 +346,9 @@ class PgCluster:
     def basebackup_from(self, source):
         """Make this cluster a streaming standby of `source` (pg_basebackup -R)."""
         passfile = self.root / f"{self.name}.pgpass"
-        self._write(passfile, f"*:*:*:{source.user}:{source.password}\n")
+        # .pgpass fields escape backslash and colon (PostgreSQL docs, "The Password File").
+        esc = source.password.replace("\\", "\\\\").replace(":", "\\:")
+        self._write(passfile, f"*:*:*:{source.user}:{esc}\n")
         conninfo = (f"host={source.host} port={source.port} user={source.user} passfile={passfile} "
                     f"application_name=pgdr-{self.name}")
         self._cmd(["pg_basebackup", "-D", str(self.datadir), "-R", "-X", "stream", "-c", "fast",

@@ -1,0 +1,223 @@
+"""DR scenarios with figures: an environment built by `pgdr up` in a private emulator, real
+PostgreSQL behind its two instances, AWS's control loop played by drloop.Loop, and a writer
+that commits numbered rows through `postgres.<zone>`.
+
+Used by tests/python/test_dr_scenarios.py (asserting outcomes and bounds) and scripts/drill
+(printing the figures). Times are emulated seconds.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import boto3
+
+import pgpair
+from drloop import MINUTE, Loop, Network
+from emutools import ctl, start_proxy
+from pgwriter import Writer
+
+REPO = Path(__file__).resolve().parents[2]
+PRIMARY, DR = "us-east-1", "eu-west-1"
+
+
+def pgdr_bin():
+    explicit = os.environ.get("PGDR_BIN")
+    if explicit:
+        return Path(explicit)
+    target = Path(os.environ.get("CARGO_TARGET_DIR") or REPO / "target")
+    return target / "debug" / "pgdr"
+
+
+class DrEnv:
+    """One environment, its emulator, its PostgreSQL pair, its loop and its writer."""
+
+    def __init__(self, name="drt", config="", scale=30.0, bindir_=None):
+        self.name, self.work = name, Path(tempfile.mkdtemp(prefix="pgdr-dr-"))
+        self.proc, self.url = start_proxy()
+        self.pair = self.writer = None
+        try:
+            if config:
+                (self.work / "pgdr.toml").write_text(config)
+            out = self.pgdr("up", "--env", name)
+            if out.returncode != 0:
+                raise RuntimeError(f"pgdr up failed: {out.stderr[-3000:]}")
+            secret = json.loads(self.client("secretsmanager", PRIMARY).get_secret_value(
+                SecretId=f"pgdr/{name}/master")["SecretString"])
+            self.user, self.password, self.dbname = secret["username"], secret["password"], secret["dbname"]
+            self.pair = pgpair.PgPair(user=self.user, password=self.password, dbname=self.dbname, bindir_=bindir_)
+            self.endpoints = {}
+            for side, region in (("primary", PRIMARY), ("dr", DR)):
+                db = self.client("rds", region).describe_db_instances(
+                    DBInstanceIdentifier=f"pgdr-{name}-{region}")["DBInstances"][0]
+                self.endpoints[side] = db["Endpoint"]["Address"]
+            self.network = Network()
+            self.network.route(self.endpoints["primary"], self.pair.primary.address)
+            self.network.route(self.endpoints["dr"], self.pair.standby.address)
+            self.loop = Loop(self.url, name, scale=scale, network=self.network).discover()
+            self.writer_name = f"postgres.{self.loop.zone}"
+            self._dns = {}
+            self.promoted_at = None
+            self.writer = Writer(self.resolve, self.writer_name, self.user, self.password, self.dbname,
+                                 rate=20.0, timeout=1.0)
+            self.writer.setup()
+        except BaseException:
+            self.close()
+            raise
+
+    # --- plumbing ----------------------------------------------------------------------------
+    def client(self, service, region):
+        return boto3.client(service, region_name=region, endpoint_url=self.url, aws_access_key_id="test",
+                            aws_secret_access_key="test")
+
+    def pgdr(self, *args, timeout=600):
+        env = {"PATH": os.environ.get("PATH", ""), "HOME": str(self.work), "AWS_ENDPOINT_URL": self.url,
+               "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_EC2_METADATA_DISABLED": "true"}
+        return subprocess.run([str(pgdr_bin()), *args], cwd=self.work, env=env, capture_output=True, text=True,
+                              timeout=timeout, stdin=subprocess.DEVNULL)
+
+    def resolve(self, name):
+        """What an application's resolver gets: Route 53's answer, cached for the record's TTL."""
+        now = self.loop.clock.now()
+        cached = self._dns.get(name)
+        if cached is None or cached[1] <= now:
+            value = self.loop.resolve(name)
+            ttl = max((r.ttl for r in self.records(name)), default=60)
+            cached = (value, now + ttl)
+            self._dns[name] = cached
+        target = self.network.target(cached[0]) if cached[0] else None
+        if target is None:
+            raise LookupError(f"{name} -> {cached[0]}: unreachable")
+        return target
+
+    def records(self, name):
+        return self.loop.records.get(name if name.endswith(".") else name + ".", [])
+
+    def watch_promotion(self):
+        """RDS's PromoteReadReplica promotes the standby standing behind the replica."""
+        if self.promoted_at is not None:
+            return
+        calls = ctl(self.url, "/__proxy/calls")
+        if any(c["op"] == "PromoteReadReplica" and c.get("status") == 200 for c in calls):
+            self.pair.promote()
+            self.promoted_at = self.loop.clock.now()
+            self.loop.event("standby promoted")
+
+    def promotions(self):
+        return sum(1 for c in ctl(self.url, "/__proxy/calls") if c["op"] == "PromoteReadReplica" and c.get("status") == 200)
+
+    def dns_answer(self):
+        return self.loop.resolve(self.writer_name)
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.stop()
+        if self.pair is not None:
+            self.pair.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def first_after(changes, t, state):
+    return next((ct for ct, s in changes if ct >= t and s == state), None)
+
+
+def region_loss(env, warmup_min=5, budget_min=40):
+    """The primary region is lost (its API black-holed, the primary cluster stopped): the loop
+    alone must promote, move DNS and let the writer resume. Returns the figures."""
+    loop, w = env.loop, env.writer
+    w.start()
+    loop.run(until=loop.clock.now() + warmup_min * MINUTE, between=env.watch_promotion)
+    healthy = {"promotions": env.promotions(), "dns": env.dns_answer()}
+    t_fault = loop.clock.now()
+    ctl(env.url, "/__proxy/config", {"blackhole_regions": [PRIMARY], "blackhole_s": 0.3})
+    env.pair.primary.stop(mode="immediate")
+    env.network.cut(env.endpoints["primary"])
+    standby = tuple(env.pair.standby.address)
+    dns_moved = {}
+
+    def between():
+        env.watch_promotion()
+        if "t" not in dns_moved and env.dns_answer() == env.endpoints["dr"]:
+            dns_moved["t"] = loop.clock.now()
+
+    def resumed():
+        return any(tuple(a.target) == standby and a.t >= 0 for a in w.acks[-5:])
+
+    loop.run(until=t_fault + budget_min * MINUTE, stop=resumed, between=between)
+    time.sleep(1.0)
+    w.stop()
+    down = next((a for a in loop.alarms.values() if a.name.endswith("-primary-down")), None)
+    t_alarm = first_after(down.changes, t_fault, "ALARM") if down else None
+    first_ack = next((a for a in w.acks if tuple(a.target) == standby), None)
+    t_ack = loop.clock.of_real(first_ack.t) if first_ack else None
+    rpo = w.rpo_rows(env.pair.standby)
+    return {
+        "name": "region-loss",
+        "healthy_before": healthy,
+        "promotions": env.promotions(),
+        "dns_moved": "t" in dns_moved,
+        "detection_s": round(t_alarm - t_fault) if t_alarm is not None else None,
+        "promotion_s": round(env.promoted_at - t_alarm) if (env.promoted_at and t_alarm is not None) else None,
+        "dns_s": round(dns_moved["t"] - env.promoted_at) if ("t" in dns_moved and env.promoted_at) else None,
+        "rto_s": round(t_ack - t_fault) if t_ack is not None else None,
+        "rpo_rows": rpo,
+        "rows_written": len(w.acks),
+        "bounds": {"detection_window_s": down.period * down.evaluation_periods if down else None,
+                   "ttl_s": max((r.ttl for r in env.records(env.writer_name)), default=None)},
+    }
+
+
+def region_loss_verdict(f):
+    """The outcome and bounds region loss must meet; a list of what failed (empty: passed)."""
+    b, bad = f["bounds"], []
+    if f["healthy_before"]["promotions"] != 0:
+        bad.append("promoted while the primary was healthy")
+    if f["promotions"] != 1:
+        bad.append(f"{f['promotions']} promotions, not 1")
+    if not f["dns_moved"]:
+        bad.append("DNS never answered the new primary")
+    if f["rto_s"] is None:
+        bad.append("the writer never resumed on the new primary")
+        return bad
+    # Detection: the alarm's window, give or take the probe's minute and one evaluation.
+    if f["detection_s"] is None or not b["detection_window_s"] - 60 <= f["detection_s"] <= b["detection_window_s"] + 120:
+        bad.append(f"detection {f['detection_s']} s outside the alarm window {b['detection_window_s']} s (-60, +120)")
+    # RTO: detection + promotion + DNS (the promoted alarm's minute, the TTL) + 3 minutes of slack.
+    bound = b["detection_window_s"] + 60 + (f["promotion_s"] or 0) + 60 + b["ttl_s"] + 180
+    if f["rto_s"] > bound:
+        bad.append(f"RTO {f['rto_s']} s above its bound {bound} s")
+    return bad
+
+
+def main(argv):
+    out_json = "--output" in argv and argv[argv.index("--output") + 1] == "json"
+    with DrEnv() as env:
+        figures = region_loss(env)
+    figures["passed"] = not region_loss_verdict(figures)
+    if out_json:
+        print(json.dumps({"scenarios": [figures]}, indent=2))
+    else:
+        cols = ["name", "passed", "promotions", "dns_moved", "detection_s", "promotion_s", "dns_s", "rto_s",
+                "rpo_rows", "rows_written"]
+        print("  ".join(f"{c:>12}" for c in cols))
+        print("  ".join(f"{str(figures.get(c)):>12}" for c in cols))
+    return 0 if figures["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
