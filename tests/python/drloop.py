@@ -195,6 +195,7 @@ class Network:
 
     def __init__(self):
         self.routes, self.down, self.lock = {}, set(), threading.Lock()
+        self.vpc_down = set()  # unreachable from the DR VPC only (its route to them is gone)
 
     def route(self, endpoint, addr):
         with self.lock:
@@ -208,10 +209,14 @@ class Network:
         with self.lock:
             self.down.discard(endpoint)
 
-    def snapshot(self):
-        """The routes as an invocation's process needs them: host -> (host, port), None if cut."""
+    def set_vpc_down(self, endpoints):
         with self.lock:
-            return {h: (None if h in self.down else list(a)) for h, a in self.routes.items()}
+            self.vpc_down = set(endpoints)
+
+    def snapshot(self):
+        """The routes as a function in the DR VPC sees them: host -> (host, port), None if cut."""
+        with self.lock:
+            return {h: (None if h in self.down or h in self.vpc_down else list(a)) for h, a in self.routes.items()}
 
     def target(self, endpoint):
         with self.lock:

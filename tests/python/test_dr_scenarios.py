@@ -40,3 +40,16 @@ def test_the_deployed_alarm_sets_the_detection_time(built):
     assert f["bounds"]["detection_window_s"] == 300, f
     assert 240 <= f["detection_s"] <= 420, f
     assert region_loss_verdict(f) == [], f
+
+
+def test_a_multi_az_blip_does_not_fail_over(built):
+    env = built()
+    f, bad = dr_scenarios.multi_az_blip(env)
+    assert bad == [], f
+
+
+def test_a_broken_probe_path_never_routes_writes_to_a_read_only_server(built):
+    env = built()
+    f, bad = dr_scenarios.probe_path_broken(env)
+    assert bad == [], f
+    assert f["notified"], "a notification says what is wrong"
