@@ -397,7 +397,6 @@ fn fields(a: &MetricAlarm) -> [(&'static str, String); 14] {
     ]
 }
 
-/// `field have -> want` for each field that differs.
 /// Emails pgdr subscribed (recorded in state) that the settings no longer list.
 fn dropped_emails(cx: &Cx, side: Side) -> Vec<String> {
     let wanted = &cx.env.settings.alarm_emails;
@@ -430,7 +429,8 @@ async fn subscriptions(cx: &Cx, side: Side, topic: &str) -> Result<Vec<(String, 
     }
 }
 
-fn diff(have: &MetricAlarm, want: &MetricAlarm) -> Vec<String> {
+/// `field have -> want` for each field that differs.
+pub(super) fn diff(have: &MetricAlarm, want: &MetricAlarm) -> Vec<String> {
     let none = |s: &str| if s.is_empty() { "(none)".to_owned() } else { s.to_owned() };
     fields(have)
         .into_iter()
@@ -451,7 +451,7 @@ async fn describe_alarms(reg: &Regional, names: &[String]) -> Result<BTreeMap<St
 }
 
 /// Creates or updates an alarm as `w` says.
-async fn put_alarm(cx: &Cx, reg: &Regional, what: &str, w: &MetricAlarm) -> Result<()> {
+pub(super) async fn put_alarm(cx: &Cx, reg: &Regional, what: &str, w: &MetricAlarm) -> Result<()> {
     let tags = cx.tags(what).into_iter().map(|(k, v)| aws_sdk_cloudwatch::types::Tag::builder().key(k).value(v).build());
     let req = reg
         .cloudwatch

@@ -9,7 +9,7 @@
 //!   Route 53 health check of type CLOUDWATCH_METRIC that follows the alarm, so that DNS moves
 //!   to the replica even while the Route 53 control plane is unreachable.
 
-use aws_sdk_cloudwatch::types::{ComparisonOperator, Dimension, Statistic};
+use aws_sdk_cloudwatch::types::{ComparisonOperator, Dimension, MetricAlarm, Statistic};
 use aws_sdk_ec2::types::ResourceType;
 use futures::future::LocalBoxFuture;
 
@@ -437,47 +437,27 @@ async fn detection_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
 /// has (`ignore`): a function that misses a minute must not move writers back and forth.
 async fn promoted_alarm_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
     let dr = cx.regional(Side::Dr);
-    let region = dr.region.as_str();
-    let alarm = promoted_alarm_name(cx);
-    let actions = vec![topic_arn(cx)];
-    let r = Res::new(key(cx, DETECTION, "promoted-alarm"), "cloudwatch-alarm", alarm.clone(), region);
-    let out = read!(dr.reads, &dr.region, dr.cloudwatch.describe_alarms().alarm_names(&alarm))?;
-    let current = out.metric_alarms.unwrap_or_default().into_iter().next();
-    let matches = current.as_ref().is_some_and(|a| {
-        a.namespace() == Some(PROMOTED_NAMESPACE)
-            && a.metric_name() == Some(PROMOTED_METRIC)
-            && a.evaluation_periods == Some(1)
-            && a.treat_missing_data.as_deref() == Some("ignore")
-            && same_set(a.alarm_actions(), &actions)
-            && a.dimensions().iter().any(|d| d.name() == Some("Environment") && d.value() == Some(cx.name()))
-    });
-    let put = async || {
-        let tags = cx.tags("alarm").into_iter().map(|(k, v)| aws_sdk_cloudwatch::types::Tag::builder().key(k).value(v).build()).collect();
-        dr.cloudwatch
-            .put_metric_alarm()
-            .alarm_name(&alarm)
-            .alarm_description(format!(
-                "pgdr {}: the replica in {region} has been promoted; the writer record's health check follows this alarm",
-                cx.name()
-            ))
-            .namespace(PROMOTED_NAMESPACE)
-            .metric_name(PROMOTED_METRIC)
-            .dimensions(Dimension::builder().name("Environment").value(cx.name()).build())
-            .statistic(Statistic::Maximum)
-            .period(60)
-            .evaluation_periods(1)
-            .datapoints_to_alarm(1)
-            .threshold(1.0)
-            .comparison_operator(ComparisonOperator::GreaterThanOrEqualToThreshold)
-            .treat_missing_data("ignore")
-            .set_alarm_actions(Some(actions.clone()))
-            .set_tags(Some(tags))
-            .send()
-            .aws(region)
-            .await?;
-        Ok::<_, Error>(alarm.clone())
-    };
-    alarm_in_place(cx, rec, &r, current.is_some(), matches, put).await
+    let current = read!(dr.reads, &dr.region, dr.cloudwatch.describe_alarms().alarm_names(promoted_alarm_name(cx)))?;
+    let wanted = MetricAlarm::builder()
+        .alarm_name(promoted_alarm_name(cx))
+        .alarm_description(format!(
+            "pgdr {}: the replica in {} has been promoted; the writer record's health check follows this alarm",
+            cx.name(),
+            dr.region
+        ))
+        .namespace(PROMOTED_NAMESPACE)
+        .metric_name(PROMOTED_METRIC)
+        .dimensions(Dimension::builder().name("Environment").value(cx.name()).build())
+        .statistic(Statistic::Maximum)
+        .period(60)
+        .evaluation_periods(1)
+        .datapoints_to_alarm(1)
+        .threshold(1.0)
+        .comparison_operator(ComparisonOperator::GreaterThanOrEqualToThreshold)
+        .treat_missing_data("ignore")
+        .alarm_actions(topic_arn(cx))
+        .build();
+    alarm_in_place(cx, rec, "promoted-alarm", current.metric_alarms.unwrap_or_default().into_iter().next(), wanted).await
 }
 
 /// The probe's security group in the DR VPC (outbound only; the primary's group admits the
@@ -533,65 +513,50 @@ async fn probe_up(cx: &Cx, rec: &Recorder<'_>, sg: Option<String>) -> Result<Opt
 /// failover); its actions invoke the failover function and notify the DR region's topic.
 async fn primary_down_alarm_up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
     let dr = cx.regional(Side::Dr);
-    let region = dr.region.as_str();
-    let probe = probe_name(cx);
     let minutes = cx.env.settings.failover_after_minutes;
     let failover_arn = cx.store.attr(&key(cx, FAILOVER, "function"), Attr::Arn).unwrap_or_default();
-    let actions = vec![failover_arn, topic_arn(cx)];
-    let alarm = alarm_name(cx);
-    let a_res = Res::new(key(cx, DETECTION, "alarm"), "cloudwatch-alarm", alarm.clone(), region);
-    let existing = describe_alarm(cx).await?;
-    let current = existing.metric_alarms.unwrap_or_default().into_iter().next();
-    let matches = current.as_ref().is_some_and(|a| {
-        a.evaluation_periods == Some(minutes)
-            && a.datapoints_to_alarm.unwrap_or(minutes) == minutes
-            && a.treat_missing_data.as_deref() == Some("breaching")
-            && same_set(a.alarm_actions(), &actions)
-            && a.dimensions().iter().any(|d| d.value() == Some(probe.as_str()))
-    });
-    let put = async || {
-        let tags = cx.tags("alarm").into_iter().map(|(k, v)| aws_sdk_cloudwatch::types::Tag::builder().key(k).value(v).build()).collect();
-        dr.cloudwatch
-            .put_metric_alarm()
-            .alarm_name(&alarm)
-            .alarm_description(format!(
-                "pgdr {}: the primary has been unreachable from {region} for {minutes} minutes; invokes {}",
-                cx.name(),
-                failover_name(cx)
-            ))
-            .namespace("AWS/Lambda")
-            .metric_name("Errors")
-            .dimensions(Dimension::builder().name("FunctionName").value(&probe).build())
-            .statistic(Statistic::Sum)
-            .period(60)
-            .evaluation_periods(minutes)
-            .datapoints_to_alarm(minutes)
-            .threshold(1.0)
-            .comparison_operator(ComparisonOperator::GreaterThanOrEqualToThreshold)
-            // A probe that stops reporting must not look healthy.
-            .treat_missing_data("breaching")
-            .set_alarm_actions(Some(actions.clone()))
-            .set_tags(Some(tags))
-            .send()
-            .aws(region)
-            .await?;
-        Ok::<_, Error>(alarm.clone())
-    };
-    alarm_in_place(cx, rec, &a_res, current.is_some(), matches, put).await
+    let current = describe_alarm(cx).await?;
+    let wanted = MetricAlarm::builder()
+        .alarm_name(alarm_name(cx))
+        .alarm_description(format!(
+            "pgdr {}: the primary has been unreachable from {} for {minutes} minutes; invokes {}",
+            cx.name(),
+            dr.region,
+            failover_name(cx)
+        ))
+        .namespace("AWS/Lambda")
+        .metric_name("Errors")
+        .dimensions(Dimension::builder().name("FunctionName").value(probe_name(cx)).build())
+        .statistic(Statistic::Sum)
+        .period(60)
+        .evaluation_periods(minutes)
+        .datapoints_to_alarm(minutes)
+        .threshold(1.0)
+        .comparison_operator(ComparisonOperator::GreaterThanOrEqualToThreshold)
+        // A probe that stops reporting must not look healthy.
+        .treat_missing_data("breaching")
+        .alarm_actions(failover_arn)
+        .alarm_actions(topic_arn(cx))
+        .build();
+    alarm_in_place(cx, rec, "alarm", current.metric_alarms.unwrap_or_default().into_iter().next(), wanted).await
 }
 
-/// A detection alarm as wanted: created when missing, put again when its settings differ.
-async fn alarm_in_place(
-    cx: &Cx,
-    rec: &Recorder<'_>,
-    r: &Res<'_>,
-    exists: bool,
-    matches: bool,
-    put: impl AsyncFn() -> Result<String>,
-) -> Result<()> {
-    super::ensure(cx, rec, r, async |_| Ok(exists.then(|| r.name.clone())), async |_| put().await).await?;
-    if exists && !matches {
-        rec.apply(r.change(Action::Change).id(&r.name).detail("settings"), async |_| put().await).await?;
+/// A detection alarm as `wanted` says: created when missing, put again when any field pgdr sets
+/// differs (compared, and put, as the other alarms are: `alarms::diff`, `alarms::put_alarm`).
+async fn alarm_in_place(cx: &Cx, rec: &Recorder<'_>, what: &str, current: Option<MetricAlarm>, wanted: MetricAlarm) -> Result<()> {
+    let dr = cx.regional(Side::Dr);
+    let name = wanted.alarm_name().unwrap_or_default().to_owned();
+    let r = Res::new(key(cx, DETECTION, what), "cloudwatch-alarm", name.clone(), &dr.region);
+    let put = async || {
+        alarms::put_alarm(cx, dr, "alarm", &wanted).await?;
+        Ok::<_, Error>(name.clone())
+    };
+    super::ensure(cx, rec, &r, async |_| Ok(current.as_ref().map(|_| name.clone())), async |_| put().await).await?;
+    if let Some(have) = &current {
+        let changed = alarms::diff(have, &wanted);
+        if !changed.is_empty() {
+            rec.apply(r.change(Action::Change).id(&name).detail(changed.join("; ")), async |_| put().await).await?;
+        }
     }
     Ok(())
 }
@@ -615,16 +580,6 @@ async fn alarm_down(cx: &Cx, rec: &Recorder<'_>, what: &str, name: &str) -> Resu
         },
     )
     .await
-}
-
-/// Alarm actions are a set: AWS may list them in any order.
-fn same_set(have: &[String], want: &[String]) -> bool {
-    let (mut a, mut b) = (have.to_vec(), want.to_vec());
-    a.sort();
-    a.dedup();
-    b.sort();
-    b.dedup();
-    a == b
 }
 
 async fn detection_down(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
