@@ -25,15 +25,35 @@ use crate::state::{self, State};
 #[derive(Debug)]
 pub struct S3Backend {
     pub url: S3Url,
-    pub region: String,
-    client: Client,
+    objects: Objects,
 }
 
-/// Who wrote a state object.
+/// The objects of one bucket, through a client of the bucket's region: what the backend and a
+/// held lock (its heartbeat, its release on Ctrl-C) share.
+#[derive(Clone, Debug)]
+struct Objects {
+    client: Client,
+    bucket: String,
+    region: String,
+}
+
+/// Who wrote an object, from its metadata (every pgdr write carries it).
 struct Written {
     etag: String,
     run: String,
     seq: String,
+    who: String,
+    command: String,
+    host: String,
+    at: String,
+}
+
+/// The condition of a conditional write.
+enum Cond<'a> {
+    /// There must be no current version (`If-None-Match: *`).
+    Absent,
+    /// The current version must have this ETag (`If-Match`).
+    Is(&'a str),
 }
 
 /// Attempts of an S3 call (the SDK's standard retry: throttling, 5xx, lost answers).
@@ -82,6 +102,127 @@ pub async fn bucket_region(base: &aws_types::SdkConfig, bucket: &str) -> Result<
     Err(AwsError::from_sdk("s3", "HeadBucket", "us-east-1", &err).into())
 }
 
+impl Objects {
+    /// Retries a conditional request while S3 answers `409 ConditionalRequestConflict` (a
+    /// concurrent conditional request on the key; `Kind::Throttled`), with backoff.
+    async fn conflicts<T, F: std::future::Future<Output = Result<T, AwsError>>>(mut call: impl FnMut() -> F) -> Result<T, AwsError> {
+        let mut attempt = 0;
+        loop {
+            match call().await {
+                Err(e) if e.kind() == Kind::Throttled && attempt < CONFLICT_RETRIES => {
+                    backoff(attempt).await;
+                    attempt += 1;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    /// An object's bytes and ETag; `None` when there is none (or that version is gone).
+    async fn get(&self, key: &str, version: Option<&str>) -> Result<Option<(Vec<u8>, String)>, AwsError> {
+        let req = self.client.get_object().bucket(&self.bucket).key(key).set_version_id(version.map(str::to_owned));
+        let out = match req.send().aws(&self.region).await {
+            Ok(o) => o,
+            Err(e) if e.is_not_found() => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let etag = out.e_tag().unwrap_or_default().to_owned();
+        match out.body.collect().await {
+            Ok(b) => Ok(Some((b.into_bytes().to_vec(), etag))),
+            // The body broke off: as good as no answer (the caller's retry or error path).
+            Err(e) => Err(AwsError {
+                service: "s3",
+                operation: "GetObject",
+                region: self.region.clone(),
+                code: None,
+                message: Some(format!("the body of s3://{}/{key} broke off: {e}", self.bucket)),
+                request_id: None,
+                transport: crate::error::Transport::Unreachable,
+            }),
+        }
+    }
+
+    /// Who wrote an object (a version of it, if given); `None` when there is none.
+    async fn head(&self, key: &str, version: Option<&str>) -> Result<Option<Written>, AwsError> {
+        let req = self.client.head_object().bucket(&self.bucket).key(key).set_version_id(version.map(str::to_owned));
+        let h = match req.send().aws(&self.region).await {
+            Ok(h) => h,
+            Err(e) if e.is_not_found() => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let meta = h.metadata();
+        let get = |k: &str| meta.and_then(|m| m.get(k)).cloned().unwrap_or_default();
+        Ok(Some(Written {
+            etag: h.e_tag().unwrap_or_default().to_owned(),
+            run: get("pgdr-run"),
+            seq: get("pgdr-seq"),
+            who: get("pgdr-who"),
+            command: get("pgdr-command"),
+            host: get("pgdr-host"),
+            at: h.last_modified().and_then(|t| t.fmt(aws_smithy_types::date_time::Format::DateTime).ok()).unwrap_or_default(),
+        }))
+    }
+
+    /// A conditional `PutObject` of JSON, with pgdr's metadata; returns the new ETag.
+    async fn put(&self, key: &str, body: &[u8], cond: Cond<'_>, meta: &[(&str, &str)], tag: Option<&str>) -> Result<String, AwsError> {
+        let out = Self::conflicts(|| {
+            let mut req = self
+                .client
+                .put_object()
+                .bucket(&self.bucket)
+                .key(key)
+                .content_type("application/json")
+                .set_tagging(tag.map(str::to_owned))
+                .body(ByteStream::from(body.to_vec()));
+            for (k, v) in meta {
+                req = req.metadata(*k, *v);
+            }
+            let req = match cond {
+                Cond::Absent => req.if_none_match("*"),
+                Cond::Is(etag) => req.if_match(etag),
+            };
+            req.send().aws(&self.region)
+        })
+        .await?;
+        Ok(out.e_tag().unwrap_or_default().to_owned())
+    }
+
+    /// `DeleteObject` with `If-Match`: gone (or never there) is success.
+    async fn delete_if(&self, key: &str, etag: &str) -> Result<(), AwsError> {
+        match Self::conflicts(|| self.client.delete_object().bucket(&self.bucket).key(key).if_match(etag).send().aws(&self.region)).await {
+            Err(e) if e.is_not_found() => Ok(()),
+            r => r.map(|_| ()),
+        }
+    }
+
+    /// A lock object: its holder and ETag. An unreadable lock is still a lock, its holder unknown.
+    async fn lock_info(&self, key: &str) -> Result<Option<(LockInfo, String)>, AwsError> {
+        let Some((bytes, etag)) = self.get(key, None).await? else { return Ok(None) };
+        let info = serde_json::from_slice(&bytes).unwrap_or_else(|_| LockInfo {
+            who: "unknown".into(),
+            pid: 0,
+            host: "unknown".into(),
+            command: "unreadable lock".into(),
+            since: String::new(),
+            run_id: String::new(),
+            heartbeat: None,
+        });
+        Ok(Some((info, etag)))
+    }
+
+    fn name(&self, key: &str) -> String {
+        format!("s3://{}/{key}", self.bucket)
+    }
+
+    /// Who holds the current version of `key`, for a lost race's message.
+    fn describe(&self, key: &str, w: Option<&Written>) -> String {
+        match w {
+            Some(w) => format!("{} was written by {} (`{}` on {}) at {}", self.name(key), w.who, w.command, w.host, w.at),
+            None => format!("{} was deleted by another run", self.name(key)),
+        }
+    }
+}
+
 impl S3Backend {
     pub async fn open(url: &S3Url, conn: &Connection, opts: &OpenOptions) -> Result<S3Backend> {
         // A state write that fails stops the run: retry transient failures longer than other calls.
@@ -93,12 +234,13 @@ impl S3Backend {
                 url.bucket, url.bucket
             )));
         };
-        let backend = S3Backend { url: url.clone(), client: client(&base, &region), region };
+        let objects = Objects { client: client(&base, &region), bucket: url.bucket.clone(), region };
+        let backend = S3Backend { url: url.clone(), objects };
         backend.check_versioning(opts.allow_unversioned).await?;
-        if opts.primary_region.as_deref() == Some(backend.region.as_str()) {
+        if opts.primary_region.as_deref() == Some(backend.objects.region.as_str()) {
             tracing::warn!(
                 bucket = %url.bucket,
-                region = %backend.region,
+                region = %backend.objects.region,
                 "the state bucket is in the primary region: if that region is lost, so is the state; keep it in the DR region"
             );
         }
@@ -106,8 +248,8 @@ impl S3Backend {
     }
 
     async fn check_versioning(&self, allow_unversioned: bool) -> Result<()> {
-        let out =
-            self.client.get_bucket_versioning().bucket(&self.url.bucket).send().aws(&self.region).await.map_err(|e| self.denied(e))?;
+        let o = &self.objects;
+        let out = o.client.get_bucket_versioning().bucket(&o.bucket).send().aws(&o.region).await.map_err(|e| self.denied(e))?;
         let enabled = out.status().is_some_and(|s| *s == aws_sdk_s3::types::BucketVersioningStatus::Enabled);
         if !enabled && !allow_unversioned {
             return Err(Error::user(format!(
@@ -136,34 +278,14 @@ impl S3Backend {
         self.url.key(&format!("{env}.{ext}"))
     }
 
-    async fn get(&self, key: &str, version: Option<&str>) -> Result<Option<(Vec<u8>, String)>> {
-        let out = match self
-            .client
-            .get_object()
-            .bucket(&self.url.bucket)
-            .key(key)
-            .set_version_id(version.map(str::to_owned))
-            .send()
-            .aws(&self.region)
-            .await
-        {
-            Ok(o) => o,
-            Err(e) if e.is_not_found() => return Ok(None),
-            Err(e) => return Err(self.denied(e)),
-        };
-        let etag = out.e_tag().unwrap_or_default().to_owned();
-        let bytes = out.body.collect().await.map_err(|e| Error::Other(format!("cannot read s3://{}/{key}: {e}", self.url.bucket)))?;
-        Ok(Some((bytes.into_bytes().to_vec(), etag)))
-    }
-
     fn corrupt_fix(env: &str) -> String {
         format!("restore a good version: `pgdr state history --env {env}`, then `pgdr state restore --env {env} --version V`")
     }
 
     pub async fn read(&self, env: &str) -> Result<Option<Loaded>> {
         let key = self.key(env, "json");
-        let Some((bytes, etag)) = self.get(&key, None).await? else { return Ok(None) };
-        let state = state::decode(&bytes, env, &format!("state s3://{}/{key}", self.url.bucket), &Self::corrupt_fix(env))?;
+        let Some((bytes, etag)) = self.objects.get(&key, None).await.map_err(|e| self.denied(e))? else { return Ok(None) };
+        let state = state::decode(&bytes, env, &format!("state {}", self.objects.name(&key)), &Self::corrupt_fix(env))?;
         Ok(Some(Loaded { state, version: Version(etag) }))
     }
 
@@ -181,80 +303,37 @@ impl S3Backend {
         let mut body = serde_json::to_vec_pretty(state).map_err(|e| Error::Other(format!("internal: state does not serialize: {e}")))?;
         body.push(b'\n');
         let seq = seq.to_string();
+        let meta = [
+            ("pgdr-who", run.who.as_str()),
+            ("pgdr-host", run.host.as_str()),
+            ("pgdr-command", run.command.as_str()),
+            ("pgdr-run", run.run_id.as_str()),
+            ("pgdr-seq", seq.as_str()),
+        ];
         let mut expect = expected.map(|v| v.0.clone());
         for attempt in 0.. {
-            let req = self
-                .client
-                .put_object()
-                .bucket(&self.url.bucket)
-                .key(&key)
-                .content_type("application/json")
-                .body(ByteStream::from(body.clone()))
-                .metadata("pgdr-who", &run.who)
-                .metadata("pgdr-host", &run.host)
-                .metadata("pgdr-command", &run.command)
-                .metadata("pgdr-run", &run.run_id)
-                .metadata("pgdr-seq", &seq);
-            let req = match &expect {
-                Some(v) => req.if_match(v),
-                None => req.if_none_match("*"),
+            let cond = expect.as_deref().map_or(Cond::Absent, Cond::Is);
+            let err = match self.objects.put(&key, &body, cond, &meta, None).await {
+                Ok(etag) if !etag.is_empty() => return Ok(Version(etag)),
+                Ok(_) => None, // no ETag in the answer: the current object says
+                Err(e) => Some(e),
             };
-            let err = match req.send().aws(&self.region).await {
-                Ok(out) => match out.e_tag() {
-                    Some(t) => return Ok(Version(t.to_owned())),
-                    None => match self.current(&key).await? {
-                        Some(c) if c.run == run.run_id && c.seq == seq => return Ok(Version(c.etag)),
-                        _ => return Err(SaveError::Failed(Error::Other("S3 answered a state write without an ETag".into()))),
-                    },
-                },
-                Err(e) => e,
-            };
-            let refused = err.kind() == Kind::PreconditionFailed || (expect.is_some() && err.is_not_found());
-            if err.kind() == Kind::Throttled && attempt < CONFLICT_RETRIES {
-                backoff(attempt).await;
-                continue;
-            }
-            if !refused && !err.is_unreachable() {
-                return Err(SaveError::Failed(self.denied(err)));
+            let refused = err.as_ref().is_some_and(|e| e.kind() == Kind::PreconditionFailed || (expect.is_some() && e.is_not_found()));
+            if let Some(e) = err.as_ref().filter(|e| !refused && !e.is_unreachable()) {
+                return Err(SaveError::Failed(self.denied(e.clone())));
             }
             // Refused, or no answer: the current object tells whether this run wrote it (an
             // earlier attempt whose answer was lost). Only this run writes versions with its ID,
             // so a version of ours may be replaced by this newer state, guarded by its ETag.
-            match self.current(&key).await? {
-                Some(c) if c.run == run.run_id && c.seq == seq => return Ok(Version(c.etag)),
-                Some(c) if c.run == run.run_id && attempt < CONFLICT_RETRIES => expect = Some(c.etag),
-                _ if !refused => return Err(SaveError::Failed(self.denied(err))),
-                _ => return Err(SaveError::Conflict { found: self.describe_current(&key).await }),
+            let current = self.objects.head(&key, None).await.map_err(|e| SaveError::Failed(self.denied(e)))?;
+            match (&current, err) {
+                (Some(c), _) if c.run == run.run_id && c.seq == seq => return Ok(Version(c.etag.clone())),
+                (Some(c), _) if c.run == run.run_id && attempt < CONFLICT_RETRIES => expect = Some(c.etag.clone()),
+                (_, Some(e)) if !refused => return Err(SaveError::Failed(self.denied(e))),
+                _ => return Err(SaveError::Conflict { found: self.objects.describe(&key, current.as_ref()) }),
             }
         }
         unreachable!("the loop returns")
-    }
-
-    /// The current state object's ETag and the run and sequence number that wrote it.
-    async fn current(&self, key: &str) -> Result<Option<Written>> {
-        let head = match self.client.head_object().bucket(&self.url.bucket).key(key).send().aws(&self.region).await {
-            Ok(h) => h,
-            Err(e) if e.is_not_found() => return Ok(None),
-            Err(e) => return Err(self.denied(e)),
-        };
-        let meta = head.metadata();
-        let get = |k: &str| meta.and_then(|m| m.get(k)).cloned().unwrap_or_default();
-        Ok(Some(Written { etag: head.e_tag().unwrap_or_default().to_owned(), run: get("pgdr-run"), seq: get("pgdr-seq") }))
-    }
-
-    /// Who wrote the current object, for a lost race's message.
-    async fn describe_current(&self, key: &str) -> String {
-        let name = format!("s3://{}/{key}", self.url.bucket);
-        match self.client.head_object().bucket(&self.url.bucket).key(key).send().aws(&self.region).await {
-            Ok(h) => {
-                let meta = h.metadata();
-                let get = |k: &str| meta.and_then(|m| m.get(k)).cloned().unwrap_or_else(|| "?".into());
-                let at = h.last_modified().and_then(|t| t.fmt(aws_smithy_types::date_time::Format::DateTime).ok()).unwrap_or_default();
-                format!("{name} was written by {} (`{}` on {}) at {at}", get("pgdr-who"), get("pgdr-command"), get("pgdr-host"))
-            }
-            Err(e) if e.is_not_found() => format!("{name} was deleted by another run"),
-            Err(_) => format!("{name} was changed by another run"),
-        }
     }
 
     pub fn retire_blocking(&self, env: &str, expected: Option<&Version>) -> Result<(), SaveError> {
@@ -265,129 +344,79 @@ impl S3Backend {
     async fn retire(&self, env: &str, expected: Option<&Version>) -> Result<(), SaveError> {
         let key = self.key(env, "json");
         let Some(expected) = expected else { return Ok(()) };
-        for attempt in 0.. {
-            match self.client.delete_object().bucket(&self.url.bucket).key(&key).if_match(&expected.0).send().aws(&self.region).await {
-                Ok(_) => return Ok(()),
-                Err(e) if e.is_not_found() => return Ok(()),
-                Err(e) if e.kind() == Kind::PreconditionFailed => {
-                    return Err(SaveError::Conflict { found: self.describe_current(&key).await })
-                }
-                Err(e) if e.kind() == Kind::Throttled && attempt < CONFLICT_RETRIES => backoff(attempt).await,
-                Err(e) => return Err(SaveError::Failed(self.denied(e))),
+        match self.objects.delete_if(&key, &expected.0).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == Kind::PreconditionFailed => {
+                let current = self.objects.head(&key, None).await.ok().flatten();
+                Err(SaveError::Conflict { found: self.objects.describe(&key, current.as_ref()) })
             }
+            Err(e) => Err(SaveError::Failed(self.denied(e))),
         }
-        unreachable!("the loop returns")
     }
 
     pub async fn read_lock(&self, env: &str) -> Result<Option<(LockInfo, String)>> {
-        let Some((bytes, etag)) = self.get(&self.key(env, "lock"), None).await? else { return Ok(None) };
-        // An unreadable lock is still a lock: its holder is unknown.
-        let info = serde_json::from_slice(&bytes).unwrap_or_else(|_| LockInfo {
-            who: "unknown".into(),
-            pid: 0,
-            host: "unknown".into(),
-            command: "unreadable lock".into(),
-            since: String::new(),
-            run_id: String::new(),
-            heartbeat: None,
-        });
-        Ok(Some((info, etag)))
+        self.objects.lock_info(&self.key(env, "lock")).await.map_err(|e| self.denied(e))
     }
 
     pub async fn lock(&self, env: &str, run: &RunInfo) -> Result<Lock> {
         let key = self.key(env, "lock");
         let info = LockInfo::new(run);
         let body = serde_json::to_vec(&info).map_err(|e| Error::Other(e.to_string()))?;
+        let meta = [("pgdr-run", run.run_id.as_str())];
         let mut attempt = 0;
         let etag = loop {
-            let put = self
-                .client
-                .put_object()
-                .bucket(&self.url.bucket)
-                .key(&key)
-                .content_type("application/json")
-                .tagging("pgdr-object=lock")
-                .metadata("pgdr-run", &run.run_id)
-                .if_none_match("*")
-                .body(ByteStream::from(body.clone()));
-            match put.send().aws(&self.region).await {
-                Ok(out) => break out.e_tag().unwrap_or_default().to_owned(),
-                Err(e) if e.kind() == Kind::PreconditionFailed => {
-                    let holder = self.read_lock(env).await?;
-                    match holder {
-                        // Our own attempt landed before its answer was lost.
-                        Some((h, etag)) if h.run_id == run.run_id => break etag,
-                        Some((h, _)) => return Err(held_error(env, Some(&h), stale_hint(&h))),
-                        // Released in between: try again.
-                        None if attempt < CONFLICT_RETRIES => {}
-                        None => return Err(held_error(env, None, None)),
-                    }
-                }
-                Err(e) if e.kind() == Kind::Throttled && attempt < CONFLICT_RETRIES => backoff(attempt).await,
-                // No answer: the lock may be ours already.
-                Err(e) if e.is_unreachable() => match self.read_lock(env).await? {
-                    Some((h, etag)) if h.run_id == run.run_id => break etag,
-                    _ => return Err(e.into()),
-                },
-                Err(e) => return Err(self.denied(e)),
+            let err = match self.objects.put(&key, &body, Cond::Absent, &meta, Some(LOCK_TAG)).await {
+                Ok(etag) => break etag,
+                Err(e) => e,
+            };
+            if err.kind() != Kind::PreconditionFailed && !err.is_unreachable() {
+                return Err(self.denied(err));
             }
-            attempt += 1;
+            // Taken, or no answer: held by someone, or by this run (an attempt whose answer was lost).
+            match self.read_lock(env).await? {
+                Some((h, etag)) if h.run_id == run.run_id => break etag,
+                _ if err.is_unreachable() => return Err(err.into()),
+                Some((h, _)) => return Err(held_error(env, Some(&h), stale_hint(&h))),
+                // Released in between: try again.
+                None if attempt < CONFLICT_RETRIES => attempt += 1,
+                None => return Err(held_error(env, None, None)),
+            }
         };
-        let held = S3Lock {
-            client: self.client.clone(),
-            bucket: self.url.bucket.clone(),
+        let parts = LockParts {
+            objects: self.objects.clone(),
             key,
-            region: self.region.clone(),
             run_id: run.run_id.clone(),
             etag: Arc::new(Mutex::new(etag)),
             lost: Arc::new(AtomicBool::new(false)),
-            beat: None,
         };
-        let mut held = held;
-        held.beat = Some(tokio::spawn(heartbeat(held.clone_parts(), info.clone())));
-        let parts = held.clone_parts();
-        super::register(&run.run_id, Box::new(move || parts.release_blocking()));
-        Ok(Lock { info, held: Held::S3(held) })
+        let beat = Some(tokio::spawn(heartbeat(parts.clone(), info.clone())));
+        let release = parts.clone();
+        super::register(&run.run_id, Box::new(move || release.release_blocking()));
+        Ok(Lock { info, held: Held::S3(S3Lock { parts, beat }) })
     }
 
     pub async fn unlock(&self, env: &str, confirm: &dyn Fn(&LockInfo) -> Result<()>) -> Result<Option<LockInfo>> {
         let Some((info, etag)) = self.read_lock(env).await? else { return Ok(None) };
         confirm(&info)?;
-        let key = self.key(env, "lock");
-        for attempt in 0.. {
-            match self.client.delete_object().bucket(&self.url.bucket).key(&key).if_match(&etag).send().aws(&self.region).await {
-                Ok(_) => return Ok(Some(info)),
-                Err(e) if e.is_not_found() => return Ok(Some(info)),
-                Err(e) if e.kind() == Kind::PreconditionFailed => {
-                    return Err(Error::user(format!(
-                        "the lock on {env} changed while unlocking (refreshed or taken by another run); nothing was removed: run `pgdr unlock --env {env}` again to see its holder"
-                    )))
-                }
-                Err(e) if e.kind() == Kind::Throttled && attempt < CONFLICT_RETRIES => backoff(attempt).await,
-                Err(e) => return Err(self.denied(e)),
-            }
+        match self.objects.delete_if(&self.key(env, "lock"), &etag).await {
+            Ok(()) => Ok(Some(info)),
+            Err(e) if e.kind() == Kind::PreconditionFailed => Err(Error::user(format!(
+                "the lock on {env} changed while unlocking (refreshed or taken by another run); nothing was removed: run `pgdr unlock --env {env}` again to see its holder"
+            ))),
+            Err(e) => Err(self.denied(e)),
         }
-        unreachable!("the loop returns")
     }
 
     pub async fn envs(&self) -> Result<Vec<String>> {
+        let o = &self.objects;
         let prefix = self.url.key("");
         let mut names = Vec::new();
         let mut token = None;
         loop {
-            let out = self
-                .client
-                .list_objects_v2()
-                .bucket(&self.url.bucket)
-                .prefix(&prefix)
-                .delimiter("/")
-                .set_continuation_token(token)
-                .send()
-                .aws(&self.region)
-                .await
-                .map_err(|e| self.denied(e))?;
-            for o in out.contents() {
-                if let Some(n) = o.key().and_then(|k| k.strip_prefix(&prefix)).and_then(|k| k.strip_suffix(".json")) {
+            let req = o.client.list_objects_v2().bucket(&o.bucket).prefix(&prefix).delimiter("/").set_continuation_token(token);
+            let out = req.send().aws(&o.region).await.map_err(|e| self.denied(e))?;
+            for obj in out.contents() {
+                if let Some(n) = obj.key().and_then(|k| k.strip_prefix(&prefix)).and_then(|k| k.strip_suffix(".json")) {
                     names.push(n.to_owned());
                 }
             }
@@ -399,59 +428,48 @@ impl S3Backend {
         Ok(names)
     }
 
+    /// The state's versions and deletions, newest first: one listing (ListObjectVersions answers
+    /// a key's versions newest first, up to 1000 a page), then who wrote each kept one, all at once.
     pub async fn history(&self, env: &str, limit: usize) -> Result<Vec<HistoryEntry>> {
+        let o = &self.objects;
         let key = self.key(env, "json");
-        let out = self
-            .client
-            .list_object_versions()
-            .bucket(&self.url.bucket)
-            .prefix(&key)
-            .send()
-            .aws(&self.region)
-            .await
-            .map_err(|e| self.denied(e))?;
+        let out = o.client.list_object_versions().bucket(&o.bucket).prefix(&key).send().aws(&o.region).await.map_err(|e| self.denied(e))?;
         let fmt = |t: Option<&aws_smithy_types::DateTime>| {
             t.and_then(|t| t.fmt(aws_smithy_types::date_time::Format::DateTime).ok()).unwrap_or_default()
         };
-        let mut entries: Vec<HistoryEntry> = Vec::new();
-        for v in out.versions().iter().filter(|v| v.key() == Some(key.as_str())) {
-            let version = v.version_id().unwrap_or("null").to_owned();
-            entries.push(HistoryEntry {
-                version,
-                at: fmt(v.last_modified()),
-                who: String::new(),
-                command: String::new(),
-                latest: v.is_latest() == Some(true),
-                deleted: false,
-            });
-        }
-        for d in out.delete_markers().iter().filter(|d| d.key() == Some(key.as_str())) {
-            let version = d.version_id().unwrap_or("null").to_owned();
-            entries.push(HistoryEntry {
-                version,
-                at: fmt(d.last_modified()),
-                who: String::new(),
-                command: String::from("(deleted)"),
-                latest: d.is_latest() == Some(true),
-                deleted: true,
-            });
-        }
+        let entry = |version: Option<&str>, at, latest: Option<bool>, deleted: bool| HistoryEntry {
+            version: version.unwrap_or("null").to_owned(),
+            at: fmt(at),
+            who: String::new(),
+            command: if deleted { "(deleted)".into() } else { String::new() },
+            latest: latest == Some(true),
+            deleted,
+        };
+        let mine = |k: Option<&str>| k == Some(key.as_str());
+        let mut entries: Vec<HistoryEntry> = out
+            .versions()
+            .iter()
+            .filter(|v| mine(v.key()))
+            .map(|v| entry(v.version_id(), v.last_modified(), v.is_latest(), false))
+            .chain(
+                out.delete_markers()
+                    .iter()
+                    .filter(|d| mine(d.key()))
+                    .map(|d| entry(d.version_id(), d.last_modified(), d.is_latest(), true)),
+            )
+            .collect();
         entries.sort_by(|a, b| b.at.cmp(&a.at).then(b.latest.cmp(&a.latest)));
         entries.truncate(limit);
-        for e in entries.iter_mut().filter(|e| !e.deleted) {
-            let head = self
-                .client
-                .head_object()
-                .bucket(&self.url.bucket)
-                .key(&key)
-                .version_id(&e.version)
-                .send()
-                .aws(&self.region)
-                .await
-                .map_err(|e| self.denied(e))?;
-            if let Some(m) = head.metadata() {
-                e.who = m.get("pgdr-who").cloned().unwrap_or_default();
-                e.command = m.get("pgdr-command").cloned().unwrap_or_default();
+        let writers = futures::future::join_all(entries.iter().map(|e| async {
+            if e.deleted {
+                return Ok(None);
+            }
+            o.head(&key, Some(&e.version)).await
+        }))
+        .await;
+        for (e, w) in entries.iter_mut().zip(writers) {
+            if let Some(w) = w.map_err(|e| self.denied(e))? {
+                (e.who, e.command) = (w.who, w.command);
             }
         }
         Ok(entries)
@@ -459,42 +477,30 @@ impl S3Backend {
 
     pub async fn read_version(&self, env: &str, version: &str) -> Result<State> {
         let key = self.key(env, "json");
-        let (bytes, _) = match self.get(&key, Some(version)).await {
+        let name = self.objects.name(&key);
+        let (bytes, _) = match self.objects.get(&key, Some(version)).await {
             Ok(Some(x)) => x,
             Ok(None) => {
-                return Err(Error::user(format!(
-                    "version {version} of s3://{}/{key} does not exist; see `pgdr state history --env {env}`",
-                    self.url.bucket
-                )))
+                return Err(Error::user(format!("version {version} of {name} does not exist; see `pgdr state history --env {env}`")))
             }
-            Err(Error::Aws(e)) if e.code.as_deref() == Some("InvalidArgument") => {
-                return Err(Error::user(format!(
-                    "{version:?} is not a version of s3://{}/{key}; see `pgdr state history --env {env}`",
-                    self.url.bucket
-                )))
+            Err(e) if e.code.as_deref() == Some("InvalidArgument") => {
+                return Err(Error::user(format!("{version:?} is not a version of {name}; see `pgdr state history --env {env}`")))
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(self.denied(e)),
         };
-        state::decode(&bytes, env, &format!("version {version} of s3://{}/{key}", self.url.bucket), "choose another version")
+        state::decode(&bytes, env, &format!("version {version} of {name}"), "choose another version")
     }
 
     /// Copies the state to `<env>.json.<suffix>` and deletes the original if it is still `expected`.
     pub async fn set_aside(&self, env: &str, suffix: &str, expected: &Version) -> Result<String> {
+        let o = &self.objects;
         let key = self.key(env, "json");
         let to = format!("{key}.{suffix}");
-        let source = format!("{}/{}", self.url.bucket, percent_encode(&key));
-        self.client
-            .copy_object()
-            .bucket(&self.url.bucket)
-            .key(&to)
-            .copy_source(source)
-            .copy_source_if_match(&expected.0)
-            .send()
-            .aws(&self.region)
-            .await
-            .map_err(|e| self.denied(e))?;
+        let source = format!("{}/{}", o.bucket, percent_encode(&key));
+        let req = o.client.copy_object().bucket(&o.bucket).key(&to).copy_source(source).copy_source_if_match(&expected.0);
+        req.send().aws(&o.region).await.map_err(|e| self.denied(e))?;
         match self.retire(env, Some(expected)).await {
-            Ok(()) => Ok(format!("s3://{}/{to}", self.url.bucket)),
+            Ok(()) => Ok(o.name(&to)),
             Err(SaveError::Conflict { found }) => Err(Error::failed(format!("{found}; the copy {to} is kept"))),
             Err(SaveError::Failed(e)) => Err(e),
         }
@@ -533,51 +539,36 @@ fn stale_hint(h: &LockInfo) -> Option<String> {
     h.silent_for().filter(|s| *s > limit).map(|s| format!("no heartbeat for {}", crate::wait::human(Duration::from_secs(s))))
 }
 
-/// A lock this run holds in S3: its current ETag (the heartbeat changes it).
+/// The tag of lock objects: the lifecycle rule `state init` makes expires their old versions.
+const LOCK_TAG: &str = "pgdr-object=lock";
+
+/// A lock this run holds in S3, and its heartbeat.
 #[derive(Debug)]
 pub struct S3Lock {
-    client: Client,
-    bucket: String,
-    key: String,
-    region: String,
-    run_id: String,
-    etag: Arc<Mutex<String>>,
-    lost: Arc<AtomicBool>,
+    parts: LockParts,
     beat: Option<tokio::task::JoinHandle<()>>,
 }
 
-/// What releasing and refreshing a lock need, shared with the heartbeat and the Ctrl-C path.
+/// What refreshing and releasing a lock need, shared with the heartbeat and the Ctrl-C path.
 #[derive(Clone, Debug)]
 struct LockParts {
-    client: Client,
-    bucket: String,
+    objects: Objects,
     key: String,
-    region: String,
     run_id: String,
+    /// The lock's current ETag: each heartbeat changes it.
     etag: Arc<Mutex<String>>,
     lost: Arc<AtomicBool>,
 }
 
 impl S3Lock {
-    fn clone_parts(&self) -> LockParts {
-        LockParts {
-            client: self.client.clone(),
-            bucket: self.bucket.clone(),
-            key: self.key.clone(),
-            region: self.region.clone(),
-            run_id: self.run_id.clone(),
-            etag: self.etag.clone(),
-            lost: self.lost.clone(),
-        }
-    }
     pub fn lost(&self) -> bool {
-        self.lost.load(Ordering::SeqCst)
+        self.parts.lost.load(Ordering::SeqCst)
     }
     pub fn release_blocking(&mut self) {
         if let Some(b) = self.beat.take() {
             b.abort();
         }
-        self.clone_parts().release_blocking();
+        self.parts.release_blocking();
     }
 }
 
@@ -586,12 +577,13 @@ impl LockParts {
         self.etag.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// The lock's ETag if it is still ours (a heartbeat may have landed with its answer lost).
+    fn set_etag(&self, etag: String) {
+        *self.etag.lock().unwrap_or_else(|p| p.into_inner()) = etag;
+    }
+
+    /// The lock's ETag if it is still this run's (a write may have landed with its answer lost).
     async fn ours(&self) -> Option<String> {
-        let out = self.client.get_object().bucket(&self.bucket).key(&self.key).send().aws(&self.region).await.ok()?;
-        let etag = out.e_tag().unwrap_or_default().to_owned();
-        let bytes = out.body.collect().await.ok()?.into_bytes();
-        let info: LockInfo = serde_json::from_slice(&bytes).ok()?;
+        let (info, etag) = self.objects.lock_info(&self.key).await.ok()??;
         (info.run_id == self.run_id).then_some(etag)
     }
 
@@ -607,48 +599,38 @@ impl LockParts {
             return;
         }
         let mut etag = self.etag();
-        for attempt in 0..=CONFLICT_RETRIES {
-            match self.client.delete_object().bucket(&self.bucket).key(&self.key).if_match(&etag).send().aws(&self.region).await {
-                Ok(_) => return,
-                Err(e) if e.is_not_found() => return,
+        // Twice at most: a heartbeat aborted mid-flight may have changed the ETag.
+        for _ in 0..2 {
+            match self.objects.delete_if(&self.key, &etag).await {
+                Ok(()) => return,
                 Err(e) if e.kind() == Kind::PreconditionFailed => match self.ours().await {
                     Some(t) => etag = t,
-                    None => {
-                        tracing::warn!(key = %self.key, "the lock is no longer this run's (forced unlock?); left in place");
-                        return;
-                    }
+                    None => break,
                 },
-                Err(e) if e.kind() == Kind::Throttled && attempt < CONFLICT_RETRIES => backoff(attempt).await,
                 Err(e) => {
                     tracing::warn!(key = %self.key, error = %e, "could not release the S3 lock; `pgdr unlock` clears it");
                     return;
                 }
             }
         }
+        tracing::warn!(key = %self.key, "the lock is no longer this run's (forced unlock?); left in place");
     }
 }
 
 /// Refreshes the lock's heartbeat until the run ends; a lock taken over is marked lost.
 async fn heartbeat(parts: LockParts, mut info: LockInfo) {
     let every = super::heartbeat_interval();
+    let meta = [("pgdr-run", parts.run_id.clone())];
+    let meta: Vec<(&str, &str)> = meta.iter().map(|(k, v)| (*k, v.as_str())).collect();
     loop {
         tokio::time::sleep(every).await;
         info.heartbeat = Some(state::now_rfc3339());
         let Ok(body) = serde_json::to_vec(&info) else { return };
-        let put = parts
-            .client
-            .put_object()
-            .bucket(&parts.bucket)
-            .key(&parts.key)
-            .content_type("application/json")
-            .tagging("pgdr-object=lock")
-            .metadata("pgdr-run", &parts.run_id)
-            .if_match(parts.etag())
-            .body(ByteStream::from(body));
-        match put.send().aws(&parts.region).await {
-            Ok(out) => *parts.etag.lock().unwrap_or_else(|p| p.into_inner()) = out.e_tag().unwrap_or_default().to_owned(),
+        let etag = parts.etag();
+        match parts.objects.put(&parts.key, &body, Cond::Is(&etag), &meta, Some(LOCK_TAG)).await {
+            Ok(t) => parts.set_etag(t),
             Err(e) if e.kind() == Kind::PreconditionFailed || e.is_not_found() => match parts.ours().await {
-                Some(t) => *parts.etag.lock().unwrap_or_else(|p| p.into_inner()) = t,
+                Some(t) => parts.set_etag(t),
                 None => {
                     parts.lost.store(true, Ordering::SeqCst);
                     tracing::warn!(key = %parts.key, "this run's lock was removed or taken over (forced unlock?); its next state write will be refused if another run wrote");
