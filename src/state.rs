@@ -209,6 +209,9 @@ struct Saved {
     version: Option<Version>,
     seq: u64,
     conflict: Option<String>,
+    /// A save failed (no answer, refused): the state is kept in the run's recovery file until a
+    /// save succeeds.
+    unsaved: bool,
 }
 
 impl Store {
@@ -303,6 +306,9 @@ impl Store {
         match self.backend.save(&g, saved.version.as_ref(), &self.run, saved.seq) {
             Ok(v) => {
                 saved.version = Some(v);
+                if std::mem::take(&mut saved.unsaved) {
+                    let _ = std::fs::remove_file(crate::backend::recovery_path(&g, &self.run));
+                }
                 Ok(())
             }
             Err(SaveError::Conflict { found }) => {
@@ -310,14 +316,29 @@ impl Store {
                 saved.conflict = Some(msg.clone());
                 Err(Error::failed(msg))
             }
-            Err(SaveError::Failed(e)) => Err(e),
+            Err(SaveError::Failed(e)) => {
+                // What this run created must not be lost with the write: kept locally until a
+                // later save succeeds (the error itself is the step's, with its AWS code).
+                let first = !std::mem::replace(&mut saved.unsaved, true);
+                match crate::backend::save_recovery(&g, &self.run) {
+                    Ok(p) if first => tracing::warn!(
+                        "the state of {} could not be saved at {}; this run's state is kept in {} until a save succeeds",
+                        g.env,
+                        self.backend.state_name(&g.env),
+                        p.display()
+                    ),
+                    Ok(_) => {}
+                    Err(k) => tracing::warn!("the state could not be saved, nor kept locally: {k}"),
+                }
+                Err(e)
+            }
         }
     }
 
     /// The message of a lost compare-and-swap, after keeping this run's state locally.
     fn lost_race(&self, state: &State, found: &str) -> String {
         let env = &state.env;
-        let kept = match crate::backend::save_recovery(state) {
+        let kept = match crate::backend::save_recovery(state, &self.run) {
             Ok(p) => format!("this run's state is kept in {}", p.display()),
             Err(e) => format!("this run's state could not be kept locally ({e})"),
         };
@@ -359,13 +380,32 @@ mod tests {
         let mut other = read(&backend);
         other.state.topology.writer_region = "eu-west-1".into();
         backend.save(&other.state, Some(&other.version), &RunInfo::this_process("other"), 1).unwrap();
-        let cwd = std::env::current_dir().unwrap();
         let e =
             store.put(&Key::new("network", "eu-west-1", "vpc"), Resource::new("vpc", "eu-west-1", "vpc-2", Status::Created)).unwrap_err();
         assert!(e.to_string().contains("compare-and-swap") && e.to_string().contains("pgdr adopt"), "{e}");
         assert_eq!(read(&backend).state.topology.writer_region, "eu-west-1", "the other run's state is intact");
         assert!(store.set_attr(&Key::new("network", "us-east-1", "vpc"), Attr::Arn, "x").is_err(), "poisoned");
-        let _ = std::fs::remove_dir_all(cwd.join(".pgdr-recovery"));
+        let kept = crate::backend::recovery_path(&store.snapshot(), store.run());
+        assert!(kept.exists(), "this run's state is kept");
+        let _ = std::fs::remove_file(kept);
+    }
+
+    #[test]
+    fn a_failed_save_keeps_the_state_locally_until_a_save_succeeds() {
+        let dir = tempfile::tempdir().unwrap();
+        let blocker = dir.path().join("not-a-dir");
+        std::fs::write(&blocker, b"x").unwrap();
+        let store = Store::new(Backend::dir(&blocker.join("state")), "dev", None, crate::exec::Mode::Apply, RunInfo::this_process("test"));
+        let vpc = Key::new("network", "us-east-1", "vpc");
+        assert!(store.put(&vpc, Resource::new("vpc", "us-east-1", "vpc-1", Status::Created)).is_err());
+        let kept = crate::backend::recovery_path(&store.snapshot(), store.run());
+        let recovered: State = serde_json::from_slice(&std::fs::read(&kept).unwrap()).unwrap();
+        assert_eq!(recovered.resources[&vpc].id.as_deref(), Some("vpc-1"), "the created VPC is not lost");
+        std::fs::remove_file(&blocker).unwrap();
+        store.set_attr(&vpc, Attr::Arn, "arn:vpc-1").unwrap();
+        assert!(!kept.exists(), "saved: the recovery copy is gone");
+        let saved = futures::executor::block_on(store.backend().read("dev")).unwrap().unwrap();
+        assert_eq!(saved.state.resources[&vpc].attr(Attr::Arn), Some("arn:vpc-1"));
     }
 
     #[test]

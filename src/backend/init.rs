@@ -65,8 +65,17 @@ pub async fn init_bucket(url: &S3Url, conn: &Connection, opts: &InitOptions) -> 
     };
     let mut applied = Vec::new();
 
-    let versioning = VersioningConfiguration::builder().status(BucketVersioningStatus::Enabled).build();
-    c.put_bucket_versioning().bucket(b).versioning_configuration(versioning).send().aws(r).await.map_err(fail)?;
+    let mut warnings = Vec::new();
+    let was = c.get_bucket_versioning().bucket(b).send().aws(r).await.map_err(fail)?;
+    if was.status() != Some(&BucketVersioningStatus::Enabled) {
+        let versioning = VersioningConfiguration::builder().status(BucketVersioningStatus::Enabled).build();
+        c.put_bucket_versioning().bucket(b).versioning_configuration(versioning).send().aws(r).await.map_err(fail)?;
+        // S3 user guide, "Enabling versioning on buckets": up to 15 minutes to propagate; reads of
+        // objects written meanwhile may answer 404 NoSuchKey.
+        warnings.push(format!(
+            "versioning was just enabled on {b}: S3 takes up to 15 minutes to apply it everywhere, and reads of objects written meanwhile may fail; wait 15 minutes before the first pgdr run on this bucket"
+        ));
+    }
     applied.push("versioning enabled".to_owned());
 
     let mut sse = ServerSideEncryptionByDefault::builder().sse_algorithm(ServerSideEncryption::AwsKms);
@@ -94,7 +103,6 @@ pub async fn init_bucket(url: &S3Url, conn: &Connection, opts: &InitOptions) -> 
     c.put_bucket_lifecycle_configuration().bucket(b).lifecycle_configuration(lifecycle()?).send().aws(r).await.map_err(fail)?;
     applied.push("lifecycle: old lock versions expire after 1 day".to_owned());
 
-    let mut warnings = Vec::new();
     if region == opts.primary_region {
         warnings.push(format!(
             "bucket {b} is in the primary region {region}: if that region is lost, so is the state; keep it in the DR region (--region)"

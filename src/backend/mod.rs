@@ -445,22 +445,26 @@ fn held_error(env: &str, holder: Option<&LockInfo>, stale_hint: Option<String>) 
     }
 }
 
-/// Where a run whose state write lost a race keeps its state, so nothing it knew is lost.
-pub fn save_recovery(state: &State) -> Result<PathBuf> {
+/// Where a run keeps its state when it cannot save it (a lost race, a store that does not
+/// answer): `.pgdr-recovery/<env>-<run id>.json`, one file per run, replaced atomically, 0600.
+pub fn recovery_path(state: &State, run: &RunInfo) -> PathBuf {
+    PathBuf::from(".pgdr-recovery").join(format!("{}-{}.json", state.env, run.run_id))
+}
+
+/// Keeps `state` at [`recovery_path`], so nothing the run knew is lost.
+pub fn save_recovery(state: &State, run: &RunInfo) -> Result<PathBuf> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let dir = PathBuf::from(".pgdr-recovery");
-    std::fs::create_dir_all(&dir).map_err(|e| Error::Other(format!("cannot create {}: {e}", dir.display())))?;
-    let stamp = crate::state::now_rfc3339().replace(':', "");
-    let path = dir.join(format!("{}-{stamp}-{:04x}.json", state.env, fastrand::u16(..)));
+    let path = recovery_path(state, run);
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let io = |e: std::io::Error| Error::Other(format!("cannot write {}: {e}", path.display()));
+    std::fs::create_dir_all(dir).map_err(io)?;
     let text = serde_json::to_vec_pretty(state).map_err(|e| Error::Other(format!("internal: state does not serialize: {e}")))?;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&path)
-        .map_err(|e| Error::Other(format!("cannot write {}: {e}", path.display())))?;
-    f.write_all(&text).and_then(|_| f.sync_all()).map_err(|e| Error::Other(format!("cannot write {}: {e}", path.display())))?;
+    let tmp = path.with_extension("json.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(io)?;
+    f.write_all(&text).and_then(|_| f.sync_all()).map_err(io)?;
+    std::fs::rename(&tmp, &path).map_err(io)?;
     Ok(path)
 }
 

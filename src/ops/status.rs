@@ -135,32 +135,29 @@ impl Report for EnvList {
 /// `status` without `--env`: every environment with a state at the target's location.
 pub async fn list_envs(t: &Target) -> Result<EnvList> {
     let backend = t.backend(None).await?;
-    let mut environments = Vec::new();
-    for name in backend.envs().await? {
-        let lock = backend.read_lock(&name).await.ok().flatten();
-        let (locked_by, lock_silent_s) = (lock.as_ref().map(|l| l.holder()), lock.as_ref().and_then(|l| l.silent_for()));
-        match backend.read(&name).await {
-            Ok(Some(l)) => environments.push(EnvSummary {
-                env: name,
-                resources: l.state.resources.len(),
-                writer_region: l.state.topology.writer_region,
-                updated_at: l.state.updated_at,
-                locked_by,
-                lock_silent_s,
-                error: None,
-            }),
-            Ok(None) => {}
-            Err(e) => environments.push(EnvSummary {
-                env: name,
-                resources: 0,
-                writer_region: String::new(),
-                updated_at: String::new(),
-                locked_by,
-                lock_silent_s,
-                error: Some(e.to_string()),
-            }),
+    // Every environment's lock and state at once (one round trip, not two per environment).
+    let summaries = backend.envs().await?.into_iter().map(|env| {
+        let backend = &backend;
+        async move {
+            let (lock, state) = tokio::join!(backend.read_lock(&env), backend.read(&env));
+            let lock = lock.ok().flatten();
+            let (state, error) = match state {
+                Ok(None) => return None,
+                Ok(Some(l)) => (l.state, None),
+                Err(e) => (crate::state::State::default(), Some(e.to_string())),
+            };
+            Some(EnvSummary {
+                env,
+                resources: state.resources.len(),
+                writer_region: state.topology.writer_region,
+                updated_at: state.updated_at,
+                locked_by: lock.as_ref().map(|l| l.holder()),
+                lock_silent_s: lock.as_ref().and_then(|l| l.silent_for()),
+                error,
+            })
         }
-    }
+    });
+    let environments = futures::future::join_all(summaries).await.into_iter().flatten().collect();
     Ok(EnvList { location: backend.location().to_string(), environments })
 }
 
