@@ -7,6 +7,7 @@ Used by tests/python/test_dr_scenarios.py (asserting outcomes and bounds) and sc
 """
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -124,6 +125,7 @@ class DrEnv:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+        shutil.rmtree(self.work, ignore_errors=True)
 
     def __enter__(self):
         return self

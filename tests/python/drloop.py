@@ -27,7 +27,6 @@ import io
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -417,7 +416,3 @@ class Loop:
             t += every
             self.clock.sleep_until(t)
         return False
-
-
-def alarm_state_changes(loop, name):
-    return next((a.changes for a in loop.alarms.values() if a.name == name), [])
