@@ -429,7 +429,7 @@ impl S3Backend {
     }
 
     /// The state's versions and deletions, newest first: one listing (ListObjectVersions answers
-    /// a key's versions newest first, up to 1000 a page), then who wrote each kept one, all at once.
+    /// a key's versions newest first, up to 1000 a page), then who wrote each kept one, sixteen at a time.
     pub async fn history(&self, env: &str, limit: usize) -> Result<Vec<HistoryEntry>> {
         let o = &self.objects;
         let key = self.key(env, "json");
@@ -460,12 +460,16 @@ impl S3Backend {
             .collect();
         entries.sort_by(|a, b| b.at.cmp(&a.at).then(b.latest.cmp(&a.latest)));
         entries.truncate(limit);
-        let writers = futures::future::join_all(entries.iter().map(|e| async {
+        // Sixteen at a time: far below S3's request rate per prefix, even for a long history.
+        use futures::stream::StreamExt;
+        let writers: Vec<_> = futures::stream::iter(entries.iter().map(|e| async {
             if e.deleted {
                 return Ok(None);
             }
             o.head(&key, Some(&e.version)).await
         }))
+        .buffered(16)
+        .collect()
         .await;
         for (e, w) in entries.iter_mut().zip(writers) {
             if let Some(w) = w.map_err(|e| self.denied(e))? {
