@@ -16,7 +16,10 @@ Control API under /__proxy/ (JSON in and out):
                                 services, fault_mutating_only)
   GET  /__proxy/calls           recorded calls (JSON list); each has t (request received) and
                                 t_end (answer sent, or connection closed for a dropped answer;
-                                after the added latency), seconds since the epoch
+                                after the added latency), seconds since the epoch, and for
+                                query-protocol calls naming them, params (DBInstanceIdentifier,
+                                GroupId, SourceDBInstanceIdentifier)
+  GET  /__proxy/calls?since=N   the recorded calls after seq N
   POST /__proxy/calls/reset     clear the in-memory list (the record file is append-only)
   GET  /__proxy/rds_status      active RDS status overrides
   POST /__proxy/rds_status      {"region","id","status","for_s"[,"account"]}; status null clears
@@ -39,6 +42,9 @@ import awsrules  # noqa: E402
 
 CRED_RE = re.compile(r"Credential=[^/,\s]+/\d{8}/([^/]+)/([^/]+)/aws4_request")
 RPCV2_RE = re.compile(r"^/service/[^/]+/operation/([A-Za-z0-9]+)$")  # Smithy RPCv2 (CBOR)
+# Identifiers recorded with a query-protocol call (which instance, which security group), so that
+# a harness can act on what a call named: never values, never secrets.
+RECORDED_PARAMS = ("DBInstanceIdentifier", "GroupId", "SourceDBInstanceIdentifier")
 HOP = {"connection", "keep-alive", "proxy-connection", "proxy-authorization", "te", "trailer",
        "transfer-encoding", "upgrade", "expect", "content-length"}
 
@@ -239,7 +245,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if path == "/__proxy/config" and self.command == "POST":
                 return self.reply_json(set_config(req))
             if path == "/__proxy/calls" and self.command == "GET":
-                return self.reply_json(calls_answered())
+                since = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query).get("since", ["0"])[0]
+                return self.reply_json([c for c in calls_answered() if c["seq"] > int(since)])
             if path == "/__proxy/calls/reset" and self.command == "POST":
                 with lock:
                     STATE["calls"].clear()
@@ -276,7 +283,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 ENGINE.reset()  # moto forgot everything: so do the rules
             return self.reply(*answer)
         t = time.time()
-        service, region, op, mutating, is_json, _form = classify(self.command, self.path, self.headers, body)
+        service, region, op, mutating, is_json, form = classify(self.command, self.path, self.headers, body)
         with lock:
             cfg = dict(CONFIG)
             eligible = ((not cfg["fault_ops"] or op in cfg["fault_ops"])
@@ -292,6 +299,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if cfg["latency_ms"] > 0:
             time.sleep(cfg["latency_ms"] / 1000.0)
         entry = {"t": t, "service": service, "region": region, "op": op, "mutating": mutating, "rule": None}
+        ids = {k: form[k][0] for k in RECORDED_PARAMS if form.get(k)}
+        if ids:
+            entry["params"] = ids
         if region and region in (cfg["blackhole_regions"] or []):
             # A lost region: the request goes nowhere; after blackhole_s the connection is reset
             # (a client's timeout, shortened so that tests stay fast).

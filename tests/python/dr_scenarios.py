@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import boto3
@@ -34,13 +35,30 @@ def pgdr_bin():
     return target / "debug" / "pgdr"
 
 
+@dataclass
+class Side:
+    """One side of the pair as RDS shows it and the harness stands behind it."""
+    region: str
+    id: str
+    endpoint: str
+    security_groups: list
+    cluster: object  # pgpair.PgCluster
+
+
 class DrEnv:
-    """One environment, its emulator, its PostgreSQL pair, its loop and its writer."""
+    """One environment, its emulator, its PostgreSQL pair, its loop and its writer.
+
+    RDS's actions reach the real clusters (`follow_rds`, run between the loop's minutes):
+    PromoteReadReplica of the replica promotes the standby; revoking the primary security
+    group's ingress fences the primary's endpoint (new connections time out, established ones
+    live on, as connection tracking keeps them); RebootDBInstance ends a cluster's sessions;
+    StopDBInstance stops it."""
 
     def __init__(self, name="drt", config="", scale=30.0, bindir_=None):
         self.name, self.work = name, Path(tempfile.mkdtemp(prefix="pgdr-dr-"))
         self.proc, self.url = start_proxy()
         self.pair = self.writer = None
+        self.seen_seq, self.promotion_calls, self.rds_actions, self.hooks = 0, [], [], []
         try:
             if config:
                 (self.work / "pgdr.toml").write_text(config)
@@ -51,35 +69,46 @@ class DrEnv:
                 SecretId=f"pgdr/{name}/master")["SecretString"])
             self.user, self.password, self.dbname = secret["username"], secret["password"], secret["dbname"]
             self.pair = pgpair.PgPair(user=self.user, password=self.password, dbname=self.dbname, bindir_=bindir_)
-            self.endpoints = {}
-            for side, region in (("primary", PRIMARY), ("dr", DR)):
-                db = self.client("rds", region).describe_db_instances(
-                    DBInstanceIdentifier=f"pgdr-{name}-{region}")["DBInstances"][0]
-                self.endpoints[side] = db["Endpoint"]["Address"]
             self.network = Network()
-            self.network.route(self.endpoints["primary"], self.pair.primary.address)
-            self.network.route(self.endpoints["dr"], self.pair.standby.address)
+            self.primary = self.side(PRIMARY, f"pgdr-{name}-{PRIMARY}", self.pair.primary)
+            self.dr = self.side(DR, f"pgdr-{name}-{DR}", self.pair.standby)
             self.loop = Loop(self.url, name, scale=scale, network=self.network).discover()
             self.writer_name = f"postgres.{self.loop.zone}"
             self._dns = {}
             self.promoted_at = None
             self.writer = Writer(self.resolve, self.writer_name, self.user, self.password, self.dbname,
-                                 rate=20.0, timeout=1.0)
+                                 rate=20.0, timeout=1.0, link=self.network.link_ok)
             self.writer.setup()
+            self.follow_rds()  # what up did is not a fault
         except BaseException:
             self.close()
             raise
+
+    def side(self, region, db_id, cluster):
+        db = self.client("rds", region).describe_db_instances(DBInstanceIdentifier=db_id)["DBInstances"][0]
+        side = Side(region, db_id, db["Endpoint"]["Address"],
+                    [g["VpcSecurityGroupId"] for g in db.get("VpcSecurityGroups") or []], cluster)
+        self.network.route(side.endpoint, cluster.address)
+        self.network.heal(side.endpoint)
+        self.network.unfence(side.endpoint)
+        return side
+
+    @property
+    def endpoints(self):
+        return {"primary": self.primary.endpoint, "dr": self.dr.endpoint}
 
     # --- plumbing ----------------------------------------------------------------------------
     def client(self, service, region):
         return boto3.client(service, region_name=region, endpoint_url=self.url, aws_access_key_id="test",
                             aws_secret_access_key="test")
 
-    def pgdr(self, *args, timeout=600):
+    def pgdr_cmd(self, *args):
         env = {"PATH": os.environ.get("PATH", ""), "HOME": str(self.work), "AWS_ENDPOINT_URL": self.url,
                "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_EC2_METADATA_DISABLED": "true"}
-        return subprocess.run([str(pgdr_bin()), *args], cwd=self.work, env=env, capture_output=True, text=True,
-                              timeout=timeout, stdin=subprocess.DEVNULL)
+        return dict(args=[str(pgdr_bin()), *args], cwd=self.work, env=env, stdin=subprocess.DEVNULL)
+
+    def pgdr(self, *args, timeout=600):
+        return subprocess.run(**self.pgdr_cmd(*args), capture_output=True, text=True, timeout=timeout)
 
     def resolve(self, name):
         """What an application's resolver gets: Route 53's answer, cached for the record's TTL."""
@@ -98,21 +127,73 @@ class DrEnv:
     def records(self, name):
         return self.loop.records.get(name if name.endswith(".") else name + ".", [])
 
-    def watch_promotion(self):
-        """RDS's PromoteReadReplica promotes the standby standing behind the replica."""
-        if self.promoted_at is not None:
-            return
-        calls = ctl(self.url, "/__proxy/calls")
-        if any(c["op"] == "PromoteReadReplica" and c.get("status") == 200 for c in calls):
-            self.pair.promote()
-            self.promoted_at = self.loop.clock.now()
-            self.loop.event("standby promoted")
+    def between(self):
+        """Run between the loop's minutes: RDS's actions on the clusters, then the scenario's hooks."""
+        self.follow_rds()
+        for hook in self.hooks:
+            hook()
 
-    def promotions(self):
-        return sum(1 for c in ctl(self.url, "/__proxy/calls") if c["op"] == "PromoteReadReplica" and c.get("status") == 200)
+    def follow_rds(self):
+        for c in ctl(self.url, f"/__proxy/calls?since={self.seen_seq}"):
+            self.seen_seq = max(self.seen_seq, c["seq"])
+            if c.get("status") != 200:
+                continue
+            op, db_id, now = c["op"], (c.get("params") or {}).get("DBInstanceIdentifier"), self.loop.clock.now()
+            if op == "PromoteReadReplica" and db_id == self.dr.id:
+                self.promotion_calls.append(now)
+                if self.promoted_at is None:
+                    self.dr.cluster.promote()
+                    self.promoted_at = now
+                    self.loop.event("standby promoted")
+            elif (op == "RevokeSecurityGroupIngress" and c["region"] == self.primary.region
+                  and (c.get("params") or {}).get("GroupId") in self.primary.security_groups):
+                self.network.fence(self.primary.endpoint)
+                self.rds_actions.append((now, "fenced", self.primary.id))
+            elif op in ("RebootDBInstance", "StopDBInstance"):
+                side = next((x for x in (self.primary, self.dr) if x.id == db_id and x.region == c["region"]), None)
+                if side is None or not side.cluster.running:
+                    continue
+                if op == "RebootDBInstance":
+                    side.cluster.terminate_sessions()
+                else:
+                    side.cluster.stop()
+                self.rds_actions.append((now, op, db_id))
+
+    def promotions(self, since=0.0):
+        """Successful PromoteReadReplica calls on the current replica since emulated time `since`."""
+        self.follow_rds()
+        return sum(1 for t in self.promotion_calls if t >= since)
 
     def dns_answer(self):
         return self.loop.resolve(self.writer_name)
+
+    def lose_region(self, side, stop_cluster=True):
+        """A region lost: its API black-holed, its database unreachable (and stopped)."""
+        ctl(self.url, "/__proxy/config", {"blackhole_regions": [side.region], "blackhole_s": 0.3})
+        self.network.cut(side.endpoint)
+        if stop_cluster:
+            side.cluster.stop(mode="immediate")
+
+    def region_back(self, side):
+        ctl(self.url, "/__proxy/config", {"blackhole_regions": None})
+        self.network.heal(side.endpoint)
+
+    def reprotect(self):
+        """`pgdr reprotect`, and the harness following it: the old primary's cluster rebuilt as
+        a standby of the promoted one, behind the new replica; the roles swapped; the loop reads
+        the machinery reprotect deployed in the other region."""
+        out = self.pgdr("reprotect", "--env", self.name, "--yes")
+        self.follow_rds()
+        if out.returncode != 0:
+            return out
+        self.pair.reprotect()
+        old_primary, old_dr = self.primary, self.dr
+        self.primary = self.side(old_dr.region, old_dr.id, self.pair.primary)
+        self.dr = self.side(old_primary.region, f"pgdr-{self.name}-{old_primary.region}", self.pair.standby)
+        self.promoted_at = None
+        self.loop.discover()
+        self._dns.clear()
+        return out
 
     def close(self):
         if self.writer is not None:
@@ -138,54 +219,68 @@ def first_after(changes, t, state):
     return next((ct for ct, s in changes if ct >= t and s == state), None)
 
 
-def region_loss(env, warmup_min=5, budget_min=40):
+def primary_down_alarm(env):
+    """The primary-down alarm watching the current pair (in the DR region)."""
+    return next((a for a in env.loop.alarms.values()
+                 if a.name.endswith("-primary-down") and a.region == env.dr.region), None)
+
+
+def region_loss(env, name="region-loss", warmup_min=5, budget_min=40, before_fault=None, stop_cluster=True):
     """The primary region is lost (its API black-holed, the primary cluster stopped): the loop
     alone must promote, move DNS and let the writer resume. Returns the figures."""
     loop, w = env.loop, env.writer
-    w.start()
-    loop.run(until=loop.clock.now() + warmup_min * MINUTE, between=env.watch_promotion)
-    healthy = {"promotions": env.promotions(), "dns": env.dns_answer()}
-    t_fault = loop.clock.now()
-    ctl(env.url, "/__proxy/config", {"blackhole_regions": [PRIMARY], "blackhole_s": 0.3})
-    env.pair.primary.stop(mode="immediate")
-    env.network.cut(env.endpoints["primary"])
-    standby = tuple(env.pair.standby.address)
+    if w._thread is None:
+        w.start()
+    t_start = loop.clock.now()
+    loop.run(until=t_start + warmup_min * MINUTE, between=env.between)
+    healthy = {"promotions": env.promotions(since=t_start), "dns": env.dns_answer()}
+    if before_fault:
+        before_fault()
+    lost, dr = env.primary, env.dr
+    t_fault, real_fault = loop.clock.now(), time.monotonic()
+    env.lose_region(lost, stop_cluster=stop_cluster)
+    standby = tuple(dr.cluster.address)
     dns_moved = {}
 
-    def between():
-        env.watch_promotion()
-        if "t" not in dns_moved and env.dns_answer() == env.endpoints["dr"]:
+    def watch_dns():
+        if "t" not in dns_moved and env.dns_answer() == dr.endpoint:
             dns_moved["t"] = loop.clock.now()
+    env.hooks.append(watch_dns)
 
     def resumed():
-        return any(tuple(a.target) == standby and a.t >= 0 for a in w.acks[-5:])
+        return any(tuple(a.target) == standby and a.t >= real_fault for a in w.acks[-5:])
 
-    loop.run(until=t_fault + budget_min * MINUTE, stop=resumed, between=between)
+    try:
+        loop.run(until=t_fault + budget_min * MINUTE, stop=resumed, between=env.between)
+    finally:
+        env.hooks.remove(watch_dns)
     time.sleep(1.0)
-    w.stop()
-    down = next((a for a in loop.alarms.values() if a.name.endswith("-primary-down")), None)
+    down = primary_down_alarm(env)
     t_alarm = first_after(down.changes, t_fault, "ALARM") if down else None
-    first_ack = next((a for a in w.acks if tuple(a.target) == standby), None)
+    first_ack = next((a for a in w.acks if tuple(a.target) == standby and a.t >= real_fault), None)
     t_ack = loop.clock.of_real(first_ack.t) if first_ack else None
-    rpo = w.rpo_rows(env.pair.standby)
+    w.stop()
     return {
-        "name": "region-loss",
+        "name": name,
+        "from": lost.region, "to": dr.region,
         "healthy_before": healthy,
-        "promotions": env.promotions(),
+        "promotions": env.promotions(since=t_start),
         "dns_moved": "t" in dns_moved,
         "detection_s": round(t_alarm - t_fault) if t_alarm is not None else None,
         "promotion_s": round(env.promoted_at - t_alarm) if (env.promoted_at and t_alarm is not None) else None,
         "dns_s": round(dns_moved["t"] - env.promoted_at) if ("t" in dns_moved and env.promoted_at) else None,
         "rto_s": round(t_ack - t_fault) if t_ack is not None else None,
-        "rpo_rows": rpo,
+        "rpo_rows": w.rpo_rows(dr.cluster),
         "rows_written": len(w.acks),
+        "t_fault": t_fault,
         "bounds": {"detection_window_s": down.period * down.evaluation_periods if down else None,
                    "ttl_s": max((r.ttl for r in env.records(env.writer_name)), default=None)},
     }
 
 
-def region_loss_verdict(f):
-    """The outcome and bounds region loss must meet; a list of what failed (empty: passed)."""
+def region_loss_verdict(f, extra_s=0):
+    """The outcome and bounds region loss must meet; a list of what failed (empty: passed).
+    `extra_s`: time a scenario adds on purpose (a throttled first promotion)."""
     b, bad = f["bounds"], []
     if f["healthy_before"]["promotions"] != 0:
         bad.append("promoted while the primary was healthy")
@@ -200,23 +295,28 @@ def region_loss_verdict(f):
     if f["detection_s"] is None or not b["detection_window_s"] - 60 <= f["detection_s"] <= b["detection_window_s"] + 120:
         bad.append(f"detection {f['detection_s']} s outside the alarm window {b['detection_window_s']} s (-60, +120)")
     # RTO: detection + promotion + DNS (the promoted alarm's minute, the TTL) + 3 minutes of slack.
-    bound = b["detection_window_s"] + 60 + (f["promotion_s"] or 0) + 60 + b["ttl_s"] + 180
+    bound = b["detection_window_s"] + 60 + (f["promotion_s"] or 0) + 60 + b["ttl_s"] + 180 + extra_s
     if f["rto_s"] > bound:
         bad.append(f"RTO {f['rto_s']} s above its bound {bound} s")
     return bad
+
+
+def scored(f, bad):
+    f["passed"], f["problems"] = not bad, bad
+    return f, bad
 
 
 def no_failover(env, name, fault, heal=None, fault_min=10, after_min=5, warmup_min=5):
     """A fault that must not fail over: figures and what went wrong (empty: passed)."""
     loop, w = env.loop, env.writer
     w.start()
-    loop.run(until=loop.clock.now() + warmup_min * MINUTE, between=env.watch_promotion)
+    loop.run(until=loop.clock.now() + warmup_min * MINUTE, between=env.between)
     t_fault = loop.clock.now()
     fault()
-    loop.run(until=t_fault + fault_min * MINUTE, between=env.watch_promotion)
+    loop.run(until=t_fault + fault_min * MINUTE, between=env.between)
     if heal:
         heal()
-    loop.run(until=loop.clock.now() + after_min * MINUTE, between=env.watch_promotion)
+    loop.run(until=loop.clock.now() + after_min * MINUTE, between=env.between)
     time.sleep(1.0)
     w.stop()
     answers = env.dns_answer()
@@ -236,8 +336,25 @@ def no_failover(env, name, fault, heal=None, fault_min=10, after_min=5, warmup_m
     last = max((a.t for a in w.acks), default=None)
     if last is None or loop.clock.of_real(last) < t_fault + fault_min * MINUTE:
         bad.append("the writer did not write after the fault")
-    f["passed"] = not bad
     return f, bad
+
+
+def alarmed_and_judged_alive(env, f, bad, why):
+    """For a fault that sets off the primary-down alarm: when it did, and that the failover
+    function looked and judged the primary alive (`why` in the figures when it did not)."""
+    t_fault = f["t_fault"]
+    down = primary_down_alarm(env)
+    t = first_after(down.changes, t_fault, "ALARM") if down else None
+    f["detection_s"] = round(t - t_fault) if t is not None else None
+    if t is None:
+        bad.append(f"the probe never noticed {why} (no primary-down alarm)")
+    alive = [i for i in env.loop.invocations if i["why"].startswith("alarm") and i["result"] and i["t"] > t_fault
+             and "primary" in (i["result"] or {}) and not i["result"]["primary"].get("down")]
+    if not alive:
+        bad.append("the failover function never judged the primary alive")
+    f["judged"] = [i["result"]["primary"] for i in alive]
+    f["notified"] = [p for p in env.loop.published if p.get("sns") and p["t"] > t_fault]
+    return alive
 
 
 def multi_az_blip(env, blip_s=90):
@@ -248,9 +365,9 @@ def multi_az_blip(env, blip_s=90):
     def fault():
         env.network.cut(ep)
         end = loop.clock.now() + blip_s
-        loop.run(until=end, between=env.watch_promotion)
+        loop.run(until=end, between=env.between)
         env.network.heal(ep)
-    return no_failover(env, "multi-az-blip", fault, fault_min=blip_s / MINUTE + 5)
+    return scored(*no_failover(env, "multi-az-blip", fault, fault_min=blip_s / MINUTE + 5))
 
 
 def probe_path_broken(env):
@@ -269,50 +386,212 @@ def probe_path_broken(env):
                 return False
         return True
 
-    between = env.watch_promotion
-
-    def watch():
-        env.network.set_vpc_down([] if path_ok() else [env.endpoints["primary"]])
-        between()
-    env.watch_promotion = watch
+    env.hooks.append(lambda: env.network.set_vpc_down([] if path_ok() else [env.endpoints["primary"]]))
 
     def fault():
         for t in tables:
             ec2.delete_route(RouteTableId=t["RouteTableId"], DestinationCidrBlock=primary_cidr)
     f, bad = no_failover(env, "probe-path-broken", fault, fault_min=10)
-    t_fault = f["t_fault"]
-    f["notified"] = [p for p in env.loop.published if p.get("sns") and p["t"] > t_fault]
-    down = next(a for a in env.loop.alarms.values() if a.name.endswith("-primary-down"))
-    f["detection_s"] = (lambda t: round(t - t_fault) if t is not None else None)(first_after(down.changes, t_fault, "ALARM"))
-    if f["detection_s"] is None:
-        bad.append("the probe never noticed the broken path (no primary-down alarm)")
-        f["passed"] = False
-    alive = [i for i in env.loop.invocations if i["why"].startswith("alarm") and i["result"] and i["t"] > t_fault
-             and "primary" in (i["result"] or {}) and not i["result"]["primary"].get("down")]
-    if not alive:
-        bad.append("the failover function never judged the primary alive")
-        f["passed"] = False
-    return f, bad
+    alarmed_and_judged_alive(env, f, bad, "the broken path")
+    return scored(f, bad)
+
+
+def maintenance(env, upgrade_min=10, restart_min=5):
+    """An engine upgrade: the primary `upgrading` for ten minutes, its database restarting (not
+    answering) for the first five of them, long enough for the primary-down alarm. The failover
+    function must read the status and leave the pair alone."""
+    ep, loop = env.endpoints["primary"], env.loop
+
+    def fault():
+        ctl(env.url, "/__proxy/rds_status", {"region": env.primary.region, "id": env.primary.id,
+                                             "status": "upgrading", "for_s": upgrade_min * MINUTE / loop.clock.scale})
+        env.network.cut(ep)
+        loop.run(until=loop.clock.now() + restart_min * MINUTE, between=env.between)
+        env.network.heal(ep)
+    f, bad = no_failover(env, "maintenance", fault, fault_min=upgrade_min)
+    alive = alarmed_and_judged_alive(env, f, bad, "the restart")
+    if alive and not any(j.get("status") == "upgrading" for j in f["judged"]):
+        bad.append(f"the function never saw the primary upgrading: {f['judged']}")
+    return scored(f, bad)
+
+
+def stalled_promotion(env):
+    """Region loss where the first PromoteReadReplica is throttled (every attempt of the
+    alarm's invocation): the resume schedule must finish the failover."""
+    throttle = [{"ops": ["PromoteReadReplica"], "regions": [env.dr.region]}]
+    state = {}
+
+    def before_fault():
+        ctl(env.url, "/__proxy/config", {"throttle": throttle})
+
+    def lift():
+        # Once the alarm's invocation has failed on the throttled call, the API answers again.
+        if "lifted" in state:
+            return
+        failed = [i for i in env.loop.invocations if i["why"].startswith("alarm") and i["error"]
+                  and "Throttl" in i["error"]]
+        if failed:
+            state["lifted"], state["failed"] = env.loop.clock.now(), failed[0]
+            ctl(env.url, "/__proxy/config", {"throttle": []})
+    env.hooks.append(lift)
+    try:
+        f = region_loss(env, name="stalled-promotion", before_fault=before_fault)
+    finally:
+        env.hooks.remove(lift)
+    f["throttled_invocation"] = state.get("failed")
+    bad = []
+    if "failed" not in state:
+        bad.append("no invocation met the throttled PromoteReadReplica")
+    finished_by = [i for i in env.loop.invocations if i["t"] >= state.get("lifted", float("inf"))
+                   and (i["result"] or {}).get("action") == "promoted"]
+    f["finished_by"] = [i["why"] for i in finished_by]
+    if not any(w.startswith("schedule") for w in f["finished_by"]):
+        bad.append(f"the resume schedule did not finish the promotion (finished by {f['finished_by']})")
+    # The throttled invocation costs its retries plus up to a minute before the schedule's run.
+    bad += region_loss_verdict(f, extra_s=2 * MINUTE)
+    return scored(f, bad)
+
+
+def manual_failover_region_down(env, budget_min=30, after_min=5):
+    """`pgdr failover --yes` right after the primary region (its API, its database and Route 53's
+    control plane) is lost, the old primary still running behind the black hole. pgdr promotes
+    and leaves the fence pending; DNS follows through the health check; when the region comes
+    back, the next `pgdr up` completes the fence and the records before any write reaches the
+    old primary."""
+    loop, w = env.loop, env.writer
+    w.start()
+    t_start = loop.clock.now()
+    loop.run(until=t_start + 5 * MINUTE, between=env.between)
+    lost, dr = env.primary, env.dr
+    old, standby = tuple(lost.cluster.address), tuple(dr.cluster.address)
+    t_fault, real_fault = loop.clock.now(), time.monotonic()
+    env.lose_region(lost, stop_cluster=False)
+    cli = subprocess.Popen(**env.pgdr_cmd("failover", "--env", env.name, "--yes"), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    dns = {}
+
+    def watch_dns():
+        if "t" not in dns and env.dns_answer() == dr.endpoint:
+            dns["t"] = loop.clock.now()
+    env.hooks.append(watch_dns)
+
+    def done():
+        return cli.poll() is not None and any(tuple(a.target) == standby and a.t >= real_fault for a in w.acks[-5:])
+    try:
+        loop.run(until=t_fault + budget_min * MINUTE, stop=done, between=env.between)
+    finally:
+        env.hooks.remove(watch_dns)
+    if cli.poll() is None:
+        cli.kill()
+    out, err = cli.communicate()
+    t_cli_promoted = env.promoted_at
+    first_ack = next((a for a in w.acks if tuple(a.target) == standby and a.t >= real_fault), None)
+    # The region comes back, the old primary with it, unfenced: `pgdr up` before anything else.
+    env.region_back(lost)
+    up = env.pgdr("up", "--env", env.name)
+    env.follow_rds()
+    fenced = [a for a in env.rds_actions if a[1] == "fenced" and a[2] == lost.id]
+    rds = env.client("rds", lost.region)
+    arn = rds.describe_db_instances(DBInstanceIdentifier=lost.id)["DBInstances"][0]["DBInstanceArn"]
+    role = {t["Key"]: t["Value"] for t in rds.list_tags_for_resource(ResourceName=arn)["TagList"]}.get("pgdr:role")
+    r53 = env.client("route53", PRIMARY)
+    zone_id = next(z["Id"] for z in r53.list_hosted_zones()["HostedZones"] if z["Name"] == env.loop.zone)
+    weights = {rr["SetIdentifier"]: rr["Weight"] for rr in r53.list_resource_record_sets(HostedZoneId=zone_id)[
+        "ResourceRecordSets"] if rr["Name"] == env.writer_name + "." and "SetIdentifier" in rr}
+    loop.run(until=loop.clock.now() + after_min * MINUTE, between=env.between)
+    time.sleep(1.0)
+    w.stop()
+    late_on_old = [a for a in w.acks if tuple(a.target) == old and a.t >= real_fault]
+    f = {"name": "manual-failover-region-down", "promotions": env.promotions(since=t_start),
+         "dns_moved": env.dns_answer() == dr.endpoint,
+         "detection_s": None,  # an operator's decision, not the alarm's
+         "promotion_s": round(t_cli_promoted - t_fault) if t_cli_promoted else None,
+         "dns_s": round(dns["t"] - t_cli_promoted) if ("t" in dns and t_cli_promoted) else None,
+         "rto_s": round(loop.clock.of_real(first_ack.t) - t_fault) if first_ack else None,
+         "rpo_rows": w.rpo_rows(dr.cluster), "rows_written": len(w.acks),
+         "failover_exit": cli.returncode, "failover_output": (out + err)[-2000:],
+         "up_exit": up.returncode, "old_primary_role": role, "weights": weights,
+         "writes_on_old_primary_after_fault": len(late_on_old)}
+    bad = []
+    if cli.returncode not in (0, 3):
+        bad.append(f"pgdr failover exited {cli.returncode}: {(out + err)[-600:]}")
+    if f["promotions"] != 1:
+        bad.append(f"{f['promotions']} promotions, not 1")
+    if t_cli_promoted is None:
+        bad.append("nothing promoted the replica")
+    if "t" not in dns or not f["dns_moved"]:
+        bad.append("DNS did not follow the promotion")
+    if first_ack is None:
+        bad.append("the writer never resumed on the new primary")
+    if up.returncode != 0:
+        bad.append(f"pgdr up after the region came back exited {up.returncode}: {up.stderr[-600:]}")
+    if not fenced or role != "fenced":
+        bad.append(f"the old primary was not fenced by up (revoked: {bool(fenced)}, pgdr:role={role})")
+    if weights.get(dr.region) != 100 or weights.get(lost.region) != 0:
+        bad.append(f"the records were not completed: weights {weights}")
+    if late_on_old:
+        bad.append(f"{len(late_on_old)} writes acknowledged by the old primary after the fault")
+    # RTO: the operator's command (promotion) + the promoted alarm's minute + TTL + slack.
+    if f["rto_s"] is not None and f["promotion_s"] is not None:
+        bound = f["promotion_s"] + 2 * MINUTE + max((r.ttl for r in env.records(env.writer_name)), default=60) + 180
+        if f["rto_s"] > bound:
+            bad.append(f"RTO {f['rto_s']} s above its bound {bound} s")
+    return scored(f, bad)
+
+
+def way_back(env):
+    """Region loss, `pgdr reprotect` once the region is back, then region loss the other way:
+    the machinery reprotect put in the old primary region must fail over on its own."""
+    first = region_loss(env, name="region-loss")
+    problems = [f"first failover: {p}" for p in region_loss_verdict(first)]
+    if problems:
+        f = dict(first, name="way-back")
+        return scored(f, problems)
+    env.region_back(env.primary)
+    out = env.reprotect()
+    if out.returncode != 0:
+        return scored(dict(first, name="way-back", reprotect_exit=out.returncode),
+                      [f"pgdr reprotect exited {out.returncode}: {out.stderr[-800:]}"])
+    if env.primary.region != DR or env.dr.region != PRIMARY:
+        return scored(dict(first, name="way-back"), ["reprotect did not swap the roles"])
+    env.writer = Writer(env.resolve, env.writer_name, env.user, env.password, env.dbname, rate=20.0,
+                        timeout=1.0, link=env.network.link_ok, run_id=env.writer.run_id + "b")
+    f = region_loss(env, name="way-back")
+    f["first"] = {k: first[k] for k in ("from", "to", "detection_s", "promotion_s", "dns_s", "rto_s", "rpo_rows")}
+    return scored(f, region_loss_verdict(f))
+
+
+SCENARIOS = {
+    "region-loss": lambda env: scored(*(lambda f: (f, region_loss_verdict(f)))(region_loss(env))),
+    "multi-az-blip": multi_az_blip,
+    "probe-path-broken": probe_path_broken,
+    "maintenance": maintenance,
+    "stalled-promotion": stalled_promotion,
+    "manual-failover-region-down": manual_failover_region_down,
+    "way-back": way_back,
+}
+KEYS = ["name", "passed", "promotions", "dns_moved", "detection_s", "promotion_s", "dns_s", "rto_s",
+        "rpo_rows", "rows_written"]
 
 
 def main(argv):
     out_json = "--output" in argv and argv[argv.index("--output") + 1] == "json"
+    only = [a for a in argv if a in SCENARIOS]
     results = []
-    with DrEnv() as env:
-        figures = region_loss(env)
-        figures["passed"] = not region_loss_verdict(figures)
-        results.append(figures)
-    for scenario in (multi_az_blip, probe_path_broken):
+    for name, scenario in SCENARIOS.items():
+        if only and name not in only:
+            continue
         with DrEnv() as env:
             results.append(scenario(env)[0])
-    keys = ["name", "passed", "promotions", "dns_moved", "detection_s", "promotion_s", "dns_s", "rto_s",
-            "rpo_rows", "rows_written"]
     if out_json:
-        print(json.dumps({"scenarios": [{k: r.get(k) for k in keys} for r in results]}, indent=2))
+        print(json.dumps({"scenarios": [{k: r.get(k) for k in KEYS} for r in results]}, indent=2))
     else:
-        print("  ".join(f"{c:>13}" for c in keys))
+        print("  ".join(f"{c:>13}" for c in KEYS))
         for r in results:
-            print("  ".join(f"{str(r.get(c)):>13}" for c in keys))
+            print("  ".join(f"{str(r.get(c)):>13}" for c in KEYS))
+        for r in results:
+            for p in r.get("problems") or []:
+                print(f"{r['name']}: {p}", file=sys.stderr)
     return 0 if all(r["passed"] for r in results) else 1
 
 

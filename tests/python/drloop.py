@@ -10,11 +10,12 @@ does:
 - Lambda: the handler runs in-process with the environment pgdr gave the function (and the
   emulator's endpoint); each invocation counts in `AWS/Lambda` `Invocations` and, when it
   raises, `Errors` (dimension `FunctionName`), as Lambda publishes them.
-- CloudWatch: the handlers' `PutMetricData` datapoints are recorded at emulated time. Every
-  emulated minute each alarm is evaluated as CloudWatch does: the statistic of each of the last
+- CloudWatch: the handlers' `PutMetricData` datapoints are recorded at emulated time, in the
+  region of the client that put them. Every emulated minute each alarm is evaluated as CloudWatch does: the statistic of each of the last
   `EvaluationPeriods` periods, `DatapointsToAlarm` of them breaching to alarm, missing periods
   treated per `TreatMissingData`; a state change fires its actions (SNS publishes recorded,
-  Lambda functions invoked with the alarm-event shape).
+  Lambda functions invoked with the alarm-event shape) and the new state is written to the
+  emulator (SetAlarmState), so that DescribeAlarms answers what CloudWatch would.
 - Route 53: a `CLOUDWATCH_METRIC` health check is healthy while its alarm is OK, per
   `InsufficientDataHealthStatus` while the alarm has no data, inverted if `Inverted`; the
   resolver answers a name by weighted routing with health: unhealthy records out, weight-0
@@ -26,6 +27,7 @@ local PostgreSQL cluster standing behind it, unless a fault cuts it.
 import io
 import json
 import os
+import queue
 import re
 import subprocess
 import sys
@@ -70,18 +72,19 @@ def dims_key(dims):
 
 
 class Metrics:
-    """Datapoints by (namespace, metric, dimensions), at emulated times."""
+    """Datapoints by (region, namespace, metric, dimensions), at emulated times: CloudWatch is
+    regional, and an alarm sees only its own region's metrics."""
 
     def __init__(self):
         self.points, self.lock = {}, threading.Lock()
 
-    def put(self, namespace, name, dims, t, value):
+    def put(self, region, namespace, name, dims, t, value):
         with self.lock:
-            self.points.setdefault((namespace, name, dims_key(dims)), []).append((t, float(value)))
+            self.points.setdefault((region, namespace, name, dims_key(dims)), []).append((t, float(value)))
 
-    def window(self, namespace, name, dims, start, end):
+    def window(self, region, namespace, name, dims, start, end):
         with self.lock:
-            return [v for t, v in self.points.get((namespace, name, dims_key(dims)), []) if start <= t < end]
+            return [v for t, v in self.points.get((region, namespace, name, dims_key(dims)), []) if start <= t < end]
 
 
 STATISTICS = {"Sum": sum, "Maximum": max, "Minimum": min, "SampleCount": len,
@@ -125,7 +128,7 @@ class Alarm:
         verdicts = []  # per period, newest first: True breaching, False not, None missing
         for i in range(self.evaluation_periods):
             hi = end - i * self.period
-            values = metrics.window(self.namespace, self.metric, self.dims, hi - self.period, hi)
+            values = metrics.window(self.region, self.namespace, self.metric, self.dims, hi - self.period, hi)
             if not values:
                 verdicts.append(None)
             else:
@@ -190,15 +193,21 @@ def weighted_answer(records, healthy):
 
 class Network:
     """How the DR VPC (and the application) reach the databases: endpoint host -> (host, port)
-    of a local cluster. `cut(host)` makes a host unreachable (time out)."""
+    of a local cluster.
+
+    `cut(host)`: the path is gone (a lost region, an outage): nothing reaches the host, and
+    established connections time out too. `fence(host)`: its security group lets nothing in
+    (ingress revoked): new connections time out, but established ones live on, as connection
+    tracking keeps them (only a reboot ends them). `set_vpc_down`: unreachable from the DR VPC
+    only (its route to them is gone)."""
 
     def __init__(self):
-        self.routes, self.down, self.lock = {}, set(), threading.Lock()
-        self.vpc_down = set()  # unreachable from the DR VPC only (its route to them is gone)
+        self.routes, self.down, self.fenced, self.lock = {}, set(), set(), threading.Lock()
+        self.vpc_down = set()
 
     def route(self, endpoint, addr):
         with self.lock:
-            self.routes[endpoint] = addr
+            self.routes[endpoint] = tuple(addr)
 
     def cut(self, endpoint):
         with self.lock:
@@ -208,6 +217,14 @@ class Network:
         with self.lock:
             self.down.discard(endpoint)
 
+    def fence(self, endpoint):
+        with self.lock:
+            self.fenced.add(endpoint)
+
+    def unfence(self, endpoint):
+        with self.lock:
+            self.fenced.discard(endpoint)
+
     def set_vpc_down(self, endpoints):
         with self.lock:
             self.vpc_down = set(endpoints)
@@ -215,13 +232,20 @@ class Network:
     def snapshot(self):
         """The routes as a function in the DR VPC sees them: host -> (host, port), None if cut."""
         with self.lock:
-            return {h: (None if h in self.down or h in self.vpc_down else list(a)) for h, a in self.routes.items()}
+            blocked = self.down | self.vpc_down | self.fenced
+            return {h: (None if h in blocked else list(a)) for h, a in self.routes.items()}
 
     def target(self, endpoint):
+        """Where a new connection to `endpoint` goes (None: it times out)."""
         with self.lock:
-            if endpoint in self.down:
+            if endpoint in self.down or endpoint in self.fenced:
                 return None
             return self.routes.get(endpoint)
+
+    def link_ok(self, addr):
+        """Whether an established connection to the cluster at `addr` still carries packets."""
+        with self.lock:
+            return not any(tuple(a) == tuple(addr) and h in self.down for h, a in self.routes.items())
 
 
 class Loop:
@@ -231,8 +255,12 @@ class Loop:
         self.invocations, self.published, self.events, self.running = [], [], [], []
         self.alarms, self.health, self.functions, self.schedules = {}, {}, {}, []
         self.next_fire = {}
-        self.lock = threading.Lock()
+        self.lock, self.refreshing = threading.Lock(), threading.Lock()
+        self.zone, self.records = None, {}
         self.cfg = Config(retries={"total_max_attempts": 2, "mode": "standard"}, connect_timeout=2, read_timeout=5)
+        # The alarms' states as CloudWatch shows them (DescribeAlarms): written to the emulator in
+        # order by one thread per region, so that a lost region's timeouts hold nothing back.
+        self.mirrors = {}
 
     def client(self, service, region="us-east-1"):
         return boto3.client(service, region_name=region, endpoint_url=self.endpoint, aws_access_key_id="test",
@@ -244,13 +272,15 @@ class Loop:
 
     # --- what pgdr deployed ------------------------------------------------------------------
     def discover(self):
+        """Reads what pgdr deployed (again, after a pgdr command changed it: alarms keep their
+        state and history, schedules start from now)."""
         prefix = f"pgdr-{self.env}"
-        self.alarms, self.schedules = {}, []
+        previous, self.alarms, self.schedules, self.next_fire = self.alarms, {}, [], {}
         for region in self.regions:
             cw = self.client("cloudwatch", region)
             for a in cw.describe_alarms(AlarmNamePrefix=prefix)["MetricAlarms"]:
                 alarm = Alarm.of(a, region)
-                old = self.alarms.get((region, alarm.name))
+                old = previous.get((region, alarm.name))
                 if old:
                     alarm.state, alarm.changes = old.state, old.changes
                 self.alarms[(region, alarm.name)] = alarm
@@ -266,28 +296,55 @@ class Loop:
             for f in lam.list_functions()["Functions"]:
                 if f["FunctionName"].startswith(prefix):
                     self.functions[f["FunctionArn"]] = self.load_function(lam, f["FunctionName"], region)
+        self.apply_routing(self.read_routing())
+        return self
+
+    # --- Route 53: its control plane read back, its data plane played ---------------------------
+    def read_routing(self):
+        """The zone, the CNAME records and the CLOUDWATCH_METRIC health checks, as Route 53's
+        control plane holds them now."""
         r53 = self.client("route53")
-        self.health = {}
+        checks = []
         for hc in r53.list_health_checks()["HealthChecks"]:
             c = hc["HealthCheckConfig"]
-            if c.get("Type") != "CLOUDWATCH_METRIC":
-                continue
-            ai = c["AlarmIdentifier"]
-            old = self.health.get(hc["Id"])
-            self.health[hc["Id"]] = HealthCheck(hc["Id"], (ai["Region"], ai["Name"]),
-                                                c.get("InsufficientDataHealthStatus", "LastKnownStatus"),
-                                                bool(c.get("Inverted")), old.healthy if old else True)
+            if c.get("Type") == "CLOUDWATCH_METRIC":
+                ai = c["AlarmIdentifier"]
+                checks.append((hc["Id"], (ai["Region"], ai["Name"]), c.get("InsufficientDataHealthStatus", "LastKnownStatus"),
+                               bool(c.get("Inverted"))))
         zones = [z for z in r53.list_hosted_zones()["HostedZones"] if z["Name"].startswith(f"db-{self.env}.")]
-        self.zone = zones[0]["Name"] if zones else None
-        self.records = {}
+        records = {}
         for z in zones:
             for rr in r53.list_resource_record_sets(HostedZoneId=z["Id"])["ResourceRecordSets"]:
                 if rr["Type"] != "CNAME":
                     continue
-                self.records.setdefault(rr["Name"], []).append(Record(
+                records.setdefault(rr["Name"], []).append(Record(
                     rr["Name"], rr.get("SetIdentifier", ""), int(rr.get("Weight", 1)),
                     rr["ResourceRecords"][0]["Value"], int(rr.get("TTL", 60)), rr.get("HealthCheckId", "")))
-        return self
+        return (zones[0]["Name"] if zones else None), records, checks
+
+    def apply_routing(self, routing):
+        zone, records, checks = routing
+        health = {}
+        for hc_id, alarm, insufficient, inverted in checks:
+            old = self.health.get(hc_id)
+            health[hc_id] = HealthCheck(hc_id, alarm, insufficient, inverted, old.healthy if old else True)
+        with self.lock:
+            self.zone, self.records, self.health = zone, records, health
+
+    def refresh_routing(self):
+        """Route 53's data plane answers from the last configuration it got, whether or not its
+        control plane answers: the loop rereads it in the background every emulated minute and
+        keeps the last one it could read."""
+        if self.refreshing.locked():
+            return
+
+        def read():
+            with self.refreshing:
+                try:
+                    self.apply_routing(self.read_routing())
+                except Exception as e:  # noqa: BLE001 (control plane unreachable: keep serving)
+                    self.event("route53-unreadable", error=str(e))
+        threading.Thread(target=read, daemon=True).start()
 
     def load_function(self, lam, name, region):
         f = lam.get_function(FunctionName=name)
@@ -351,12 +408,14 @@ class Loop:
         fn, t = r["fn"], r["t"]
         for m in out["metrics"]:
             mt = t + m["dt"] * self.clock.scale
-            self.metrics.put(m["namespace"], m["metric"], m["dims"], mt, m["value"])
+            region = m.get("region") or fn["region"]
+            self.metrics.put(region, m["namespace"], m["metric"], m["dims"], mt, m["value"])
             with self.lock:
-                self.published.append({"t": mt, "namespace": m["namespace"], "metric": m["metric"], "value": m["value"]})
+                self.published.append({"t": mt, "region": region, "namespace": m["namespace"],
+                                       "metric": m["metric"], "value": m["value"]})
         dims = [{"Name": "FunctionName", "Value": fn["name"]}]
-        self.metrics.put("AWS/Lambda", "Invocations", dims, t, 1)
-        self.metrics.put("AWS/Lambda", "Errors", dims, t, 1 if out["error"] else 0)
+        self.metrics.put(fn["region"], "AWS/Lambda", "Invocations", dims, t, 1)
+        self.metrics.put(fn["region"], "AWS/Lambda", "Errors", dims, t, 1 if out["error"] else 0)
         with self.lock:
             self.invocations.append({"t": t, "function": fn["name"], "why": r["why"], "error": out["error"],
                                      "result": out["result"]})
@@ -364,6 +423,7 @@ class Loop:
     # --- one emulated minute -------------------------------------------------------------------
     def step(self):
         self.collect()
+        self.refresh_routing()
         now = self.clock.now()
         for s in self.schedules:
             key = (s["rule"], s["arn"])
@@ -380,13 +440,31 @@ class Loop:
                 old, alarm.state = alarm.state, new
                 alarm.changes.append((now, new))
                 self.event("alarm", alarm=alarm.name, old=old, new=new)
+                self.mirror(alarm.region, alarm.name, new)
                 for arn in alarm.actions.get(new, []):
                     self.act(arn, alarm, old, new, now)
-        for hc in self.health.values():
+        with self.lock:
+            checks = list(self.health.values())
+        for hc in checks:
             alarm = self.alarms.get(hc.alarm)
             before = hc.healthy
             if hc.update(alarm.state if alarm else "INSUFFICIENT_DATA") != before:
                 self.event("health", id=hc.id, healthy=hc.healthy)
+
+    def mirror(self, region, name, state):
+        if region not in self.mirrors:
+            self.mirrors[region] = queue.Queue()
+            threading.Thread(target=self._mirror_states, args=(region, self.mirrors[region]), daemon=True).start()
+        self.mirrors[region].put((name, state))
+
+    def _mirror_states(self, region, states):
+        cw = self.client("cloudwatch", region)
+        while True:
+            name, state = states.get()
+            try:
+                cw.set_alarm_state(AlarmName=name, StateValue=state, StateReason="drloop evaluation")
+            except Exception as e:  # noqa: BLE001 (a lost region: nobody reads its alarms either)
+                self.event("alarm-mirror-failed", alarm=name, error=str(e))
 
     def act(self, arn, alarm, old, new, now):
         if ":sns:" in arn:
@@ -400,8 +478,10 @@ class Loop:
 
     def resolve(self, name):
         """The CNAME value Route 53 answers for `name` now (None: no such record)."""
-        recs = self.records.get(name if name.endswith(".") else name + ".", [])
-        r = weighted_answer(recs, {i: h.healthy for i, h in self.health.items()})
+        with self.lock:
+            recs = self.records.get(name if name.endswith(".") else name + ".", [])
+            healthy = {i: h.healthy for i, h in self.health.items()}
+        r = weighted_answer(recs, healthy)
         return r.value if r else None
 
     def run(self, until, every=MINUTE, stop=None, between=None):

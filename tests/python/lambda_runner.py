@@ -1,7 +1,7 @@
 """Runs one invocation of a deployed Lambda function in its own process, as Lambda does: the
 function's environment, its handler, the harness's database network (routes passed in). Reads
 the invocation on stdin, prints its outcome as one JSON line on stdout:
-{"error", "result", "metrics": [{"dt", "namespace", "metric", "dims", "value"}]} where dt is
+{"error", "result", "metrics": [{"dt", "region", "namespace", "metric", "dims", "value"}]} where dt is
 seconds since the start (the caller places them on its clock). Used by drloop.Loop."""
 import json
 import socket
@@ -16,10 +16,11 @@ def main():
     import boto3
     session = boto3.DEFAULT_SESSION or boto3.setup_default_session() or boto3.DEFAULT_SESSION
 
-    def capture(params, **_):
+    def capture(params, model, context, **_):
+        region = (context or {}).get("client_region")
         for d in params.get("MetricData", []):
-            metrics.append({"dt": time.monotonic() - start, "namespace": params["Namespace"], "metric": d["MetricName"],
-                            "dims": d.get("Dimensions") or [], "value": d.get("Value", 0)})
+            metrics.append({"dt": time.monotonic() - start, "region": region, "namespace": params["Namespace"],
+                            "metric": d["MetricName"], "dims": d.get("Dimensions") or [], "value": d.get("Value", 0)})
     session.events.register("provide-client-params.cloudwatch.PutMetricData", capture)
     routes = job.get("routes") or {}
     orig = socket.create_connection

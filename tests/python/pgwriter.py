@@ -65,7 +65,7 @@ def classify(exc):
 
 class Writer:
     def __init__(self, resolve, name, user, password, dbname="postgres", rate=20.0, default_port=5432,
-                 table="pgdr_writer", timeout=1.0, clock=time.monotonic, run_id=None):
+                 table="pgdr_writer", timeout=1.0, clock=time.monotonic, run_id=None, link=None):
         if rate <= 0:
             raise ValueError("rate must be positive")
         self.resolve = resolve
@@ -78,6 +78,9 @@ class Writer:
         self.table = table
         self.timeout = timeout
         self.clock = clock
+        # link(target) -> bool: whether the path to an established connection's server still
+        # carries packets (False: the query times out, as over a black-holed network)
+        self.link = link
         self.run_id = run_id or uuid.uuid4().hex[:12]
         self.acks = []
         self.errors = []
@@ -132,6 +135,9 @@ class Writer:
         try:
             conn = self._connection()
             target = self._target
+            if self.link is not None and not self.link(target):
+                time.sleep(self.timeout)
+                raise socket.timeout(f"timed out: no answer from {target[0]}:{target[1]}")
             conn.query(f"INSERT INTO {self.table} (run, seq) VALUES ({pgwire.literal(self.run_id)}, {seq})")
         except Exception as e:
             kind, code = classify(e)

@@ -46,6 +46,7 @@ def test_a_multi_az_blip_does_not_fail_over(built):
     env = built()
     f, bad = dr_scenarios.multi_az_blip(env)
     assert bad == [], f
+    assert env.writer.errors_of("timeout"), "the blip reached the writer's open connection"
 
 
 def test_a_broken_probe_path_never_routes_writes_to_a_read_only_server(built):
@@ -53,3 +54,35 @@ def test_a_broken_probe_path_never_routes_writes_to_a_read_only_server(built):
     f, bad = dr_scenarios.probe_path_broken(env)
     assert bad == [], f
     assert f["notified"], "a notification says what is wrong"
+
+
+def test_maintenance_is_not_a_disaster(built):
+    """An engine upgrade restarting the database long enough to set off the alarm: the function
+    reads `upgrading` and promotes nothing."""
+    env = built()
+    f, bad = dr_scenarios.maintenance(env)
+    assert bad == [], f
+    assert f["detection_s"] is not None and f["notified"], f
+
+
+def test_a_throttled_promotion_is_finished_by_the_resume_schedule(built):
+    env = built()
+    f, bad = dr_scenarios.stalled_promotion(env)
+    assert bad == [], f
+    assert f["throttled_invocation"]["why"].startswith("alarm"), f
+
+
+def test_manual_failover_while_the_primary_region_is_down(built):
+    env = built()
+    f, bad = dr_scenarios.manual_failover_region_down(env)
+    assert bad == [], f
+    assert f["failover_exit"] == 3, f"the fence is pending, so failover says partial: {f['failover_output']}"
+    assert f["rpo_rows"] == 0, f
+
+
+def test_the_way_back_fails_over_the_other_way(built):
+    env = built()
+    f, bad = dr_scenarios.way_back(env)
+    assert bad == [], f
+    assert (f["first"]["from"], f["first"]["to"]) == ("us-east-1", "eu-west-1"), f
+    assert (f["from"], f["to"]) == ("eu-west-1", "us-east-1"), f

@@ -3,7 +3,7 @@ AWS documents them (unit tests), then region loss over real PostgreSQL with what
 (tests/python/test_dr_scenarios.py)."""
 import pytest
 
-from drloop import Alarm, HealthCheck, Metrics, Record, weighted_answer
+from drloop import Alarm, HealthCheck, Metrics, Network, Record, weighted_answer
 
 
 def alarm(**kw):
@@ -18,7 +18,7 @@ def feed(metrics, values, period=60):
     """One datapoint per period (None: no datapoint), periods 0, 1, 2, …"""
     for i, v in enumerate(values):
         if v is not None:
-            metrics.put("AWS/Lambda", "Errors", [], i * period + 1, v)
+            metrics.put("eu-west-1", "AWS/Lambda", "Errors", [], i * period + 1, v)
 
 
 def test_m_of_n_breaching_periods_alarm():
@@ -59,7 +59,7 @@ def test_ignore_keeps_the_state_when_data_stops():
 def test_statistics_and_comparisons():
     m = Metrics()
     for v in (1, 5, 3):
-        m.put("AWS/Lambda", "Errors", [], 10, v)
+        m.put("eu-west-1", "AWS/Lambda", "Errors", [], 10, v)
     one = dict(evaluation_periods=1, datapoints_to_alarm=1)
     assert alarm(statistic="Maximum", threshold=5, **one).evaluate(m, 60) == "ALARM"
     assert alarm(statistic="Minimum", threshold=2, **one).evaluate(m, 60) == "OK"
@@ -70,10 +70,35 @@ def test_statistics_and_comparisons():
 
 def test_dimensions_must_match():
     m = Metrics()
-    m.put("AWS/Lambda", "Errors", [{"Name": "FunctionName", "Value": "other"}], 10, 1)
+    m.put("eu-west-1", "AWS/Lambda", "Errors", [{"Name": "FunctionName", "Value": "other"}], 10, 1)
     a = alarm(dims=[{"Name": "FunctionName", "Value": "probe"}], evaluation_periods=1, datapoints_to_alarm=1,
               treat_missing="notBreaching")
     assert a.evaluate(m, 60) == "OK"
+
+
+def test_an_alarm_sees_only_its_own_regions_metrics():
+    """CloudWatch is regional: after reprotect the same metric lives in both regions."""
+    m = Metrics()
+    m.put("us-east-1", "AWS/Lambda", "Errors", [], 10, 1)
+    a = alarm(evaluation_periods=1, datapoints_to_alarm=1, treat_missing="notBreaching")
+    assert a.evaluate(m, 60) == "OK"
+    m.put("eu-west-1", "AWS/Lambda", "Errors", [], 20, 1)
+    assert a.evaluate(m, 60) == "ALARM"
+
+
+def test_network_cut_and_fence():
+    """A cut path stops established connections too; a fence (ingress revoked) only new ones."""
+    n = Network()
+    n.route("db.example", ("127.0.0.1", 5433))
+    assert n.target("db.example") == ("127.0.0.1", 5433) and n.link_ok(("127.0.0.1", 5433))
+    n.fence("db.example")
+    assert n.target("db.example") is None and n.link_ok(("127.0.0.1", 5433))
+    assert n.snapshot()["db.example"] is None
+    n.unfence("db.example")
+    n.cut("db.example")
+    assert n.target("db.example") is None and not n.link_ok(("127.0.0.1", 5433))
+    n.heal("db.example")
+    assert n.link_ok(("127.0.0.1", 5433)) and n.snapshot()["db.example"] == ["127.0.0.1", 5433]
 
 
 def test_health_check_follows_its_alarm():
