@@ -288,6 +288,9 @@ class Rule:
     def sweep(self, now):
         pass
 
+    def done(self, call):
+        """The call's answer has been sent (or dropped)."""
+
     def state(self):
         return None
 
@@ -1041,13 +1044,17 @@ class RdsStateMachine(Rule):
     every RDS answer. ModifyDBInstance ("Database instance is not in available state."),
     PromoteReadReplica, RebootDBInstance, StopDBInstance, CreateDBSnapshot and
     CreateDBInstanceReadReplica on its source ("Instance <id> is not in available state.") answer
-    400 InvalidDBInstanceState while the instance is in a transitional status. `rds_hold`, when
-    set, gives the `creating` and `modifying` durations.
+    400 InvalidDBInstanceState while the instance is in a transitional status; PromoteReadReplica
+    of an instance already promoted answers 400 InvalidDBInstanceState ("DB Instance is not a read
+    replica."; moto promotes it again), and of two promotions of one instance at once, the second
+    is refused as the first's `modifying`. `rds_hold`, when set, gives the `creating` and
+    `modifying` durations.
 
     AWS: "Viewing Amazon RDS DB instance status" https://docs.aws.amazon.com/AmazonRDS/latest/UserGuide/accessing-monitoring.html#Overview.DBInstance.Status
     AWS: "Promoting a read replica to be a standalone DB instance" https://docs.aws.amazon.com/AmazonRDS/latest/UserGuide/USER_ReadRepl.Promote.html
     AWS: "ModifyDBInstance (Amazon RDS API Reference): InvalidDBInstanceState" https://docs.aws.amazon.com/AmazonRDS/latest/APIReference/API_ModifyDBInstance.html
     See: "InvalidDBInstanceState texts as AWS sends them (cloud-custodian #178, #1687; terraform-provider-aws #31594)" https://github.com/hashicorp/terraform-provider-aws/issues/31594
+    See: "A second promotion: InvalidDBInstanceState 'DB Instance is not a read replica' (amazon.aws module_utils/rds.py handle_errors)" https://github.com/ansible-collections/amazon.aws/blob/main/plugins/module_utils/rds.py
     """
     name = "rds-state-machine"
     params = {"create_s": 1.0, "backup_s": 0.5, "modify_s": 1.0, "reboot_s": 0.5, "promote_s": 1.0}
@@ -1061,12 +1068,34 @@ class RdsStateMachine(Rule):
         if not field or not call.params.get(field):
             return None
         key = parse_rds_arn(call.params[field], call.region, call.account)
+        if call.op == "PromoteReadReplica" and self.e.rds.promoted(key, call.now):
+            # A promoted replica is a standalone instance: a second promotion (by another actor
+            # that read the replica before the first) is refused, not repeated.
+            return aws_error(call, 400, "InvalidDBInstanceState", "DB Instance is not a read replica.")
         status = self.e.rds.transitional(key, call.now)
-        if not status:
-            return None
         msg = ("Database instance is not in available state." if call.op == "ModifyDBInstance"
                else f"Instance {key[2]} is not in available state.")
+        if not status and call.op == "PromoteReadReplica":
+            # RDS serialises an instance's operations: of two promotions at the same moment (the
+            # alarm's invocation and the schedule's), one is taken, the other refused.
+            with self.e.lock:
+                if key in self.promoting:
+                    status = "modifying"
+                else:
+                    self.promoting.add(key)
+                    call.key[self.name] = key
+        if not status:
+            return None
         return aws_error(call, 400, "InvalidDBInstanceState", msg)
+
+    def reset(self):
+        self.promoting = set()  # PromoteReadReplica calls being answered
+
+    def done(self, call):
+        key = call.key.pop(self.name, None)
+        if key:
+            with self.e.lock:
+                self.promoting.discard(key)
 
 
 class RdsEngineRules(Rule):
@@ -1691,7 +1720,8 @@ class Engine:
         return ans
 
     def done(self, call):
-        self.rules["ec2-client-token"].done(call)
+        for rule in self.rules.values():
+            rule.done(call)
 
     # --- the proxy's own calls to moto -------------------------------------------------------
     def query(self, service, region, account, params):

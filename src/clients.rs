@@ -11,6 +11,7 @@ use aws_types::SdkConfig;
 
 use crate::error::{Error, Result};
 use crate::reads::{Reads, WatchChanges};
+use crate::silence::{Listen, Silence};
 
 /// How to reach AWS: the standard chain plus the command line's overrides.
 #[derive(Clone, Debug, Default)]
@@ -48,25 +49,31 @@ pub struct Clients {
     pub reads: Arc<Reads>,
 }
 
-/// A service client whose calls are watched for changes (see [`crate::reads`]).
+/// A service client whose calls are watched for changes (see [`crate::reads`]) and that stops
+/// waiting for a region that did not answer (see [`crate::silence`]).
 macro_rules! client {
-    ($krate:ident, $conf:expr, $watch:expr) => {
-        $krate::Client::from_conf($krate::config::Builder::from($conf).interceptor($watch.clone()).build())
+    ($krate:ident, $conf:expr, $watch:expr, $silence:expr, $key:expr) => {
+        $krate::Client::from_conf(
+            $krate::config::Builder::from($conf)
+                .interceptor($watch.clone())
+                .interceptor(Listen { key: $key.to_owned(), silence: $silence.clone() })
+                .build(),
+        )
     };
 }
 
-fn regional(base: &SdkConfig, region: &str, watch: &WatchChanges) -> Regional {
+fn regional(base: &SdkConfig, region: &str, watch: &WatchChanges, silence: &Arc<Silence>) -> Regional {
     let conf = base.to_builder().region(Region::new(region.to_owned())).build();
     Regional {
         region: region.to_owned(),
-        ec2: client!(aws_sdk_ec2, &conf, watch),
-        rds: client!(aws_sdk_rds, &conf, watch),
-        secrets: client!(aws_sdk_secretsmanager, &conf, watch),
-        cloudwatch: client!(aws_sdk_cloudwatch, &conf, watch),
-        logs: client!(aws_sdk_cloudwatchlogs, &conf, watch),
-        lambda: client!(aws_sdk_lambda, &conf, watch),
-        sns: client!(aws_sdk_sns, &conf, watch),
-        events: client!(aws_sdk_eventbridge, &conf, watch),
+        ec2: client!(aws_sdk_ec2, &conf, watch, silence, region),
+        rds: client!(aws_sdk_rds, &conf, watch, silence, region),
+        secrets: client!(aws_sdk_secretsmanager, &conf, watch, silence, region),
+        cloudwatch: client!(aws_sdk_cloudwatch, &conf, watch, silence, region),
+        logs: client!(aws_sdk_cloudwatchlogs, &conf, watch, silence, region),
+        lambda: client!(aws_sdk_lambda, &conf, watch, silence, region),
+        sns: client!(aws_sdk_sns, &conf, watch, silence, region),
+        events: client!(aws_sdk_eventbridge, &conf, watch, silence, region),
         reads: watch.reads.clone(),
     }
 }
@@ -105,7 +112,7 @@ pub async fn load_config(conn: &Connection, region: &str) -> Result<SdkConfig> {
 /// Unless `writes_allowed`, the clients refuse every call that is not a read.
 pub async fn build(conn: &Connection, primary_region: &str, dr_region: &str, writes_allowed: bool) -> Result<Clients> {
     let base = load_config(conn, primary_region).await?;
-    check_reachable(&base, primary_region).await?;
+    check_reachable(&base, primary_region, dr_region).await?;
     let endpoint = base.endpoint_url().map(str::to_owned);
     if let Some(e) = &endpoint {
         tracing::info!(endpoint = %e, "all AWS calls go to a custom endpoint");
@@ -115,11 +122,12 @@ pub async fn build(conn: &Connection, primary_region: &str, dr_region: &str, wri
     let global = base.to_builder().region(Region::from_static("us-east-1")).build();
     let reads = Reads::new();
     let watch = WatchChanges { reads: reads.clone(), writes_allowed };
+    let silence = Arc::new(Silence::default());
     Ok(Clients {
-        primary: Arc::new(regional(&base, primary_region, &watch)),
-        dr: Arc::new(regional(&base, dr_region, &watch)),
-        route53: client!(aws_sdk_route53, &global, watch),
-        iam: client!(aws_sdk_iam, &global, watch),
+        primary: Arc::new(regional(&base, primary_region, &watch, &silence)),
+        dr: Arc::new(regional(&base, dr_region, &watch, &silence)),
+        route53: client!(aws_sdk_route53, &global, watch, silence, "Route 53"),
+        iam: client!(aws_sdk_iam, &global, watch, silence, "IAM"),
         sts: aws_sdk_sts::Client::new(&base),
         endpoint,
         reads,
@@ -136,27 +144,62 @@ async fn check_credentials(conf: &SdkConfig) -> Result<()> {
 
 /// One call before any step: an endpoint that does not answer, or credentials AWS refuses, is
 /// one line with the fix, not one failure per step.
-async fn check_reachable(conf: &SdkConfig, region: &str) -> Result<()> {
-    use crate::aws::Call;
-    let sts = aws_sdk_sts::Client::new(conf);
-    let e = match sts.get_caller_identity().send().aws(region).await {
-        Ok(_) => return Ok(()),
+///
+/// STS is asked in both regions at once, and the first answer decides: a lost primary region is
+/// the disaster `failover` is for, and must neither stop it nor make it wait for the lost
+/// region's timeouts (STS regional endpoints are served by each region: "Managing AWS STS in an
+/// AWS Region", IAM user guide). Only both regions silent is "cannot reach AWS".
+async fn check_reachable(conf: &SdkConfig, primary_region: &str, dr_region: &str) -> Result<()> {
+    if dr_region == primary_region {
+        return caller_identity(conf, primary_region).await.map_err(unreachable_or_refused(conf));
+    }
+    let dr_conf = conf.to_builder().region(Region::new(dr_region.to_owned())).build();
+    let primary = caller_identity(conf, primary_region);
+    let dr = caller_identity(&dr_conf, dr_region);
+    tokio::pin!(primary, dr);
+    let (first, first_is_primary) = tokio::select! {
+        r = &mut primary => (r, true),
+        r = &mut dr => (r, false),
+    };
+    let first_error = match first {
+        Ok(()) => return Ok(()),
+        Err(e) if !e.is_unreachable() => return Err(unreachable_or_refused(conf)(e)),
         Err(e) => e,
     };
-    let endpoint = conf.endpoint_url().map(|u| format!(" at {u}")).unwrap_or_default();
-    let why = crate::error::one_line(e.message.as_deref().unwrap_or(""));
-    if e.is_unreachable() {
-        return Err(Error::failed(format!(
-            "cannot reach AWS{endpoint} ({why}); check your network, --endpoint-url and AWS_ENDPOINT_URL, then rerun"
-        )));
+    let (p, d) = if first_is_primary { (Err(first_error), dr.await) } else { (primary.await, Err(first_error)) };
+    match (p, d) {
+        // The DR region silent: the commands that need it say so.
+        (Ok(()), _) => Ok(()),
+        (Err(e), Ok(())) => {
+            tracing::warn!(region = primary_region, error = %e, "the primary region does not answer; going on through {dr_region}");
+            Ok(())
+        }
+        (Err(p), Err(d)) => Err(unreachable_or_refused(conf)(if d.is_unreachable() { p } else { d })),
     }
-    if e.kind() == crate::aws::Kind::BadCredentials {
-        return Err(Error::user(format!(
-            "AWS refused the credentials ({}: {why}); refresh them (`aws sso login`, or new keys) or choose another --profile",
-            e.code.as_deref().unwrap_or("")
-        )));
+}
+
+fn unreachable_or_refused(conf: &SdkConfig) -> impl Fn(crate::error::AwsError) -> Error + '_ {
+    move |e| {
+        let endpoint = conf.endpoint_url().map(|u| format!(" at {u}")).unwrap_or_default();
+        let why = crate::error::one_line(e.message.as_deref().unwrap_or(""));
+        if e.is_unreachable() {
+            return Error::failed(format!(
+                "cannot reach AWS{endpoint} ({why}); check your network, --endpoint-url and AWS_ENDPOINT_URL, then rerun"
+            ));
+        }
+        if e.kind() == crate::aws::Kind::BadCredentials {
+            return Error::user(format!(
+                "AWS refused the credentials ({}: {why}); refresh them (`aws sso login`, or new keys) or choose another --profile",
+                e.code.as_deref().unwrap_or("")
+            ));
+        }
+        e.into()
     }
-    Err(e.into())
+}
+
+async fn caller_identity(conf: &SdkConfig, region: &str) -> std::result::Result<(), crate::error::AwsError> {
+    use crate::aws::Call;
+    aws_sdk_sts::Client::new(conf).get_caller_identity().send().aws(region).await.map(|_| ())
 }
 
 fn no_credentials(why: &str) -> Error {

@@ -58,6 +58,8 @@ impl AwsError {
         SdkError<E, R>: RequestId,
     {
         let transport = match err {
+            // Not sent: the region did not answer moments ago (see crate::silence).
+            _ if crate::silence::is_region_silent(err) => Transport::Unreachable,
             SdkError::ServiceError(_) => Transport::Service,
             SdkError::TimeoutError(_) => Transport::Timeout,
             SdkError::DispatchFailure(d) if d.is_timeout() => Transport::Timeout,

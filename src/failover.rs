@@ -30,6 +30,10 @@ pub struct Plan {
     /// How old the newest lag datapoint is (none arrives once the source region is lost).
     pub replica_lag_age_seconds: Option<u64>,
     pub already_promoted: bool,
+    /// The promotion was asked for (the replica is tagged `pgdr:role=primary`, by the failover
+    /// function or an earlier run) but is not finished: it is waited for, not asked again.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub promotion_started: bool,
     pub dns_on_replica: bool,
     /// Route 53 did not answer (its control plane is in us-east-1): the promotion goes ahead,
     /// DNS is moved when it answers (the health check moves writers meanwhile).
@@ -85,6 +89,7 @@ pub async fn plan(cx: &Cx) -> Result<Plan> {
     })?;
     let lag = lag.unwrap_or(None);
     let already = promoted(&d);
+    let started = !already && d.tag("pgdr:role") == Some("primary");
     let fenced = cx.store.snapshot().topology.fenced.contains_key(cx.region(Side::Primary));
     // Route 53's API answers from us-east-1, the default primary region: in a disaster there it
     // may not answer. That must not stop the promotion.
@@ -96,7 +101,9 @@ pub async fn plan(cx: &Cx) -> Result<Plan> {
     let dns_on_replica = records.iter().any(|r| r.set_identifier.as_deref() == Some(cx.region(Side::Dr)) && r.weight == Some(100))
         && records.iter().all(|r| r.set_identifier.as_deref() != Some(cx.region(Side::Primary)) || r.weight == Some(0));
     let mut steps = Vec::new();
-    if !already {
+    if started {
+        steps.push(format!("wait for the promotion of {} in {}, already asked for (by the failover function?)", d.id, cx.region(Side::Dr)));
+    } else if !already {
         steps.push(format!("promote {} in {} (irreversible; it reboots)", d.id, cx.region(Side::Dr)));
     }
     if !dns_on_replica {
@@ -125,6 +132,7 @@ pub async fn plan(cx: &Cx) -> Result<Plan> {
         replica_lag_seconds: lag.map(|l| l.seconds),
         replica_lag_age_seconds: lag.map(|l| l.age_s),
         already_promoted: already,
+        promotion_started: started,
         dns_on_replica,
         dns_unreachable,
         fenced,
@@ -166,7 +174,10 @@ async fn promote(cx: &Cx, rec: &Recorder<'_>, plan: &Plan) -> Result<Phase> {
     let dr = cx.regional(Side::Dr);
     let region = dr.region.as_str();
     let t = Instant::now();
-    if !plan.already_promoted {
+    if plan.promotion_started {
+        rec.status(&format!("the promotion of {} was asked for already: waiting for it", plan.replica));
+        wait_promoted(cx, rec, &plan.replica).await?;
+    } else if !plan.already_promoted {
         if plan.replica_status != "available" {
             return Err(Error::failed(format!(
                 "the replica {} is {:?}, not available: it cannot be promoted now; rerun when it is",
@@ -178,8 +189,20 @@ async fn promote(cx: &Cx, rec: &Recorder<'_>, plan: &Plan) -> Result<Phase> {
             .promote_read_replica()
             .db_instance_identifier(&plan.replica)
             .backup_retention_period(cx.env.settings.backup_retention_days);
-        promote.send().aws(region).await?;
-        rec.status(&format!("promotion of {} requested", plan.replica));
+        match promote.send().aws(region).await {
+            Ok(_) => {
+                rec.status(&format!("promotion of {} requested", plan.replica));
+                // The decision is irreversible: say so at once, so that the failover function
+                // (and a rerun) finishes this promotion instead of starting another.
+                tag(cx, Side::Dr, "primary").await?;
+            }
+            // The failover function may have promoted it since the plan read it (a region loss
+            // sets both going): RDS refuses a second promotion, and the job goes on from there.
+            Err(e) if e.code.as_deref() == Some("InvalidDBInstanceState") && promoted_meanwhile(cx).await? => {
+                rec.status(&format!("{} was promoted meanwhile (by the failover function)", plan.replica))
+            }
+            Err(e) => return Err(e.into()),
+        }
         wait_promoted(cx, rec, &plan.replica).await?;
     }
     tag(cx, Side::Dr, "primary").await?;
@@ -189,7 +212,13 @@ async fn promote(cx: &Cx, rec: &Recorder<'_>, plan: &Plan) -> Result<Phase> {
             s.topology.events.push(TopologyEvent { at: now_rfc3339(), what: format!("failover: {} promoted in {region}", plan.replica) });
         }
     })?;
-    let detail = if plan.already_promoted { "already promoted".into() } else { format!("{} promoted", plan.replica) };
+    let detail = if plan.already_promoted {
+        "already promoted".into()
+    } else if plan.promotion_started {
+        format!("{} promoted (asked for before this run)", plan.replica)
+    } else {
+        format!("{} promoted", plan.replica)
+    };
     Ok(Phase { phase: "promotion".into(), ms: ms(t), detail })
 }
 
@@ -265,6 +294,13 @@ pub async fn complete_fence(cx: &Cx, progress: &dyn Progress) -> Result<Option<S
 
 /// Promotion is done when the instance is `available` and no longer a replica (no
 /// `ReadReplicaSourceDBInstanceIdentifier`): until then RDS may still refuse writes.
+/// Whether the replica's promotion has started by another hand: it has no source any more, or
+/// the failover function tagged it the primary (it does so right after its PromoteReadReplica).
+async fn promoted_meanwhile(cx: &Cx) -> Result<bool> {
+    let db = health::instance(cx, Side::Dr).await?;
+    Ok(db.is_some_and(|d| promoted(&d) || d.tag("pgdr:role") == Some("primary")))
+}
+
 async fn wait_promoted(cx: &Cx, rec: &Recorder<'_>, id: &str) -> Result<()> {
     let reg = cx.regional(Side::Dr);
     Wait::new(format!("promotion of {id}"))

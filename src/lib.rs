@@ -17,6 +17,7 @@ pub mod ops;
 pub mod reads;
 pub mod render;
 pub mod reprotect;
+pub mod silence;
 pub mod state;
 pub mod steps;
 pub mod wait;

@@ -526,6 +526,12 @@ def _run(c, cfg, dry_run, time_left, trigger, seen):
         if e.response["Error"]["Code"] != "InvalidDBInstanceState":
             notify(c, cfg, f"pgdr {env}: failover FAILED", f"promoting {rid} failed: {e}")
             raise
+        again = describe(c.dr_rds, rid)
+        if again and promotion_started(c.dr_rds, again):
+            # Promoted meanwhile by another hand (`pgdr failover`, a concurrent invocation):
+            # RDS refuses a second promotion; finish the one that started.
+            log.info("%s was promoted meanwhile (%s): finishing that failover", rid, e)
+            return _run(c, cfg, dry_run, time_left, trigger, seen)
         msg = f"promotion of {rid} refused, instance busy: {e}"
         log.error(msg)
         res["notified"] = notify(c, cfg, f"pgdr {env}: failover postponed, {rid} busy", msg)

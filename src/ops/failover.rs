@@ -69,7 +69,7 @@ fn check_lag(plan: &crate::failover::Plan, max: f64, force: bool) -> Result<()> 
     let primary_alive = crate::wait::rds_status(&plan.primary_status) != crate::wait::Look::Failed(plan.primary_status.clone())
         && plan.primary_status != "unreachable or missing"
         && plan.primary_status != "stopped";
-    if plan.already_promoted || force || !primary_alive {
+    if plan.already_promoted || plan.promotion_started || force || !primary_alive {
         return Ok(());
     }
     match plan.replica_lag_seconds {
@@ -100,6 +100,7 @@ mod tests {
             replica_lag_seconds: lag,
             replica_lag_age_seconds: lag.map(|_| 900),
             already_promoted: false,
+            promotion_started: false,
             dns_on_replica: false,
             dns_unreachable: None,
             fenced: false,

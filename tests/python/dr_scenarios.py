@@ -55,7 +55,7 @@ class DrEnv:
     StopDBInstance stops it."""
 
     def __init__(self, name="drt", config="", scale=30.0, bindir_=None):
-        self.name, self.work = name, Path(tempfile.mkdtemp(prefix="pgdr-dr-"))
+        self.name, self.work, self.scale = name, Path(tempfile.mkdtemp(prefix="pgdr-dr-")), scale
         self.proc, self.url = start_proxy()
         self.pair = self.writer = None
         self.seen_seq, self.promotion_calls, self.rds_actions, self.hooks = 0, [], [], []
@@ -168,11 +168,14 @@ class DrEnv:
         return self.loop.resolve(self.writer_name)
 
     def lose_region(self, side, stop_cluster=True):
-        """A region lost: its API black-holed, its database unreachable (and stopped)."""
-        ctl(self.url, "/__proxy/config", {"blackhole_regions": [side.region], "blackhole_s": 0.3})
+        """A region lost: its database unreachable (and stopped), its API black-holed. Returns
+        the real time (time.monotonic) of the fault: the moment nothing reaches the database."""
         self.network.cut(side.endpoint)
+        at = time.monotonic()
+        ctl(self.url, "/__proxy/config", {"blackhole_regions": [side.region], "blackhole_s": 0.3})
         if stop_cluster:
             side.cluster.stop(mode="immediate")
+        return at
 
     def region_back(self, side):
         ctl(self.url, "/__proxy/config", {"blackhole_regions": None})
@@ -237,8 +240,8 @@ def region_loss(env, name="region-loss", warmup_min=5, budget_min=40, before_fau
     if before_fault:
         before_fault()
     lost, dr = env.primary, env.dr
-    t_fault, real_fault = loop.clock.now(), time.monotonic()
-    env.lose_region(lost, stop_cluster=stop_cluster)
+    real_fault = env.lose_region(lost, stop_cluster=stop_cluster)
+    t_fault = loop.clock.of_real(real_fault)
     standby = tuple(dr.cluster.address)
     dns_moved = {}
 
@@ -439,12 +442,14 @@ def stalled_promotion(env):
     finally:
         env.hooks.remove(lift)
     f["throttled_invocation"] = state.get("failed")
+    env.loop.collect(wait=True)  # the invocation that promoted may still be moving DNS
     bad = []
     if "failed" not in state:
         bad.append("no invocation met the throttled PromoteReadReplica")
-    finished_by = [i for i in env.loop.invocations if i["t"] >= state.get("lifted", float("inf"))
-                   and (i["result"] or {}).get("action") == "promoted"]
+    finished_by = [i for i in env.loop.invocations if (i["result"] or {}).get("action") == "promoted"]
     f["finished_by"] = [i["why"] for i in finished_by]
+    f["failover_invocations"] = [(round(i["t"]), i["why"], (i["result"] or {}).get("action"), i["error"])
+                                 for i in env.loop.invocations if i["t"] >= f["t_fault"] and "probe" not in i["why"]]
     if not any(w.startswith("schedule") for w in f["finished_by"]):
         bad.append(f"the resume schedule did not finish the promotion (finished by {f['finished_by']})")
     # The throttled invocation costs its retries plus up to a minute before the schedule's run.
@@ -464,10 +469,16 @@ def manual_failover_region_down(env, budget_min=30, after_min=5):
     loop.run(until=t_start + 5 * MINUTE, between=env.between)
     lost, dr = env.primary, env.dr
     old, standby = tuple(lost.cluster.address), tuple(dr.cluster.address)
-    t_fault, real_fault = loop.clock.now(), time.monotonic()
-    env.lose_region(lost, stop_cluster=False)
+    real_fault = env.lose_region(lost, stop_cluster=False)
+    t_fault = loop.clock.of_real(real_fault)
+    # The operator's command: its seconds are real ones (the clock runs at 1x meanwhile; the
+    # loop's next minute is due after it).
+    loop.clock.set_scale(1.0)
     cli = subprocess.Popen(**env.pgdr_cmd("failover", "--env", env.name, "--yes"), stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)
+    out, err = cli.communicate(timeout=600)
+    env.follow_rds()
+    loop.clock.set_scale(env.scale)
     dns = {}
 
     def watch_dns():
@@ -476,19 +487,18 @@ def manual_failover_region_down(env, budget_min=30, after_min=5):
     env.hooks.append(watch_dns)
 
     def done():
-        return cli.poll() is not None and any(tuple(a.target) == standby and a.t >= real_fault for a in w.acks[-5:])
+        return any(tuple(a.target) == standby and a.t >= real_fault for a in w.acks[-5:])
     try:
         loop.run(until=t_fault + budget_min * MINUTE, stop=done, between=env.between)
     finally:
         env.hooks.remove(watch_dns)
-    if cli.poll() is None:
-        cli.kill()
-    out, err = cli.communicate()
     t_cli_promoted = env.promoted_at
     first_ack = next((a for a in w.acks if tuple(a.target) == standby and a.t >= real_fault), None)
     # The region comes back, the old primary with it, unfenced: `pgdr up` before anything else.
     env.region_back(lost)
+    t_back = loop.clock.now()
     up = env.pgdr("up", "--env", env.name)
+    t_up = loop.clock.now()
     env.follow_rds()
     fenced = [a for a in env.rds_actions if a[1] == "fenced" and a[2] == lost.id]
     rds = env.client("rds", lost.region)
@@ -497,11 +507,13 @@ def manual_failover_region_down(env, budget_min=30, after_min=5):
     r53 = env.client("route53", PRIMARY)
     zone_id = next(z["Id"] for z in r53.list_hosted_zones()["HostedZones"] if z["Name"] == env.loop.zone)
     weights = {rr["SetIdentifier"]: rr["Weight"] for rr in r53.list_resource_record_sets(HostedZoneId=zone_id)[
-        "ResourceRecordSets"] if rr["Name"] == env.writer_name + "." and "SetIdentifier" in rr}
+        "ResourceRecordSets"] if rr["Name"].rstrip(".") == env.writer_name.rstrip(".") and "SetIdentifier" in rr}
     loop.run(until=loop.clock.now() + after_min * MINUTE, between=env.between)
     time.sleep(1.0)
     w.stop()
-    late_on_old = [a for a in w.acks if tuple(a.target) == old and a.t >= real_fault]
+    # A write that started before the fault may be acknowledged just after it (and replicated):
+    # what must never happen is a write started after the fault reaching the old primary.
+    late_on_old = [a for a in w.acks if tuple(a.target) == old and a.t - a.ms / 1000 > real_fault]
     f = {"name": "manual-failover-region-down", "promotions": env.promotions(since=t_start),
          "dns_moved": env.dns_answer() == dr.endpoint,
          "detection_s": None,  # an operator's decision, not the alarm's
@@ -509,9 +521,11 @@ def manual_failover_region_down(env, budget_min=30, after_min=5):
          "dns_s": round(dns["t"] - t_cli_promoted) if ("t" in dns and t_cli_promoted) else None,
          "rto_s": round(loop.clock.of_real(first_ack.t) - t_fault) if first_ack else None,
          "rpo_rows": w.rpo_rows(dr.cluster), "rows_written": len(w.acks),
-         "failover_exit": cli.returncode, "failover_output": (out + err)[-2000:],
+         "failover_exit": cli.returncode, "failover_output": (out + err)[-5000:],
          "up_exit": up.returncode, "old_primary_role": role, "weights": weights,
-         "writes_on_old_primary_after_fault": len(late_on_old)}
+         "writes_on_old_primary_after_fault": len(late_on_old),
+         "late_on_old": [(round(loop.clock.of_real(a.t) - t_fault, 1), a.ms, a.seq) for a in late_on_old],
+         "t_back_s": round(t_back - t_fault), "t_up_done_s": round(t_up - t_fault)}
     bad = []
     if cli.returncode not in (0, 3):
         bad.append(f"pgdr failover exited {cli.returncode}: {(out + err)[-600:]}")

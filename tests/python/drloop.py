@@ -46,17 +46,32 @@ RUNNER = Path(__file__).resolve().parent / "lambda_runner.py"
 
 
 class Clock:
-    """Emulated seconds since the start, `scale` emulated seconds per real second."""
+    """Emulated seconds since the start, `scale` emulated seconds per real second. The scale can
+    change (`set_scale`): while an operator's command runs, its real seconds count as they are
+    (scale 1), since a command's latency is not the emulator's to speed up."""
 
     def __init__(self, scale):
-        self.scale, self.t0 = float(scale), time.monotonic()
+        self.t0 = time.monotonic()
+        self.segments = [(self.t0, 0.0, float(scale))]  # (real start, emulated start, scale)
+
+    @property
+    def scale(self):
+        return self.segments[-1][2]
+
+    def set_scale(self, scale):
+        real = time.monotonic()
+        self.segments.append((real, self.of_real(real), float(scale)))
 
     def now(self):
-        return (time.monotonic() - self.t0) * self.scale
+        return self.of_real(time.monotonic())
 
     def of_real(self, mono):
         """The emulated time of a `time.monotonic()` reading."""
-        return (mono - self.t0) * self.scale
+        for real, emulated, scale in reversed(self.segments):
+            if mono >= real:
+                return emulated + (mono - real) * scale
+        real, emulated, scale = self.segments[0]
+        return emulated + (mono - real) * scale
 
     def sleep_until(self, t):
         delay = (t - self.now()) / self.scale
@@ -407,7 +422,7 @@ class Loop:
     def _finish(self, r, out):
         fn, t = r["fn"], r["t"]
         for m in out["metrics"]:
-            mt = t + m["dt"] * self.clock.scale
+            mt = t + self.clock.of_real(r["real"] + m["dt"]) - self.clock.of_real(r["real"])
             region = m.get("region") or fn["region"]
             self.metrics.put(region, m["namespace"], m["metric"], m["dims"], mt, m["value"])
             with self.lock:
@@ -418,7 +433,7 @@ class Loop:
         self.metrics.put(fn["region"], "AWS/Lambda", "Errors", dims, t, 1 if out["error"] else 0)
         with self.lock:
             self.invocations.append({"t": t, "function": fn["name"], "why": r["why"], "error": out["error"],
-                                     "result": out["result"]})
+                                     "result": out["result"], "t_end": self.clock.of_real(time.monotonic())})
 
     # --- one emulated minute -------------------------------------------------------------------
     def step(self):

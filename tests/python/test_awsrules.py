@@ -480,9 +480,14 @@ def test_rds_promotion_drops_the_source_once_done(emu):
     assert db(rds, "src")["ReadReplicaDBInstanceIdentifiers"] == []
     listed = {d["DBInstanceIdentifier"]: d for d in rds.describe_db_instances()["DBInstances"]}
     assert "ReadReplicaSourceDBInstanceIdentifier" not in listed["rep"]
-    # moto without the rule: the promoted replica keeps its source forever
+    # a second promotion (another actor that read the replica earlier) is refused
+    with pytest.raises(botocore.exceptions.ClientError) as e:
+        rds.promote_read_replica(DBInstanceIdentifier="rep")
+    assert error_of(e) == (400, "InvalidDBInstanceState", "DB Instance is not a read replica.")
+    # moto without the rule: the promoted replica keeps its source forever, and promotes again
     emu.config(rules_off=ALL_RULES)
     assert db(rds, "rep")["ReadReplicaSourceDBInstanceIdentifier"] == "src"
+    rds.promote_read_replica(DBInstanceIdentifier="rep")
 
 
 def test_rds_hold_gives_the_durations_when_set(emu):
@@ -811,3 +816,21 @@ def test_get_function_gives_a_location_to_download_the_uploaded_package(emu):
     emu.config(rules_off=["all"])
     assert "Location" not in lam.get_function(FunctionName="fn").get("Code", {}) or \
         not lam.get_function(FunctionName="fn")["Code"]["Location"].startswith(emu.url)
+
+
+def test_two_promotions_at_once_one_is_refused():
+    """The alarm's invocation and the schedule's can promote in the same instant: RDS takes one."""
+    engine = awsrules.Engine(lambda *a: (599, [], b""))
+
+    def promote():
+        return awsrules.Call("POST", "/", {"Content-Type": "application/x-www-form-urlencoded"},
+                             b"Action=PromoteReadReplica&Version=2014-10-31&DBInstanceIdentifier=rep", "rds",
+                             "eu-west-1", "PromoteReadReplica")
+    first, second = promote(), promote()
+    assert engine.before(first) is None  # taken: on its way to RDS
+    name, ans = engine.before(second)
+    assert (name, ans.status) == ("rds-state-machine", 400) and b"InvalidDBInstanceState" in ans.body
+    engine.done(second)
+    assert engine.before(promote()) is not None  # the first is still being answered
+    engine.done(first)
+    assert engine.before(promote()) is None  # answered (and failed here: nothing noted)

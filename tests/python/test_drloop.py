@@ -3,7 +3,7 @@ AWS documents them (unit tests), then region loss over real PostgreSQL with what
 (tests/python/test_dr_scenarios.py)."""
 import pytest
 
-from drloop import Alarm, HealthCheck, Metrics, Network, Record, weighted_answer
+from drloop import Alarm, Clock, HealthCheck, Metrics, Network, Record, weighted_answer
 
 
 def alarm(**kw):
@@ -126,3 +126,13 @@ def test_weighted_routing_with_health():
     both = [rec("us-east-1", 100, "hp"), rec("eu-west-1", 0, "hd")]
     assert weighted_answer(both, {"hp": False, "hd": False}).set_id == "us-east-1"
     assert weighted_answer([], {}) is None
+
+
+def test_the_clock_changes_scale_without_jumping():
+    c = Clock(30)
+    base = c.t0
+    c.segments = [(base, 0.0, 30.0), (base + 10, 300.0, 1.0), (base + 20, 310.0, 30.0)]
+    assert c.of_real(base + 5) == 150.0
+    assert c.of_real(base + 15) == 305.0  # an operator's command: real seconds
+    assert c.of_real(base + 21) == 340.0
+    assert c.scale == 30.0

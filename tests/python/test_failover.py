@@ -16,7 +16,8 @@ NAME = "postgres.db-t.internal."
 class Spy:
     """Wraps a boto3 client: records method calls (names in .calls, keyword arguments in .args),
     can raise or rewrite answers. A fail value that is a list is used up one call at a time
-    (None: that call goes through)."""
+    (None: that call goes through); a callable is called with the arguments and returns what to
+    raise."""
 
     def __init__(self, client, fail=None, rewrite=None):
         self._client, self._fail, self._rewrite, self.calls, self.args = \
@@ -33,6 +34,8 @@ class Spy:
             fail = self._fail.get(name)
             if isinstance(fail, list):
                 fail = fail.pop(0) if fail else None
+            if callable(fail) and not isinstance(fail, BaseException):
+                fail = fail(*args, **kwargs)
             if fail is not None:
                 raise fail
             out = attr(*args, **kwargs)
@@ -378,6 +381,33 @@ def test_busy_replica_means_retry_later(scene):
     assert "change_resource_record_sets" not in scene.clients.route53.calls
     assert scene.records() == before and scene.role_tag() is None
     assert len(scene.messages()) == 1
+
+
+def test_a_promotion_made_meanwhile_is_finished_not_postponed(scene):
+    """`pgdr failover` promoted the replica after this invocation read it: RDS refuses the
+    second promotion (InvalidDBInstanceState), and the invocation finishes the failover that
+    started instead of reporting a busy replica."""
+    scene.stop_primary()
+
+    def promoted_by_pgdr(**kw):
+        scene.promote_called = True  # RDS promotes it (the scene's describes follow)
+        scene.rds_dr.add_tags_to_resource(ResourceName=scene.replica_arn, Tags=[{"Key": "pgdr:role", "Value": "primary"}])
+        return ClientError({"Error": {"Code": "InvalidDBInstanceState", "Message": "DB Instance is not a read replica."}},
+                           "PromoteReadReplica")
+
+    scene.spy()
+    spied = failover.Clients.from_config
+
+    def from_config(cfg):
+        c = spied(cfg)
+        c.dr_rds._fail = {"promote_read_replica": [promoted_by_pgdr]}
+        return c
+    scene.mp.setattr(failover.Clients, "from_config", from_config)
+    out = scene.invoke()
+    assert out["action"] == "none" and out["reason"] == "already failed over", out
+    assert scene.clients.dr_rds.calls.count("promote_read_replica") == 1
+    assert scene.weights() == {"us-east-1": 0, "eu-west-1": 100}
+    assert [s for s, _ in scene.messages()] == ["pgdr t: DNS moved to eu-west-1"]
 
 
 def test_slow_promotion_is_finished_by_the_next_invocation(scene):
