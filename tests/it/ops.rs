@@ -281,6 +281,38 @@ async fn failover_promotes_when_route53_does_not_answer() {
     assert_eq!(weights(&emu, &run).await, vec![("eu-west-1".into(), 100), ("us-east-1".into(), 0)]);
 }
 
+/// A lost primary region (every call to it unanswered, Route 53's API with it): `failover`
+/// reaches STS through the DR region, promotes, leaves DNS and the fence pending (exit 3), and
+/// waits for the silent region once, not at every phase.
+#[tokio::test(flavor = "multi_thread")]
+async fn failover_goes_ahead_when_the_primary_region_is_silent() {
+    let emu = Emu::start();
+    let run = Run::new(&emu);
+    run.ok(&["up", "--env", "dev"]);
+    emu.config(r#"{"blackhole_regions": ["us-east-1"], "blackhole_s": 0.1}"#);
+    emu.reset_calls();
+    let out = run.pgdr(&["failover", "--env", "dev", "--yes"]);
+    assert_eq!(out.code, 3, "{out:?}");
+    assert!(out.stderr.contains("primary pgdr-dev-us-east-1 is unreachable"), "{out:?}");
+    let calls = emu.mutating_calls();
+    assert!(calls.contains(&"rds eu-west-1 PromoteReadReplica".to_string()), "{calls:?}");
+    let text = format!("{}{}", out.stdout, out.stderr);
+    assert!(text.contains("DNS was NOT moved") && text.contains("it is NOT fenced"), "{out:?}");
+    // Without the silence, each phase would spend the whole retry budget on the lost region
+    // again: the topology check, the plan, the fence, the DNS change (5 attempts each).
+    let lost: Vec<String> = emu
+        .calls()
+        .iter()
+        .filter(|c| c["fault"] == "blackhole")
+        .map(|c| format!("{} {}", c["service"].as_str().unwrap_or(""), c["op"].as_str().unwrap_or("")))
+        .collect();
+    assert!(lost.len() <= 20, "{} calls into the silent region: {lost:?}", lost.len());
+    emu.config(r#"{"blackhole_regions": null}"#);
+    // The region back: the next run completes the records and the fence.
+    run.ok(&["failover", "--env", "dev", "--yes"]);
+    assert_eq!(weights(&emu, &run).await, vec![("eu-west-1".into(), 100), ("us-east-1".into(), 0)]);
+}
+
 /// An old primary kept by `reprotect --keep-old-primary` is data: `down` refuses to delete it
 /// while it is protected, like the current instances, until --force.
 #[tokio::test(flavor = "multi_thread")]
