@@ -600,9 +600,10 @@ def main(argv):
     if out_json:
         print(json.dumps({"scenarios": [{k: r.get(k) for k in KEYS} for r in results]}, indent=2))
     else:
-        print("  ".join(f"{c:>13}" for c in KEYS))
+        wide = max([len(r["name"]) for r in results] + [4])
+        print(f"{'name':<{wide}}  " + "  ".join(f"{c:>12}" for c in KEYS[1:]))
         for r in results:
-            print("  ".join(f"{str(r.get(c)):>13}" for c in KEYS))
+            print(f"{r['name']:<{wide}}  " + "  ".join(f"{str(r.get(c)):>12}" for c in KEYS[1:]))
         for r in results:
             for p in r.get("problems") or []:
                 print(f"{r['name']}: {p}", file=sys.stderr)
