@@ -102,13 +102,11 @@ class DrEnv:
         return boto3.client(service, region_name=region, endpoint_url=self.url, aws_access_key_id="test",
                             aws_secret_access_key="test")
 
-    def pgdr_cmd(self, *args):
+    def pgdr(self, *args, timeout=600):
         env = {"PATH": os.environ.get("PATH", ""), "HOME": str(self.work), "AWS_ENDPOINT_URL": self.url,
                "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_EC2_METADATA_DISABLED": "true"}
-        return dict(args=[str(pgdr_bin()), *args], cwd=self.work, env=env, stdin=subprocess.DEVNULL)
-
-    def pgdr(self, *args, timeout=600):
-        return subprocess.run(**self.pgdr_cmd(*args), capture_output=True, text=True, timeout=timeout)
+        return subprocess.run([str(pgdr_bin()), *args], cwd=self.work, env=env, stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=timeout)
 
     def resolve(self, name):
         """What an application's resolver gets: Route 53's answer, cached for the record's TTL."""
@@ -228,6 +226,27 @@ def primary_down_alarm(env):
                  if a.name.endswith("-primary-down") and a.region == env.dr.region), None)
 
 
+def until_writes_resume(env, side, real_fault, until):
+    """Runs the loop until the writer's writes are acknowledged by `side`'s cluster (or emulated
+    time `until`). Returns when `postgres.<zone>` first answered `side`'s endpoint (emulated
+    seconds, None: never) and the first acknowledgement there after the fault (None: none)."""
+    loop, w, addr, dns = env.loop, env.writer, tuple(side.cluster.address), {}
+
+    def watch_dns():
+        if "t" not in dns and env.dns_answer() == side.endpoint:
+            dns["t"] = loop.clock.now()
+
+    def acks_there():
+        return (a for a in w.acks if tuple(a.target) == addr and a.t >= real_fault)
+    env.hooks.append(watch_dns)
+    try:
+        loop.run(until=until, stop=lambda: any(tuple(a.target) == addr and a.t >= real_fault for a in w.acks[-5:]),
+                 between=env.between)
+    finally:
+        env.hooks.remove(watch_dns)
+    return dns.get("t"), next(acks_there(), None)
+
+
 def region_loss(env, name="region-loss", warmup_min=5, budget_min=40, before_fault=None, stop_cluster=True):
     """The primary region is lost (its API black-holed, the primary cluster stopped): the loop
     alone must promote, move DNS and let the writer resume. Returns the figures."""
@@ -242,25 +261,11 @@ def region_loss(env, name="region-loss", warmup_min=5, budget_min=40, before_fau
     lost, dr = env.primary, env.dr
     real_fault = env.lose_region(lost, stop_cluster=stop_cluster)
     t_fault = loop.clock.of_real(real_fault)
-    standby = tuple(dr.cluster.address)
-    dns_moved = {}
-
-    def watch_dns():
-        if "t" not in dns_moved and env.dns_answer() == dr.endpoint:
-            dns_moved["t"] = loop.clock.now()
-    env.hooks.append(watch_dns)
-
-    def resumed():
-        return any(tuple(a.target) == standby and a.t >= real_fault for a in w.acks[-5:])
-
-    try:
-        loop.run(until=t_fault + budget_min * MINUTE, stop=resumed, between=env.between)
-    finally:
-        env.hooks.remove(watch_dns)
+    t_dns, first_ack = until_writes_resume(env, dr, real_fault, until=t_fault + budget_min * MINUTE)
+    dns_moved = {"t": t_dns} if t_dns is not None else {}
     time.sleep(1.0)
     down = primary_down_alarm(env)
     t_alarm = first_after(down.changes, t_fault, "ALARM") if down else None
-    first_ack = next((a for a in w.acks if tuple(a.target) == standby and a.t >= real_fault), None)
     t_ack = loop.clock.of_real(first_ack.t) if first_ack else None
     w.stop()
     return {
@@ -468,32 +473,18 @@ def manual_failover_region_down(env, budget_min=30, after_min=5):
     t_start = loop.clock.now()
     loop.run(until=t_start + 5 * MINUTE, between=env.between)
     lost, dr = env.primary, env.dr
-    old, standby = tuple(lost.cluster.address), tuple(dr.cluster.address)
+    old = tuple(lost.cluster.address)
     real_fault = env.lose_region(lost, stop_cluster=False)
     t_fault = loop.clock.of_real(real_fault)
     # The operator's command: its seconds are real ones (the clock runs at 1x meanwhile; the
     # loop's next minute is due after it).
     loop.clock.set_scale(1.0)
-    cli = subprocess.Popen(**env.pgdr_cmd("failover", "--env", env.name, "--yes"), stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
-    out, err = cli.communicate(timeout=600)
+    cli = env.pgdr("failover", "--env", env.name, "--yes")
+    out, err = cli.stdout, cli.stderr
     env.follow_rds()
     loop.clock.set_scale(env.scale)
-    dns = {}
-
-    def watch_dns():
-        if "t" not in dns and env.dns_answer() == dr.endpoint:
-            dns["t"] = loop.clock.now()
-    env.hooks.append(watch_dns)
-
-    def done():
-        return any(tuple(a.target) == standby and a.t >= real_fault for a in w.acks[-5:])
-    try:
-        loop.run(until=t_fault + budget_min * MINUTE, stop=done, between=env.between)
-    finally:
-        env.hooks.remove(watch_dns)
+    t_dns, first_ack = until_writes_resume(env, dr, real_fault, until=t_fault + budget_min * MINUTE)
     t_cli_promoted = env.promoted_at
-    first_ack = next((a for a in w.acks if tuple(a.target) == standby and a.t >= real_fault), None)
     # The region comes back, the old primary with it, unfenced: `pgdr up` before anything else.
     env.region_back(lost)
     t_back = loop.clock.now()
@@ -518,7 +509,7 @@ def manual_failover_region_down(env, budget_min=30, after_min=5):
          "dns_moved": env.dns_answer() == dr.endpoint,
          "detection_s": None,  # an operator's decision, not the alarm's
          "promotion_s": round(t_cli_promoted - t_fault) if t_cli_promoted else None,
-         "dns_s": round(dns["t"] - t_cli_promoted) if ("t" in dns and t_cli_promoted) else None,
+         "dns_s": round(t_dns - t_cli_promoted) if (t_dns is not None and t_cli_promoted) else None,
          "rto_s": round(loop.clock.of_real(first_ack.t) - t_fault) if first_ack else None,
          "rpo_rows": w.rpo_rows(dr.cluster), "rows_written": len(w.acks),
          "failover_exit": cli.returncode, "failover_output": (out + err)[-5000:],
@@ -533,7 +524,7 @@ def manual_failover_region_down(env, budget_min=30, after_min=5):
         bad.append(f"{f['promotions']} promotions, not 1")
     if t_cli_promoted is None:
         bad.append("nothing promoted the replica")
-    if "t" not in dns or not f["dns_moved"]:
+    if t_dns is None or not f["dns_moved"]:
         bad.append("DNS did not follow the promotion")
     if first_ack is None:
         bad.append("the writer never resumed on the new primary")
