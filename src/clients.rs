@@ -112,7 +112,8 @@ pub async fn load_config(conn: &Connection, region: &str) -> Result<SdkConfig> {
 /// Unless `writes_allowed`, the clients refuse every call that is not a read.
 pub async fn build(conn: &Connection, primary_region: &str, dr_region: &str, writes_allowed: bool) -> Result<Clients> {
     let base = load_config(conn, primary_region).await?;
-    check_reachable(&base, primary_region, dr_region).await?;
+    let silence = Arc::new(Silence::default());
+    check_reachable(&base, primary_region, dr_region, &silence).await?;
     let endpoint = base.endpoint_url().map(str::to_owned);
     if let Some(e) = &endpoint {
         tracing::info!(endpoint = %e, "all AWS calls go to a custom endpoint");
@@ -122,7 +123,6 @@ pub async fn build(conn: &Connection, primary_region: &str, dr_region: &str, wri
     let global = base.to_builder().region(Region::from_static("us-east-1")).build();
     let reads = Reads::new();
     let watch = WatchChanges { reads: reads.clone(), writes_allowed };
-    let silence = Arc::new(Silence::default());
     Ok(Clients {
         primary: Arc::new(regional(&base, primary_region, &watch, &silence)),
         dr: Arc::new(regional(&base, dr_region, &watch, &silence)),
@@ -148,58 +148,55 @@ async fn check_credentials(conf: &SdkConfig) -> Result<()> {
 /// STS is asked in both regions at once, and the first answer decides: a lost primary region is
 /// the disaster `failover` is for, and must neither stop it nor make it wait for the lost
 /// region's timeouts (STS regional endpoints are served by each region: "Managing AWS STS in an
-/// AWS Region", IAM user guide). Only both regions silent is "cannot reach AWS".
-async fn check_reachable(conf: &SdkConfig, primary_region: &str, dr_region: &str) -> Result<()> {
-    if dr_region == primary_region {
-        return caller_identity(conf, primary_region).await.map_err(unreachable_or_refused(conf));
-    }
+/// AWS Region", IAM user guide). Only every region silent is "cannot reach AWS". A region found
+/// silent here is not asked again for a while (`silence`).
+async fn check_reachable(conf: &SdkConfig, primary_region: &str, dr_region: &str, silence: &Arc<Silence>) -> Result<()> {
+    use futures::stream::{FuturesUnordered, StreamExt};
     let dr_conf = conf.to_builder().region(Region::new(dr_region.to_owned())).build();
-    let primary = caller_identity(conf, primary_region);
-    let dr = caller_identity(&dr_conf, dr_region);
-    tokio::pin!(primary, dr);
-    let (first, first_is_primary) = tokio::select! {
-        r = &mut primary => (r, true),
-        r = &mut dr => (r, false),
-    };
-    let first_error = match first {
-        Ok(()) => return Ok(()),
-        Err(e) if !e.is_unreachable() => return Err(unreachable_or_refused(conf)(e)),
-        Err(e) => e,
-    };
-    let (p, d) = if first_is_primary { (Err(first_error), dr.await) } else { (primary.await, Err(first_error)) };
-    match (p, d) {
-        // The DR region silent: the commands that need it say so.
-        (Ok(()), _) => Ok(()),
-        (Err(e), Ok(())) => {
-            tracing::warn!(region = primary_region, error = %e, "the primary region does not answer; going on through {dr_region}");
-            Ok(())
+    let mut asks: FuturesUnordered<_> = [(conf, primary_region), (&dr_conf, dr_region)]
+        .into_iter()
+        .take(if dr_region == primary_region { 1 } else { 2 })
+        .map(|(c, region)| caller_identity(c, region, silence))
+        .collect();
+    let mut silent = Vec::new();
+    while let Some(answer) = asks.next().await {
+        match answer {
+            Ok(()) => {
+                if let Some(e) = silent.first() {
+                    tracing::warn!(error = %e, "a region does not answer; going on through the other");
+                }
+                return Ok(());
+            }
+            Err(e) if !e.is_unreachable() => return Err(check_failure(conf, e)),
+            Err(e) => silent.push(e),
         }
-        (Err(p), Err(d)) => Err(unreachable_or_refused(conf)(if d.is_unreachable() { p } else { d })),
     }
+    Err(check_failure(conf, silent.remove(0)))
 }
 
-fn unreachable_or_refused(conf: &SdkConfig) -> impl Fn(crate::error::AwsError) -> Error + '_ {
-    move |e| {
-        let endpoint = conf.endpoint_url().map(|u| format!(" at {u}")).unwrap_or_default();
-        let why = crate::error::one_line(e.message.as_deref().unwrap_or(""));
-        if e.is_unreachable() {
-            return Error::failed(format!(
-                "cannot reach AWS{endpoint} ({why}); check your network, --endpoint-url and AWS_ENDPOINT_URL, then rerun"
-            ));
-        }
-        if e.kind() == crate::aws::Kind::BadCredentials {
-            return Error::user(format!(
-                "AWS refused the credentials ({}: {why}); refresh them (`aws sso login`, or new keys) or choose another --profile",
-                e.code.as_deref().unwrap_or("")
-            ));
-        }
-        e.into()
+/// The one line for a failed check: unreachable, credentials refused, or AWS's own error.
+fn check_failure(conf: &SdkConfig, e: crate::error::AwsError) -> Error {
+    let endpoint = conf.endpoint_url().map(|u| format!(" at {u}")).unwrap_or_default();
+    let why = crate::error::one_line(e.message.as_deref().unwrap_or(""));
+    if e.is_unreachable() {
+        return Error::failed(format!(
+            "cannot reach AWS{endpoint} ({why}); check your network, --endpoint-url and AWS_ENDPOINT_URL, then rerun"
+        ));
     }
+    if e.kind() == crate::aws::Kind::BadCredentials {
+        return Error::user(format!(
+            "AWS refused the credentials ({}: {why}); refresh them (`aws sso login`, or new keys) or choose another --profile",
+            e.code.as_deref().unwrap_or("")
+        ));
+    }
+    e.into()
 }
 
-async fn caller_identity(conf: &SdkConfig, region: &str) -> std::result::Result<(), crate::error::AwsError> {
+async fn caller_identity(conf: &SdkConfig, region: &str, silence: &Arc<Silence>) -> std::result::Result<(), crate::error::AwsError> {
     use crate::aws::Call;
-    aws_sdk_sts::Client::new(conf).get_caller_identity().send().aws(region).await.map(|_| ())
+    let listen = Listen { key: region.to_owned(), silence: silence.clone() };
+    let sts = aws_sdk_sts::Client::from_conf(aws_sdk_sts::config::Builder::from(conf).interceptor(listen).build());
+    sts.get_caller_identity().send().aws(region).await.map(|_| ())
 }
 
 fn no_credentials(why: &str) -> Error {

@@ -251,7 +251,7 @@ def region_loss(env, name="region-loss", warmup_min=5, budget_min=40, before_fau
     """The primary region is lost (its API black-holed, the primary cluster stopped): the loop
     alone must promote, move DNS and let the writer resume. Returns the figures."""
     loop, w = env.loop, env.writer
-    if w._thread is None:
+    if not w.running:
         w.start()
     t_start = loop.clock.now()
     loop.run(until=t_start + warmup_min * MINUTE, between=env.between)

@@ -163,6 +163,10 @@ class Writer:
                 next_at = now
         self._drop()
 
+    @property
+    def running(self):
+        return self._thread is not None
+
     def start(self):
         if self._thread is not None:
             raise RuntimeError("writer already started")
