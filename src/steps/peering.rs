@@ -60,14 +60,16 @@ async fn the_one(cx: &Cx, rec: &Recorder<'_>, r: &Res<'_>, known: Option<String>
     if let (true, Some(_)) = (ids.is_empty(), &known) {
         ids = all(cx, cx.home(), known.clone()).await?.into_iter().map(|p| p.0).collect();
     }
-    super::keep_one(rec, r, known.as_deref(), ids, async |id| {
-        match reg.ec2.delete_vpc_peering_connection().vpc_peering_connection_id(&id).send().aws(&reg.region).await {
-            Ok(_) => Ok(()),
-            Err(e) if e.is_not_found() => Ok(()),
-            Err(e) => Err(e.into()),
-        }
-    })
-    .await
+    super::keep_one(rec, r, known.as_deref(), ids, async |id| delete(reg, &id).await.map(|_| ())).await
+}
+
+/// Deletes a peering connection; whether it was there to delete.
+async fn delete(reg: &crate::clients::Regional, id: &str) -> Result<bool> {
+    match reg.ec2.delete_vpc_peering_connection().vpc_peering_connection_id(id).send().aws(&reg.region).await {
+        Ok(_) => Ok(true),
+        Err(e) if e.is_not_found() => Ok(false),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// The live peering connection (not deleted or failed) and its status code, seen from `side`.
@@ -127,6 +129,17 @@ async fn up(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
         },
     )
     .await?;
+    // CreateVpcPeeringConnection takes no ClientToken: a create the SDK retried after its answer
+    // was lost made a twin, which this run would not see again. Keep the one just made or found.
+    let pcx = match pcx {
+        Some(id) => {
+            let mut ids: Vec<String> = all(cx, cx.home(), None).await?.into_iter().map(|p| p.0).collect();
+            ids.retain(|i| *i != id);
+            ids.insert(0, id.clone());
+            super::keep_one(rec, &r, Some(&id), ids, async |twin| delete(primary, &twin).await.map(|_| ())).await?
+        }
+        None => None,
+    };
 
     // Accept in the DR region (the only place AWS allows it), then wait for `active`.
     match &pcx {
@@ -251,10 +264,8 @@ async fn down(cx: &Cx, rec: &Recorder<'_>) -> Result<()> {
         &r,
         async |known| the_one(cx, rec, &r, known).await,
         async |id| {
-            match primary.ec2.delete_vpc_peering_connection().vpc_peering_connection_id(&id).send().aws(&primary.region).await {
-                Ok(_) => {}
-                Err(e) if e.is_not_found() => return Ok(()),
-                Err(e) => return Err(e.into()),
+            if !delete(primary, &id).await? {
+                return Ok(());
             }
             Wait::new(format!("peering {id}"))
                 .budget(Duration::from_secs(600))
