@@ -1268,6 +1268,138 @@ class LambdaCodeLocation(Rule):
         return ans
 
 
+class LambdaFunctionStates(Rule):
+    """A function with a VpcConfig is `Pending` for `pending_s` after CreateFunction while Lambda
+    sets up its network interfaces (State `Pending`, StateReason "The function is being
+    created.", StateReasonCode `Creating`, LastUpdateStatus `InProgress`), then `Active` with
+    LastUpdateStatus `Successful`; moto says `Active` at once. An update of such a function
+    (UpdateFunctionConfiguration, UpdateFunctionCode) shows LastUpdateStatus `InProgress` for
+    `update_s` while State stays `Active` (invocations go on with the previous configuration).
+    Rewritten in the CreateFunction, GetFunction, GetFunctionConfiguration, ListFunctions and
+    Update* answers. When the proxy answers Invoke itself (its invoke hook, `/__proxy/invoke-hook`),
+    Invoke of a function that does not exist answers 404 ResourceNotFoundException ("Function
+    not found: <arn>") and of a function whose State is not `Active` 409 ResourceConflictException
+    ("The operation cannot be performed at this time. The function is currently in the following
+    state: Pending").
+
+    AWS: "Lambda function states (Pending: Lambda does not invoke a function during pending state)" https://docs.aws.amazon.com/lambda/latest/dg/functions-states.html
+    AWS: "UpdateFunctionConfiguration: a VPC function's update can take a minute; it can still be invoked" https://docs.aws.amazon.com/lambda/latest/api/API_UpdateFunctionConfiguration.html
+    AWS: "Invoke (AWS Lambda API Reference): ResourceConflictException 409, ResourceNotFoundException 404" https://docs.aws.amazon.com/lambda/latest/api/API_Invoke.html
+    See: "Invoke of a Pending function, the message as AWS sends it (remotion-dev/remotion #1186)" https://github.com/remotion-dev/remotion/issues/1186
+    """
+    name = "lambda-function-states"
+    params = {"pending_s": 1.0, "update_s": 0.5}
+    CREATING = "The function is being created."
+    REASONS = ("StateReason", "StateReasonCode", "LastUpdateStatusReason", "LastUpdateStatusReasonCode")
+    SHOWN = {"CreateFunction", "GetFunction", "GetFunctionConfiguration", "ListFunctions",
+             "UpdateFunctionConfiguration", "UpdateFunctionCode"}
+
+    def reset(self):
+        self.functions = {}  # (account, region, name) -> {"vpc", "pending_until", "updating_until"}
+
+    def view(self, account, region, name, now):
+        """The fields the function shows now (None: not tracked, moto's answer stands)."""
+        with self.e.lock:
+            rec = self.functions.get((account, region, name))
+            if rec is None:
+                return None
+            pending = now < rec["pending_until"]
+            updating = now < rec["updating_until"]
+        if pending:
+            return {"State": "Pending", "StateReason": self.CREATING, "StateReasonCode": "Creating",
+                    "LastUpdateStatus": "InProgress", "LastUpdateStatusReason": self.CREATING,
+                    "LastUpdateStatusReasonCode": "Creating"}
+        if updating:
+            # As the user guide's example of a function being updated shows it.
+            return {"State": "Active", "LastUpdateStatus": "InProgress",
+                    "LastUpdateStatusReason": self.CREATING, "LastUpdateStatusReasonCode": "Creating"}
+        return {"State": "Active", "LastUpdateStatus": "Successful"}
+
+    def state_of(self, account, region, name, now):
+        v = self.view(account, region, name, now)
+        return v["State"] if v else None
+
+    def after(self, call, ans):
+        if call.service != "lambda" or not ans.ok:
+            return ans
+        if call.name == "DeleteFunction" and "Qualifier" not in call.params:
+            with self.e.lock:
+                self.functions.pop((call.account, call.region, LambdaVpcEnis.function_of(call)), None)
+            return ans
+        if call.name not in self.SHOWN:
+            return ans
+        req = call.json() if call.name in ("CreateFunction", "UpdateFunctionConfiguration") else {}
+        now = call.now
+        if call.name == "CreateFunction":
+            name = lambda_function_name(req.get("FunctionName", ""))
+            if (req.get("VpcConfig") or {}).get("SubnetIds"):
+                with self.e.lock:
+                    self.functions[(call.account, call.region, name)] = {
+                        "vpc": True, "pending_until": now + self.d("pending_s"), "updating_until": 0.0}
+            else:
+                with self.e.lock:
+                    self.functions.pop((call.account, call.region, name), None)
+        elif call.name in ("UpdateFunctionConfiguration", "UpdateFunctionCode"):
+            key = (call.account, call.region, LambdaVpcEnis.function_of(call))
+            with self.e.lock:
+                rec = self.functions.get(key)
+                to_vpc = bool((req.get("VpcConfig") or {}).get("SubnetIds"))
+                if rec is None and to_vpc:
+                    rec = self.functions[key] = {"vpc": True, "pending_until": 0.0, "updating_until": 0.0}
+                if rec is not None:
+                    rec["updating_until"] = now + self.d("update_s")
+                    if "VpcConfig" in req:
+                        rec["vpc"] = to_vpc
+        try:
+            obj = json.loads(ans.body)
+        except ValueError:
+            return ans
+        if not isinstance(obj, dict):
+            return ans
+        if call.name == "ListFunctions":
+            confs = [c for c in obj.get("Functions") or [] if isinstance(c, dict)]
+        elif call.name == "GetFunction":
+            confs = [obj["Configuration"]] if isinstance(obj.get("Configuration"), dict) else []
+        else:
+            confs = [obj]
+        changed = False
+        for conf in confs:
+            v = self.view(call.account, call.region, conf.get("FunctionName") or "", now)
+            if v is None:
+                continue
+            for k in self.REASONS:
+                conf.pop(k, None)
+            conf.update(v)
+            changed = True
+        return ans.copy(json.dumps(obj).encode()) if changed else ans
+
+    def invoke_refusal(self, call, name):
+        """What Lambda answers instead of running the function, or None (it runs)."""
+        status, body = self.e.lambda_configuration(call, name)
+        arn = f"arn:aws:lambda:{call.region}:{call.account}:function:{name}"
+        if status == 404:
+            return aws_error(call, 404, "ResourceNotFoundException", f"Function not found: {arn}")
+        if not 200 <= status < 300:
+            return aws_error(call, 500, "ServiceException", f"emuproxy: GetFunctionConfiguration of {name} "
+                             f"answered {status}", sender=False)
+        state = self.state_of(call.account, call.region, name, call.now) if self.e.on(self.name) else None
+        if state is None:
+            try:
+                state = json.loads(body).get("State") or "Active"
+            except (ValueError, AttributeError):
+                state = "Active"
+        if state != "Active":
+            return aws_error(call, 409, "ResourceConflictException", "The operation cannot be performed at "
+                             f"this time. The function is currently in the following state: {state}")
+        return None
+
+    def state(self):
+        now = self.e.clock()
+        with self.e.lock:
+            keys = list(self.functions)
+        return {"functions": [{"region": k[1], "name": k[2], **(self.view(*k, now) or {})} for k in keys]}
+
+
 def s3_bucket_key(call):
     """(bucket, key) of a path-style S3 request; key is '' for a bucket request."""
     parts = call.url_path.lstrip("/").split("/", 1)
@@ -1429,12 +1561,13 @@ class S3ConditionalConflict(Rule):
 
 
 RULES = [Throttling, PriorRequestNotComplete, Route53HealthCheckAlarm, Ec2ClientToken, Ec2EventualConsistency,
-         Ec2PeeringLateInAccepter, IamPropagation, LambdaVpcEnis, RdsStateMachine, RdsEngineRules,
+         Ec2PeeringLateInAccepter, IamPropagation, LambdaVpcEnis, LambdaFunctionStates, RdsStateMachine, RdsEngineRules,
          SecretsReplication, S3BucketRegion, S3SecureTransport, S3ConditionalConflict, S3ResponseShapes,
          LambdaCodeLocation]
 # answers are rewritten in this order; the client-token cache keeps the final answer
 AFTER_ORDER = ["prior-request-not-complete", "route53-health-check-alarm", "ec2-eventual-consistency",
-               "ec2-peering-late-in-accepter", "iam-propagation", "lambda-vpc-enis", "secrets-replication",
+               "ec2-peering-late-in-accepter", "iam-propagation", "lambda-vpc-enis", "lambda-function-states",
+               "secrets-replication",
                "s3-response-shapes", "s3-secure-transport", "lambda-code-location", "ec2-client-token"]
 
 
@@ -1724,6 +1857,22 @@ class Engine:
             rule.done(call)
 
     # --- the proxy's own calls to moto -------------------------------------------------------
+    def lambda_configuration(self, call, name):
+        """GetFunctionConfiguration of `name` as moto has it, for the call's account and Region:
+        (status, body)."""
+        headers = {"Authorization": f"AWS4-HMAC-SHA256 Credential=emuproxy/20260101/{call.region}/lambda/aws4_request, "
+                                    "SignedHeaders=host, Signature=0",
+                   "X-Amz-Date": time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())}
+        if call.account and call.account != DEFAULT_ACCOUNT:
+            headers["x-moto-account-id"] = call.account
+        try:
+            status, _headers, data = self.send("GET", f"/2015-03-31/functions/{urllib.parse.quote(name, safe='')}"
+                                               "/configuration", headers, b"")
+            return status, data
+        except OSError as e:
+            self.log(f"rules: internal lambda GetFunctionConfiguration failed: {e!r}")
+            return 599, b""
+
     def query(self, service, region, account, params):
         """A query-protocol call to moto (EC2, RDS): returns (status, body)."""
         body = urllib.parse.urlencode(params).encode()

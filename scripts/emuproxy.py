@@ -10,7 +10,9 @@ Control API under /__proxy/ (JSON in and out):
 
   GET  /__proxy/config          current config (JSON)
   POST /__proxy/config          merge a JSON object of any config keys; returns the new config
-                                (faults: fail_rate, drop_rate, seed, fault_ops = only these ops,
+                                (kill_on {pid, ops, regions?, after?}: SIGKILL pid right after
+                                the after-th (default 1st) answered call of one of these ops;
+                                faults: fail_rate, drop_rate, seed, fault_ops = only these ops,
                                 blackhole_regions = every call to these regions goes unanswered,
                                 fault_skip_ops = never these ops, fault_services = only these
                                 services, fault_mutating_only)
@@ -25,6 +27,24 @@ Control API under /__proxy/ (JSON in and out):
   POST /__proxy/rds_status      {"region","id","status","for_s"[,"account"]}; status null clears
   GET  /__proxy/rules           the AWS rules: name, on, summary, citations, durations, state
   POST /__proxy/rules/reset     forget what the rules track (also done by POST /moto-api/reset)
+  GET  /__proxy/invoke-hook     {"url": the registered invoke hook or null}
+  POST /__proxy/invoke-hook     {"url": "http://127.0.0.1:PORT/..."} registers it, {"url": null} clears
+                                it (so does POST /moto-api/reset)
+
+Lambda Invoke (moto cannot run function code without Docker): while an invoke hook is registered,
+`POST /2015-03-31/functions/{name}/invocations` is answered by the proxy, not moto. First what
+Lambda does before running code (rule `lambda-function-states`): no such function -> 404
+ResourceNotFoundException; a function whose State is not Active (a VPC function is Pending for a
+while after CreateFunction) -> 409 ResourceConflictException. Then by X-Amz-Invocation-Type:
+DryRun -> 204; Event -> 202 at once, the hook called in the background; RequestResponse (the
+default) -> the hook is POSTed {"region", "account", "function", "payload": <request body
+text>, "invocation_type"} and answers {"payload": <text>, "error": null | "Unhandled" |
+"Handled"}; the proxy answers 200 with that payload, `X-Amz-Executed-Version: $LATEST`, and
+`X-Amz-Function-Error: <error>` when error is set (Lambda's documented Invoke response). The
+invocation takes as long as the hook does; other calls are served meanwhile (a thread per
+connection). Recorded like other calls, with params {"FunctionName"} and "hook": true; the
+payload is never recorded (it may carry a credential). Faults and rules (throttling, blackholed
+regions, fail_rate, drop_rate) apply as to any call. Without a hook, Invoke goes to moto.
 
 Rule config keys: rules_off (["name", ...] or ["all"]), rules_time_scale (float, multiplies every
 rule duration), rules_params ({"rule": {"param": seconds}}), throttle (list; rule `throttling`).
@@ -45,17 +65,21 @@ RPCV2_RE = re.compile(r"^/service/[^/]+/operation/([A-Za-z0-9]+)$")  # Smithy RP
 # Identifiers recorded with a query-protocol call (which instance, which security group), so that
 # a harness can act on what a call named: never values, never secrets.
 RECORDED_PARAMS = ("DBInstanceIdentifier", "GroupId", "SourceDBInstanceIdentifier")
+INVOKE_RE = re.compile(r"^/2015-03-31/functions/([^/]+)/invocations/?$")
+INVOKE_TYPES = ("RequestResponse", "Event", "DryRun")
+HOOK_TIMEOUT_S = 960.0  # longer than Lambda's longest function timeout (900 s)
 HOP = {"connection", "keep-alive", "proxy-connection", "proxy-authorization", "te", "trailer",
        "transfer-encoding", "upgrade", "expect", "content-length"}
 
 lock = threading.RLock()
 answered = threading.Condition(lock)  # notified when a recorded call gets its t_end
 CONFIG = {"record": None, "latency_ms": 0.0, "fail_rate": 0.0, "drop_rate": 0.0, "seed": None,
-          "fault_ops": None, "fault_skip_ops": None, "fault_services": None, "fault_mutating_only": False, "kill_after": None, "rds_hold": None,
+          "fault_ops": None, "fault_skip_ops": None, "fault_services": None, "fault_mutating_only": False, "kill_after": None,
+          "kill_on": None, "rds_hold": None,
           "rules_off": [], "rules_time_scale": 1.0, "rules_params": {}, "throttle": None,
           "blackhole_regions": None, "blackhole_s": 0.5}
-STATE = {"calls": [], "seq": 0, "kill_count": 0, "rng": random.Random(),
-         "moto_port": None, "stopping": False}
+STATE = {"calls": [], "seq": 0, "kill_count": 0, "kill_on_count": 0, "rng": random.Random(),
+         "moto_port": None, "stopping": False, "invoke_hook": None}
 
 
 def log(msg):
@@ -91,6 +115,11 @@ def set_config(new):
             elif k == "kill_after" and v is not None:
                 v = {"pid": int(v["pid"]), "calls": int(v["calls"])}
                 STATE["kill_count"] = 0
+            elif k == "kill_on" and v is not None:
+                v = {"pid": int(v["pid"]), "ops": [str(x) for x in v["ops"]],
+                     "regions": None if v.get("regions") is None else [str(x) for x in v["regions"]],
+                     "after": int(v.get("after") or 1)}
+                STATE["kill_on_count"] = 0
             elif k == "rds_hold" and v is not None:
                 v = rules["rds_hold"]
             elif k == "rules_off":
@@ -269,6 +298,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if path == "/__proxy/rules/reset" and self.command == "POST":
                 ENGINE.reset()
                 return self.reply_json({"ok": True})
+            if path == "/__proxy/invoke-hook" and self.command == "GET":
+                with lock:
+                    return self.reply_json({"url": STATE["invoke_hook"]})
+            if path == "/__proxy/invoke-hook" and self.command == "POST":
+                url = req["url"]
+                if url is not None:
+                    parts = urllib.parse.urlsplit(str(url))
+                    if parts.scheme != "http" or not parts.hostname:
+                        raise ValueError(f"the invoke hook must be an http:// URL, not {url!r}")
+                    url = str(url)
+                with lock:
+                    STATE["invoke_hook"] = url
+                return self.reply_json({"url": url})
             return self.reply_json({"error": f"no such control endpoint {self.command} {path}"}, 404)
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             return self.reply_json({"error": f"bad request: {e!r}"}, 400)
@@ -281,6 +323,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             answer = self.pass_through(body)
             if self.path.startswith("/moto-api/reset") and answer[0] == 200:
                 ENGINE.reset()  # moto forgot everything: so do the rules
+                with lock:
+                    STATE["invoke_hook"] = None
             return self.reply(*answer)
         t = time.time()
         service, region, op, mutating, is_json, form = classify(self.command, self.path, self.headers, body)
@@ -300,6 +344,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
             time.sleep(cfg["latency_ms"] / 1000.0)
         entry = {"t": t, "service": service, "region": region, "op": op, "mutating": mutating, "rule": None}
         ids = {k: form[k][0] for k in RECORDED_PARAMS if form.get(k)}
+        invoked = INVOKE_RE.match(urllib.parse.urlsplit(self.path).path) if service == "lambda" else None
+        if invoked and self.command == "POST":  # the function's name, never the payload
+            ids["FunctionName"] = awsrules.lambda_function_name(invoked.group(1))
         if ids:
             entry["params"] = ids
         if region and region in (cfg["blackhole_regions"] or []):
@@ -342,6 +389,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 return self.reply(ans.status, ans.body, ans.headers, ans.reason)
             finally:
                 finish(rec)
+        with lock:
+            hook = STATE["invoke_hook"]
+        if hook and call.name == "Invoke" and self.command == "POST":
+            return self.invoke(call, entry, body, fault, hook)
         try:
             status, reason, headers, data = self.forward(body if call.forward_body is None else call.forward_body)
         except OSError as e:  # moto gave no answer
@@ -365,7 +416,86 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.reply(ans.status, ans.body, ans.headers, ans.reason)
         finally:
             finish(rec)
-        self.after_answer()
+        self.after_answer(call)
+
+    def invoke(self, call, entry, body, fault, hook):
+        """Lambda Invoke answered through the invoke hook (see the module docstring)."""
+        name = awsrules.LambdaVpcEnis.function_of(call)
+        itype = self.headers.get("X-Amz-Invocation-Type") or "RequestResponse"
+        rid = str(uuid.uuid4())
+        rule = None
+        if itype not in INVOKE_TYPES:
+            refusal = awsrules.aws_error(call, 400, "InvalidParameterValueException",
+                                         f"Unsupported invocation type {itype!r}; valid: {', '.join(INVOKE_TYPES)}")
+        else:
+            try:
+                refusal = ENGINE.rules["lambda-function-states"].invoke_refusal(call, name)
+            except Exception as e:  # noqa: BLE001
+                log(f"invoke: checking {name} failed: {e!r}")
+                refusal = awsrules.aws_error(call, 500, "ServiceException", f"emuproxy: {e!r}", sender=False)
+            if refusal is not None and refusal.status == 409:
+                rule = "lambda-function-states"
+        if refusal is not None:
+            status, data, headers = refusal.status, refusal.body, refusal.headers
+        else:
+            job = {"region": call.region, "account": call.account, "function": name,
+                   "payload": body.decode("utf-8", "replace"), "invocation_type": itype}
+            if itype == "DryRun":
+                status, data, headers = 204, b"", [("x-amzn-RequestId", rid)]
+            elif itype == "Event":  # queued: Lambda answers at once and runs it later
+                threading.Thread(target=self.post_hook, args=(hook, job), daemon=True).start()
+                status, data, headers = 202, b"", [("x-amzn-RequestId", rid)]
+            else:
+                try:
+                    out = self.post_hook(hook, job)
+                    payload = out.get("payload")
+                    data = (payload if isinstance(payload, str) else json.dumps(payload)).encode()
+                    status = 200
+                    headers = [("Content-Type", "application/json"), ("X-Amz-Executed-Version", "$LATEST"),
+                               ("x-amzn-RequestId", rid)]
+                    if out.get("error"):
+                        headers.append(("X-Amz-Function-Error", str(out["error"])))
+                except (OSError, ValueError, AttributeError) as e:
+                    log(f"invoke: the hook {hook} failed for {call.region}/{name}: {e!r}")
+                    err = awsrules.aws_error(call, 500, "ServiceException", f"emuproxy: the invoke hook failed: {e!r}",
+                                             sender=False)
+                    status, data, headers = err.status, err.body, err.headers
+        rec = record({**entry, "status": status, "fault": fault if refusal is None else None, "rule": rule,
+                      "hook": True})
+        try:
+            if fault == "drop" and refusal is None:  # it ran; the client gets a reset and no answer
+                self.close_connection = True
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.connection.close()
+                return
+            try:
+                self.reply(status, data, headers)
+            except OSError as e:  # the caller went away meanwhile (killed): the function ran anyway
+                self.close_connection = True
+                log(f"invoke: the answer for {call.region}/{name} could not be sent: {e!r}")
+        finally:
+            finish(rec)
+        self.after_answer(call)
+
+    @staticmethod
+    def post_hook(hook, job):
+        """POSTs one invocation to the hook; returns its JSON answer."""
+        url = urllib.parse.urlsplit(hook)
+        conn = http.client.HTTPConnection(url.hostname, url.port or 80, timeout=HOOK_TIMEOUT_S)
+        try:
+            data = json.dumps(job).encode()
+            conn.request("POST", (url.path or "/") + (f"?{url.query}" if url.query else ""), body=data,
+                         headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            text = resp.read()
+            if resp.status != 200:
+                raise ValueError(f"the hook answered {resp.status}: {text[:300]!r}")
+            out = json.loads(text or b"{}")
+            if not isinstance(out, dict):
+                raise ValueError(f"the hook answered {type(out).__name__}, not an object")
+            return out
+        finally:
+            conn.close()
 
     def pass_through(self, body):
         try:
@@ -374,21 +504,30 @@ class Handler(http.server.BaseHTTPRequestHandler):
         except OSError as e:
             return 502, f"moto did not answer: {e!r}".encode(), [("Content-Type", "text/plain")], None
 
-    def after_answer(self):
-        """kill_after: SIGKILL the pid once N calls were forwarded and answered."""
+    def after_answer(self, call=None):
+        """kill_after: SIGKILL the pid once N calls were forwarded and answered; kill_on: once
+        the Nth call of one of its operations (in one of its regions) was answered."""
+        victims = []
         with lock:
             ka = CONFIG["kill_after"]
-            if not ka:
-                return
-            STATE["kill_count"] += 1
-            if STATE["kill_count"] < ka["calls"]:
-                return
-            CONFIG["kill_after"] = None
-        try:
-            os.kill(ka["pid"], signal.SIGKILL)
-            log(f"kill_after: sent SIGKILL to pid {ka['pid']}")
-        except OSError as e:
-            log(f"kill_after: kill {ka['pid']} failed: {e}")
+            if ka:
+                STATE["kill_count"] += 1
+                if STATE["kill_count"] >= ka["calls"]:
+                    CONFIG["kill_after"] = None
+                    victims.append(("kill_after", ka["pid"]))
+            ko = CONFIG["kill_on"]
+            if ko and call is not None and call.name in ko["ops"] and (
+                    ko["regions"] is None or call.region in ko["regions"]):
+                STATE["kill_on_count"] += 1
+                if STATE["kill_on_count"] >= ko["after"]:
+                    CONFIG["kill_on"] = None
+                    victims.append((f"kill_on {call.name}", ko["pid"]))
+        for why, pid in victims:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                log(f"{why}: sent SIGKILL to pid {pid}")
+            except OSError as e:
+                log(f"{why}: kill {pid} failed: {e}")
 
     do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = do_PATCH = do_OPTIONS = handle_any
 

@@ -139,6 +139,38 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Planned role swap with no data loss: fence, wait for the replica, promote, reprotect.
+    #[command(after_help = "Examples:\n  pgdr switchover --env dev --dry-run\n  pgdr switchover --env dev")]
+    Switchover {
+        #[command(flatten)]
+        env: EnvArg,
+        #[command(flatten)]
+        confirm: Confirm,
+        /// Keep the old primary (retired; `down` deletes it) instead of deleting it.
+        #[arg(long)]
+        keep_old_primary: bool,
+        /// Seconds to wait for the replica to catch up (default: switchover_catchup_seconds).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(5..=800))]
+        catchup_timeout: Option<u64>,
+    },
+    /// Rehearse DR with numbers: a switchover (or --failover) and back, RTO and RPO measured.
+    #[command(after_help = "Examples:\n  pgdr drill --env staging\n  pgdr drill --env staging --failover --output json")]
+    Drill {
+        #[command(flatten)]
+        env: EnvArg,
+        /// Do not ask for confirmation (required when stdin is not a terminal).
+        #[arg(long)]
+        yes: bool,
+        /// Rehearse the unplanned path first: promotion without waiting for the replica.
+        #[arg(long)]
+        failover: bool,
+        /// Required for an environment marked as production.
+        #[arg(long)]
+        production: bool,
+        /// Seconds to wait for the replica to catch up (default: switchover_catchup_seconds).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(5..=800))]
+        catchup_timeout: Option<u64>,
+    },
     /// After a failover: a new replica in the old region, detection moved, old primary deleted.
     #[command(after_help = "Examples:\n  pgdr reprotect --env dev --dry-run\n  pgdr reprotect --env dev")]
     Reprotect {
@@ -362,6 +394,18 @@ async fn run(cli: Cli) -> Result<Exit, Error> {
         Command::Failover { env, confirm, force } => {
             let opts = ops::FailoverOptions { dry_run: confirm.dry_run, force: *force };
             show(out, &ops::failover(&target(g, &env.env)?, opts, &Terminal(confirm.yes), &progress, &cancel).await?)
+        }
+        Command::Switchover { env, confirm, keep_old_primary, catchup_timeout } => {
+            let opts = ops::SwitchoverOptions {
+                dry_run: confirm.dry_run,
+                keep_old_primary: *keep_old_primary,
+                catchup_timeout_s: *catchup_timeout,
+            };
+            show(out, &ops::switchover(&target(g, &env.env)?, opts, &Terminal(confirm.yes), &progress, &cancel).await?)
+        }
+        Command::Drill { env, yes, failover, production, catchup_timeout } => {
+            let opts = ops::DrillOptions { failover: *failover, production: *production, catchup_timeout_s: *catchup_timeout };
+            show(out, &ops::drill(&target(g, &env.env)?, opts, &Terminal(*yes), &progress, &cancel).await?)
         }
         Command::Reprotect { env, confirm, keep_old_primary } => {
             let t = target(g, &env.env)?;

@@ -47,6 +47,9 @@ pub struct Clients {
     pub sts: aws_sdk_sts::Client,
     pub endpoint: Option<String>,
     pub reads: Arc<Reads>,
+    /// The ARN STS named the caller by (`arn:<partition>:sts::<account>:...`): the account and
+    /// partition every resource of the run is made in.
+    pub caller_arn: Option<String>,
 }
 
 /// A service client whose calls are watched for changes (see [`crate::reads`]) and that stops
@@ -113,7 +116,7 @@ pub async fn load_config(conn: &Connection, region: &str) -> Result<SdkConfig> {
 pub async fn build(conn: &Connection, primary_region: &str, dr_region: &str, writes_allowed: bool) -> Result<Clients> {
     let base = load_config(conn, primary_region).await?;
     let silence = Arc::new(Silence::default());
-    check_reachable(&base, primary_region, dr_region, &silence).await?;
+    let caller_arn = check_reachable(&base, primary_region, dr_region, &silence).await?;
     let endpoint = base.endpoint_url().map(str::to_owned);
     if let Some(e) = &endpoint {
         tracing::info!(endpoint = %e, "all AWS calls go to a custom endpoint");
@@ -131,6 +134,7 @@ pub async fn build(conn: &Connection, primary_region: &str, dr_region: &str, wri
         sts: aws_sdk_sts::Client::new(&base),
         endpoint,
         reads,
+        caller_arn,
     })
 }
 
@@ -149,8 +153,8 @@ async fn check_credentials(conf: &SdkConfig) -> Result<()> {
 /// the disaster `failover` is for, and must neither stop it nor make it wait for the lost
 /// region's timeouts (STS regional endpoints are served by each region: "Managing AWS STS in an
 /// AWS Region", IAM user guide). Only every region silent is "cannot reach AWS". A region found
-/// silent here is not asked again for a while (`silence`).
-async fn check_reachable(conf: &SdkConfig, primary_region: &str, dr_region: &str, silence: &Arc<Silence>) -> Result<()> {
+/// silent here is not asked again for a while (`silence`). Returns the caller's ARN.
+async fn check_reachable(conf: &SdkConfig, primary_region: &str, dr_region: &str, silence: &Arc<Silence>) -> Result<Option<String>> {
     use futures::stream::{FuturesUnordered, StreamExt};
     let dr_conf = conf.to_builder().region(Region::new(dr_region.to_owned())).build();
     let mut asks: FuturesUnordered<_> = [(conf, primary_region), (&dr_conf, dr_region)]
@@ -161,11 +165,11 @@ async fn check_reachable(conf: &SdkConfig, primary_region: &str, dr_region: &str
     let mut silent = Vec::new();
     while let Some(answer) = asks.next().await {
         match answer {
-            Ok(()) => {
+            Ok(arn) => {
                 if let Some(e) = silent.first() {
                     tracing::warn!(error = %e, "a region does not answer; going on through the other");
                 }
-                return Ok(());
+                return Ok(arn);
             }
             Err(e) if !e.is_unreachable() => return Err(check_failure(conf, e)),
             Err(e) => silent.push(e),
@@ -192,11 +196,15 @@ fn check_failure(conf: &SdkConfig, e: crate::error::AwsError) -> Error {
     e.into()
 }
 
-async fn caller_identity(conf: &SdkConfig, region: &str, silence: &Arc<Silence>) -> std::result::Result<(), crate::error::AwsError> {
+async fn caller_identity(
+    conf: &SdkConfig,
+    region: &str,
+    silence: &Arc<Silence>,
+) -> std::result::Result<Option<String>, crate::error::AwsError> {
     use crate::aws::Call;
     let listen = Listen { key: region.to_owned(), silence: silence.clone() };
     let sts = aws_sdk_sts::Client::from_conf(aws_sdk_sts::config::Builder::from(conf).interceptor(listen).build());
-    sts.get_caller_identity().send().aws(region).await.map(|_| ())
+    sts.get_caller_identity().send().aws(region).await.map(|o| o.arn)
 }
 
 fn no_credentials(why: &str) -> Error {

@@ -108,6 +108,16 @@ pub struct Settings {
     /// Attempts per AWS call on throttling and 5xx (the SDK's standard retry mode).
     pub retry_max_attempts: u32,
     pub allow_unlisted_regions: bool,
+    /// PEM file of the CA certificates that sign the RDS server certificates (AWS's RDS
+    /// global bundle): `switchover` and `drill` verify the servers against it. Read when they
+    /// run, not by `up`.
+    pub tls_ca_bundle: Option<String>,
+    /// How long `switchover` waits for the replica to replay the fenced primary's last WAL
+    /// position before it gives up, unfences and promotes nothing.
+    pub switchover_catchup_seconds: u64,
+    /// A production environment: `drill` needs `--production`. Defaults to on for names
+    /// starting with `prod`.
+    pub production: Option<bool>,
 }
 
 impl Default for Settings {
@@ -138,6 +148,9 @@ impl Default for Settings {
             alarm_emails: Vec::new(),
             retry_max_attempts: 5,
             allow_unlisted_regions: false,
+            tls_ca_bundle: None,
+            switchover_catchup_seconds: 60,
+            production: None,
         }
     }
 }
@@ -382,6 +395,12 @@ fn validate_operations(s: &Settings) -> Result<()> {
             s.failover_after_minutes
         ));
     }
+    if !(5..=800).contains(&s.switchover_catchup_seconds) {
+        return bad(format!(
+            "switchover_catchup_seconds {} is out of range 5..=800 (the agent waits inside one Lambda invocation)",
+            s.switchover_catchup_seconds
+        ));
+    }
     if s.primary_wait_minutes == 0 || s.replica_wait_minutes == 0 {
         return bad("primary_wait_minutes and replica_wait_minutes must be at least 1".into());
     }
@@ -438,6 +457,10 @@ impl Env {
     pub fn dr_cidr(&self) -> Cidr {
         Cidr::parse(&self.settings.dr_cidr).unwrap_or(Cidr { addr: Ipv4Addr::new(10, 1, 0, 0), prefix: 16 })
     }
+    pub fn production(&self) -> bool {
+        self.settings.production.unwrap_or_else(|| self.name.starts_with("prod"))
+    }
+
     pub fn deletion_protection(&self) -> bool {
         self.settings.deletion_protection.unwrap_or_else(|| self.name.starts_with("prod"))
     }

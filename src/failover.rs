@@ -146,7 +146,7 @@ fn unreachable(e: &crate::error::AwsError) -> bool {
     e.is_transient() || e.transport != crate::error::Transport::Service
 }
 
-fn ms(t: Instant) -> u64 {
+pub(crate) fn ms(t: Instant) -> u64 {
     u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
@@ -168,9 +168,9 @@ pub async fn execute(cx: &Cx, plan: Plan, progress: &dyn Progress) -> Result<Out
 }
 
 /// A phase, and what it left for a rerun when an endpoint did not answer.
-type PhaseResult = Result<(Phase, Option<String>)>;
+pub(crate) type PhaseResult = Result<(Phase, Option<String>)>;
 
-async fn promote(cx: &Cx, rec: &Recorder<'_>, plan: &Plan) -> Result<Phase> {
+pub(crate) async fn promote(cx: &Cx, rec: &Recorder<'_>, plan: &Plan) -> Result<Phase> {
     let dr = cx.regional(Side::Dr);
     let region = dr.region.as_str();
     let t = Instant::now();
@@ -222,7 +222,7 @@ async fn promote(cx: &Cx, rec: &Recorder<'_>, plan: &Plan) -> Result<Phase> {
     Ok(Phase { phase: "promotion".into(), ms: ms(t), detail })
 }
 
-async fn dns_phase(cx: &Cx, rec: &Recorder<'_>) -> PhaseResult {
+pub(crate) async fn dns_phase(cx: &Cx, rec: &Recorder<'_>) -> PhaseResult {
     let region = cx.region(Side::Dr);
     let t = Instant::now();
     // The endpoint does not change with promotion; read it only if state lacks it.
@@ -247,7 +247,7 @@ async fn dns_phase(cx: &Cx, rec: &Recorder<'_>) -> PhaseResult {
     }
 }
 
-async fn fence_phase(cx: &Cx, rec: &Recorder<'_>, plan: &Plan) -> PhaseResult {
+pub(crate) async fn fence_phase(cx: &Cx, rec: &Recorder<'_>, plan: &Plan) -> PhaseResult {
     let t = Instant::now();
     if plan.fenced {
         return Ok((Phase { phase: "fence".into(), ms: 0, detail: "already fenced".into() }, None));
@@ -370,7 +370,13 @@ async fn fence(cx: &Cx, rec: &Recorder<'_>) -> Result<Vec<String>> {
         revoked = rules
             .iter()
             .map(|r| {
-                format!("5432 from {} ({})", r.cidr_ipv4.clone().unwrap_or_default(), r.security_group_rule_id.clone().unwrap_or_default())
+                let source = r
+                    .cidr_ipv4
+                    .clone()
+                    .or_else(|| r.referenced_group_info.as_ref().and_then(|g| g.group_id.clone()))
+                    .or_else(|| r.prefix_list_id.clone())
+                    .unwrap_or_else(|| "?".into());
+                format!("5432 from {source} ({})", r.security_group_rule_id.clone().unwrap_or_default())
             })
             .collect();
     }
@@ -386,7 +392,9 @@ async fn fence(cx: &Cx, rec: &Recorder<'_>) -> Result<Vec<String>> {
     tag(cx, side, "fenced").await?;
     let list = revoked.clone();
     let fenced_id = instance::instance_id(cx, side);
-    let rule_keys: Vec<crate::state::Key> = ["db-sg-rule-local", "db-sg-rule-peer"].iter().map(|r| network::key(cx, side, r)).collect();
+    // The revoked rules leave the state: `up` recreates them once the region is unfenced.
+    let mut rule_keys: Vec<crate::state::Key> = ["db-sg-rule-local", "db-sg-rule-peer"].iter().map(|r| network::key(cx, side, r)).collect();
+    rule_keys.push(crate::steps::agent::db_rule_key(cx, side));
     // Compute everything first: the closure runs under the state lock.
     cx.store.update(|s| {
         s.topology.fenced.insert(region.to_owned(), list);

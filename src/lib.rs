@@ -3,6 +3,7 @@
 //! The library holds the steps, the executor, the state file and the AWS clients; it returns
 //! data and never prints. The `pgdr` binary (`src/main.rs`, `src/cli.rs`) renders it.
 
+pub mod agent;
 pub mod aws;
 pub mod backend;
 pub mod clients;
@@ -20,4 +21,5 @@ pub mod reprotect;
 pub mod silence;
 pub mod state;
 pub mod steps;
+pub mod switchover;
 pub mod wait;

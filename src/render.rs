@@ -160,6 +160,18 @@ impl Display for StatusResult {
         let alarming = h.alarms.iter().filter(|a| a.state == "ALARM").count();
         writeln!(f, "alarms: {} ({alarming} in ALARM)", h.alarms.len())?;
         writeln!(f, "failover function: {}", if h.failover_function { "present" } else { "missing" })?;
+        match &self.last_drill {
+            Some(d) => writeln!(
+                f,
+                "last drill: {} ({}), RTO {:.1} s, RPO {} rows of {} written",
+                d["finished_at"].as_str().unwrap_or("?"),
+                d["mode"].as_str().unwrap_or("?"),
+                d["rto_seconds"].as_f64().unwrap_or(f64::NAN),
+                d["rpo_rows"].as_u64().unwrap_or(0),
+                d["rows_written"].as_u64().unwrap_or(0)
+            )?,
+            None => writeln!(f, "last drill: never (`pgdr drill --env {}`)", self.env)?,
+        }
         writeln!(f, "resources:")?;
         for r in &self.resources {
             let detail = r.detail.as_ref().map(|d| format!("  ({d})")).unwrap_or_default();
@@ -219,6 +231,56 @@ impl Display for FailoverResult {
             writeln!(f, "WARNING: {note}")?;
         }
         Ok(())
+    }
+}
+
+impl Display for crate::ops::SwitchoverResult {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        let crate::ops::SwitchoverResult::Switched { switched, reprotect } = self else { return Ok(()) };
+        write!(f, "{reprotect}")?;
+        writeln!(f, "switchover timeline ({} -> {}):", switched.from_region, switched.to_region)?;
+        for p in &switched.timeline {
+            writeln!(f, "  {:<10} {:>7.1}s  {}", p.phase, secs(p.ms), p.detail)?;
+        }
+        writeln!(f, "writes paused {:.1} s (fence to DNS moved; clients follow within the record TTL)", secs(switched.write_pause_ms))?;
+        if let Some(note) = &switched.pending {
+            writeln!(f, "WARNING: {note}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Display for crate::ops::DrillReport {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        writeln!(f, "drill of {} ({:?}), {} s", self.env, self.mode, self.seconds)?;
+        writeln!(f, "  {:<11} {:<22} {:>8} {:>8} {:>9}", "leg", "move", "RTO s", "RPO rows", "written")?;
+        for l in &self.legs {
+            let mv = format!("{} -> {}", l.from_region, l.to_region);
+            writeln!(
+                f,
+                "  {:<11} {:<22} {:>8.1} {:>8} {:>9}",
+                format!("{:?}", l.kind).to_lowercase(),
+                mv,
+                l.rto_seconds,
+                l.rpo_rows,
+                l.rows_written
+            )?;
+            for p in &l.timeline {
+                writeln!(f, "      {:<10} {:>7.1}s  {}", p.phase, secs(p.ms), p.detail)?;
+            }
+        }
+        writeln!(
+            f,
+            "RTO {:.1} s (worst leg), RPO {} acknowledged rows lost of {} written",
+            self.rto_seconds, self.rpo_rows, self.rows_written
+        )?;
+        writeln!(
+            f,
+            "final: primary in {}, replica in {}, {}",
+            self.final_state.primary_region,
+            self.final_state.replica_region,
+            if self.final_state.protected { "protected" } else { "NOT protected: rerun `pgdr up`" }
+        )
     }
 }
 

@@ -27,7 +27,13 @@ pub struct State {
     /// Which region holds the writer now, and what happened to get there.
     #[serde(default)]
     pub topology: Topology,
+    /// The last drills' reports (newest last, at most [`DRILLS_KEPT`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drills: Vec<serde_json::Value>,
 }
+
+/// How many drill reports the state keeps.
+pub const DRILLS_KEPT: usize = 10;
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct Topology {
@@ -43,6 +49,30 @@ pub struct Topology {
     pub fenced: BTreeMap<String, Vec<String>>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub events: Vec<TopologyEvent>,
+    /// A planned switchover under way: what a rerun must finish or undo.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub switchover: Option<SwitchoverMark>,
+}
+
+/// Where a switchover stands, written before each irreversible or fencing call.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct SwitchoverMark {
+    pub started_at: String,
+    pub from_region: String,
+    pub to_region: String,
+    pub phase: SwitchoverPhase,
+    /// The login roles the fence makes read-only, with their settings before.
+    #[serde(default)]
+    pub guarded: Vec<crate::agent::GuardedRole>,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum SwitchoverPhase {
+    /// The primary may be fenced; nothing is promoted: a rerun unfences it first.
+    Fencing,
+    /// The promotion was asked for: a rerun finishes the switchover.
+    Promoting,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

@@ -6,11 +6,13 @@ mod failover;
 pub mod run;
 mod state_cmd;
 mod status;
+mod switchover;
 
 pub use failover::{failover, FailoverOptions, FailoverResult};
 pub use run::{adopt, down, plan, reprotect, up, Connect, RunResult, Totals};
 pub use state_cmd::{history, init, migrate, restore, HistoryResult, MigrateResult, RestoreResult};
 pub use status::{list_envs, status, unlock, EnvList, EnvSummary, ResourceStatus, StatusResult, UnlockResult};
+pub use switchover::{drill, switchover, DrillOptions, DrillReport, SwitchoverOptions, SwitchoverResult};
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -34,6 +36,8 @@ pub enum Command {
     Down,
     Status,
     Failover,
+    Switchover,
+    Drill,
     Reprotect,
     Adopt,
     Unlock,
@@ -48,6 +52,8 @@ impl Command {
             Command::Down => "down",
             Command::Status => "status",
             Command::Failover => "failover",
+            Command::Switchover => "switchover",
+            Command::Drill => "drill",
             Command::Reprotect => "reprotect",
             Command::Adopt => "adopt",
             Command::Unlock => "unlock",

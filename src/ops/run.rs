@@ -81,7 +81,7 @@ impl Totals {
     }
 }
 
-fn result(command: Command, cx: &Cx, dry_run: bool, report: RunReport) -> RunResult {
+pub(crate) fn result(command: Command, cx: &Cx, dry_run: bool, report: RunReport) -> RunResult {
     let exit = report.exit();
     let connect = (!dry_run && matches!(command, Command::Up | Command::Reprotect)).then(|| connect_info(cx)).flatten();
     RunResult {

@@ -34,6 +34,11 @@ pub struct StatusResult {
     pub problems: Vec<String>,
     pub health: crate::health::Health,
     pub resources: Vec<ResourceStatus>,
+    /// The last `pgdr drill`'s report, as kept in the state.
+    pub last_drill: Option<serde_json::Value>,
+    /// A switchover that stopped part-way (a rerun finishes or undoes it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub switchover: Option<crate::state::SwitchoverMark>,
     #[serde(skip)]
     pub exit: Exit,
 }
@@ -82,6 +87,15 @@ pub async fn status(t: &Target, cancel: &Cancel) -> Result<StatusResult> {
         }
     }
     let mut first = health_problems(&cx, &health);
+    let snapshot = cx.store.snapshot();
+    if let Some(m) = &snapshot.topology.switchover {
+        first.push(format!(
+            "a switchover started {} stopped part-way ({:?}): rerun `pgdr switchover --env {}` to finish or undo it",
+            m.started_at,
+            m.phase,
+            cx.name()
+        ));
+    }
     first.extend(problems);
     let problems = first;
     let healthy = problems.is_empty();
@@ -93,6 +107,8 @@ pub async fn status(t: &Target, cancel: &Cancel) -> Result<StatusResult> {
         resources,
         health,
         problems,
+        last_drill: snapshot.drills.last().cloned(),
+        switchover: snapshot.topology.switchover.clone(),
         exit: if healthy { Exit::Success } else { Exit::Partial },
     })
 }

@@ -272,10 +272,15 @@ pub async fn describe_alarm(
 }
 
 /// Partition and account, read from the primary's ARN (no extra call).
-fn partition_account(cx: &Cx) -> (String, String) {
-    cx.store
-        .attr(&instance::instance_key(cx, Side::Primary), Attr::Arn)
-        .and_then(|a| lambda::partition_account(&a))
+/// The partition and account the run's resources are in: from the caller STS named, else from
+/// the primary instance's ARN; ("aws", "*") only when neither is known (a policy written with
+/// "*" would change on the next run, so the caller comes first: it is known from the start).
+pub(crate) fn partition_account(cx: &Cx) -> (String, String) {
+    cx.clients
+        .caller_arn
+        .as_deref()
+        .and_then(lambda::partition_account)
+        .or_else(|| cx.store.attr(&instance::instance_key(cx, Side::Primary), Attr::Arn).and_then(|a| lambda::partition_account(&a)))
         .unwrap_or_else(|| ("aws".into(), "*".into()))
 }
 

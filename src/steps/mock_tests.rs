@@ -77,6 +77,7 @@ fn cx(dir: &tempfile::TempDir, primary: Mocks, dr: Mocks) -> Cx {
         sts: aws_sdk_sts::Client::new(&global),
         endpoint: None,
         reads,
+        caller_arn: None,
     };
     let store = Store::local(dir.path(), "dev", Mode::Apply);
     Cx { env, clients, store, mode: Mode::Apply, opts: Options::default(), cancel: Cancel::default(), fresh: Default::default() }

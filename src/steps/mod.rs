@@ -2,6 +2,7 @@
 //! state, then by tags), keep or adopt what exists, create what does not (recording an intent
 //! before the call and the ID right after it, before any wait); on `down`, find and delete.
 
+pub mod agent;
 pub mod alarms;
 mod dashboard;
 pub mod database;
@@ -42,6 +43,7 @@ pub enum StepId {
     Failover,
     Detection,
     Records,
+    Agent(Side),
 }
 
 impl fmt::Display for StepId {
@@ -61,6 +63,7 @@ impl fmt::Display for StepId {
             StepId::Failover => f.write_str("failover"),
             StepId::Detection => f.write_str("detection"),
             StepId::Records => f.write_str("records"),
+            StepId::Agent(side) => write!(f, "agent:{}", side.label()),
         }
     }
 }
@@ -253,6 +256,8 @@ pub fn graph() -> Result<Graph<'static, Cx, StepId>, crate::exec::GraphError> {
         Box::new(failover::Failover),
         Box::new(failover::Detection),
         Box::new(dns::Records),
+        Box::new(agent::Agent(Side::Primary)),
+        Box::new(agent::Agent(Side::Dr)),
     ];
     // The graph is code: a bad one is a bug, which the unit test below catches.
     Graph::new(steps)

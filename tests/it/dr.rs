@@ -63,7 +63,16 @@ async fn up_wires_detection_and_failover_in_the_dr_region() {
     let policy = lambda_dr.get_policy().function_name("pgdr-dev-failover").send().await.unwrap();
     assert!(policy.policy().unwrap().contains("lambda.alarms.cloudwatch.amazonaws.com"));
     let lambda_primary = aws_sdk_lambda::Client::new(&emu.sdk("us-east-1").await);
-    assert!(lambda_primary.list_functions().send().await.unwrap().functions().is_empty(), "nothing in the primary region");
+    let primary_functions: Vec<_> = lambda_primary
+        .list_functions()
+        .send()
+        .await
+        .unwrap()
+        .functions()
+        .iter()
+        .filter_map(|f| f.function_name().map(str::to_owned))
+        .collect();
+    assert_eq!(primary_functions, ["pgdr-dev-agent"], "no failover machinery in the primary region, only its agent");
 
     // The probe: in the DR VPC's subnets, run every minute.
     let probe = lambda_dr.get_function().function_name("pgdr-dev-probe").send().await.unwrap();

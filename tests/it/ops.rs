@@ -65,7 +65,12 @@ async fn failover_then_reprotect_then_down() {
     assert!(sg.security_groups()[0].ip_permissions().iter().all(|p| p.from_port() != Some(5432)), "5432 revoked on the old primary");
     let state: serde_json::Value = serde_json::from_slice(&std::fs::read(run.state_file("dev")).unwrap()).unwrap();
     assert_eq!(state["topology"]["writer_region"], "eu-west-1");
-    assert!(state["topology"]["fenced"]["us-east-1"].as_array().is_some_and(|r| r.len() == 2), "revoked rules recorded: {state}");
+    // The two client rules and the agent's rule (sources: the two VPC CIDRs and the agent's group).
+    let revoked = state["topology"]["fenced"]["us-east-1"].as_array().cloned().unwrap_or_default();
+    let sources = ["10.0.0.0/16", "10.1.0.0/16", "sg-"]
+        .map(|s| revoked.iter().filter(|r| r.as_str().unwrap_or("").contains(&format!("from {s}"))).count());
+    assert_eq!(sources, [1, 1, 1], "revoked rules recorded: {state}");
+    assert!(state["resources"].get("agent/us-east-1/db-rule").is_none(), "the revoked agent rule left the state: {state}");
     let s = run.pgdr(&["status", "--env", "dev", "--output", "json"]);
     assert_eq!(s.code, 3, "failed over and not re-protected is degraded: {s:?}");
     let s = s.json();
@@ -105,8 +110,8 @@ async fn failover_then_reprotect_then_down() {
     };
     let mut us = names(lambda_us.list_functions().send().await.unwrap());
     us.sort();
-    assert_eq!(us, vec!["pgdr-dev-failover", "pgdr-dev-probe"]);
-    assert!(names(lambda_eu.list_functions().send().await.unwrap()).is_empty());
+    assert_eq!(us, vec!["pgdr-dev-agent", "pgdr-dev-failover", "pgdr-dev-probe"]);
+    assert_eq!(names(lambda_eu.list_functions().send().await.unwrap()), vec!["pgdr-dev-agent"], "only the agent stays in eu-west-1");
     let cw = aws_sdk_cloudwatch::Client::new(&emu.sdk("us-east-1").await);
     assert_eq!(cw.describe_alarms().alarm_names("pgdr-dev-primary-down").send().await.unwrap().metric_alarms().len(), 1);
     let s = run.pgdr(&["status", "--env", "dev", "--output", "json"]);

@@ -5,21 +5,25 @@ that commits numbered rows through `postgres.<zone>`.
 Used by tests/python/test_dr_scenarios.py (asserting outcomes and bounds) and scripts/drill
 (printing the figures). Times are emulated seconds.
 """
+import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import boto3
 
 import pgpair
-from drloop import MINUTE, Loop, Network
+from drloop import CLIENTS_LOCK, MINUTE, RUNNER, Client, Loop, Network, endpoint_answer, lambda_environment
 from emutools import ctl, start_proxy
 from pgwriter import Writer
 
@@ -45,53 +49,141 @@ class Side:
     cluster: object  # pgpair.PgCluster
 
 
+# Calls after which the loop rereads what pgdr deployed (functions, schedules, alarms).
+LAMBDA_CHANGE = re.compile(r"^(POST|PUT|DELETE) /2015-03-31/functions(/[^/]+(/(configuration|code))?)?/?$")
+DEPLOY_CHANGES = {"PutRule", "PutTargets", "DeleteRule", "RemoveTargets", "EnableRule", "DisableRule",
+                  "PutMetricAlarm", "DeleteAlarms"}
+SECRET_KEYS = ("credentials", "ca_bundle")  # never kept from an invocation's payload
+
+
+def with_ca_bundle(config, path):
+    """The config with `tls_ca_bundle = "<path>"` in its [defaults] (the section added when it
+    has none); a config that sets tls_ca_bundle already is kept as it is."""
+    text = config or ""
+    if re.search(r"^\s*tls_ca_bundle\s*=", text, re.M):
+        return text
+    line = f"tls_ca_bundle = {json.dumps(str(path))}"
+    header = re.search(r"^[ \t]*\[defaults\][ \t]*(#.*)?$", text, re.M)
+    if header:
+        return text[:header.end()] + "\n" + line + text[header.end():]
+    return (text.rstrip("\n") + "\n\n" if text.strip() else "") + "[defaults]\n" + line + "\n"
+
+
 class DrEnv:
     """One environment, its emulator, its PostgreSQL pair, its loop and its writer.
 
-    RDS's actions reach the real clusters (`follow_rds`, run between the loop's minutes):
-    PromoteReadReplica of the replica promotes the standby; revoking the primary security
-    group's ingress fences the primary's endpoint (new connections time out, established ones
-    live on, as connection tracking keeps them); RebootDBInstance ends a cluster's sessions;
-    StopDBInstance stops it."""
+    The pair serves TLS with a certificate naming both instances' endpoints (as RDS answers
+    them), signed by a test CA whose file pgdr.toml names as `tls_ca_bundle`.
+
+    RDS's and EC2's actions reach the real clusters and the network (`follow_rds`, run between
+    the loop's minutes, every 0.1 s while an operator's command runs, and before every
+    invocation): PromoteReadReplica of the replica promotes the standby; every
+    Authorize/RevokeSecurityGroupIngress on a DB security group rereads that group's rules
+    (DescribeSecurityGroups), and the rules decide, per client, who may open new connections
+    (established ones live on, as connection tracking keeps them); RebootDBInstance ends a
+    cluster's sessions; StopDBInstance stops it; DeleteDBInstance makes its name unresolvable;
+    CreateDBInstanceReadReplica of the promoted instance in the old primary's region (a reprotect,
+    pgdr's own or inside a switchover) rebuilds the old cluster as a standby of the promoted one
+    behind the new replica; a Route 53 change is read by the resolver at once (each resolver
+    then keeps its cached answer for the record's TTL).
+
+    Clients: the application writer is in the primary Region's VPC (that VPC's CIDR block, no
+    security group); a Lambda function is where its VpcConfig puts it (its subnets, its
+    security groups), or outside every VPC.
+
+    Lambda Invoke (pgdr's agent) reaches the harness through the emulator's invoke hook
+    (`invoke`): the function's configuration and the package pgdr uploaded are read back as the
+    loop reads them and run in their own process (tests/python/lambda_runner.py) on the real
+    clock, the runner asking the harness at every connection how names resolve and whether the
+    network lets it in."""
 
     def __init__(self, name="drt", config="", scale=30.0, bindir_=None):
         self.name, self.work, self.scale = name, Path(tempfile.mkdtemp(prefix="pgdr-dr-")), scale
         self.proc, self.url = start_proxy()
-        self.pair = self.writer = None
+        self.pair = self.writer = self.loop = None
         self.seen_seq, self.promotion_calls, self.rds_actions, self.hooks = 0, [], [], []
+        self.reprotects, self.agent_calls = [], []
+        self._follow_lock, self._rediscover, self._stale_sgs, self._closed = threading.RLock(), False, set(), set()
+        self._dns = {}
+        self.promoted_at = None
         try:
-            if config:
-                (self.work / "pgdr.toml").write_text(config)
-            out = self.pgdr("up", "--env", name)
-            if out.returncode != 0:
-                raise RuntimeError(f"pgdr up failed: {out.stderr[-3000:]}")
+            self.build(config)
             secret = json.loads(self.client("secretsmanager", PRIMARY).get_secret_value(
                 SecretId=f"pgdr/{name}/master")["SecretString"])
             self.user, self.password, self.dbname = secret["username"], secret["password"], secret["dbname"]
-            self.pair = pgpair.PgPair(user=self.user, password=self.password, dbname=self.dbname, bindir_=bindir_)
+            endpoints = [self.describe(region, f"pgdr-{name}-{region}")["Endpoint"]["Address"] for region in (PRIMARY, DR)]
+            self.pair = pgpair.PgPair(user=self.user, password=self.password, dbname=self.dbname, bindir_=bindir_,
+                                      tls_hosts=endpoints)
+            self.write_config(config)
             self.network = Network()
+            self.vpc_cidrs = self.read_vpcs()
+            self.app = Client("application", PRIMARY, (self.vpc_cidrs[PRIMARY],))
             self.primary = self.side(PRIMARY, f"pgdr-{name}-{PRIMARY}", self.pair.primary)
             self.dr = self.side(DR, f"pgdr-{name}-{DR}", self.pair.standby)
             self.loop = Loop(self.url, name, scale=scale, network=self.network).discover()
+            self.loop.lookup_hook, self.loop.invoke_hook = self.lookup, self.invoke
+            self.hook_url = self.loop.serve() + "/invoke"
+            ctl(self.url, "/__proxy/invoke-hook", {"url": self.hook_url})
             self.writer_name = f"postgres.{self.loop.zone}"
-            self._dns = {}
-            self.promoted_at = None
             self.writer = Writer(self.resolve, self.writer_name, self.user, self.password, self.dbname,
                                  rate=20.0, timeout=1.0, link=self.network.link_ok)
             self.writer.setup()
             self.follow_rds()  # what up did is not a fault
+            self._rediscover = False
         except BaseException:
             self.close()
             raise
 
+    def build(self, config):
+        """What the harness stands behind: `pgdr up`."""
+        out = self.pgdr("up", "--env", self.name, config=config)
+        if out.returncode != 0:
+            raise RuntimeError(f"pgdr up failed: {out.stderr[-3000:]}")
+
+    def describe(self, region, db_id):
+        return self.client("rds", region).describe_db_instances(DBInstanceIdentifier=db_id)["DBInstances"][0]
+
+    def write_config(self, config):
+        """pgdr.toml: the given config, with the pair's CA as `tls_ca_bundle`."""
+        (self.work / "pgdr.toml").write_text(with_ca_bundle(config, self.pair.ca_path))
+
+    def read_vpcs(self):
+        out = {}
+        for region in (PRIMARY, DR):
+            vpcs = self.client("ec2", region).describe_vpcs(
+                Filters=[{"Name": "tag:pgdr:env", "Values": [self.name]}])["Vpcs"]
+            out[region] = vpcs[0]["CidrBlock"]
+        return out
+
     def side(self, region, db_id, cluster):
-        db = self.client("rds", region).describe_db_instances(DBInstanceIdentifier=db_id)["DBInstances"][0]
+        db = self.describe(region, db_id)
         side = Side(region, db_id, db["Endpoint"]["Address"],
                     [g["VpcSecurityGroupId"] for g in db.get("VpcSecurityGroups") or []], cluster)
         self.network.route(side.endpoint, cluster.address)
         self.network.heal(side.endpoint)
         self.network.unfence(side.endpoint)
+        self.network.place(side.endpoint, region, side.security_groups)
+        for sg in side.security_groups:
+            self.read_sg(region, sg)
+        if self.pair.ca_path and side.endpoint not in self.pair.tls_hosts:  # a new endpoint (reprotect)
+            self.pair.add_tls_hosts([side.endpoint])
         return side
+
+    def read_sg(self, region, group):
+        """A DB security group's ingress rules as EC2 has them now, into the network."""
+        try:
+            sg = self.client("ec2", region).describe_security_groups(GroupIds=[group])["SecurityGroups"][0]
+        except Exception as e:  # noqa: BLE001 (a silent region: keep the last rules, read again later)
+            self._stale_sgs.add((region, group))
+            if self.loop is not None:
+                self.loop.event("security-group-unreadable", region=region, group=group, error=str(e))
+            return
+        self._stale_sgs.discard((region, group))
+        self.network.set_rules(region, group, sg.get("IpPermissions") or [])
+
+    @property
+    def sides(self):
+        return [x for x in (self.primary, self.dr) if x is not None]
 
     @property
     def endpoints(self):
@@ -99,63 +191,224 @@ class DrEnv:
 
     # --- plumbing ----------------------------------------------------------------------------
     def client(self, service, region):
-        return boto3.client(service, region_name=region, endpoint_url=self.url, aws_access_key_id="test",
-                            aws_secret_access_key="test")
+        with CLIENTS_LOCK:
+            return boto3.client(service, region_name=region, endpoint_url=self.url, aws_access_key_id="test",
+                                aws_secret_access_key="test")
 
-    def pgdr(self, *args, timeout=600):
-        env = {"PATH": os.environ.get("PATH", ""), "HOME": str(self.work), "AWS_ENDPOINT_URL": self.url,
-               "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_EC2_METADATA_DISABLED": "true"}
-        return subprocess.run([str(pgdr_bin()), *args], cwd=self.work, env=env, stdin=subprocess.DEVNULL,
+    def pgdr_env(self):
+        return {"PATH": os.environ.get("PATH", ""), "HOME": str(self.work), "AWS_ENDPOINT_URL": self.url,
+                "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_EC2_METADATA_DISABLED": "true"}
+
+    def pgdr(self, *args, timeout=600, config=None):
+        if config:
+            (self.work / "pgdr.toml").write_text(config)
+        return subprocess.run([str(pgdr_bin()), *args], cwd=self.work, env=self.pgdr_env(), stdin=subprocess.DEVNULL,
                               capture_output=True, text=True, timeout=timeout)
 
+    def popen(self, *args):
+        """A pgdr command in the background (the kill tests)."""
+        return subprocess.Popen([str(pgdr_bin()), *args], cwd=self.work, env=self.pgdr_env(),
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    # --- names and reachability ----------------------------------------------------------------
+    def lookup(self, host, client):
+        """How `host` resolves for `client` and whether it may connect: a zone name through Route
+        53 as the client's VPC resolver has it (cached for the record's TTL, per Region), an
+        RDS endpoint through the network's routes and security groups."""
+        name = host.rstrip(".")
+        recs = self.records(name)
+        if recs:
+            now = self.loop.clock.now()
+            key = (client.region if client else None, name)
+            cached = self._dns.get(key)
+            if cached is None or cached[1] <= now:
+                cached = (self.loop.resolve(name), now + max(r.ttl for r in recs))
+                self._dns[key] = cached
+            if cached[0] is None:
+                return {"known": True, "canonical": name, "aliases": [], "ip": None, "addr": None,
+                        "error": "nxdomain", "why": "no record"}
+            return endpoint_answer(self.network, cached[0], client, aliases=[name])
+        if self.network.known(name):
+            return endpoint_answer(self.network, name, client)
+        return {"known": False}
+
     def resolve(self, name):
-        """What an application's resolver gets: Route 53's answer, cached for the record's TTL."""
-        now = self.loop.clock.now()
-        cached = self._dns.get(name)
-        if cached is None or cached[1] <= now:
-            value = self.loop.resolve(name)
-            ttl = max((r.ttl for r in self.records(name)), default=60)
-            cached = (value, now + ttl)
-            self._dns[name] = cached
-        target = self.network.target(cached[0]) if cached[0] else None
-        if target is None:
-            raise LookupError(f"{name} -> {cached[0]}: unreachable")
-        return target
+        """What the application gets: Route 53's answer, cached for the record's TTL, and the
+        cluster behind it if the network lets the application in."""
+        a = self.lookup(name, self.app)
+        if not a.get("known") or not a.get("addr"):
+            raise LookupError(f"{name} -> {a.get('canonical')}: {a.get('why', 'not a known name')}")
+        return tuple(a["addr"])
 
     def records(self, name):
         return self.loop.records.get(name if name.endswith(".") else name + ".", [])
 
+    # --- Lambda Invoke -------------------------------------------------------------------------
+    def invoke(self, job):
+        """The emulator's invoke hook: one invocation of the function as pgdr deployed it, in its
+        own process, on the real clock. Returns {"payload", "error"}."""
+        region, name = job["region"], job["function"]
+        try:
+            event = json.loads(job.get("payload") or "null")
+        except ValueError:
+            event = job.get("payload")
+        note = ({k: v for k, v in event.items() if k not in SECRET_KEYS and not isinstance(v, (dict, list))}
+                if isinstance(event, dict) else {})
+        self.follow_rds()  # the network as the calls answered before this one left it
+        fn = self.loop.load_function(self.loop.client("lambda", region), name, region)
+        t, real, rid = self.loop.clock.now(), time.monotonic(), str(uuid.uuid4())
+        run = {"module": fn["module"], "func": fn["func"], "source": fn["source"], "event": event,
+               "timeout": fn["timeout"], "resolver": self.loop.resolver_for(fn), "function_name": name,
+               "request_id": rid, "memory": fn["memory"]}
+        proc = subprocess.Popen([sys.executable, str(RUNNER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=lambda_environment(fn, self.url), text=True)
+        try:
+            stdout, stderr = proc.communicate(json.dumps(run), timeout=fn["timeout"])
+            try:
+                out = json.loads(stdout.strip().splitlines()[-1])
+            except (ValueError, IndexError):
+                out = {"error": f"Runtime.ExitError: exited {proc.returncode}", "error_type": "Runtime.ExitError",
+                       "error_message": f"RequestId: {rid} Error: Runtime exited with error: exit status "
+                                        f"{proc.returncode}", "result": None, "metrics": []}
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            stdout, stderr = proc.communicate()
+            out = {"error": "Sandbox.Timedout", "error_type": "Sandbox.Timedout",
+                   "error_message": f"RequestId: {rid} Error: Task timed out after {float(fn['timeout']):.2f} seconds",
+                   "result": None, "metrics": []}
+        self.loop.record_invocation(fn, t, real, f"invoke {note.get('action') or job.get('invocation_type')}", out)
+        with self._follow_lock:
+            self.agent_calls.append({"t": t, "t_end": self.loop.clock.now(), "real": real, "real_end": time.monotonic(),
+                                     "region": region, "function": name, "client": fn["client"], **note,
+                                     "error": out["error"], "log_tail": (stderr or "")[-2000:]})
+        if out["error"]:
+            return {"payload": json.dumps({"errorMessage": out.get("error_message") or out["error"],
+                                           "errorType": out.get("error_type") or "Runtime.Error",
+                                           "requestId": rid, "stackTrace": out.get("stack") or []}),
+                    "error": "Unhandled"}
+        return {"payload": json.dumps(out["result"], default=str), "error": None}
+
+    # --- following AWS -------------------------------------------------------------------------
     def between(self):
         """Run between the loop's minutes: RDS's actions on the clusters, then the scenario's hooks."""
         self.follow_rds()
+        self.rediscover()
         for hook in self.hooks:
             hook()
 
+    def rediscover(self):
+        """The loop rereads what pgdr deployed once a call changed it."""
+        if not self._rediscover:
+            return
+        try:
+            self.loop.discover()
+            self._rediscover = False
+        except Exception as e:  # noqa: BLE001 (a silent region: read again later)
+            self.loop.event("rediscover-failed", error=str(e))
+
+    def side_of(self, db_id, region):
+        return next((x for x in self.sides if x.id == db_id and x.region == region), None)
+
     def follow_rds(self):
-        for c in ctl(self.url, f"/__proxy/calls?since={self.seen_seq}"):
-            self.seen_seq = max(self.seen_seq, c["seq"])
-            if c.get("status") != 200:
-                continue
-            op, db_id, now = c["op"], (c.get("params") or {}).get("DBInstanceIdentifier"), self.loop.clock.now()
-            if op == "PromoteReadReplica" and db_id == self.dr.id:
+        with self._follow_lock:
+            for c in ctl(self.url, f"/__proxy/calls?since={self.seen_seq}"):
+                self.seen_seq = max(self.seen_seq, c["seq"])
+                if not c.get("status") or not 200 <= c["status"] < 300:
+                    continue
+                self.follow_call(c)
+            for region, group in list(self._stale_sgs):
+                self.read_sg(region, group)
+                self.note_fences()
+
+    def follow_call(self, c):
+        op, service, region = c["op"], c["service"], c["region"]
+        params = c.get("params") or {}
+        db_id, now = params.get("DBInstanceIdentifier"), self.loop.clock.now() if self.loop else 0.0
+        if service == "rds":
+            if op == "PromoteReadReplica" and db_id == self.dr.id and region == self.dr.region:
                 self.promotion_calls.append(now)
                 if self.promoted_at is None:
                     self.dr.cluster.promote()
                     self.promoted_at = now
                     self.loop.event("standby promoted")
-            elif (op == "RevokeSecurityGroupIngress" and c["region"] == self.primary.region
-                  and (c.get("params") or {}).get("GroupId") in self.primary.security_groups):
-                self.network.fence(self.primary.endpoint)
-                self.rds_actions.append((now, "fenced", self.primary.id))
             elif op in ("RebootDBInstance", "StopDBInstance"):
-                side = next((x for x in (self.primary, self.dr) if x.id == db_id and x.region == c["region"]), None)
+                side = self.side_of(db_id, region)
                 if side is None or not side.cluster.running:
-                    continue
+                    return
                 if op == "RebootDBInstance":
                     side.cluster.terminate_sessions()
                 else:
                     side.cluster.stop()
                 self.rds_actions.append((now, op, db_id))
+            elif op == "DeleteDBInstance":
+                side = self.side_of(db_id, region)
+                if side is not None:
+                    self.network.forget(side.endpoint)
+                    self.rds_actions.append((now, op, db_id))
+            elif op == "CreateDBInstanceReadReplica":
+                source = (params.get("SourceDBInstanceIdentifier") or "").rsplit(":", 1)[-1]
+                if self.promoted_at is not None and region == self.primary.region and source == self.dr.id:
+                    self.follow_reprotect(db_id)
+                elif (db_id == self.dr.id and region == self.dr.region and source == self.primary.id
+                      and self.dr.endpoint in self.network.deleted):
+                    # The replica made again (a rerun after a half-made one was deleted): the same
+                    # standby stands behind it.
+                    self.dr = self.side(region, db_id, self.dr.cluster)
+        elif service == "ec2" and op in ("AuthorizeSecurityGroupIngress", "RevokeSecurityGroupIngress"):
+            group = params.get("GroupId")
+            hit = [x for x in self.sides if x.region == region and group in x.security_groups]
+            if not hit:
+                return
+            self.read_sg(region, group)
+            for x in hit:
+                if op == "RevokeSecurityGroupIngress":
+                    self.rds_actions.append((now, "revoked", x.id))
+            self.note_fences()
+        elif service == "route53" and "/rrset" in op and c.get("mutating"):
+            try:  # Route 53's data plane takes the change; resolvers keep their cached answers
+                self.loop.apply_routing(self.loop.read_routing())
+            except Exception as e:  # noqa: BLE001
+                self.loop.event("route53-unreadable", error=str(e))
+        elif ((service == "lambda" and LAMBDA_CHANGE.match(op)) or
+              (service in ("events", "monitoring", "cloudwatch") and op in DEPLOY_CHANGES)):
+            self._rediscover = True
+
+    def fenced_from_vpcs(self, endpoint):
+        """No client of either VPC's CIDR block may connect (pgdr's agent, admitted by its
+        security group, may still)."""
+        rules = self.network.rules_of(endpoint)
+        if rules is None:
+            return False
+        return not any(self.network.admits(endpoint, Client(f"vpc {r}", r, (cidr,)))[0]
+                       for r, cidr in self.vpc_cidrs.items())
+
+    def note_fences(self):
+        """rds_actions gets (t, "fenced", id) when the last 5432 rule admitting a VPC's CIDR block
+        goes, (t, "unfenced", id) when one comes back."""
+        now = self.loop.clock.now() if self.loop else 0.0
+        for x in self.sides:
+            closed = self.fenced_from_vpcs(x.endpoint)
+            if closed and x.endpoint not in self._closed:
+                self._closed.add(x.endpoint)
+                self.rds_actions.append((now, "fenced", x.id))
+            elif not closed and x.endpoint in self._closed:
+                self._closed.discard(x.endpoint)
+                self.rds_actions.append((now, "unfenced", x.id))
+
+    def follow_reprotect(self, new_id):
+        """A new replica of the promoted instance in the old primary's region: the old cluster
+        rebuilt as a standby of the promoted one behind it, the roles swapped."""
+        self.pair.reprotect()
+        old_primary, old_dr = self.primary, self.dr
+        if new_id != old_primary.id:  # the old instance is kept (retired): no cluster behind it
+            self.network.forget(old_primary.endpoint)
+        self.primary = self.side(old_dr.region, old_dr.id, self.pair.primary)
+        self.dr = self.side(old_primary.region, new_id, self.pair.standby)
+        self.promoted_at = None
+        self._rediscover = True
+        self._dns.clear()
+        self.reprotects.append(self.loop.clock.now())
+        self.loop.event("reprotect followed", primary=self.primary.id, replica=self.dr.id)
 
     def promotions(self, since=0.0):
         """Successful PromoteReadReplica calls on the current replica since emulated time `since`."""
@@ -164,6 +417,45 @@ class DrEnv:
 
     def dns_answer(self):
         return self.loop.resolve(self.writer_name)
+
+    # --- an operator's command -----------------------------------------------------------------
+    @contextlib.contextmanager
+    def realtime(self, loop_runs=True):
+        """While an operator's command runs: the clock at one second per second, RDS followed
+        every 0.1 s, and AWS's control loop stepping every (real) minute in the background."""
+        loop, stop = self.loop, threading.Event()
+        loop.clock.set_scale(1.0)
+
+        def follow():
+            while not stop.wait(0.1):
+                try:
+                    self.follow_rds()
+                except Exception as e:  # noqa: BLE001
+                    loop.event("follow-failed", error=repr(e))
+
+        def run():
+            due = loop.clock.now() + MINUTE
+            while not stop.wait(max(due - loop.clock.now(), 0.0)):
+                try:
+                    self.rediscover()
+                    loop.step()
+                except Exception as e:  # noqa: BLE001
+                    loop.event("step-failed", error=repr(e))
+                due += MINUTE
+        threads = [threading.Thread(target=follow, daemon=True, name="follow-rds")]
+        if loop_runs:
+            threads.append(threading.Thread(target=run, daemon=True, name="loop-realtime"))
+        for t in threads:
+            t.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(timeout=300)
+            self.follow_rds()
+            self.rediscover()
+            loop.clock.set_scale(self.scale)
 
     def lose_region(self, side, stop_cluster=True):
         """A region lost: its database unreachable (and stopped), its API black-holed. Returns
@@ -183,22 +475,23 @@ class DrEnv:
         """`pgdr reprotect`, and the harness following it: the old primary's cluster rebuilt as
         a standby of the promoted one, behind the new replica; the roles swapped; the loop reads
         the machinery reprotect deployed in the other region."""
+        before = len(self.reprotects)
         out = self.pgdr("reprotect", "--env", self.name, "--yes")
         self.follow_rds()
         if out.returncode != 0:
             return out
-        self.pair.reprotect()
-        old_primary, old_dr = self.primary, self.dr
-        self.primary = self.side(old_dr.region, old_dr.id, self.pair.primary)
-        self.dr = self.side(old_primary.region, f"pgdr-{self.name}-{old_primary.region}", self.pair.standby)
-        self.promoted_at = None
+        if len(self.reprotects) == before:  # no new replica seen in the call record
+            self.follow_reprotect(f"pgdr-{self.name}-{self.primary.region}")
         self.loop.discover()
+        self._rediscover = False
         self._dns.clear()
         return out
 
     def close(self):
         if self.writer is not None:
             self.writer.stop()
+        if self.loop is not None:
+            self.loop.close()
         if self.pair is not None:
             self.pair.close()
         if self.proc.poll() is None:
@@ -394,7 +687,7 @@ def probe_path_broken(env):
                 return False
         return True
 
-    env.hooks.append(lambda: env.network.set_vpc_down([] if path_ok() else [env.endpoints["primary"]]))
+    env.hooks.append(lambda: env.network.set_vpc_down([] if path_ok() else [env.endpoints["primary"]], region=DR))
 
     def fault():
         for t in tables:
@@ -566,6 +859,410 @@ def way_back(env):
     return scored(f, region_loss_verdict(f))
 
 
+# ---------------------------------------------------------------------------------------------
+# Planned switchover and drills: pgdr's agent runs in the VPCs (through the invoke hook), the
+# operator's command on the real clock.
+
+def ttl_of(env):
+    return max((r.ttl for r in env.records(env.writer_name)), default=60)
+
+
+def parse_json(text, key=None):
+    """A command's JSON output; with `key`, the object holding it (the result may sit in pgdr's
+    versioned envelope, one or two levels down)."""
+    try:
+        obj = json.loads(text)
+    except (ValueError, TypeError):
+        return None
+    if key is None:
+        return obj
+
+    def find(o, depth):
+        if isinstance(o, dict):
+            if key in o:
+                return o
+            for v in o.values():
+                hit = find(v, depth - 1) if depth > 0 else None
+                if hit is not None:
+                    return hit
+        return None
+    return find(obj, 3)
+
+
+def calls_since(env, seq):
+    return ctl(env.url, f"/__proxy/calls?since={seq}")
+
+
+def first_call(calls, op, region=None, after=0.0, ok=True):
+    """The first recorded call of `op` (in `region`) received after epoch time `after`."""
+    for c in calls:
+        if c["op"] == op and (region is None or c["region"] == region) and c["t"] >= after and (
+                not ok or (c.get("status") and 200 <= c["status"] < 300)):
+            return c
+    return None
+
+
+def first_dns_change(calls, after=0.0):
+    return next((c for c in calls if c["service"] == "route53" and "/rrset" in c["op"] and c["mutating"]
+                 and c["t"] >= after and c.get("status") == 200), None)
+
+
+def wait_for_ack(w, addr, since_real, timeout):
+    """The first acknowledged write on `addr` at or after time.monotonic() `since_real`, waiting
+    (real seconds) up to `timeout` for it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ack = next((a for a in list(w.acks) if tuple(a.target) == tuple(addr) and a.t >= since_real), None)
+        if ack is not None or time.monotonic() > deadline:
+            return ack
+        time.sleep(0.2)
+
+
+def outages(w, since_real, until_real, min_gap=2.0):
+    """The writer's write pauses in a window, as it saw them: (last ack before, first ack after,
+    seconds) for consecutive acknowledged writes at least `min_gap` apart."""
+    acks = sorted((a for a in list(w.acks) if since_real - 5 <= a.t <= until_real), key=lambda a: a.t)
+    return [(a, b, b.t - a.t) for a, b in zip(acks, acks[1:]) if b.t - a.t >= min_gap]
+
+
+def role_guarded(cluster, role):
+    """Whether `role` carries pgdr's guard (default_transaction_read_only = on for every database)."""
+    rows = cluster.sql("SELECT count(*) FROM pg_db_role_setting s JOIN pg_roles r ON r.oid = s.setrole "
+                       f"WHERE r.rolname = {pgwire_literal(role)} "
+                       "AND 'default_transaction_read_only=on' = ANY (s.setconfig)")
+    return rows[0][0] != "0"
+
+
+def pgwire_literal(text):
+    return "'" + str(text).replace("'", "''") + "'"
+
+
+def rds_topology(env):
+    """{region: ReadReplicaSourceDBInstanceIdentifier or None} of the environment's instances."""
+    out = {}
+    for region in (PRIMARY, DR):
+        for db in env.client("rds", region).describe_db_instances()["DBInstances"]:
+            if db["DBInstanceIdentifier"] == f"pgdr-{env.name}-{region}":
+                out[region] = db.get("ReadReplicaSourceDBInstanceIdentifier")
+    return out
+
+
+def protected_problems(env):
+    """What is wrong with the pair as it stands (empty: a writable primary behind DNS, a
+    streaming replica of it in the other region, the primary open to its clients)."""
+    bad = []
+    topo = rds_topology(env)
+    p, r = env.primary, env.dr
+    if topo.get(p.region, "missing") is not None:
+        bad.append(f"RDS: the primary {p.id} in {p.region} is {'missing' if p.region not in topo else 'a replica'}")
+    src = topo.get(r.region)
+    if not src or src.rsplit(":", 1)[-1] != p.id:
+        bad.append(f"RDS: {r.region} holds no replica of {p.id} (source {src!r})")
+    if p.cluster.in_recovery():
+        bad.append(f"the cluster behind {p.id} is in recovery")
+    try:
+        if not r.cluster.in_recovery():
+            bad.append(f"the cluster behind {r.id} is not a standby")
+        else:
+            env.pair.wait_caught_up(timeout=15)
+    except Exception as e:  # noqa: BLE001
+        bad.append(f"the standby behind {r.id} does not replicate: {e}")
+    if env.dns_answer() != p.endpoint:
+        bad.append(f"DNS answers {env.dns_answer()}, not the primary {p.endpoint}")
+    ok, why = env.network.admits(p.endpoint, env.app)
+    if not ok:
+        bad.append(f"the application cannot connect to the primary: {why}")
+    peer = Client("peer", r.region, (env.vpc_cidrs[r.region],))
+    ok, why = env.network.admits(p.endpoint, peer)
+    if not ok:
+        bad.append(f"the other VPC cannot reach the primary: {why}")
+    ok, why = env.network.admits(r.endpoint, Client("primary's VPC", p.region, (env.vpc_cidrs[p.region],)))
+    if not ok:
+        bad.append(f"the replica is out of reach from the primary's VPC (a switchover's catch-up reads it): {why}")
+    if role_guarded(p.cluster, env.user):
+        bad.append(f"the role {env.user} is still guarded read-only on the primary")
+    return bad
+
+
+def warm_up(env, minutes=2):
+    loop, w = env.loop, env.writer
+    if not w.running:
+        w.start()
+    t0 = loop.clock.now()
+    loop.run(until=t0 + minutes * MINUTE, between=env.between)
+    return t0
+
+
+def agent_write_regions(env, since_real):
+    return sorted({c["region"] for c in env.agent_calls if c.get("action") == "write" and c["real"] >= since_real})
+
+
+def switchover(env):
+    """`pgdr switchover --yes` under a steady write load: no acknowledged row lost, the write
+    pause (as the application saw it) bounded by the command's fence-to-DNS time plus the TTL,
+    the roles swapped and protected."""
+    loop, w = env.loop, env.writer
+    t_start = warm_up(env)
+    old, new = env.primary, env.dr
+    old_addr, new_addr, ttl = tuple(old.cluster.address), tuple(new.cluster.address), ttl_of(env)
+    seq0 = env.seen_seq
+    with env.realtime():
+        real0, epoch0 = time.monotonic(), time.time()
+        cli = env.pgdr("switchover", "--env", env.name, "--yes", "--output", "json", timeout=1800)
+        real_cli = time.monotonic()
+        first = wait_for_ack(w, new_addr, real0, timeout=ttl + 30)
+        time.sleep(2.0)
+        real_end = time.monotonic()
+    w.stop()
+    calls = calls_since(env, seq0)
+    report = parse_json(cli.stdout, "outcome")
+    revoke = first_call(calls, "RevokeSecurityGroupIngress", old.region, after=epoch0)
+    promote = first_call(calls, "PromoteReadReplica", new.region, after=epoch0)
+    dns = first_dns_change(calls, after=promote["t"] if promote else epoch0)
+    fence = next((c for c in env.agent_calls if c.get("action") == "fence" and c["real"] >= real0), None)
+    gaps = outages(w, real0, real_end)
+    pause = max((g[2] for g in gaps), default=0.0)
+    to_epoch = epoch0 - real0  # time.monotonic() -> time.time()
+    late_on_old = [a for a in w.acks if tuple(a.target) == old_addr and fence
+                   and a.t - a.ms / 1000 > fence["real_end"]]
+    bound = ((dns["t_end"] - revoke["t"]) if (dns and revoke) else (real_cli - real0)) + ttl + 10
+    f = {"name": "switchover", "from": old.region, "to": new.region,
+         "promotions": env.promotions(since=t_start), "dns_moved": env.dns_answer() == new.endpoint,
+         "detection_s": None,  # an operator's decision
+         "promotion_s": round(promote["t_end"] - epoch0, 1) if promote else None,
+         "dns_s": round(dns["t_end"] - promote["t_end"], 1) if (dns and promote) else None,
+         "rto_s": round(pause, 1), "rpo_rows": w.rpo_rows(env.pair.primary), "rows_written": len(w.acks),
+         "exit": cli.returncode, "report": report, "cli_s": round(real_cli - real0, 1),
+         "pause_bound_s": round(bound, 1), "ttl_s": ttl,
+         "first_ack_new_s": round(first.t - real0, 1) if first else None,
+         "fence_to_dns_s": round(dns["t_end"] - revoke["t"], 1) if (dns and revoke) else None,
+         "writes_on_old_after_fence": len(late_on_old), "output": (cli.stdout + cli.stderr)[-4000:],
+         "t_cmd_epoch": epoch0, "to_epoch": to_epoch}
+    bad = []
+    if cli.returncode != 0:
+        bad.append(f"pgdr switchover exited {cli.returncode}: {cli.stderr[-800:]}")
+    if not report or report.get("outcome") != "switched" or (report.get("from_region"), report.get("to_region")) != (
+            old.region, new.region):
+        bad.append(f"the JSON result is not a switch from {old.region} to {new.region}: {cli.stdout[-600:]}")
+    if f["promotions"] != 1:
+        bad.append(f"{f['promotions']} promotions, not 1")
+    if first is None:
+        bad.append(f"the writer never wrote on the new primary through {env.writer_name}")
+    if f["rpo_rows"]:
+        bad.append(f"{f['rpo_rows']} acknowledged rows missing on the new primary")
+    if late_on_old:
+        bad.append(f"{len(late_on_old)} writes acknowledged by the old primary after the fence")
+    if pause > bound:
+        bad.append(f"write pause {pause:.1f} s above its bound {bound:.1f} s (fence to DNS + TTL + 10 s)")
+    if (env.primary.region, env.dr.region) != (new.region, old.region):
+        bad.append(f"the roles were not swapped: primary {env.primary.region}, replica {env.dr.region}")
+    else:
+        bad += protected_problems(env)
+    return scored(f, bad)
+
+
+def switchover_timeout(env, catchup_s=10):
+    """The standby's replay paused: the switchover cannot catch up, so it must put the fence
+    back and promote nothing; writes resume on the old primary, nothing is lost."""
+    loop, w = env.loop, env.writer
+    t_start = warm_up(env)
+    old, dr = env.primary, env.dr
+    old_addr = tuple(old.cluster.address)
+    seq0 = env.seen_seq
+    dr.cluster.pause_replay()
+    try:
+        with env.realtime():
+            real0, epoch0 = time.monotonic(), time.time()
+            cli = env.pgdr("switchover", "--env", env.name, "--yes", "--output", "json",
+                           "--catchup-timeout", str(catchup_s), timeout=1800)
+            real_cli = time.monotonic()
+            after = wait_for_ack(w, old_addr, real_cli, timeout=ttl_of(env) + 30)
+            time.sleep(2.0)
+            real_end = time.monotonic()
+    finally:
+        dr.cluster.resume_replay()
+    w.stop()
+    calls = calls_since(env, seq0)
+    promoted = [c for c in calls if c["op"] == "PromoteReadReplica"]
+    gaps = outages(w, real0, real_end)
+    pause = max((g[2] for g in gaps), default=0.0)
+    resumed = gaps[-1][1] if gaps else None
+    f = {"name": "switchover-timeout", "promotions": env.promotions(since=t_start),
+         "dns_moved": env.dns_answer() != old.endpoint, "detection_s": None, "promotion_s": None, "dns_s": None,
+         "rto_s": round(pause, 1), "rpo_rows": w.rpo_rows(env.pair.primary), "rows_written": len(w.acks),
+         "exit": cli.returncode, "report": parse_json(cli.stdout, "outcome"), "cli_s": round(real_cli - real0, 1),
+         "promote_calls": len(promoted), "output": (cli.stdout + cli.stderr)[-4000:], "t_cmd_epoch": epoch0}
+    bad = []
+    if cli.returncode == 0:
+        bad.append("pgdr switchover exited 0 although the replica could not catch up")
+    if promoted or f["promotions"] or env.promoted_at is not None:
+        bad.append(f"something was promoted ({len(promoted)} PromoteReadReplica calls)")
+    if env.primary is not old:
+        bad.append("the harness followed a role change")
+    if after is None or (resumed is not None and tuple(resumed.target) != old_addr):
+        bad.append("writes did not resume on the old primary")
+    if f["rpo_rows"]:
+        bad.append(f"{f['rpo_rows']} acknowledged rows missing on the primary")
+    if f["dns_moved"]:
+        bad.append(f"DNS answers {env.dns_answer()}")
+    if pause > catchup_s + 60:
+        bad.append(f"write pause {pause:.1f} s: longer than the catch-up timeout {catchup_s} s + 60 s")
+    bad += protected_problems(env)
+    return scored(f, bad)
+
+
+def drill(env, failover=False):
+    """`pgdr drill --yes [--failover] --output json`: a switchover (or a failover) and back,
+    under the harness writer's load. The report's figures must agree with what the harness's
+    writer saw: rto_seconds within RTO_TOLERANCE_S of its pause (plus the TTL when the agent's
+    marker writer resolved the zone in another VPC, whose resolver cache expires at another
+    moment), rpo_rows equal to its loss when it lost nothing, and of a matching size when it did."""
+    loop, w = env.loop, env.writer
+    t_start = warm_up(env)
+    start_primary = env.primary.region
+    ttl, seq0 = ttl_of(env), env.seen_seq
+    with env.realtime():
+        real0, epoch0 = time.monotonic(), time.time()
+        cli = env.pgdr("drill", "--env", env.name, "--yes", *(["--failover"] if failover else []),
+                       "--output", "json", timeout=3600)
+        real_cli = time.monotonic()
+        first = wait_for_ack(w, tuple(env.primary.cluster.address), real_cli - 1, timeout=ttl + 30)
+        time.sleep(2.0)
+        real_end = time.monotonic()
+    w.stop()
+    status = env.pgdr("status", "--env", env.name, "--output", "json")
+    report = parse_json(cli.stdout, "legs") or {}
+    legs = report.get("legs") or []
+    gaps = outages(w, real0, real_end)
+    # The legs' pauses: the longest outages, one per leg, in time order.
+    top = sorted(sorted(gaps, key=lambda g: -g[2])[:len(legs)], key=lambda g: g[0].t)
+    harness_loss = w.rpo_rows(env.pair.primary)
+    writes = [c for c in env.agent_calls if c.get("action") == "write" and c["real"] >= real0]
+    other_vpc = any(c["region"] != env.app.region for c in writes)
+    tol = RTO_TOLERANCE_S + (ttl if other_vpc else 0)
+    interval_ms = next((float(c["interval_ms"]) for c in writes if c.get("interval_ms")), 100.0)
+    name = "drill-failover" if failover else "drill-switchover"
+    f = {"name": name, "promotions": env.promotions(since=t_start),
+         "dns_moved": env.dns_answer() != env.endpoints["primary"], "detection_s": None,
+         "promotion_s": None, "dns_s": None,
+         "rto_s": round(max((g[2] for g in gaps), default=0.0), 1), "rpo_rows": harness_loss,
+         "rows_written": len(w.acks), "exit": cli.returncode, "report": report,
+         "report_rto_s": report.get("rto_seconds"), "report_rpo_rows": report.get("rpo_rows"),
+         "harness_pauses_s": [round(g[2], 1) for g in top], "rto_tolerance_s": tol,
+         "agent_write_regions": sorted({c["region"] for c in writes}), "cli_s": round(real_cli - real0, 1),
+         "output": (cli.stdout + cli.stderr)[-4000:], "t_cmd_epoch": epoch0}
+    bad = []
+    if cli.returncode != 0:
+        bad.append(f"pgdr drill exited {cli.returncode}: {cli.stderr[-800:]}")
+    if report.get("mode") != ("failover" if failover else "switchover"):
+        bad.append(f"the report's mode is {report.get('mode')!r}")
+    if [(l.get("from_region"), l.get("to_region")) for l in legs] != [(PRIMARY, DR), (DR, PRIMARY)]:
+        bad.append(f"the report's legs are {[(l.get('from_region'), l.get('to_region')) for l in legs]}")
+    if f["promotions"] != 2:
+        bad.append(f"{f['promotions']} promotions, not 2")
+    if env.primary.region != start_primary:
+        bad.append(f"the drill did not come back: the primary is in {env.primary.region}")
+    if first is None:
+        bad.append("the writer did not write on the final primary")
+    if len(top) < len(legs):
+        bad.append(f"the harness writer saw {len(gaps)} pauses of 2 s or more for {len(legs)} legs")
+    for leg, g in zip(legs, top):
+        if leg.get("rto_seconds") is None or abs(leg["rto_seconds"] - g[2]) > tol:
+            bad.append(f"leg {leg.get('from_region')}->{leg.get('to_region')}: rto_seconds {leg.get('rto_seconds')}"
+                       f" vs the harness writer's pause {g[2]:.1f} s (tolerance {tol} s)")
+    if top and report.get("rto_seconds") is not None:
+        match = next((g for leg, g in zip(legs, top) if leg.get("rto_seconds") == report["rto_seconds"]),
+                     max(top, key=lambda g: g[2]))
+        if abs(report["rto_seconds"] - match[2]) > tol:
+            bad.append(f"rto_seconds {report['rto_seconds']} vs the harness writer's pause {match[2]:.1f} s "
+                       f"(tolerance {tol} s)")
+    elif report.get("rto_seconds") is None:
+        bad.append("the report has no rto_seconds")
+    rpo = report.get("rpo_rows")
+    if harness_loss == 0:
+        if rpo != 0:
+            bad.append(f"rpo_rows {rpo}, but the harness writer lost nothing")
+    else:
+        # Rows lost in a failover's window: each writer loses what it wrote in it, at its rate.
+        expected = harness_loss * (1000.0 / interval_ms) / w.rate
+        if not rpo or abs(rpo - expected) > max(3.0, 0.5 * expected):
+            bad.append(f"rpo_rows {rpo} vs {expected:.1f} expected from the harness writer's {harness_loss} lost rows")
+    if not failover and harness_loss:
+        bad.append(f"{harness_loss} acknowledged rows lost in a switchover drill")
+    last = (parse_json(status.stdout, "last_drill") or {}).get("last_drill")
+    if not last or last.get("mode") != report.get("mode") or last.get("rto_seconds") != report.get("rto_seconds"):
+        bad.append(f"status --output json has no matching last_drill: {str(last)[:300]}")
+    bad += protected_problems(env)
+    return scored(f, bad)
+
+
+RTO_TOLERANCE_S = 5.0
+KILL_POINTS = {
+    "kill-after-fence": ("RevokeSecurityGroupIngress", PRIMARY),
+    "kill-after-promote": ("PromoteReadReplica", DR),
+    "kill-during-reprotect": ("CreateDBInstanceReadReplica", PRIMARY),
+}
+
+
+def killed_switchover(env, point):
+    """`pgdr switchover` SIGKILLed right after a call (the proxy's kill_on), then `pgdr unlock`
+    and the same command again: the environment must end switched and protected, or with its
+    starting roles, unfenced, with no acknowledged row lost."""
+    op, region = KILL_POINTS[point]
+    loop, w = env.loop, env.writer
+    t_start = warm_up(env)
+    start = (env.primary.region, env.dr.region)
+    ttl, seq0 = ttl_of(env), env.seen_seq
+    with env.realtime():
+        real0, epoch0 = time.monotonic(), time.time()
+        proc = env.popen("switchover", "--env", env.name, "--yes")
+        ctl(env.url, "/__proxy/config", {"kill_on": {"pid": proc.pid, "ops": [op], "regions": [region]}})
+        try:
+            out, err = proc.communicate(timeout=1800)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        ctl(env.url, "/__proxy/config", {"kill_on": None})
+        time.sleep(1.0)  # what was in flight lands (an invocation goes on without its caller)
+        unlock = env.pgdr("unlock", "--env", env.name, "--yes")
+        rerun = env.pgdr("switchover", "--env", env.name, "--yes", timeout=1800)
+        real_rerun = time.monotonic()
+        after = wait_for_ack(w, tuple(env.primary.cluster.address), real_rerun, timeout=ttl + 30)
+        time.sleep(2.0)
+        real_end = time.monotonic()
+    w.stop()
+    gaps = outages(w, real0, real_end)
+    now = (env.primary.region, env.dr.region)
+    switched = now == (start[1], start[0])
+    f = {"name": point, "promotions": env.promotions(since=t_start), "dns_moved": switched,
+         "detection_s": None, "promotion_s": None, "dns_s": None,
+         "rto_s": round(max((g[2] for g in gaps), default=0.0), 1),
+         "rpo_rows": w.rpo_rows(env.pair.primary), "rows_written": len(w.acks),
+         "killed_exit": proc.returncode, "unlock_exit": unlock.returncode, "rerun_exit": rerun.returncode,
+         "ended": "switched" if switched else ("starting roles" if now == start else f"{now}"),
+         "output": (out + err)[-2000:], "rerun_output": (rerun.stdout + rerun.stderr)[-3000:],
+         "t_cmd_epoch": epoch0, "calls": len(calls_since(env, seq0))}
+    bad = []
+    if proc.returncode != -signal.SIGKILL:
+        bad.append(f"the kill point {op} in {region} was never reached (pgdr exited {proc.returncode}: {err[-400:]})")
+    if unlock.returncode != 0:
+        bad.append(f"pgdr unlock exited {unlock.returncode}: {unlock.stderr[-400:]}")
+    if switched and rerun.returncode != 0:
+        bad.append(f"the rerun switched but exited {rerun.returncode}: {rerun.stderr[-400:]}")
+    if not switched and now != start:
+        bad.append(f"the roles ended as {now}")
+    if not switched and (env.promoted_at is not None or f["promotions"]):
+        bad.append("the starting roles are back but something was promoted")
+    if after is None:
+        bad.append("the writer did not write on the primary after the rerun")
+    if f["rpo_rows"]:
+        bad.append(f"{f['rpo_rows']} acknowledged rows missing on the primary")
+    if f["promotions"] > 1:
+        bad.append(f"{f['promotions']} promotions")
+    bad += protected_problems(env)
+    return scored(f, bad)
+
+
 SCENARIOS = {
     "region-loss": lambda env: scored(*(lambda f: (f, region_loss_verdict(f)))(region_loss(env))),
     "multi-az-blip": multi_az_blip,
@@ -574,6 +1271,11 @@ SCENARIOS = {
     "stalled-promotion": stalled_promotion,
     "manual-failover-region-down": manual_failover_region_down,
     "way-back": way_back,
+    "switchover": switchover,
+    "switchover-timeout": switchover_timeout,
+    "drill-switchover": lambda env: drill(env, failover=False),
+    "drill-failover": lambda env: drill(env, failover=True),
+    **{point: (lambda p: lambda env: killed_switchover(env, p))(point) for point in KILL_POINTS},
 }
 KEYS = ["name", "passed", "promotions", "dns_moved", "detection_s", "promotion_s", "dns_s", "rto_s",
         "rpo_rows", "rows_written"]

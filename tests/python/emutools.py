@@ -50,3 +50,40 @@ def proxy(tmp_path_factory):
     assert lines and all({"seq", "t", "t_end", "service", "op", "mutating", "status", "fault"} <= set(x)
                          for x in lines)
     assert all(x["t_end"] >= x["t"] for x in lines)
+
+
+class InvokeHook:
+    """A loopback HTTP server standing in for the proxy's invoke hook (POST /__proxy/invoke-hook):
+    records every invocation it gets and answers with `answer(job)` -> {"payload", "error"}
+    (default: the payload echoed). Several invocations are served at once (a thread each)."""
+
+    def __init__(self, answer=None):
+        import http.server
+        import threading
+        self.jobs, self.lock = [], threading.Lock()
+        self.answer = answer or (lambda job: {"payload": job["payload"], "error": None})
+        hook = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                job = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+                with hook.lock:
+                    hook.jobs.append(job)
+                body = json.dumps(hook.answer(job)).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *a):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/invoke"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()

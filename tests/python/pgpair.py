@@ -43,6 +43,15 @@ Faults and controls, on a PgCluster (`pair.primary`, `pair.standby`):
 And on the pair: wait_caught_up(), promote(), reprotect() (rebuild the old primary as a
 standby of the promoted one and swap the roles), close().
 
+TLS: `PgPair(tls_hosts=["db.example.test", ...])` makes both clusters (and the one rebuilt by
+reprotect()) serve TLS (`ssl = on`) with one server certificate, signed by a CA made for the
+pair with the `openssl` CLI, whose subjectAltName holds every name in tls_hosts, `localhost` and
+IP 127.0.0.1 (and the clusters' own addresses). `pair.ca_pem` is the CA certificate (PEM text),
+`pair.ca_path` its file; `pair.add_tls_hosts(names)` reissues the certificate with more names
+and reloads the servers. Plain connections are still accepted (pg_hba `host` lines match both),
+so the harness's own paths (pgwire has no TLS) work unchanged. `tls_handshake()` performs the
+client side of a verified handshake (SSLRequest, then TLS with hostname check).
+
 Tuned for speed, not durability: fsync off, 16 MB shared buffers, initdb --no-sync.
 """
 import atexit
@@ -53,8 +62,11 @@ import pathlib
 import pwd
 import random
 import shutil
+import ipaddress
 import signal
 import socket
+import ssl
+import struct
 import subprocess
 import tempfile
 import threading
@@ -176,6 +188,14 @@ def _port_range_low():
         return 32768
 
 
+def _is_ip(text):
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return False
+
+
 def free_port(host="127.0.0.1", taken=()):
     """A free TCP port below the ephemeral range (so an outgoing connection cannot occupy it
     while its cluster is stopped)."""
@@ -192,6 +212,91 @@ def free_port(host="127.0.0.1", taken=()):
                 continue
         return port
     raise PgHarnessError("no free port found")
+
+
+def _openssl(args, cwd, what):
+    exe = shutil.which("openssl", path=_SBIN_PATH)
+    if not exe:
+        raise PgUnavailable("the openssl CLI is missing (scripts/setup-postgres installs Debian's openssl as root)")
+    out = subprocess.run([exe] + list(args), capture_output=True, text=True, timeout=60, cwd=cwd,
+                         env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C", "HOME": str(cwd)})
+    if out.returncode != 0:
+        raise PgHarnessError(f"openssl could not {what} (exit {out.returncode}): {out.stderr.strip()}")
+
+
+class CertAuthority:
+    """A throwaway certificate authority (EC P-256, 30 days) in `directory`: `ca.pem` (the
+    certificate, `path`/`pem`) and `ca.key` (0600, never leaves the directory). `issue()` signs
+    server certificates. Uses the `openssl` CLI."""
+
+    def __init__(self, directory, common_name="pgdr test CA"):
+        self.dir = pathlib.Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.dir / "ca.pem"
+        self.key_path = self.dir / "ca.key"
+        _openssl(["req", "-x509", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                  "-nodes", "-keyout", str(self.key_path), "-out", str(self.path), "-days", "30", "-sha256",
+                  "-subj", "/CN=" + common_name.replace("/", " "),
+                  "-addext", "basicConstraints=critical,CA:TRUE",
+                  "-addext", "keyUsage=critical,keyCertSign,cRLSign"], self.dir, "make the test CA")
+        os.chmod(self.key_path, 0o600)
+        os.chmod(self.path, 0o644)
+        self.pem = self.path.read_text()
+
+    def issue(self, stem, dns_names, ips=("127.0.0.1",), owner=None):
+        """A server certificate for every name in dns_names and address in ips (subjectAltName;
+        the first DNS name is also the CN). Writes `<stem>.crt` and `<stem>.key` (mode 0600,
+        chowned to the OS user `owner` when given), each replaced atomically (a running server
+        may reload them). Returns (cert_path, key_path)."""
+        names = [str(n).strip().rstrip(".") for n in dns_names if str(n).strip()]
+        for n in names:
+            if not all(c.isalnum() or c in "-._*" for c in n):
+                raise ValueError(f"not a DNS name for a certificate: {n!r}")
+        alt = [f"DNS:{n}" for n in names] + [f"IP:{ipaddress.ip_address(a)}" for a in ips]
+        if not alt:
+            raise ValueError("a certificate needs at least one name or address")
+        key_tmp, csr, ext, crt_tmp = (self.dir / f"{stem}.new.{s}" for s in ("key", "csr", "ext", "crt"))
+        try:
+            _openssl(["req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                      "-keyout", str(key_tmp), "-out", str(csr),
+                      "-subj", "/CN=" + (names[0] if names else str(ips[0]))], self.dir, "make a server key")
+            ext.write_text("basicConstraints = critical,CA:FALSE\n"
+                           "keyUsage = critical,digitalSignature,keyEncipherment\n"
+                           "extendedKeyUsage = serverAuth\n"
+                           "subjectKeyIdentifier = hash\n"
+                           "authorityKeyIdentifier = keyid,issuer\n"
+                           f"subjectAltName = {','.join(alt)}\n")
+            _openssl(["x509", "-req", "-in", str(csr), "-CA", str(self.path), "-CAkey", str(self.key_path),
+                      "-set_serial", "0x" + os.urandom(12).hex(), "-days", "30", "-sha256",
+                      "-extfile", str(ext), "-out", str(crt_tmp)], self.dir, "sign a server certificate")
+            for path in (key_tmp, crt_tmp):
+                os.chmod(path, 0o600)  # PostgreSQL refuses a key file others can read
+                if owner:
+                    pw = pwd.getpwnam(owner)
+                    os.chown(path, pw.pw_uid, pw.pw_gid)
+            cert, key = self.dir / f"{stem}.crt", self.dir / f"{stem}.key"
+            os.replace(key_tmp, key)
+            os.replace(crt_tmp, cert)
+            return cert, key
+        finally:
+            for path in (key_tmp, csr, ext, crt_tmp):
+                path.unlink(missing_ok=True)
+
+
+def tls_handshake(host, port, server_hostname, cadata, timeout=5.0):
+    """The client side of PostgreSQL's TLS start: SSLRequest, `S`, then a TLS handshake that
+    verifies the chain against `cadata` (PEM text) and the certificate against
+    `server_hostname`. Returns the peer certificate (dict). Raises ssl.SSLCertVerificationError
+    on a bad chain or name, PgHarnessError when the server declines TLS."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(cadata=cadata)
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.sendall(struct.pack("!ii", 8, pgwire.SSL_REQUEST_CODE))
+        answer = sock.recv(1)
+        if answer != b"S":
+            raise PgHarnessError(f"{host}:{port} answered {answer!r} to SSLRequest, not b'S'")
+        with ctx.wrap_socket(sock, server_hostname=server_hostname) as tls:
+            return tls.getpeercert()
 
 
 def cleanup_stale(base_dir=None):
@@ -238,6 +343,7 @@ class PgCluster:
         self.replication_blocked = False
         self.network_fenced = False
         self.frozen = False
+        self.tls = None  # (cert_path, key_path) when the cluster serves TLS
 
     def __repr__(self):
         return f"PgCluster({self.name} {self.host}:{self.port})"
@@ -302,7 +408,8 @@ class PgCluster:
             f"port = {self.port}\n"
             f"listen_addresses = '{'' if self.network_fenced else self.host}'\n"
             f"unix_socket_directories = '{self.sockdir}'\n"
-            f"cluster_name = 'pgdr-{self.name}'\n"))
+            f"cluster_name = 'pgdr-{self.name}'\n"
+            + (f"ssl = on\nssl_cert_file = '{self.tls[0]}'\nssl_key_file = '{self.tls[1]}'\n" if self.tls else "")))
 
     def _write_hba(self):
         tcp = "reject" if self.fenced else "scram-sha-256"
@@ -599,7 +706,7 @@ class PgPair:
     or at interpreter exit."""
 
     def __init__(self, user="pgdr", password=None, dbname="postgres", host="127.0.0.1",
-                 standby_host=None, with_standby=True, bindir_=None, base_dir=None):
+                 standby_host=None, with_standby=True, bindir_=None, base_dir=None, tls_hosts=None):
         self.user = user
         self.password = password or "pgdr-test-" + os.urandom(6).hex()
         self.dbname = dbname
@@ -607,6 +714,10 @@ class PgPair:
         self.root = None
         self.primary = None
         self.standby = None
+        self.ca = None          # CertAuthority when the clusters serve TLS
+        self.tls_hosts = []
+        self._tls_files = None  # (cert_path, key_path), shared by both clusters
+        self._tls_ips = sorted({"127.0.0.1", host, standby_host or host})
         self._closed = False
         self._lock = threading.Lock()
         atexit.register(self.close)
@@ -621,6 +732,8 @@ class PgPair:
                 pw = pwd.getpwnam(self.os_user)
                 os.chown(self.root, pw.pw_uid, pw.pw_gid)
             os.chmod(self.root, 0o700)
+            if tls_hosts is not None:
+                self._issue_tls(list(tls_hosts))
             p_port = free_port(host)
             self.primary = self._cluster("a", host, p_port)
             self.primary.initdb()
@@ -637,8 +750,59 @@ class PgPair:
             raise
 
     def _cluster(self, name, host, port):
-        return PgCluster(self.root, name, host, port, self.user, self.password, self.dbname,
-                         self.os_user, self._bindir)
+        c = PgCluster(self.root, name, host, port, self.user, self.password, self.dbname,
+                      self.os_user, self._bindir)
+        c.tls = self._tls_files
+        return c
+
+    # -- TLS ---------------------------------------------------------------------------------------
+    @property
+    def ca_pem(self):
+        """The test CA's certificate (PEM text), or None without TLS."""
+        return self.ca.pem if self.ca else None
+
+    @property
+    def ca_path(self):
+        return self.ca.path if self.ca else None
+
+    def _issue_tls(self, names):
+        """Make the CA (once) and (re)issue the server certificate for tls_hosts + names."""
+        if self.ca is None:
+            tls_dir = self.root / "tls"
+            self.ca = CertAuthority(tls_dir, common_name=f"pgdr test CA {self.root.name}")
+            if self.os_user:  # the servers enter the directory to read their certificate
+                pw = pwd.getpwnam(self.os_user)
+                os.chown(tls_dir, pw.pw_uid, pw.pw_gid)
+            os.chmod(tls_dir, 0o700)
+        for n in names:
+            n = str(n).strip().rstrip(".")
+            if n and n not in self.tls_hosts:
+                self.tls_hosts.append(n)
+        dns = self.tls_hosts + ([] if "localhost" in self.tls_hosts else ["localhost"])
+        ips = [a for a in self._tls_ips if _is_ip(a)]
+        self._tls_files = self.ca.issue("server", dns, ips, owner=self.os_user)
+        return self._tls_files
+
+    def add_tls_hosts(self, names, timeout=5.0):
+        """Reissue the server certificate with these names added (turning TLS on if the pair had
+        none) and reload the running clusters; returns when they present the new certificate."""
+        files = self._issue_tls(list(names))
+        for c in self.clusters:
+            c.tls = files
+            c._write_local_conf()
+            if c.running and not c.frozen:
+                c.sql("SELECT pg_reload_conf()")
+                want = self.tls_hosts[-1] if self.tls_hosts else "localhost"
+                deadline = time.monotonic() + timeout
+                while True:
+                    try:
+                        tls_handshake(c.host, c.port, want, self.ca_pem, timeout=2)
+                        break
+                    except (ssl.SSLError, OSError, PgHarnessError):
+                        if time.monotonic() > deadline:
+                            raise PgHarnessError(f"{c.name}: new certificate not served after {timeout} s\n"
+                                                 f"{c.log_tail()}") from None
+                        time.sleep(0.02)
 
     @property
     def clusters(self):

@@ -22,7 +22,7 @@ import botocore.session
 import pytest
 from botocore.config import Config
 
-from emutools import PROXY, ctl, proxy, start_proxy  # noqa: F401 (proxy: a fixture)
+from emutools import PROXY, InvokeHook, ctl, proxy, start_proxy  # noqa: F401 (proxy: a fixture)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 import awsrules  # noqa: E402
@@ -79,7 +79,8 @@ def emu(proxy):  # noqa: F811
     ctl(proxy, "/__proxy/config", {"latency_ms": 0, "fail_rate": 0, "drop_rate": 0, "seed": 0, "fault_ops": None,
                                    "fault_services": None, "fault_mutating_only": False, "kill_after": None,
                                    "rds_hold": None, "rules_off": [], "rules_time_scale": 1.0, "rules_params": {},
-                                   "throttle": None})
+                                   "throttle": None, "kill_on": None})
+    ctl(proxy, "/__proxy/invoke-hook", {"url": None})
     ctl(proxy, "/__proxy/rules/reset", {})
     ctl(proxy, "/__proxy/calls/reset", {})
     return Emu(proxy)
@@ -816,6 +817,58 @@ def test_get_function_gives_a_location_to_download_the_uploaded_package(emu):
     emu.config(rules_off=["all"])
     assert "Location" not in lam.get_function(FunctionName="fn").get("Code", {}) or \
         not lam.get_function(FunctionName="fn")["Code"]["Location"].startswith(emu.url)
+
+
+def _states(conf):
+    return {k: conf.get(k) for k in ("State", "StateReasonCode", "LastUpdateStatus", "LastUpdateStatusReasonCode")}
+
+
+def test_vpc_function_is_pending_then_active_and_lambda_refuses_to_invoke_it_meanwhile(emu):
+    emu.only("lambda-function-states", params={"lambda-function-states": {"pending_s": 0.8, "update_s": 0.6}})
+    _ec2, _vpc, subnet, sg = emu.network(region="eu-west-2", cidr="10.31.0.0/16")
+    lam = emu.client("lambda", "eu-west-2")
+    role = emu.role(f"r{random.randrange(10**6)}")
+    hook = InvokeHook(lambda job: {"payload": json.dumps({"ran": job["function"]}), "error": None})
+    try:
+        ctl(emu.url, "/__proxy/invoke-hook", {"url": hook.url})
+        created = create_function(lam, "in-vpc", role, {"SubnetIds": [subnet], "SecurityGroupIds": [sg]})
+        pending = {"State": "Pending", "StateReasonCode": "Creating", "LastUpdateStatus": "InProgress",
+                   "LastUpdateStatusReasonCode": "Creating"}
+        assert _states(created) == pending
+        assert created["StateReason"] == "The function is being created."
+        assert _states(lam.get_function_configuration(FunctionName="in-vpc")) == pending
+        assert _states(lam.get_function(FunctionName="in-vpc")["Configuration"]) == pending
+        assert [_states(f) for f in lam.list_functions()["Functions"] if f["FunctionName"] == "in-vpc"] == [pending]
+        with pytest.raises(botocore.exceptions.ClientError) as e:
+            lam.invoke(FunctionName="in-vpc", Payload=b"{}")
+        assert error_of(e) == (409, "ResourceConflictException", "The operation cannot be performed at this time. "
+                               "The function is currently in the following state: Pending")
+        assert hook.jobs == []  # Lambda ran nothing
+        assert emu.calls()[-1]["rule"] == "lambda-function-states"
+        create_function(lam, "no-vpc", role)  # without a VpcConfig: moto's Active at once
+        assert lam.get_function_configuration(FunctionName="no-vpc")["State"] == "Active"
+        assert lam.invoke(FunctionName="no-vpc", Payload=b"{}")["StatusCode"] == 200
+        time.sleep(0.85)
+        active = {"State": "Active", "StateReasonCode": None, "LastUpdateStatus": "Successful",
+                  "LastUpdateStatusReasonCode": None}
+        assert _states(lam.get_function_configuration(FunctionName="in-vpc")) == active
+        assert json.loads(lam.invoke(FunctionName="in-vpc", Payload=b"{}")["Payload"].read()) == {"ran": "in-vpc"}
+        # An update: InProgress while State stays Active, and the function can still be invoked.
+        updated = lam.update_function_configuration(FunctionName="in-vpc", Timeout=30)
+        assert _states(updated) == {"State": "Active", "StateReasonCode": None, "LastUpdateStatus": "InProgress",
+                                    "LastUpdateStatusReasonCode": "Creating"}
+        assert lam.invoke(FunctionName="in-vpc", Payload=b"{}")["StatusCode"] == 200
+        time.sleep(0.65)
+        assert _states(lam.get_function_configuration(FunctionName="in-vpc")) == active
+        lam.delete_function(FunctionName="in-vpc")
+        assert "in-vpc" not in str(emu.rules()["lambda-function-states"]["state"])
+        # The rule off: moto's Active at once, and the invocation runs.
+        emu.config(rules_off=["all"])
+        create_function(lam, "in-vpc-2", role, {"SubnetIds": [subnet], "SecurityGroupIds": [sg]})
+        assert lam.get_function_configuration(FunctionName="in-vpc-2")["State"] == "Active"
+        assert lam.invoke(FunctionName="in-vpc-2", Payload=b"{}")["StatusCode"] == 200
+    finally:
+        hook.close()
 
 
 def test_two_promotions_at_once_one_is_refused():

@@ -2,17 +2,22 @@
 
 Run: .venv/bin/pytest tests/python -q   (scripts/setup-venv creates .venv)
 """
+import io
+import json
 import signal
 import subprocess
 import threading
 import time
+import zipfile
+
+import urllib.error
 
 import boto3
 import botocore.exceptions
 import pytest
 from botocore.config import Config
 
-from emutools import ctl, proxy  # noqa: F401 (proxy: one proxy + moto for the module)
+from emutools import InvokeHook, ctl, proxy  # noqa: F401 (proxy: one proxy + moto for the module)
 
 
 @pytest.fixture
@@ -21,8 +26,10 @@ def emu(proxy):
     ~1 s once EC2 is loaded): tests use distinct names, CIDRs and regions instead."""
     ctl(proxy, "/__proxy/config", {"latency_ms": 0, "fail_rate": 0, "drop_rate": 0, "seed": 0,
                                    "fault_ops": None, "fault_services": None, "fault_mutating_only": False,
-                                   "kill_after": None, "rds_hold": None, "rules_off": [],
-                                   "rules_time_scale": 1.0, "rules_params": {}, "throttle": None})
+                                   "kill_after": None, "kill_on": None, "rds_hold": None, "rules_off": [],
+                                   "rules_time_scale": 1.0, "rules_params": {}, "throttle": None,
+                                   "blackhole_regions": None})
+    ctl(proxy, "/__proxy/invoke-hook", {"url": None})
     ctl(proxy, "/__proxy/rules/reset", {})
     ctl(proxy, "/__proxy/calls/reset", {})
     return proxy
@@ -170,3 +177,137 @@ def test_concurrent_requests_and_latency(emu):
     # t_end includes the added latency, and the record shows the calls overlapping
     assert all(c["t_end"] - c["t"] >= 0.3 for c in rec)
     assert min(c["t_end"] for c in rec) > sorted(c["t"] for c in rec)[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Lambda Invoke through the invoke hook
+
+def _function(url, region, name):
+    """A plain (non-VPC) function; every rule off, so that moto takes it at once."""
+    ctl(url, "/__proxy/config", {"rules_off": ["all"]})
+    iam = client(url, "iam", region)
+    role = f"role-{name}"
+    arn = iam.create_role(RoleName=role, AssumeRolePolicyDocument=json.dumps({
+        "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "sts:AssumeRole",
+                                                "Principal": {"Service": "lambda.amazonaws.com"}}]}))["Role"]["Arn"]
+    package = io.BytesIO()
+    with zipfile.ZipFile(package, "w") as z:
+        z.writestr("h.py", "def h(event, context):\n    return event\n")
+    lam = client(url, "lambda", region)
+    lam.create_function(FunctionName=name, Runtime="python3.12", Role=arn, Handler="h.h",
+                        Code={"ZipFile": package.getvalue()})
+    return lam
+
+
+SECRET = "s3cr3t-never-recorded"
+
+
+def test_invoke_hook_runs_invocations_and_answers_as_lambda_does(emu):
+    lam = _function(emu, "ap-south-1", "hooked")
+    hook = InvokeHook(lambda job: {"payload": json.dumps({"echo": json.loads(job["payload"])["n"]}),
+                                   "error": "Unhandled" if json.loads(job["payload"])["n"] < 0 else None})
+    try:
+        assert ctl(emu, "/__proxy/invoke-hook", {"url": hook.url}) == {"url": hook.url}
+        assert ctl(emu, "/__proxy/invoke-hook") == {"url": hook.url}
+        ctl(emu, "/__proxy/calls/reset", {})
+        out = lam.invoke(FunctionName="hooked", Payload=json.dumps({"n": 7, "password": SECRET}))
+        assert out["StatusCode"] == 200 and json.loads(out["Payload"].read()) == {"echo": 7}
+        assert out["ExecutedVersion"] == "$LATEST" and "FunctionError" not in out
+        [job] = hook.jobs
+        assert (job["region"], job["function"], job["invocation_type"]) == ("ap-south-1", "hooked", "RequestResponse")
+        assert json.loads(job["payload"]) == {"n": 7, "password": SECRET}
+        # A function error: 200, the payload, X-Amz-Function-Error.
+        out = lam.invoke(FunctionName="hooked", Payload=json.dumps({"n": -1}))
+        assert (out["StatusCode"], out["FunctionError"]) == (200, "Unhandled")
+        assert json.loads(out["Payload"].read()) == {"echo": -1}
+        # DryRun: 204, nothing runs. Event: 202 at once, the hook called in the background.
+        assert lam.invoke(FunctionName="hooked", InvocationType="DryRun", Payload=b"{}")["StatusCode"] == 204
+        assert len(hook.jobs) == 2
+        assert lam.invoke(FunctionName="hooked", InvocationType="Event", Payload=json.dumps({"n": 3}))["StatusCode"] == 202
+        deadline = time.time() + 5
+        while len(hook.jobs) < 3 and time.time() < deadline:
+            time.sleep(0.02)
+        assert hook.jobs[-1]["invocation_type"] == "Event"
+        # No such function: Lambda's 404, the hook never asked.
+        with pytest.raises(botocore.exceptions.ClientError) as e:
+            lam.invoke(FunctionName="no-such-function", Payload=b"{}")
+        err = e.value.response
+        assert (err["ResponseMetadata"]["HTTPStatusCode"], err["Error"]["Code"]) == (404, "ResourceNotFoundException")
+        assert "Function not found: arn:aws:lambda:ap-south-1:" in err["Error"]["Message"]
+        assert len(hook.jobs) == 3
+        rec = [c for c in calls(emu) if c["op"].endswith("/invocations")]
+        assert [(c["params"], c["status"], c.get("hook")) for c in rec] == [
+            ({"FunctionName": "hooked"}, 200, True), ({"FunctionName": "hooked"}, 200, True),
+            ({"FunctionName": "hooked"}, 204, True), ({"FunctionName": "hooked"}, 202, True),
+            ({"FunctionName": "no-such-function"}, 404, True)]
+        assert all(c["service"] == "lambda" and c["region"] == "ap-south-1" and c["mutating"] for c in rec)
+        assert SECRET not in json.dumps(calls(emu))  # the payload is never recorded
+        # Cleared: Invoke goes to moto again (not asked here: moto would need Docker).
+        assert ctl(emu, "/__proxy/invoke-hook", {"url": None}) == {"url": None}
+        assert ctl(emu, "/__proxy/invoke-hook") == {"url": None}
+    finally:
+        hook.close()
+
+
+def test_invoke_hook_refuses_a_bad_url(emu):
+    for bad in ({"url": "ftp://x/"}, {"url": "nohost"}, {}):
+        with pytest.raises(urllib.error.HTTPError) as e:
+            ctl(emu, "/__proxy/invoke-hook", bad)
+        assert e.value.code == 400
+    assert ctl(emu, "/__proxy/invoke-hook") == {"url": None}
+
+
+def test_long_invocations_run_side_by_side_with_other_calls(emu):
+    lam = _function(emu, "ap-southeast-2", "slow")
+    started = threading.Event()
+
+    def slow(job):
+        started.set()
+        time.sleep(1.5)
+        return {"payload": job["payload"], "error": None}
+    hook = InvokeHook(slow)
+    try:
+        ctl(emu, "/__proxy/invoke-hook", {"url": hook.url})
+        clients = [client(emu, "lambda", "ap-southeast-2") for _ in range(3)]
+        ec2 = client(emu, "ec2", "ap-southeast-2")
+        ec2.describe_vpcs()
+        out, errors = [], []
+
+        def run(c, i):
+            try:
+                out.append(json.loads(c.invoke(FunctionName="slow", Payload=json.dumps({"i": i}))["Payload"].read())["i"])
+            except Exception as e:  # noqa: BLE001
+                errors.append(e)
+        threads = [threading.Thread(target=run, args=(c, i)) for i, c in enumerate(clients)]
+        t0 = time.time()
+        for t in threads:
+            t.start()
+        assert started.wait(5)
+        t1 = time.time()
+        ec2.describe_vpcs()  # answered while the invocations run
+        assert time.time() - t1 < 1.0
+        for t in threads:
+            t.join(10)
+        assert not errors and sorted(out) == [0, 1, 2]
+        assert time.time() - t0 < 3.5  # three 1.5 s invocations at once, not one after another
+        rec = [c for c in calls(emu) if c["op"].endswith("/invocations")]
+        assert len(rec) == 3 and all(c["t_end"] - c["t"] >= 1.5 for c in rec)  # the wall time is the run's
+    finally:
+        hook.close()
+
+
+def test_kill_on_kills_after_the_named_operation(emu):
+    victim = subprocess.Popen(["sleep", "60"])
+    try:
+        ctl(emu, "/__proxy/config", {"kill_on": {"pid": victim.pid, "ops": ["CreateVpc"], "regions": ["eu-north-1"]}})
+        client(emu, "ec2", "eu-north-1").describe_vpcs()
+        client(emu, "ec2", "eu-south-1").create_vpc(CidrBlock="10.7.0.0/16")  # another region: not this one
+        time.sleep(0.2)
+        assert victim.poll() is None
+        client(emu, "ec2", "eu-north-1").create_vpc(CidrBlock="10.8.0.0/16")
+        assert victim.wait(5) == -signal.SIGKILL
+        assert ctl(emu, "/__proxy/config")["kill_on"] is None  # one-shot
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+            victim.wait()

@@ -166,6 +166,38 @@ def test_replay_pause_stops_the_replay_lsn(pg_pair):
     p.sql("DROP TABLE pause_check")
 
 
+def test_tls_clusters_verify_against_the_pair_ca(make_pair):
+    import ssl
+    import stat
+    names = ["pgdr-t-us-east-1.abc123.us-east-1.rds.amazonaws.com", "db.example.test"]
+    pair = make_pair(tls_hosts=names)
+    assert pair.ca_pem.startswith("-----BEGIN CERTIFICATE-----") and pair.ca_path.read_text() == pair.ca_pem
+    key = pair.primary.tls[1]
+    st = os.stat(key)
+    assert stat.S_IMODE(st.st_mode) == 0o600
+    assert st.st_uid == (os.stat(f"/proc/{pair.primary.postmaster_pid()}").st_uid)  # the server's user
+    for c in pair.clusters:
+        assert c.scalar("SHOW ssl") == "on"
+        for name in names + ["localhost", "127.0.0.1"]:
+            cert = pgpair.tls_handshake(c.host, c.port, name, pair.ca_pem)
+            assert ("DNS", names[0]) in cert["subjectAltName"]
+        with pytest.raises(ssl.SSLCertVerificationError, match="Hostname mismatch"):
+            pgpair.tls_handshake(c.host, c.port, "postgres.db-t.internal", pair.ca_pem)
+        with c.connect() as conn:  # plain (no TLS) TCP logins are still accepted
+            assert conn.scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()") == "f"
+    other = pgpair.CertAuthority(pair.root / "other-ca", "another CA")
+    with pytest.raises(ssl.SSLCertVerificationError, match="unable to get local issuer"):
+        pgpair.tls_handshake(pair.primary.host, pair.primary.port, names[0], other.pem)
+    # A name added later: the certificate is reissued and the servers reload it.
+    pair.add_tls_hosts(["postgres.db-t.internal"])
+    assert pgpair.tls_handshake(pair.standby.host, pair.standby.port, "postgres.db-t.internal", pair.ca_pem)
+    # The cluster rebuilt by reprotect() serves the same certificate.
+    pair.promote()
+    pair.reprotect()
+    assert pair.standby.in_recovery() and pair.standby.scalar("SHOW ssl") == "on"
+    assert pgpair.tls_handshake(pair.standby.host, pair.standby.port, names[1], pair.ca_pem)
+
+
 def test_close_stops_the_servers_and_removes_the_directory(make_pair):
     pair = make_pair(with_standby=False)
     root, pids = pair.root, pair.primary.pids()

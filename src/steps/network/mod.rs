@@ -255,10 +255,30 @@ async fn security_group(
         },
     )
     .await?;
-    let sg_id = sg.unwrap_or_default();
+    client_rules(cx, rec, side, &sg.unwrap_or_default(), cidr, peer_cidr).await
+}
+
+/// Puts the database group's client rules back (5432 from both VPCs), as `up` makes them:
+/// `switchover` lifts its fence with this.
+pub async fn restore_client_rules(cx: &Cx, rec: &Recorder<'_>, side: Side) -> Result<()> {
+    let sg = db_sg_id(cx, side).unwrap_or_default();
+    client_rules(cx, rec, side, &sg, cx.cidr(side), cx.cidr(side.other())).await
+}
+
+/// The client rules of the database group: 5432 from this VPC's CIDR and from the peer's.
+async fn client_rules(
+    cx: &Cx,
+    rec: &Recorder<'_>,
+    side: Side,
+    sg_id: &str,
+    cidr: crate::config::Cidr,
+    peer_cidr: crate::config::Cidr,
+) -> Result<()> {
+    let reg = cx.regional(side);
+    let region = reg.region.as_str();
+    let ec2 = &reg.ec2;
     // A fenced old primary's group keeps its client rules revoked until `reprotect`.
     let fenced = cx.store.snapshot().topology.fenced.contains_key(region);
-    let sg_id = &sg_id;
     futures::future::try_join_all([("db-sg-rule-local", cidr), ("db-sg-rule-peer", peer_cidr)].into_iter().map(
         |(rule, rule_cidr)| async move {
             if fenced {
