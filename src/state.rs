@@ -219,6 +219,20 @@ pub fn decode(bytes: &[u8], env: &str, origin: &str, fix: &str) -> Result<State>
     Ok(state)
 }
 
+thread_local! {
+    /// Set while [`Store::update`]'s closure runs on this thread.
+    static IN_UPDATE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Clears [`IN_UPDATE`], also when the closure panics.
+struct ResetOnDrop;
+
+impl Drop for ResetOnDrop {
+    fn drop(&mut self) {
+        IN_UPDATE.set(false);
+    }
+}
+
 /// The live state of one run: in memory, saved through its backend after every change unless
 /// the mode does not save (plan, status).
 ///
@@ -275,8 +289,15 @@ impl Store {
     }
 
     fn with<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
-        let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = self.lock_state();
         f(&mut g)
+    }
+
+    /// The state lock. Taking it again inside [`Store::update`]'s closure, on the same thread,
+    /// would wait forever: that bug panics here, naming itself, instead of hanging a run.
+    fn lock_state(&self) -> std::sync::MutexGuard<'_, State> {
+        assert!(!IN_UPDATE.get(), "internal error: the state was read inside Store::update's closure (compute it before)");
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn get(&self, key: &Key) -> Option<Resource> {
@@ -320,9 +341,12 @@ impl Store {
     /// Changes the state and saves it before returning. The closure runs under the state lock:
     /// it must not call back into the store (compute what it needs first).
     pub fn update(&self, f: impl FnOnce(&mut State)) -> Result<()> {
-        let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = self.lock_state();
         let before = g.clone();
+        IN_UPDATE.set(true);
+        let reset = ResetOnDrop;
         f(&mut g);
+        drop(reset);
         if *g == before || !self.persist {
             return Ok(());
         }
@@ -436,6 +460,23 @@ mod tests {
         assert!(!kept.exists(), "saved: the recovery copy is gone");
         let saved = futures::executor::block_on(store.backend().read("dev")).unwrap().unwrap();
         assert_eq!(saved.state.resources[&vpc].attr(Attr::Arn), Some("arn:vpc-1"));
+    }
+
+    #[test]
+    fn reading_the_store_inside_an_update_panics_instead_of_hanging() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::local(dir.path(), "dev", crate::exec::Mode::Apply);
+        let vpc = Key::new("network", "us-east-1", "vpc");
+        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _ = store.update(|s| s.topology.writer_region = store.id(&vpc).unwrap_or_default());
+        }));
+        let payload = caught.expect_err("a read inside update must not pass");
+        let message =
+            payload.downcast_ref::<&str>().map(|m| m.to_string()).or_else(|| payload.downcast_ref::<String>().cloned()).unwrap_or_default();
+        assert!(message.contains("inside Store::update"), "{message}");
+        // The flag was cleared: the store works on.
+        store.update(|s| s.topology.writer_region = "eu-west-1".into()).unwrap();
+        assert_eq!(store.snapshot().topology.writer_region, "eu-west-1");
     }
 
     #[test]

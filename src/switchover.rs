@@ -189,12 +189,11 @@ pub async fn unfence(cx: &Cx, agents: &Agents<'_>, progress: &dyn Progress) -> R
     let Some(m) = mark(cx).filter(|m| m.phase == SwitchoverPhase::Fencing) else { return Ok(()) };
     let rec = Recorder::new("unfence", cx.mode, progress, cx.cancel.clone());
     lift(cx, agents, &rec, &m.guarded).await?;
+    // Computed first: the closure runs under the state lock, which the store's readers take too.
+    let what = format!("switchover stopped before the promotion: {} unfenced", instance::instance_id(cx, Side::Primary));
     cx.store.update(|s| {
         s.topology.switchover = None;
-        s.topology.events.push(crate::state::TopologyEvent {
-            at: now_rfc3339(),
-            what: format!("switchover stopped before the promotion: {} unfenced", instance::instance_id(cx, Side::Primary)),
-        });
+        s.topology.events.push(crate::state::TopologyEvent { at: now_rfc3339(), what });
     })
 }
 
