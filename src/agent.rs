@@ -9,6 +9,7 @@
 use aws_sdk_lambda::primitives::Blob;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use std::time::Duration;
 
 use crate::aws::Call;
 use crate::cx::{Cx, Side};
@@ -129,7 +130,16 @@ impl<'a> Agents<'a> {
             map.insert("credentials".into(), serde_json::to_value(creds).map_err(|e| Error::Other(format!("internal: {e}")))?);
         }
         let payload = serde_json::to_vec(&args).map_err(|e| Error::Other(format!("internal: {e}")))?;
-        let out = reg.lambda.invoke().function_name(&name).payload(Blob::new(payload)).send().aws(&reg.region).await?;
+        let out = reg
+            .lambda
+            .invoke()
+            .function_name(&name)
+            .payload(Blob::new(payload))
+            .customize()
+            .config_override(long_invoke())
+            .send()
+            .aws(&reg.region)
+            .await?;
         let body = out.payload.as_ref().map(|b| b.as_ref().to_vec()).unwrap_or_default();
         if let Some(kind) = out.function_error.as_deref() {
             return Err(Error::failed(format!(
@@ -145,6 +155,25 @@ impl<'a> Agents<'a> {
             ))
         })
     }
+}
+
+/// Timeouts for a synchronous Invoke: Lambda answers when the handler returns, up to the
+/// function's timeout later (the marker writer runs for minutes), so the clients' usual 60 s
+/// read timeout would cut the answer off and the SDK would invoke again, running the action
+/// twice ("How do I troubleshoot retry and timeout issues when I invoke a Lambda function
+/// using an AWS SDK?", AWS Knowledge Center). One attempt may last the function's timeout plus
+/// a margin; the whole call fits one such attempt after any retries of a refused one (a
+/// throttled Invoke never ran).
+fn long_invoke() -> aws_sdk_lambda::config::Builder {
+    let attempt = Duration::from_secs(agent::TIMEOUT_S.unsigned_abs().into()) + Duration::from_secs(30);
+    aws_sdk_lambda::config::Builder::default().timeout_config(
+        aws_smithy_types::timeout::TimeoutConfig::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .read_timeout(attempt)
+            .operation_attempt_timeout(attempt)
+            .operation_timeout(attempt + Duration::from_secs(60))
+            .build(),
+    )
 }
 
 /// The one line of a function error (`errorMessage`), without a stack trace.

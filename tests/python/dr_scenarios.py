@@ -1153,7 +1153,7 @@ def drill(env, failover=False):
          "output": (cli.stdout + cli.stderr)[-4000:], "t_cmd_epoch": epoch0}
     bad = []
     if cli.returncode != 0:
-        bad.append(f"pgdr drill exited {cli.returncode}: {cli.stderr[-800:]}")
+        bad.append(f"pgdr drill exited {cli.returncode}: {cli.stdout[-800:]} {cli.stderr[-400:]}")  # JSON errors are on stdout
     if report.get("mode") != ("failover" if failover else "switchover"):
         bad.append(f"the report's mode is {report.get('mode')!r}")
     if [(l.get("from_region"), l.get("to_region")) for l in legs] != [(PRIMARY, DR), (DR, PRIMARY)]:
